@@ -1,0 +1,1 @@
+"""Memory engine: layer-wise VRAM management. Never imports Gradio."""
