@@ -1,0 +1,305 @@
+"""Per-component runtime: the layers of one model, their four states, and the streamed forward.
+
+States (DiffSynth's model): offload and onload are set by whoever owns the component (the
+pipeline, through `offload()` / `onload()`); preparing (a resident copy on the computation device)
+is chosen by the planner within the budget and filled lazily at the layer's next forward, from
+the copy that forward streams anyway (so a re-plan never reads weights); computation is
+transient, only inside forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import VramBudget
+from .config import STATES, Place, VramConfig
+from .stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for
+
+
+@dataclass
+class StreamStats:
+    """Counters the telemetry panel reads."""
+
+    streamed_bytes: int = 0
+    streamed_layers: int = 0
+    copy_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    forwards: int = 0
+    sync_fallbacks: int = 0  # streamed layers the traced schedule did not foresee
+
+
+class LayerRecord:
+    """Book-keeping of one managed layer (the module holds it as `_vram`)."""
+
+    __slots__ = (
+        "name",
+        "module",
+        "runtime",
+        "state",
+        "rest_state",
+        "masters",
+        "owned",
+        "onloaded",
+        "resident",
+        "resident_bytes",
+        "plan_resident",
+        "fast",
+        "placeholders",
+        "is_leaf",
+        "block",
+    )
+
+    def __init__(self, name: str, module: nn.Module, runtime: "VramRuntime", masters: dict[str, StoredTensor], owned: set[str]):
+        self.name = name
+        self.module = module
+        self.runtime = runtime
+        self.state = "offload"
+        self.rest_state = "offload"
+        self.masters = masters
+        self.owned = frozenset(owned)
+        self.onloaded: dict[str, StoredTensor] | None = None
+        self.resident: dict[str, StoredTensor] | None = None
+        self.resident_bytes = 0
+        self.plan_resident = False
+        self.fast = False
+        self.placeholders: dict[str, torch.Tensor] = {}
+        self.is_leaf = next(module.children(), None) is None
+        self.block: str | None = None
+
+    def set_rest_state(self, state: str) -> None:
+        self.rest_state = state
+        if self.state != "computation":
+            self.state = state
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_at(shapes: dict[str, tuple[torch.Size, torch.dtype]], place: Place, compute_dtype: torch.dtype) -> int:
+    """Bytes a layer's parameters take when stored at `place` (FP8 includes its per-row scales)."""
+    total = 0
+    for shape, dtype in shapes.values():
+        numel = 1
+        for d in shape:
+            numel *= d
+        if place.on_disk:
+            continue
+        target = storage_dtype_for(dtype, len(shape), place.dtype, compute_dtype)
+        total += numel * _element_size(target)
+        if target != dtype and target in (torch.float8_e4m3fn, torch.float8_e5m2) and len(shape) >= 2 and numel:
+            total += shape[0] * 4
+    return total
+
+
+class VramRuntime:
+    """The managed layers of one model (a pipeline component) and how they move."""
+
+    def __init__(self, model: nn.Module, config: VramConfig, budget: VramBudget, name: str):
+        self.model = model
+        self.config = config
+        self.budget = budget
+        self.name = name
+        self.layers: list[LayerRecord] = []
+        self.active = False  # onloaded by the pipeline
+        self.execution_order: list[LayerRecord] | None = None
+        self.trace: list[LayerRecord] | None = None
+        self.stats = StreamStats()
+        self.fixed_bytes = 0
+        self.comp_device = config.computation_device
+        self.comp_dtype = config.computation_dtype
+        self.preparing_place = config.place("preparing")
+        self.onload_place = config.place("onload")
+        self.offload_place = config.place("offload")
+        # Onload on the (non-CPU) computation device means "resident", within the budget.
+        self.onload_is_resident = (
+            isinstance(config.onload_device, torch.device) and config.onload_device == self.comp_device and self.comp_device.type != "cpu"
+        )
+        self._shapes: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+        self._hooks: list[Any] = []
+
+    # --- sizes -------------------------------------------------------------------------------
+    def shapes(self, record: LayerRecord) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        key = id(record)
+        if key not in self._shapes:
+            self._shapes[key] = {name: (s.shape, _logical_dtype(s)) for name, s in record.masters.items()}
+        return self._shapes[key]
+
+    def resident_cost(self, record: LayerRecord) -> int:
+        return bytes_at(self.shapes(record), self.preparing_place, self.comp_dtype)
+
+    def computation_bytes(self, record: LayerRecord) -> int:
+        return bytes_at(self.shapes(record), Place(self.comp_device, self.comp_dtype), self.comp_dtype)
+
+    def resident_is_computation_form(self) -> bool:
+        return self.preparing_place.device == self.comp_device and self.preparing_place.dtype == self.comp_dtype
+
+    def transient_cost(self, record: LayerRecord, resident: bool) -> int:
+        """Bytes a forward of this layer adds on the computation device beyond resident copies."""
+        if resident:
+            return 0 if self.resident_is_computation_form() else self.computation_bytes(record)
+        source = self.stream_source_place()
+        comp = self.computation_bytes(record)
+        if source.on_disk:
+            return comp
+        if source.dtype != self.comp_dtype:  # the source form lands first, then converts
+            return comp + bytes_at(self.shapes(record), Place(self.comp_device, source.dtype), self.comp_dtype)
+        return comp
+
+    def stream_source_place(self) -> Place:
+        return self.onload_place if self.active and not self.onload_is_resident else self.offload_place
+
+    # --- component states (the pipeline's switch) ------------------------------------------------
+    def onload(self) -> None:
+        """The component will run soon: onload copies where the config asks for them, then re-plan."""
+        if self.active:
+            return
+        self.active = True
+        if self.onload_place != self.offload_place and not self.onload_is_resident:
+            for record in self.layers:
+                record.onloaded = {n: s.to_place(self.onload_place, self.comp_dtype) for n, s in record.masters.items()}
+        for record in self.layers:
+            record.set_rest_state("onload")
+        self.budget.replan()
+
+    def offload(self) -> None:
+        """The component will not run soon: drop every copy but the master."""
+        if not self.active and all(r.resident is None for r in self.layers):
+            return
+        self.active = False
+        for record in self.layers:
+            self.drop_resident(record)
+            record.plan_resident = False
+            record.onloaded = None
+            record.set_rest_state("offload")
+        self.budget.replan()
+
+    # --- residency ----------------------------------------------------------------------------
+    def apply_plan(self, chosen: set[int]) -> None:
+        for record in self.layers:
+            want = id(record) in chosen
+            record.plan_resident = want
+            if not want and record.resident is not None:
+                self.drop_resident(record)
+
+    def drop_resident(self, record: LayerRecord) -> None:
+        if record.resident is None:
+            return
+        slots = record.module._parameters
+        for name, placeholder in record.placeholders.items():
+            slots[name] = placeholder
+        record.resident = None
+        record.fast = False
+        self.budget.remove_resident(record.resident_bytes)
+        record.resident_bytes = 0
+        record.set_rest_state("onload" if self.active else "offload")
+
+    def _fill_resident(self, record: LayerRecord, source: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+        resident = {name: stored.to_place(self.preparing_place, self.comp_dtype) for name, stored in source.items()}
+        record.resident = resident
+        record.resident_bytes = self.resident_cost(record)
+        self.budget.add_resident(record.resident_bytes)
+        if self.resident_is_computation_form():
+            slots = record.module._parameters
+            for name, stored in resident.items():
+                tensor = stored.tensor  # type: ignore[attr-defined]
+                slots[name] = nn.Parameter(tensor, requires_grad=False) if tensor.is_floating_point() else tensor
+            record.fast = True
+        record.set_rest_state("preparing")
+        return resident
+
+    # --- the streamed forward -----------------------------------------------------------------
+    def run_streamed(self, module: nn.Module, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
+        if self.trace is not None:
+            self.trace.append(record)
+        source = record.resident
+        resident = source is not None
+        if source is None:
+            source = record.onloaded if (self.active and record.onloaded is not None) else record.masters
+            if record.plan_resident and self.active:
+                source = self._fill_resident(record, source)
+                resident = True
+                if record.fast:  # now resident in computation form
+                    return module.forward(*args, **kwargs)
+        transient = self.transient_cost(record, resident)
+        self.budget.add_transient(transient)
+        record.state = "computation"
+        try:
+            t0 = time.perf_counter()
+            params = {name: stored.materialize(self.comp_device, self.comp_dtype) for name, stored in source.items()}
+            t1 = time.perf_counter()
+            out = module._vram_compute(params, args, kwargs)
+            t2 = time.perf_counter()
+        finally:
+            record.state = record.rest_state
+            self.budget.remove_transient(transient)
+        stats = self.stats
+        stats.copy_seconds += t1 - t0
+        stats.compute_seconds += t2 - t1
+        if not resident:
+            stats.streamed_layers += 1
+            stats.streamed_bytes += sum(s.nbytes for s in source.values())
+        return out
+
+    # --- execution order tracing ----------------------------------------------------------------
+    def install_trace_hooks(self) -> None:
+        def begin(_module: nn.Module, _args: Any) -> None:
+            self.stats.forwards += 1
+            if self.execution_order is None and self.trace is None:
+                self.trace = []
+
+        def end(_module: nn.Module, _args: Any, _out: Any) -> None:
+            if self.trace is not None:
+                seen: set[int] = set()
+                order = []
+                for record in self.trace:
+                    if id(record) not in seen:
+                        seen.add(id(record))
+                        order.append(record)
+                self.execution_order = order
+                self.trace = None
+
+        self._hooks.append(self.model.register_forward_pre_hook(begin))
+        self._hooks.append(self.model.register_forward_hook(end))
+
+    def planning_order(self) -> list[LayerRecord]:
+        """Traced execution order, then any layer the trace did not see, in registration order."""
+        if self.execution_order is None:
+            return list(self.layers)
+        seen = {id(r) for r in self.execution_order}
+        return list(self.execution_order) + [r for r in self.layers if id(r) not in seen]
+
+    # --- reporting ------------------------------------------------------------------------------
+    def state_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for record in self.layers:
+            counts[record.state] += 1
+        return counts
+
+    def state_bytes(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for record in self.layers:
+            state = record.state
+            if state == "preparing" and record.resident is not None:
+                out[state] += record.resident_bytes
+            elif state == "computation":
+                out[state] += self.resident_cost(record) if record.fast else self.computation_bytes(record)
+            elif state == "onload" and record.onloaded is not None:
+                out[state] += sum(s.nbytes for n, s in record.onloaded.items() if n in record.owned)
+            else:
+                out[state] += sum(s.nbytes for n, s in record.masters.items() if n in record.owned)
+        return out
+
+
+def _logical_dtype(stored: StoredTensor) -> torch.dtype:
+    """The dtype a parameter had before storage (FP8 copies report the float dtype they stand for)."""
+    if isinstance(stored, ScaledFp8Stored):
+        return torch.bfloat16
+    if isinstance(stored, PlainStored):
+        return stored.tensor.dtype
+    return getattr(stored, "logical_dtype", torch.bfloat16)
