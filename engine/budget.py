@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .config import limit_to_bytes, parse_vram_limit
 
@@ -39,6 +39,9 @@ class VramBudget:
     peak_bytes: int = 0
     peak_resident_bytes: int = 0
     members: list["VramRuntime"] = field(default_factory=list)
+    # Called when a layer of a component that is not onloaded runs: a pipeline sets it to switch
+    # stages (onload that component, offload the others). None: stream from the offload place.
+    on_demand: Callable[["VramRuntime"], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

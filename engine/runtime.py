@@ -215,6 +215,10 @@ class VramRuntime:
 
     # --- the streamed forward -----------------------------------------------------------------
     def run_streamed(self, module: nn.Module, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
+        if not self.active and self.budget.on_demand is not None:
+            self.budget.on_demand(self)
+            if record.fast:
+                return module.forward(*args, **kwargs)
         if self.trace is not None:
             self.trace.append(record)
         source = record.resident
