@@ -122,6 +122,10 @@ class VramRuntime:
         )
         self._shapes: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         self._hooks: list[Any] = []
+        # Optional read-ahead (engine.prefetch.DiskPrefetcher, set by engine.load_model for disk
+        # offload): `on_layer_start(record, source)` returns the layer's computation parameters
+        # when it read them ahead (else None) and queues the next layers' reads.
+        self.prefetcher: Any = None
 
     # --- sizes -------------------------------------------------------------------------------
     def shapes(self, record: LayerRecord) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -172,6 +176,8 @@ class VramRuntime:
         if not self.active and all(r.resident is None for r in self.layers):
             return
         self.active = False
+        if self.prefetcher is not None:
+            self.prefetcher.clear()
         for record in self.layers:
             self.drop_resident(record)
             record.plan_resident = False
@@ -235,7 +241,9 @@ class VramRuntime:
         record.state = "computation"
         try:
             t0 = time.perf_counter()
-            params = {name: stored.materialize(self.comp_device, self.comp_dtype) for name, stored in source.items()}
+            params = self.prefetcher.on_layer_start(record, source) if self.prefetcher is not None else None
+            if params is None:
+                params = {name: stored.materialize(self.comp_device, self.comp_dtype) for name, stored in source.items()}
             t1 = time.perf_counter()
             out = module._vram_compute(params, args, kwargs)
             t2 = time.perf_counter()
