@@ -1,0 +1,434 @@
+"""`load_model`: build a diffusers/transformers model on the meta device and stream its
+.safetensors weights straight into their storage form (bf16 or scaled FP8 in RAM, or left in the
+file for disk offload), then manage it with `enable_vram_management`.
+
+    from engine import load_model
+    model = load_model(QwenImageTransformer2DModel, "/models/Qwen-Image/transformer",
+                       vram_config={"offload_dtype": "disk", "offload_device": "disk",
+                                    "computation_dtype": torch.bfloat16, "computation_device": "cuda"},
+                       vram_limit=8)
+
+Steps, all validation first so a bad input leaves nothing loaded:
+1. files: a directory (config.json + shards, with or without an index json) or a list of shards;
+   only .safetensors are accepted (pickle formats are never opened); every header is parsed
+   (engine.disk) and checked against the file size and the index.
+2. the model is built under accelerate's `init_empty_weights(include_buffers=False)`: parameters
+   on meta, buffers real (rope tables computed in __init__ stay valid).
+3. checkpoint keys are mapped onto parameter names with the library's own mechanism
+   (transformers' conversion mapping: renamings such as Qwen2.5-VL's `model.*` ->
+   `model.language_model.*`; converters that merge/split tensors cannot stay in the file);
+   tied parameters are tied with `model.tie_weights` and read once; missing, unexpected and
+   mis-shaped keys are reported all together.
+4. shard by shard, in file order, each tensor is read into a fresh tensor of the file's dtype and
+   stored at the offload place (`engine.stored.store`: a bf16 file stays that tensor, an FP8 place
+   quantizes it and drops the read), or becomes a `DiskStored` without reading anything.
+5. `enable_vram_management(..., master_factory=...)` hands those masters to the managed layers;
+   disk offload gets a `DiskPrefetcher` (engine.prefetch) as the runtime's read-ahead.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .budget import VramBudget
+from .config import Place, VramConfig, parse_vram_limit
+from .disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from .management import _plan_wrappers, enable_vram_management, runtime_of
+from .prefetch import DiskPrefetcher
+from .stored import StoredTensor, store
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+# --- 1. files ---------------------------------------------------------------------------------
+def _pickle_error(files: Iterable[Path]) -> CheckpointError:
+    names = ", ".join(sorted(str(f) for f in files)[:5])
+    return CheckpointError(
+        f"only .safetensors checkpoints can be streamed; found {names}. Pickle-based files (.bin/.pth/.pt/.ckpt) are "
+        "never unpickled here: convert them to .safetensors once (e.g. with the library's save_pretrained(safe_serialization=True))."
+    )
+
+
+Index = "tuple[Path, dict[str, str]] | None"
+
+
+def resolve_checkpoint(path: str | Path | Sequence[str | Path]) -> tuple[Path, list[SafetensorsFile], Index]:
+    """(config directory, parsed shards, (index path, weight_map) or None) for a directory or a
+    list of .safetensors files."""
+    index = None
+    if isinstance(path, (str, Path)):
+        root = Path(path)
+        if root.is_file():
+            if root.suffix.lower() != ".safetensors":
+                raise _pickle_error([root]) if root.suffix.lower() in PICKLE_SUFFIXES else CheckpointError(
+                    f"{root}: not a .safetensors file (only .safetensors checkpoints can be streamed)"
+                )
+            files, config_dir = [root], root.parent
+        elif root.is_dir():
+            config_dir = root
+            files, index = _files_in_dir(root)
+        else:
+            raise CheckpointError(f"{root}: no such file or directory")
+    else:
+        files = [Path(p) for p in path]
+        if not files:
+            raise CheckpointError("load_model got an empty list of files")
+        config_dir = files[0].parent
+        for f in files:
+            if f.suffix.lower() in PICKLE_SUFFIXES:
+                raise _pickle_error([f])
+            if f.suffix.lower() != ".safetensors":
+                raise CheckpointError(f"{f}: not a .safetensors file (only .safetensors checkpoints can be streamed)")
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard not found")
+    shards = [SafetensorsFile(f) for f in files]
+    return config_dir, shards, index
+
+
+def _files_in_dir(root: Path) -> tuple[list[Path], Index]:
+    indexes = [root / n for n in INDEX_NAMES if (root / n).is_file()] or sorted(root.glob("*.safetensors.index.json"))
+    if indexes:
+        index_path = indexes[0]
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable index ({e!r})") from None
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            f = root / shard
+            if not f.is_file():
+                keys = [k for k, v in weight_map.items() if v == shard]
+                raise CheckpointError(
+                    f"{index_path.name} lists shard {shard!r} (with {len(keys)} tensors, e.g. {keys[0]!r}) but {f} is missing"
+                )
+            files.append(f)
+        return files, (index_path, weight_map)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        pickles = [f for f in root.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise _pickle_error(pickles)
+        raise CheckpointError(f"{root}: no .safetensors files (and no *.safetensors.index.json)")
+    return files, None
+
+
+def collect_entries(shards: list[SafetensorsFile], index: Index = None) -> dict[str, TensorEntry]:
+    """Every tensor by checkpoint key; a key in two shards or an index that disagrees with the
+    headers is an error."""
+    entries: dict[str, TensorEntry] = {}
+    for shard in shards:
+        for key, entry in shard.entries.items():
+            if key in entries:
+                raise CheckpointError(f"tensor {key!r} is in both {entries[key].file.path} and {shard.path}")
+            entries[key] = entry
+    if index is not None:
+        index_path, weight_map = index
+        wrong = [k for k, f in weight_map.items() if k not in entries or entries[k].file.path.name != Path(f).name]
+        if wrong:
+            k = wrong[0]
+            where = f"is not in {weight_map[k]}" if k not in entries else f"is in {entries[k].file.path.name}, not {weight_map[k]}"
+            raise CheckpointError(f"{index_path.name} lists {len(wrong)} tensor(s) the shards do not hold as listed: {k!r} {where}")
+    return entries
+
+
+# --- 2. the empty model -----------------------------------------------------------------------
+def _library_of(model_class: type) -> str:
+    try:
+        from transformers import PreTrainedModel
+
+        if issubclass(model_class, PreTrainedModel):
+            return "transformers"
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from diffusers import ModelMixin
+
+        if issubclass(model_class, ModelMixin):
+            return "diffusers"
+    except ImportError:  # pragma: no cover
+        pass
+    raise ValueError(f"{model_class!r} is neither a diffusers ModelMixin nor a transformers PreTrainedModel class")
+
+
+def build_empty(model_class: type, config_dir: Path, comp_dtype: torch.dtype) -> nn.Module:
+    """The model with parameters on meta and real buffers."""
+    from accelerate import init_empty_weights
+
+    library = _library_of(model_class)
+    if not (config_dir / "config.json").is_file():
+        raise CheckpointError(f"{config_dir}: no config.json next to the weights")
+    if library == "diffusers":
+        config = model_class.load_config(config_dir)
+        with init_empty_weights(include_buffers=False):
+            model = model_class.from_config(config)
+    else:
+        config = model_class.config_class.from_pretrained(config_dir)
+        with init_empty_weights(include_buffers=False):
+            # dtype as from_pretrained(dtype=...) would build it (buffers made with the default dtype)
+            model = model_class._from_config(config, dtype=comp_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# --- 3. key mapping ---------------------------------------------------------------------------
+class KeyPlan:
+    """Which checkpoint tensor feeds which parameter/buffer."""
+
+    def __init__(self) -> None:
+        self.direct: dict[str, TensorEntry] = {}  # model name -> entry
+        self.converted: dict[str, tuple[Any, list[TensorEntry]]] = {}  # first target -> (converter, entries)
+        self.unexpected: list[str] = []
+
+
+def _transformers_mapping(model: nn.Module, entries: Mapping[str, TensorEntry], names: dict[str, Any]) -> KeyPlan:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    prefix = getattr(model, "base_model_prefix", "") or None
+    plan = KeyPlan()
+    for key in sorted(entries):
+        new, pattern = rename_source_key(key, renamings, converters, prefix, names)
+        if new not in names and key in names:
+            new, pattern = key, None
+        if new not in names:
+            plan.unexpected.append(key)
+        elif pattern is not None:
+            converter, group = plan.converted.setdefault(new, (by_pattern[pattern], []))
+            group.append(entries[key])
+        else:
+            plan.direct[new] = entries[key]
+    return plan
+
+
+def map_keys(model: nn.Module, library: str, entries: Mapping[str, TensorEntry]) -> KeyPlan:
+    names: dict[str, Any] = dict(model.state_dict(keep_vars=True))
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(n, p)
+    if library == "transformers":
+        return _transformers_mapping(model, entries, names)
+    plan = KeyPlan()
+    for key, entry in entries.items():
+        if key in names:
+            plan.direct[key] = entry
+        else:
+            plan.unexpected.append(key)
+    return plan
+
+
+def _ignored(key: str, patterns: Iterable[str] | None) -> bool:
+    return any(re.search(p, key) for p in (patterns or ()))
+
+
+def _listing(items: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+# --- 4. reading into storage ------------------------------------------------------------------
+def _by_file_order(items: Iterable[tuple[str, TensorEntry]]) -> list[tuple[str, TensorEntry]]:
+    files: dict[Path, int] = {}
+    items = list(items)
+    for _, e in items:
+        files.setdefault(e.file.path, len(files))
+    return sorted(items, key=lambda kv: (files[kv[1].file.path], kv[1].offset))
+
+
+def _run_converter(converter: Any, target: str, group: list[TensorEntry], model: nn.Module) -> dict[str, torch.Tensor]:
+    from copy import deepcopy
+
+    conv = deepcopy(converter)
+    for entry in group:
+        pattern = next((p for p in conv.source_patterns if conv.compiled_sources.search(entry.key)), conv.source_patterns[0])
+        conv.add_tensor(target, entry.key, pattern, (lambda e=entry: e.file.read(e)))
+    return conv.convert(target, model=model, config=getattr(model, "config", None))
+
+
+def load_model(
+    model_class: type,
+    path: str | Path | Sequence[str | Path],
+    module_map: Mapping[Any, Any] | None = None,
+    vram_config: Mapping[str, Any] | VramConfig | None = None,
+    vram_limit: float | None = None,
+    *,
+    budget: VramBudget | None = None,
+    name: str | None = None,
+    onload: bool = True,
+    disk_fallback: str = "error",
+    prefetch: bool = True,
+) -> nn.Module:
+    """Build `model_class` from `path` (directory with config.json and .safetensors shards, or a
+    list of shards) and manage it like `enable_vram_management(model, module_map, vram_config,
+    vram_limit, budget=, name=, onload=)`.
+
+    vram_config's offload place decides where the masters live: a dtype in RAM (bf16: the file's
+    bytes; FP8: scaled FP8 quantized tensor by tensor) or "disk" (weights stay in their files and
+    stream from there; read ahead on a background thread when `prefetch`). Tensors that cannot
+    stay in a file (a checkpoint key that transformers must merge/split/reshape at load) raise a
+    ValueError naming them, or with `disk_fallback="ram"` are stored in RAM in the computation dtype.
+    """
+    if disk_fallback not in ("ram", "error"):
+        raise ValueError(f"disk_fallback={disk_fallback!r}: use \"error\" (default) or \"ram\"")
+    config = VramConfig.from_dict(vram_config)
+    parse_vram_limit(vram_limit)
+    if budget is not None and vram_limit is not None:
+        raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
+    library = _library_of(model_class)
+    config_dir, shards, index = resolve_checkpoint(path)
+    entries = collect_entries(shards, index)
+    comp_dtype = config.computation_dtype
+    offload_place = config.place("offload")
+
+    model: nn.Module | None = build_empty(model_class, config_dir, comp_dtype)
+    masters: dict[int, StoredTensor] = {}
+    try:
+        plan = map_keys(model, library, entries)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        persistent = dict(model.state_dict(keep_vars=True))
+        buffers = {n: b for n, b in persistent.items() if n not in params}
+        sources = set(plan.direct)
+        for target, (converter, _group) in plan.converted.items():
+            sources.update(converter_targets(target, converter, params))
+
+        # ties: the library's own tie_weights (symmetric when one side is missing), then group by identity
+        if library == "transformers" and hasattr(model, "tie_weights"):
+            missing_now = {n for n in params if n not in sources}
+            try:
+                model.tie_weights(missing_keys=missing_now, recompute_mapping=False)
+            except TypeError:  # older signature
+                model.tie_weights()
+            params = dict(model.named_parameters(remove_duplicate=False))
+        groups: dict[int, list[str]] = defaultdict(list)
+        for n, p in params.items():
+            groups[id(p)].append(n)
+
+        ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+        ignore_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+        missing = [ns[0] for ns in groups.values() if not any(n in sources for n in ns) and not all(_ignored(n, ignore_missing) for n in ns)]
+        unexpected = [k for k in plan.unexpected if not _ignored(k, ignore_unexpected)]
+        mismatched = []
+        for n, entry in plan.direct.items():
+            want = params[n].shape if n in params else buffers[n].shape
+            if tuple(want) != entry.shape:
+                mismatched.append(f"{n}: checkpoint {list(entry.shape)} in {entry.file.path.name} vs model {list(want)}")
+        problems = []
+        if missing:
+            problems.append(f"missing key(s) (parameters with no tensor in the checkpoint): {_listing(sorted(missing))}")
+        if unexpected:
+            problems.append(f"unexpected key(s) (checkpoint tensors the model has no place for): {_listing(sorted(unexpected))}")
+        if mismatched:
+            problems.append(f"shape mismatch (does config.json match these weights?): {_listing(mismatched, 6)}")
+        if problems:
+            raise CheckpointError(
+                f"{model_class.__name__} from {config_dir}: " + "; ".join(problems)
+            )
+        if plan.converted and config.uses_disk:
+            keys = [e.key for _, (c, g) in sorted(plan.converted.items()) for e in g]
+            ops = sorted({type(op).__name__ for c, _ in plan.converted.values() for op in c.operations})
+            why = (
+                f"{len(keys)} checkpoint tensor(s) of {model_class.__name__} need a conversion at load ({', '.join(ops)}) "
+                f"that changes their bytes, so they cannot be streamed from the file: {_listing(keys, 6)}"
+            )
+            if disk_fallback == "error":
+                raise CheckpointError(why + ". Pass disk_fallback=\"ram\" to keep those in RAM, or use a RAM offload_dtype.")
+            log.warning("%s; keeping them in RAM (%s) as disk_fallback=\"ram\" asks.", why, comp_dtype)
+
+        managed_ids = {id(p) for _, module, _ in _plan_wrappers(model, module_map) for p in module._parameters.values() if p is not None}
+        ram_place = offload_place if not offload_place.on_disk else Place(torch.device("cpu"), comp_dtype)
+
+        # --- 4. stream, shard by shard in file order
+        for n, entry in _by_file_order(plan.direct.items()):
+            if n in buffers:
+                old = buffers[n]
+                value = entry.file.read(entry)
+                _set_tensor(model, n, value.to(old.dtype) if old.is_floating_point() and value.is_floating_point() else value)
+                continue
+            p = params[n]
+            if id(p) in masters:  # tied and both present in the checkpoint: loaded once
+                continue
+            if id(p) not in managed_ids:
+                _set_tensor(model, n, nn.Parameter(entry.file.read(entry), requires_grad=False))
+                masters[id(p)] = None  # type: ignore[assignment]
+                continue
+            if offload_place.on_disk:
+                masters[id(p)] = DiskStored(entry)
+            else:
+                masters[id(p)] = store(entry.file.read(entry), offload_place, comp_dtype)
+        for target, (converter, group) in sorted(plan.converted.items()):
+            for full, tensor in _run_converter(converter, target, group, model).items():
+                if full not in params:
+                    raise CheckpointError(f"converting {[e.key for e in group]} produced {full!r}, which {model_class.__name__} does not have")
+                p = params[full]
+                if tuple(p.shape) != tuple(tensor.shape):
+                    raise CheckpointError(f"{full}: converted checkpoint tensor is {list(tensor.shape)}, model wants {list(p.shape)}")
+                if id(p) not in managed_ids:
+                    _set_tensor(model, full, nn.Parameter(tensor, requires_grad=False))
+                    masters[id(p)] = None  # type: ignore[assignment]
+                else:
+                    masters[id(p)] = store(tensor, ram_place, comp_dtype)
+                del tensor
+
+        def master_factory(full_name: str, param: torch.Tensor) -> StoredTensor:
+            stored = masters.get(id(param))
+            if stored is None:
+                raise CheckpointError(f"{full_name}: no tensor was loaded for this parameter")
+            return stored
+
+        enable_vram_management(
+            model, module_map, config, vram_limit, budget=budget, name=name, onload=onload, master_factory=master_factory
+        )
+        masters.clear()
+        if prefetch and config.uses_disk:
+            runtime = runtime_of(model)
+            if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
+                runtime.prefetcher = DiskPrefetcher(runtime)
+        model._vram_checkpoint = [s.path for s in shards]  # type: ignore[attr-defined]
+        return model
+    except BaseException:
+        # Nothing half-loaded survives: drop every master read so far and the model itself.
+        masters.clear()
+        model = None
+        for s in shards:
+            s.close()
+        gc.collect()
+        raise
+
+
+def converter_targets(target: str, converter: Any, params: Mapping[str, Any]) -> list[str]:
+    """Model names a converter fills (its first target plus siblings named by its target patterns)."""
+    out = [target]
+    pats = list(getattr(converter, "target_patterns", []) or [])
+    for a in pats:
+        for b in pats:
+            if a != b and a in target:
+                sibling = target.replace(a, b)
+                if sibling in params:
+                    out.append(sibling)
+    return out
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) or not value.is_floating_point() else nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
