@@ -8,7 +8,9 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
 
 from .budget import VramBudget
 from .config import DISK, STATES, VramConfig, parse_vram_limit
+from .disk import CheckpointError, DiskStored
 from .layers import ManagedLinear, ManagedModule
+from .loader import load_model
 from .management import (
     enable_vram_management,
     is_managed,
@@ -23,6 +25,8 @@ from .management import (
 
 __all__ = [
     "DISK",
+    "CheckpointError",
+    "DiskStored",
     "STATES",
     "ManagedLinear",
     "ManagedModule",
@@ -32,6 +36,7 @@ __all__ = [
     "is_managed",
     "layer_state_bytes",
     "layer_state_counts",
+    "load_model",
     "offload_model",
     "onload_model",
     "parse_vram_limit",
