@@ -77,10 +77,6 @@ class LayerRecord:
             self.state = state
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def bytes_at(shapes: dict[str, tuple[torch.Size, torch.dtype]], place: Place, compute_dtype: torch.dtype) -> int:
     """Bytes a layer's parameters take when stored at `place` (FP8 includes its per-row scales)."""
     total = 0
@@ -91,7 +87,7 @@ def bytes_at(shapes: dict[str, tuple[torch.Size, torch.dtype]], place: Place, co
         if place.on_disk:
             continue
         target = storage_dtype_for(dtype, len(shape), place.dtype, compute_dtype)
-        total += numel * _element_size(target)
+        total += numel * target.itemsize
         if target != dtype and target in (torch.float8_e4m3fn, torch.float8_e5m2) and len(shape) >= 2 and numel:
             total += shape[0] * 4
     return total
@@ -121,6 +117,7 @@ class VramRuntime:
             isinstance(config.onload_device, torch.device) and config.onload_device == self.comp_device and self.comp_device.type != "cpu"
         )
         self._shapes: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+        self._transient_cache: dict[tuple[int, bool, bool], int] = {}
         self._hooks: list[Any] = []
         # Optional read-ahead (engine.prefetch.DiskPrefetcher, set by engine.load_model for disk
         # offload): `on_layer_start(record, source)` returns the layer's computation parameters
@@ -145,6 +142,13 @@ class VramRuntime:
 
     def transient_cost(self, record: LayerRecord, resident: bool) -> int:
         """Bytes a forward of this layer adds on the computation device beyond resident copies."""
+        key = (id(record), resident, self.active)
+        cost = self._transient_cache.get(key)
+        if cost is None:
+            cost = self._transient_cache[key] = self._transient_cost(record, resident)
+        return cost
+
+    def _transient_cost(self, record: LayerRecord, resident: bool) -> int:
         if resident:
             return 0 if self.resident_is_computation_form() else self.computation_bytes(record)
         source = self.stream_source_place()
