@@ -23,6 +23,7 @@ class LedgerSnapshot:
     resident_bytes: int
     transient_bytes: int
     fixed_bytes: int
+    slot_bytes: int
     peak_bytes: int
     peak_resident_bytes: int
 
@@ -33,9 +34,12 @@ class VramBudget:
 
     limit_gb: float | None = None
     activation_reserve_bytes: int = 0
+    # Set by OOM recovery: resident bytes stay under this even when the limit would allow more.
+    residency_cap_bytes: int | None = None
     resident_bytes: int = 0
     transient_bytes: int = 0
     fixed_bytes: int = 0
+    slot_bytes: int = 0  # the scheduler's preallocated streaming slots
     peak_bytes: int = 0
     peak_resident_bytes: int = 0
     members: list["VramRuntime"] = field(default_factory=list)
@@ -50,12 +54,17 @@ class VramBudget:
 
     def set_limit(self, limit_gb: float | None) -> None:
         self.limit_gb = parse_vram_limit(limit_gb)
+        self.residency_cap_bytes = None  # a new limit is a fresh start
 
     # --- the ledger -------------------------------------------------------------------------
     def _changed(self) -> None:
-        in_use = self.resident_bytes + self.transient_bytes + self.fixed_bytes
+        in_use = self.in_use_bytes
         self.peak_bytes = max(self.peak_bytes, in_use)
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    @property
+    def in_use_bytes(self) -> int:
+        return self.resident_bytes + self.transient_bytes + self.fixed_bytes + self.slot_bytes
 
     def add_resident(self, nbytes: int) -> None:
         with self._lock:
@@ -84,15 +93,30 @@ class VramBudget:
         with self._lock:
             self.fixed_bytes -= nbytes
 
+    def add_slots(self, nbytes: int) -> None:
+        with self._lock:
+            self.slot_bytes += nbytes
+            self._changed()
+
+    def remove_slots(self, nbytes: int) -> None:
+        with self._lock:
+            self.slot_bytes -= nbytes
+
     def reset_peak(self) -> None:
         with self._lock:
-            self.peak_bytes = self.resident_bytes + self.transient_bytes + self.fixed_bytes
+            self.peak_bytes = self.in_use_bytes
             self.peak_resident_bytes = self.resident_bytes
 
     def snapshot(self) -> LedgerSnapshot:
         with self._lock:
             return LedgerSnapshot(
-                self.limit_bytes, self.resident_bytes, self.transient_bytes, self.fixed_bytes, self.peak_bytes, self.peak_resident_bytes
+                self.limit_bytes,
+                self.resident_bytes,
+                self.transient_bytes,
+                self.fixed_bytes,
+                self.slot_bytes,
+                self.peak_bytes,
+                self.peak_resident_bytes,
             )
 
     # --- planning across components --------------------------------------------------------------

@@ -23,6 +23,7 @@ from .module_maps import (
     registered_map_for,
     wrapper_from_map,
 )
+from .oom import install_oom_retry
 from .runtime import LayerRecord, VramRuntime
 from .stored import PlainStored, StoredTensor, store
 
@@ -161,6 +162,7 @@ def enable_vram_management(
     budget.members.append(runtime)
     model._vram_runtime = runtime
     runtime.install_trace_hooks()
+    install_oom_retry(runtime)
     if onload:
         runtime.onload()
     else:

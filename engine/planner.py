@@ -6,9 +6,12 @@ The policy is deterministic:
 2. vram_limit None: every candidate is resident.
 3. Otherwise the limit pays first for fixed bytes (buffers), the activation reserve and the
    streaming reserve (the largest transient a streamed layer needs, plus containers whose own
-   parameters stay materialized around their children); then candidates are taken first-fit in
+   parameters stay materialized around their children, plus two slots of the largest group for
+   components streamed by the prefetching scheduler); then candidates are taken first-fit in
    order while their resident bytes fit in what is left. If every candidate fits with only the
-   resident-form transients reserved, no streaming reserve is held back.
+   resident-form transients reserved, no streaming reserve is held back. For the scheduler, a
+   second group in flight (depth 2) is bought before residency when the limit allows; what
+   residency leaves over deepens prefetch further, one slot per group-size of bytes, up to 4.
 So resident + transient + fixed bytes never exceed the limit when the limit covers the reserve;
 vram_limit=0 keeps nothing resident and streams every layer.
 """
@@ -22,6 +25,20 @@ if TYPE_CHECKING:
     from .runtime import LayerRecord, VramRuntime
 
 
+MIN_SLOTS = 2  # the group computing and at least one group in flight
+PREFERRED_DEPTH = 2
+MAX_DEPTH = 4
+
+
+def _group_bytes(candidates: list[tuple["VramRuntime", "LayerRecord"]]) -> dict["VramRuntime", int]:
+    """Slot size of each scheduler-driven member, as if all its candidates were streamed."""
+    records: dict["VramRuntime", list["LayerRecord"]] = {}
+    for runtime, record in candidates:
+        if runtime.scheduler is not None:
+            records.setdefault(runtime, []).append(record)
+    return {runtime: runtime.scheduler.max_group_bytes(rs) for runtime, rs in records.items()}
+
+
 def _reserve(candidates: list[tuple["VramRuntime", "LayerRecord"]], resident: bool) -> int:
     leaf = 0
     containers = 0
@@ -31,7 +48,8 @@ def _reserve(candidates: list[tuple["VramRuntime", "LayerRecord"]], resident: bo
             leaf = max(leaf, cost)
         else:
             containers += cost
-    return leaf + containers
+    slots = 0 if resident else MIN_SLOTS * sum(_group_bytes(candidates).values())
+    return leaf + containers + slots
 
 
 def streaming_reserve(budget: "VramBudget") -> int:
@@ -46,13 +64,34 @@ def _candidates(budget: "VramBudget") -> list[tuple["VramRuntime", "LayerRecord"
 def choose_resident(budget: "VramBudget") -> set[int]:
     candidates = _candidates(budget)
     limit = budget.limit_bytes
-    if limit is None:
+    cap = budget.residency_cap_bytes
+    if limit is None and cap is None:
         return {id(r) for _, r in candidates}
+    if limit is None:
+        return _first_fit(candidates, cap)
     available = limit - budget.fixed_bytes - budget.activation_reserve_bytes
     total = sum(m.resident_cost(r) for m, r in candidates)
-    if total + _reserve(candidates, resident=True) <= available:
+    if total + _reserve(candidates, resident=True) <= available and (cap is None or total <= cap):
         return {id(r) for _, r in candidates}
     room = available - _reserve(candidates, resident=False)
+    if cap is not None:
+        room = min(room, cap)
+    group_bytes = _group_bytes(candidates)
+    # A second group in flight absorbs jitter in copy times: it comes before residency.
+    preferred = {m: min(PREFERRED_DEPTH - 1, max(0, room) // gb) if gb else 0 for m, gb in group_bytes.items()}
+    room -= sum(n * group_bytes[m] for m, n in preferred.items())
+    chosen = _first_fit(candidates, room)
+    used = sum(m.resident_cost(r) for m, r in candidates if id(r) in chosen)
+    leftover = max(0, room - used)
+    for member, gb in group_bytes.items():
+        # whatever residency could not use deepens prefetch, one slot per group-size of bytes
+        extra = min(MAX_DEPTH - 1 - preferred[member], leftover // gb) if gb else 0
+        member.stream_depth = 1 + preferred[member] + extra
+        leftover -= extra * gb
+    return chosen
+
+
+def _first_fit(candidates: list[tuple["VramRuntime", "LayerRecord"]], room: int) -> set[int]:
     chosen: set[int] = set()
     used = 0
     for runtime, record in candidates:
@@ -66,6 +105,5 @@ def choose_resident(budget: "VramBudget") -> set[int]:
 def plan_residency(budget: "VramBudget") -> None:
     """Re-plan every member: drops copies that lost residency now, fills new ones lazily."""
     chosen = choose_resident(budget)
-    # Drop first, so a growing member never sees the ledger above the limit.
     for member in budget.members:
         member.apply_plan(chosen)

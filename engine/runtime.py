@@ -31,6 +31,7 @@ class StreamStats:
     compute_seconds: float = 0.0
     forwards: int = 0
     sync_fallbacks: int = 0  # streamed layers the traced schedule did not foresee
+    oom_retries: int = 0
 
 
 class LayerRecord:
@@ -123,6 +124,9 @@ class VramRuntime:
         # offload): `on_layer_start(record, source)` returns the layer's computation parameters
         # when it read them ahead (else None) and queues the next layers' reads.
         self.prefetcher: Any = None
+        # Optional prefetching streamer (engine.scheduler.TransferScheduler): copy stream, slot ring.
+        self.scheduler: Any = None
+        self.stream_depth = 1
 
     # --- sizes -------------------------------------------------------------------------------
     def shapes(self, record: LayerRecord) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -191,6 +195,8 @@ class VramRuntime:
 
     # --- residency ----------------------------------------------------------------------------
     def apply_plan(self, chosen: set[int]) -> None:
+        if self.scheduler is not None:
+            self.scheduler.reset()  # the streamed set may change: lay the groups out again
         for record in self.layers:
             want = id(record) in chosen
             record.plan_resident = want
@@ -240,6 +246,10 @@ class VramRuntime:
                 resident = True
                 if record.fast:  # now resident in computation form
                     return module.forward(*args, **kwargs)
+            elif self.scheduler is not None and self.active:
+                out = self._run_scheduled(module, record, args, kwargs)
+                if out is not NotImplemented:
+                    return out
         transient = self.transient_cost(record, resident)
         self.budget.add_transient(transient)
         record.state = "computation"
@@ -262,6 +272,26 @@ class VramRuntime:
             stats.streamed_bytes += sum(s.nbytes for s in source.values())
         return out
 
+    def _run_scheduled(self, module: nn.Module, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
+        scheduler = self.scheduler
+        if not scheduler.ready:
+            if self.execution_order is None:
+                return NotImplemented  # the first forward traces the order, streaming synchronously
+            scheduler.build(self.stream_depth)
+        out = scheduler.run(module, record, args, kwargs)
+        if out is NotImplemented and scheduler.groups:
+            self.stats.sync_fallbacks += 1
+        return out
+
+    def use_scheduler(self, backend: Any) -> None:
+        """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by layer."""
+        from .scheduler import TransferScheduler
+
+        if self.scheduler is not None:
+            self.scheduler.reset()
+        self.scheduler = TransferScheduler(self, backend)
+        self.budget.replan()
+
     # --- execution order tracing ----------------------------------------------------------------
     def install_trace_hooks(self) -> None:
         def begin(_module: nn.Module, _args: Any) -> None:
@@ -279,6 +309,8 @@ class VramRuntime:
                         order.append(record)
                 self.execution_order = order
                 self.trace = None
+            if self.scheduler is not None:
+                self.scheduler.end_forward()
 
         self._hooks.append(self.model.register_forward_pre_hook(begin))
         self._hooks.append(self.model.register_forward_hook(end))

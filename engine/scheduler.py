@@ -1,0 +1,281 @@
+"""Streaming that overlaps compute: groups, a ring of device slots, a copy stream and events.
+
+Streamed layers are grouped (a transformer block is one group; the shipped module maps name the
+block lists) in traced execution order. Each group's host tensors are copied on the copy stream
+into one preallocated device slot; the compute stream waits on the copy's event before the group
+runs, and a copy into a slot waits on the event recorded after that slot's previous group
+finished. No host synchronisation per layer. Prefetch runs `depth` groups ahead (depth + 1
+slots), cyclically, so group 0 of step t+1 loads during the tail of step t.
+
+Layers the schedule did not foresee (not traced, or the plan changed) still run through the
+synchronous path and are counted in `stats.sync_fallbacks`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .devices import DeviceBackend
+from .fp8 import dequantize
+from .planner import MAX_DEPTH
+from .stored import PlainStored, ScaledFp8Stored, StoredTensor
+
+if TYPE_CHECKING:
+    from .runtime import LayerRecord, VramRuntime
+
+log = logging.getLogger(__name__)
+
+ALIGN = 256  # byte alignment of each tensor inside a slot
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class SliceSpec:
+    """One host tensor of one parameter, at `offset` in its group's slot."""
+
+    record: "LayerRecord"
+    param: str
+    part: str  # "tensor" for plain tensors, "data"/"scale" for scaled FP8
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+@dataclass
+class Group:
+    index: int
+    name: str
+    records: list["LayerRecord"]
+    slices: list[SliceSpec] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass
+class Loaded:
+    slot: int
+    event: Any  # copy-done event on the copy stream
+
+
+def host_parts(stored: StoredTensor) -> list[tuple[str, torch.Tensor]] | None:
+    """The host tensors a stored copy is made of, or None when it cannot be slot-copied (disk)."""
+    if isinstance(stored, ScaledFp8Stored):
+        return [("data", stored.data), ("scale", stored.scale)]
+    if isinstance(stored, PlainStored):
+        return [("tensor", stored.tensor)]
+    return None
+
+
+def group_key(record: "LayerRecord") -> str:
+    return record.block or record.name
+
+
+def build_groups(order: list["LayerRecord"], source_of: Any) -> list[Group]:
+    """Consecutive streamed layers of one block form a group; layout each group's slot image."""
+    groups: list[Group] = []
+    for record in order:
+        key = group_key(record)
+        if groups and groups[-1].name == key:
+            group = groups[-1]
+        else:
+            group = Group(len(groups), key, [])
+            groups.append(group)
+        group.records.append(record)
+        for param, stored in source_of(record).items():
+            parts = host_parts(stored)
+            if parts is None:
+                raise TypeError(f"{record.name}.{param} is not a host tensor")
+            for part, tensor in parts:
+                nbytes = tensor.numel() * tensor.element_size()
+                group.slices.append(SliceSpec(record, param, part, group.nbytes, nbytes, tensor.dtype, tensor.shape))
+                group.nbytes += _aligned(nbytes)
+    return groups
+
+
+class TransferScheduler:
+    """Prefetching streamer for one component. The runtime hands it every streamed layer."""
+
+    def __init__(self, runtime: "VramRuntime", backend: DeviceBackend):
+        self.runtime = runtime
+        self.backend = backend
+        self.groups: list[Group] = []
+        self.group_of: dict[int, int] = {}
+        self.slots: list[torch.Tensor] = []
+        self.slot_owner: list[int | None] = []
+        self.slot_free: list[Any] = []
+        self.loaded: dict[int, Loaded] = {}
+        self.current: int | None = None
+        self.depth = 0
+        self.ready = False
+        self.slot_bytes = 0
+
+    # --- building and tearing down ----------------------------------------------------------
+    def max_group_bytes(self, records: list["LayerRecord"]) -> int:
+        """Slot size needed if `records` were all streamed (used by the planner's reserve)."""
+        try:
+            groups = build_groups(records, self._source_of)
+        except TypeError:
+            return 0
+        return max((g.nbytes for g in groups), default=0)
+
+    def _source_of(self, record: "LayerRecord") -> dict[str, StoredTensor]:
+        runtime = self.runtime
+        if runtime.active and record.onloaded is not None:
+            return record.onloaded
+        return record.masters
+
+    def build(self, depth: int) -> None:
+        """Lay out groups for the layers the current plan streams, allocate depth + 1 slots."""
+        self.reset()
+        runtime = self.runtime
+        # only traced layers are scheduled; a layer the trace never saw streams synchronously
+        traced = runtime.execution_order or []
+        streamed = [r for r in traced if not r.plan_resident and r.resident is None]
+        try:
+            self.groups = build_groups(streamed, self._source_of)
+        except TypeError:
+            self.groups = []  # sources that cannot be slot-copied stream synchronously
+        self.group_of = {id(r): g.index for g in self.groups for r in g.records}
+        if not self.groups:
+            self.ready = True
+            return
+        self.depth = max(1, min(depth, MAX_DEPTH, len(self.groups)))
+        self.slot_bytes = max(g.nbytes for g in self.groups)
+        n_slots = self.depth + 1
+        self.slots = [self.backend.allocate(self.slot_bytes) for _ in range(n_slots)]
+        self.slot_owner = [None] * n_slots
+        self.slot_free = [None] * n_slots
+        runtime.budget.add_slots(self.slot_bytes * n_slots)
+        self.ready = True
+
+    def reset(self) -> None:
+        """Drop the schedule and free the slots (after in-flight copies and computes finished)."""
+        for event in self.slot_free:
+            self.backend.host_wait(event)
+        for loaded in self.loaded.values():
+            self.backend.host_wait(loaded.event)
+        if self.slots:
+            self.runtime.budget.remove_slots(self.slot_bytes * len(self.slots))
+        self.groups, self.group_of, self.slots = [], {}, []
+        self.slot_owner, self.slot_free, self.loaded = [], [], {}
+        self.current = None
+        self.slot_bytes = 0
+        self.ready = False
+
+    # --- the schedule -------------------------------------------------------------------------
+    def _free_slot(self) -> int | None:
+        for slot, owner in enumerate(self.slot_owner):
+            if owner is None:
+                return slot
+        return None
+
+    def _issue(self, index: int, slot: int) -> None:
+        backend = self.backend
+        stream = backend.copy_stream()
+        backend.wait(stream, self.slot_free[slot])  # the slot's previous consumer is done
+        buffer = self.slots[slot]
+        for spec in self.groups[index].slices:
+            source = self._part(spec)
+            dst = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+            backend.copy(dst, source, stream)
+        self.loaded[index] = Loaded(slot, backend.record(stream))
+        self.slot_owner[slot] = index
+        self.runtime.stats.streamed_bytes += self.groups[index].nbytes
+
+    def _part(self, spec: SliceSpec) -> torch.Tensor:
+        stored = self._source_of(spec.record)[spec.param]
+        if spec.part == "tensor":
+            return stored.tensor  # type: ignore[attr-defined]
+        return getattr(stored, spec.part)
+
+    def _prefetch_after(self, index: int) -> None:
+        n = len(self.groups)
+        for k in range(1, self.depth + 1):
+            ahead = (index + k) % n  # wraps into the next step
+            if ahead in self.loaded:
+                continue
+            slot = self._free_slot()
+            if slot is None:
+                return
+            self._issue(ahead, slot)
+
+    def _finish_current(self) -> None:
+        if self.current is None:
+            return
+        loaded = self.loaded.pop(self.current)
+        self.slot_free[loaded.slot] = self.backend.record(self.backend.compute_stream())
+        self.slot_owner[loaded.slot] = None
+        self.current = None
+
+    def _enter(self, index: int) -> None:
+        self._finish_current()
+        if index not in self.loaded:
+            # not prefetched (first run of a schedule, or out of order): evict the farthest prefetch
+            slot = self._free_slot()
+            if slot is None:
+                victim = max(self.loaded, key=lambda g: (g - index) % len(self.groups))
+                slot = self.loaded.pop(victim).slot
+                self.slot_owner[slot] = None
+            self._issue(index, slot)
+        self.current = index
+        self.backend.wait(self.backend.compute_stream(), self.loaded[index].event)
+        self._prefetch_after(index)
+
+    def run(self, module: nn.Module, record: "LayerRecord", args: tuple, kwargs: dict) -> Any:
+        """Compute a streamed layer from its group's slot. Returns NotImplemented when the layer is
+        not in the schedule (the caller then streams it synchronously)."""
+        index = self.group_of.get(id(record))
+        if index is None:
+            return NotImplemented
+        if index != self.current:
+            self._enter(index)
+        buffer = self.slots[self.loaded[index].slot]
+        runtime = self.runtime
+        comp_dtype = runtime.comp_dtype
+        params: dict[str, torch.Tensor] = {}
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        transient = 0
+        for spec in self.groups[index].slices:
+            if spec.record is not record:
+                continue
+            view = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+            parts.setdefault(spec.param, {})[spec.part] = view
+        for param, found in parts.items():
+            if "tensor" in found:
+                tensor = found["tensor"]
+                if tensor.is_floating_point() and tensor.dtype != comp_dtype:
+                    tensor = tensor.to(comp_dtype)
+                    transient += tensor.numel() * tensor.element_size()
+                params[param] = tensor
+            else:  # FP8 bytes crossed; upcast here, on the computation device
+                tensor = dequantize(found["data"], found["scale"], comp_dtype)
+                transient += tensor.numel() * tensor.element_size()
+                params[param] = tensor
+        runtime.budget.add_transient(transient)
+        record.state = "computation"
+        try:
+            return module._vram_compute(params, args, kwargs)
+        finally:
+            record.state = record.rest_state
+            runtime.budget.remove_transient(transient)
+            runtime.stats.streamed_layers += 1
+
+    def end_forward(self) -> None:
+        """The component's forward returned: free the last group's slot and keep prefetching
+        from the top of the order, so the next step starts with its first groups loaded."""
+        if not self.groups or self.current is None:
+            return
+        last = self.current
+        self._finish_current()
+        self._prefetch_after(last)
+
+    def slots_in_flight(self) -> int:
+        return len(self.loaded)
