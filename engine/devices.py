@@ -47,6 +47,10 @@ class DeviceBackend(ABC):
         """A pinned host buffer, or None where pinning is not available."""
         return None
 
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        """Can `tensor` be copied to the device asynchronously? (Always, on a synchronous device.)"""
+        return True
+
     def elapsed_seconds(self, start: Any, end: Any) -> float | None:
         return None
 
@@ -119,6 +123,9 @@ class CudaBackend(DeviceBackend):
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         except RuntimeError:
             return None
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type != "cpu" or tensor.is_pinned()
 
     def timing_event(self, stream: Any) -> Any:
         event = torch.cuda.Event(enable_timing=True)

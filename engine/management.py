@@ -23,6 +23,7 @@ from .module_maps import (
     registered_map_for,
     wrapper_from_map,
 )
+from .devices import backend_for
 from .oom import install_oom_retry
 from .runtime import LayerRecord, VramRuntime
 from .stored import PlainStored, StoredTensor, store
@@ -163,6 +164,8 @@ def enable_vram_management(
     model._vram_runtime = runtime
     runtime.install_trace_hooks()
     install_oom_retry(runtime)
+    if comp_device.type == "cuda":
+        runtime.use_scheduler(backend_for(comp_device))
     if onload:
         runtime.onload()
     else:

@@ -126,6 +126,7 @@ class VramRuntime:
         self.prefetcher: Any = None
         # Optional prefetching streamer (engine.scheduler.TransferScheduler): copy stream, slot ring.
         self.scheduler: Any = None
+        self.arena: Any = None
         self.stream_depth = 1
 
     # --- sizes -------------------------------------------------------------------------------
@@ -283,14 +284,32 @@ class VramRuntime:
             self.stats.sync_fallbacks += 1
         return out
 
-    def use_scheduler(self, backend: Any) -> None:
-        """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by layer."""
-        from .scheduler import TransferScheduler
+    def use_scheduler(self, backend: Any, pinned_budget: Any = None) -> None:
+        """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by
+        layer: host masters are packed into one pinned arena (under the pinned-RAM budget), and
+        what stays pageable is staged by a worker thread."""
+        from .pinned import PROCESS_PINNED_BUDGET, PinnedArena
+        from .scheduler import Stager, TransferScheduler
 
+        self.close_scheduler()
+        self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
+        report = self.arena.build()
+        stager = None
+        if report.pageable_bytes:
+            scheduler_probe = TransferScheduler(self, backend)
+            stager = Stager(backend, max(1, scheduler_probe.max_group_bytes(self.planning_order())))
+        self.scheduler = TransferScheduler(self, backend, stager)
+        self.budget.replan()
+
+    def close_scheduler(self) -> None:
         if self.scheduler is not None:
             self.scheduler.reset()
-        self.scheduler = TransferScheduler(self, backend)
-        self.budget.replan()
+            if self.scheduler.stager is not None:
+                self.scheduler.stager.close()
+            self.scheduler = None
+        if self.arena is not None:
+            self.arena.release()
+            self.arena = None
 
     # --- execution order tracing ----------------------------------------------------------------
     def install_trace_hooks(self) -> None:

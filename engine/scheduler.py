@@ -14,8 +14,11 @@ synchronous path and are counted in `stats.sync_fallbacks`.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -57,6 +60,7 @@ class Group:
     records: list["LayerRecord"]
     slices: list[SliceSpec] = field(default_factory=list)
     nbytes: int = 0
+    pageable: bool = False  # some source is not in pinned memory: staged by the worker
 
 
 @dataclass
@@ -103,9 +107,10 @@ def build_groups(order: list["LayerRecord"], source_of: Any) -> list[Group]:
 class TransferScheduler:
     """Prefetching streamer for one component. The runtime hands it every streamed layer."""
 
-    def __init__(self, runtime: "VramRuntime", backend: DeviceBackend):
+    def __init__(self, runtime: "VramRuntime", backend: DeviceBackend, stager: "Stager | None" = None):
         self.runtime = runtime
         self.backend = backend
+        self.stager = stager
         self.groups: list[Group] = []
         self.group_of: dict[int, int] = {}
         self.slots: list[torch.Tensor] = []
@@ -144,6 +149,8 @@ class TransferScheduler:
         except TypeError:
             self.groups = []  # sources that cannot be slot-copied stream synchronously
         self.group_of = {id(r): g.index for g in self.groups for r in g.records}
+        for group in self.groups:
+            group.pageable = any(not self.backend.is_pinned(self._part(spec)) for spec in group.slices)
         if not self.groups:
             self.ready = True
             return
@@ -161,7 +168,7 @@ class TransferScheduler:
         for event in self.slot_free:
             self.backend.host_wait(event)
         for loaded in self.loaded.values():
-            self.backend.host_wait(loaded.event)
+            self.backend.host_wait(self._event(loaded))
         if self.slots:
             self.runtime.budget.remove_slots(self.slot_bytes * len(self.slots))
         self.groups, self.group_of, self.slots = [], {}, []
@@ -178,17 +185,39 @@ class TransferScheduler:
         return None
 
     def _issue(self, index: int, slot: int) -> None:
+        free_event = self.slot_free[slot]
+        if self.stager is not None and self.groups[index].pageable:
+            # pageable sources: the worker thread stages them; it is then the copy stream's only
+            # producer until it drains, so copies stay in issue order
+            event: Any = self.stager.submit(lambda: self._copy_group(index, slot, free_event))
+        else:
+            if self.stager is not None:
+                self.stager.drain()
+            event = self._copy_group(index, slot, free_event)
+        self.loaded[index] = Loaded(slot, event)
+        self.slot_owner[slot] = index
+        self.runtime.stats.streamed_bytes += self.groups[index].nbytes
+
+    def _copy_group(self, index: int, slot: int, free_event: Any) -> Any:
+        """Enqueue the group's copies into `slot` on the copy stream; returns the copy-done event."""
         backend = self.backend
         stream = backend.copy_stream()
-        backend.wait(stream, self.slot_free[slot])  # the slot's previous consumer is done
+        backend.wait(stream, free_event)  # the slot's previous consumer is done
         buffer = self.slots[slot]
         for spec in self.groups[index].slices:
             source = self._part(spec)
             dst = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+            if self.stager is not None and not backend.is_pinned(source):
+                source = self.stager.stage(source)
             backend.copy(dst, source, stream)
-        self.loaded[index] = Loaded(slot, backend.record(stream))
-        self.slot_owner[slot] = index
-        self.runtime.stats.streamed_bytes += self.groups[index].nbytes
+        event = backend.record(stream)
+        if self.stager is not None:
+            self.stager.staged_copies_issued(event)
+        return event
+
+    def _event(self, loaded: Loaded) -> Any:
+        event = loaded.event
+        return event.result() if isinstance(event, Future) else event
 
     def _part(self, spec: SliceSpec) -> torch.Tensor:
         stored = self._source_of(spec.record)[spec.param]
@@ -226,7 +255,7 @@ class TransferScheduler:
                 self.slot_owner[slot] = None
             self._issue(index, slot)
         self.current = index
-        self.backend.wait(self.backend.compute_stream(), self.loaded[index].event)
+        self.backend.wait(self.backend.compute_stream(), self._event(self.loaded[index]))
         self._prefetch_after(index)
 
     def run(self, module: nn.Module, record: "LayerRecord", args: tuple, kwargs: dict) -> Any:
@@ -279,3 +308,81 @@ class TransferScheduler:
 
     def slots_in_flight(self) -> int:
         return len(self.loaded)
+
+
+class Stager:
+    """Worker thread that copies pageable host tensors into pinned staging buffers and enqueues
+    their device copies, so the thread launching compute never blocks on a pageable copy.
+
+    Two staging buffers alternate; before one is refilled the worker waits (on its own thread)
+    for the device copy that read it last. Disk offload can feed the same path.
+    """
+
+    def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2):
+        self.backend = backend
+        self.buffer_bytes = buffer_bytes
+        self.buffers = [self._staging_buffer(backend, buffer_bytes) for _ in range(n_buffers)]
+        self.buffer_done: list[Any] = [None] * n_buffers
+        self.current = 0
+        self.offset = 0
+        self.used_in_group: set[int] = set()
+        self.jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]" = queue.Queue()
+        self.thread = threading.Thread(target=self._work, name="lowvram-stager", daemon=True)
+        self.thread.start()
+        self.staged_bytes = 0
+
+    @staticmethod
+    def _staging_buffer(backend: DeviceBackend, nbytes: int) -> torch.Tensor:
+        pinned = backend.pin(nbytes)
+        return pinned if pinned is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+    def submit(self, job: "Callable[[], Any]") -> Future:
+        future: Future = Future()
+        self.jobs.put((job, future))
+        return future
+
+    def drain(self) -> None:
+        """Wait until every submitted job has enqueued its copies."""
+        self.submit(lambda: None).result()
+
+    def _work(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            job, future = item
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # surfaced to the compute thread through the future
+                future.set_exception(exc)
+
+    def stage(self, source: torch.Tensor) -> torch.Tensor:
+        """Copy `source` into the current staging buffer (switching buffers when full)."""
+        nbytes = source.numel() * source.element_size()
+        if nbytes > self.buffer_bytes:
+            return source  # larger than a staging buffer: copied from pageable memory directly
+        if self.offset + nbytes > self.buffer_bytes:
+            self._switch()
+        if self.current not in self.used_in_group:
+            self.backend.host_wait(self.buffer_done[self.current])  # its last reader finished
+            self.used_in_group.add(self.current)
+        view = self.buffers[self.current][self.offset : self.offset + nbytes].view(source.dtype).view(source.shape)
+        view.copy_(source)
+        self.offset += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        self.staged_bytes += nbytes
+        return view
+
+    def _switch(self) -> None:
+        self.current = (self.current + 1) % len(self.buffers)
+        self.offset = 0
+
+    def staged_copies_issued(self, event: Any) -> None:
+        """The group's copies are enqueued: the buffers it used are free once `event` completes."""
+        for index in self.used_in_group:
+            self.buffer_done[index] = event
+        self.used_in_group = set()
+        self._switch()
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=5)

@@ -267,3 +267,88 @@ def test_other_errors_are_not_retried():
     with pytest.raises(ValueError, match="bad input"):
         model(X)
     assert runtime_of(model).stats.oom_retries == 0
+
+
+class PinningBackend(RecordingBackend):
+    """Also hands out 'pinned' buffers (plain tensors it remembers) for the arena and staging."""
+
+    def __init__(self):
+        super().__init__()
+        self.pinned: list[torch.Tensor] = []
+
+    def pin(self, nbytes):
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.pinned.append(buffer)
+        return buffer
+
+    def is_pinned(self, tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in self.pinned)
+
+    def host_wait(self, event):
+        pass
+
+
+def host_bytes_aligned(model) -> int:
+    from engine.pinned import _aligned
+
+    return sum(_aligned(p.numel() * p.element_size()) for p in model.parameters())
+
+
+def test_pinned_arena_is_one_exact_buffer_and_repoints_masters(monkeypatch):
+    from engine.pinned import PinnedBudget
+
+    plain = make_stack()
+    backend = PinningBackend()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=CPU, vram_limit=0)
+    runtime = runtime_of(model)
+    runtime.use_scheduler(backend, PinnedBudget(limit_bytes=10 * GB))
+    assert len(backend.pinned) == 1
+    assert backend.pinned[0].numel() == host_bytes_aligned(plain)  # exact size, no rounding
+    assert runtime.arena.report.pageable_bytes == 0
+    for record in runtime.layers:
+        for stored in record.masters.values():
+            assert backend.is_pinned(stored.tensor)
+    # parameter slots show the arena views, not stale pageable copies
+    assert backend.is_pinned(model.proj_in.weight)
+    for _ in range(3):
+        assert torch.equal(model(X), plain(X))
+    assert runtime.scheduler.stager is None
+
+
+def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
+    from engine.pinned import PinnedBudget
+
+    plain = make_stack()
+    backend = PinningBackend()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=CPU, vram_limit=0)
+    for record in runtime_of(model).layers:
+        if record.name.startswith("blocks."):
+            record.block = ".".join(record.name.split(".")[:2])
+    runtime = runtime_of(model)
+    half = host_bytes_aligned(plain) // 2
+    pinned_budget = PinnedBudget(limit_bytes=half)
+    runtime.use_scheduler(backend, pinned_budget)
+    report = runtime.arena.report
+    assert 0 < report.pinned_bytes <= half and report.pageable_bytes > 0
+    assert pinned_budget.used == report.pinned_bytes
+    stager = runtime.scheduler.stager
+    assert stager is not None
+    original = ManagedModule._vram_compute
+
+    def logged(self, params, args, kwargs):
+        slots = {backend.slot_of(t) for t in params.values()}
+        slots.discard(None)
+        backend.compute(self._vram.name, slots.pop() if slots else None)
+        return original(self, params, args, kwargs)
+
+    monkeypatch.setattr(ManagedModule, "_vram_compute", logged)
+    for _ in range(4):
+        assert torch.equal(model(X), plain(X))
+    backend.check_ordering()
+    assert stager.staged_bytes > 0
+    assert any(g.pageable for g in runtime.scheduler.groups) and not all(g.pageable for g in runtime.scheduler.groups)
+    runtime.close_scheduler()
+    assert pinned_budget.used == 0
