@@ -127,13 +127,16 @@ class SafetensorsFile:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return self._fd
 
-    def read_into(self, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
-        """Fill `out` (contiguous CPU tensor of entry.length bytes) from the file."""
-        if entry.length == 0:
+    def read_into(self, entry: TensorEntry, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill `out` (a contiguous CPU tensor) with the entry's bytes from byte `start` on."""
+        length = out.numel() * out.element_size()
+        if start < 0 or start + length > entry.length:
+            raise ValueError(f"{entry.key}: read of {length} bytes at {start} is outside its {entry.length} bytes")
+        if length == 0:
             return out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        fd, pos, done = self.fd(), entry.offset, 0
-        while done < entry.length:
+        fd, pos, done = self.fd(), entry.offset + start, 0
+        while done < length:
             try:
                 got = os.preadv(fd, [view[done:]], pos + done)
             except OSError as e:
