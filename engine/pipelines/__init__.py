@@ -1,0 +1,23 @@
+"""Diffusers pipelines built on the memory engine (see engine.pipelines.managed)."""
+
+from .cfg import CfgPairBatcher
+from .families import DECODE, DENOISE, ENCODE, FAMILIES, FAMILIES_BY_NAME, STAGES, PipelineFamily, family_for
+from .managed import GenerationCancelled, ManagedPipeline, StepStats, build_pipeline, execution_device_subclass, vae_memory_plan
+
+__all__ = [
+    "DECODE",
+    "DENOISE",
+    "ENCODE",
+    "FAMILIES",
+    "FAMILIES_BY_NAME",
+    "STAGES",
+    "CfgPairBatcher",
+    "GenerationCancelled",
+    "ManagedPipeline",
+    "PipelineFamily",
+    "StepStats",
+    "build_pipeline",
+    "execution_device_subclass",
+    "family_for",
+    "vae_memory_plan",
+]

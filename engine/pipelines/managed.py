@@ -1,0 +1,331 @@
+"""A diffusers pipeline whose every weighted component is managed by the engine.
+
+* One `VramBudget` shared by all components; `set_vram_limit` re-plans it (no file reads).
+* Stage switching as in DiffSynth: the text encoders are onloaded for encoding, then the
+  denoiser, then the VAE; the rest is offloaded. Explicit switches (before encoding, after the
+  last step) plus `budget.on_demand` (a layer of an offloaded component runs: switch to its
+  stage), which also catches the VAE, called through `.decode()` rather than `forward`.
+* Latents, scheduler state and text embeddings live on the computation device even while the
+  weights sit offloaded (their placeholders may be on 'meta' or the CPU): the pipeline class is
+  subclassed so `_execution_device` / `device` answer the computation device.
+* Classifier-free guidance runs one batched denoiser forward per step (see `cfg`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..budget import VramBudget
+from ..config import VramConfig
+from ..management import layer_state_counts, offload_model, onload_model, runtime_of, set_vram_limit
+from ..runtime import VramRuntime
+from .cfg import CfgPairBatcher
+from .families import DECODE, DENOISE, ENCODE, PipelineFamily, family_for
+from .loading import component_classes, is_weighted, load_aux_component, load_component, pipeline_config_kwargs, read_model_index
+
+log = logging.getLogger(__name__)
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def execution_device_subclass(base: type) -> type:
+    """`base` with `_execution_device` and `device` pinned to the engine's computation device."""
+    if base in _SUBCLASSES:
+        return _SUBCLASSES[base]
+
+    def _execution_device(self: Any) -> torch.device:
+        return self.__dict__["_engine_device"]
+
+    sub = type(
+        base.__name__,
+        (base,),
+        {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "_execution_device": property(_execution_device),
+            "device": property(_execution_device),
+        },
+    )
+    _SUBCLASSES[base] = sub
+    return sub
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the denoising loop when the user cancels (no decode follows)."""
+
+
+@dataclass
+class StepStats:
+    """Streaming counters of one denoising step (summed over components)."""
+
+    streamed_bytes: int = 0
+    copy_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+# VAE tiling: decoding activations grow with the image; tile large images, and medium ones when
+# the budget is small. Small images never tile, so the tiny test models give identical images
+# at every vram_limit.
+TILE_ALWAYS_PIXELS = 1536 * 1536
+TILE_MIN_PIXELS = 768 * 768
+DECODE_BYTES_PER_PIXEL = 1536  # rough peak activation bytes per output pixel of an SD-style VAE in bf16
+
+
+def vae_memory_plan(width: int, height: int, vram_limit_gb: float | None) -> tuple[bool, bool]:
+    """(tiling, slicing) for a decode of width x height under vram_limit_gb."""
+    pixels = width * height
+    tiling = pixels >= TILE_ALWAYS_PIXELS
+    if not tiling and vram_limit_gb is not None and pixels >= TILE_MIN_PIXELS:
+        tiling = pixels * DECODE_BYTES_PER_PIXEL > 0.25 * vram_limit_gb * 1024**3
+    return tiling, True
+
+
+class ManagedPipeline:
+    """One live pipeline: the diffusers object plus its budget, stage switch and statistics."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        family: PipelineFamily,
+        components: dict[str, nn.Module],
+        budget: VramBudget,
+        config: VramConfig,
+        path: Path,
+    ):
+        self.pipe = pipe
+        self.family = family
+        self.components = components
+        self.budget = budget
+        self.config = config
+        self.path = Path(path)
+        self.device = config.computation_device
+        self.stage: str | None = None
+        self.on_stage: Callable[[str], None] | None = None
+        self._runtime_names = {id(runtime_of(m)): name for name, m in components.items()}
+        self._lock = threading.RLock()
+        self.batcher: CfgPairBatcher | None = None
+        if family.pair_batched_cfg:
+            self.batcher = CfgPairBatcher.install(components[family.denoiser])
+        budget.on_demand = self._on_demand
+        pipe.set_progress_bar_config(disable=True)
+        self.vae_tiling = False
+        self._step_mark = StepStats()
+        self.last_step = StepStats()
+
+    # --- stages -------------------------------------------------------------------------------
+    def switch(self, stage: str) -> None:
+        """Onload the components of `stage`, offload the rest (offloads first: the ledger frees first)."""
+        with self._lock:
+            if stage == self.stage:
+                return
+            names = [n for n in self.components if self.family.stage_of(n) == stage]
+            for name, model in self.components.items():
+                if name not in names:
+                    offload_model(model)
+            for name in names:
+                onload_model(self.components[name])
+            self.stage = stage
+            if stage == DENOISE:
+                self._step_mark = self.stream_totals()
+        if self.on_stage is not None:
+            self.on_stage(stage)
+
+    def _on_demand(self, runtime: VramRuntime) -> None:
+        name = self._runtime_names.get(id(runtime))
+        if name is None:
+            runtime.onload()
+            return
+        self.switch(self.family.stage_of(name))
+
+    def offload_all(self) -> None:
+        with self._lock:
+            for model in self.components.values():
+                offload_model(model)
+            self.stage = None
+
+    # --- budget -------------------------------------------------------------------------------
+    def set_vram_limit(self, vram_limit_gb: float | None) -> None:
+        """Re-plan residency under a new limit: no file is read, no component rebuilt."""
+        set_vram_limit(self.budget, vram_limit_gb)
+
+    @property
+    def vram_limit(self) -> float | None:
+        return self.budget.limit_gb
+
+    # --- statistics -----------------------------------------------------------------------------
+    def layer_states(self) -> dict[str, dict[str, int]]:
+        return {name: layer_state_counts(model) for name, model in self.components.items()}
+
+    def stream_totals(self) -> StepStats:
+        out = StepStats()
+        for model in self.components.values():
+            s = runtime_of(model).stats
+            out.streamed_bytes += s.streamed_bytes
+            out.copy_seconds += s.copy_seconds
+            out.compute_seconds += s.compute_seconds
+        return out
+
+    def _mark_step(self) -> StepStats:
+        now = self.stream_totals()
+        mark = self._step_mark
+        self.last_step = StepStats(
+            now.streamed_bytes - mark.streamed_bytes, now.copy_seconds - mark.copy_seconds, now.compute_seconds - mark.compute_seconds
+        )
+        self._step_mark = now
+        return self.last_step
+
+    def denoiser_forwards(self) -> int:
+        return runtime_of(self.components[self.family.denoiser]).stats.forwards
+
+    # --- VAE ------------------------------------------------------------------------------------
+    def configure_vae(self, width: int, height: int) -> None:
+        vae = self.components.get("vae")
+        if vae is None:
+            return
+        tiling, slicing = vae_memory_plan(width, height, self.budget.limit_gb)
+        if tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        elif hasattr(vae, "disable_tiling"):
+            vae.disable_tiling()
+        if slicing and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
+        self.vae_tiling = tiling
+
+    # --- one image ----------------------------------------------------------------------------
+    def does_cfg(self, guidance: float, negative_prompt: str) -> bool:
+        return self.family.does_cfg(guidance, negative_prompt)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        seed: int,
+        on_step: Callable[[int, int, StepStats], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Any:
+        """Run text -> PIL image. `on_step(i, n, stats)` after each step; `should_stop()` True
+        between steps raises GenerationCancelled (nothing is decoded)."""
+        fam = self.family
+        pipe = self.pipe
+        self.configure_vae(width, height)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+
+        def step_end(_pipe: Any, i: int, _t: Any, _kw: dict[str, Any]) -> dict[str, Any]:
+            stats = self._mark_step()
+            if on_step is not None:
+                on_step(i + 1, steps, stats)
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled()
+            if i + 1 == steps:
+                self.switch(DECODE)
+            return {}
+
+        kwargs: dict[str, Any] = {
+            "width": width,
+            "height": height,
+            "num_inference_steps": steps,
+            "generator": generator,
+            "output_type": "pil",
+            "callback_on_step_end": step_end,
+            fam.guidance_arg: guidance,
+        }
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled()
+        self.switch(ENCODE)
+        cfg = fam.does_cfg(guidance, negative_prompt)
+        try:
+            if fam.name == "qwen-image":
+                kwargs.update(self._qwen_embeddings(prompt, negative_prompt, cfg))
+            else:
+                kwargs["prompt"] = prompt
+                if fam.uses_negative_prompt and negative_prompt.strip():
+                    kwargs["negative_prompt"] = negative_prompt
+            out = pipe(**kwargs)
+        finally:
+            if self.batcher is not None:
+                self.batcher.clear()
+        return out.images[0]
+
+    def _qwen_embeddings(self, prompt: str, negative_prompt: str, cfg: bool) -> dict[str, Any]:
+        """Encode here (the encode stage), so the denoiser's cond/uncond pair can be batched."""
+        pipe = self.pipe
+        with torch.no_grad():
+            pe, pm = pipe.encode_prompt(prompt=prompt, device=self.device)
+            if pm is None:
+                pm = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
+            out: dict[str, Any] = {"prompt_embeds": pe, "prompt_embeds_mask": pm}
+            if cfg:
+                # Qwen-Image's own pipeline uses " " for "no negative prompt".
+                ne, nm = pipe.encode_prompt(prompt=negative_prompt if negative_prompt.strip() else " ", device=self.device)
+                if nm is None:
+                    nm = torch.ones(ne.shape[:2], dtype=torch.long, device=ne.device)
+                out.update(negative_prompt_embeds=ne, negative_prompt_embeds_mask=nm)
+                if self.batcher is not None:
+                    self.batcher.prime(pe, pm, ne, nm)
+        return out
+
+    def close(self) -> None:
+        """Drop every copy the engine holds (the object is unusable afterwards)."""
+        try:
+            self.offload_all()
+        finally:
+            self.budget.on_demand = None
+            for model in self.components.values():
+                prefetcher = getattr(runtime_of(model), "prefetcher", None)
+                close = getattr(prefetcher, "close", None)
+                if callable(close):
+                    try:
+                        close()
+                    except Exception:  # pragma: no cover - best effort
+                        log.debug("prefetcher close failed", exc_info=True)
+
+
+def build_pipeline(
+    path: str | Path,
+    vram_config: dict[str, Any] | VramConfig | None = None,
+    vram_limit: float | None = None,
+    *,
+    variant: str | None = None,
+) -> ManagedPipeline:
+    """Build the pipeline in the diffusers repo at `path` with every weighted component managed
+    under `vram_config`, all sharing one budget of `vram_limit` GB; everything starts offloaded."""
+    import diffusers
+
+    from ..config import parse_vram_limit
+
+    path = Path(path)
+    config = VramConfig.from_dict(vram_config)
+    budget = VramBudget(limit_gb=parse_vram_limit(vram_limit))
+    index = read_model_index(path)
+    family = family_for(index["_class_name"])
+    classes = component_classes(index)
+    components: dict[str, nn.Module] = {}
+    parts: dict[str, Any] = {}
+    for name, cls in classes.items():
+        if is_weighted(cls):
+            components[name] = load_component(name, cls, path, config, budget, variant)
+            parts[name] = components[name]
+        else:
+            parts[name] = load_aux_component(name, cls, path)
+    if family.denoiser not in components:
+        raise ValueError(f"{path}: no {family.denoiser!r} component in model_index.json")
+    base = getattr(diffusers, index["_class_name"])
+    cls = execution_device_subclass(base)
+    params = inspect.signature(base.__init__).parameters
+    extra = {k: v for k, v in pipeline_config_kwargs(index).items() if k in params}
+    pipe = cls(**{k: v for k, v in parts.items() if k in params}, **extra)
+    pipe.__dict__["_engine_device"] = config.computation_device
+    return ManagedPipeline(pipe, family, components, budget, config, path)

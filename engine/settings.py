@@ -1,0 +1,123 @@
+"""UI choices -> engine configuration, in one place.
+
+The UI offers three memory controls: an FP8 toggle, a disk-offload checkbox and a VRAM slider
+("Auto" or a number of GB). This module turns them into the eight-key `vram_config` and the
+`vram_limit` the engine takes, and detects what the host has:
+
+* FP8 on: weights are stored as scaled float8_e4m3fn (offload, onload and preparing copies);
+  computation runs in bfloat16 on the computation device.
+* Disk offload on: the master copies stay in their .safetensors files ("disk").
+* Slider: GB for the engine's ledger; "Auto"/None = detected VRAM minus a margin. On a host
+  without a GPU everything runs on the CPU (computation_device "cpu", bfloat16) and Auto means
+  unlimited; a number still bounds the engine's ledger (what it would keep resident).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .api_types import GenerateRequest, HardwareInfo, UserFacingError
+from .config import DISK, VramConfig, parse_vram_limit
+
+GB = 1024**3
+
+#: Auto leaves this much VRAM (GB) to the CUDA context, activations and other programs ...
+AUTO_MARGIN_GB = 1.5
+#: ... or this fraction of the card, whichever is larger.
+AUTO_MARGIN_FRACTION = 0.08
+
+COMPUTATION_DTYPE = torch.bfloat16
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def computation_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def auto_vram_limit_gb(vram_total_gb: float | None) -> float | None:
+    """Detected VRAM minus a margin; None (unlimited) on a host without a GPU."""
+    if vram_total_gb is None:
+        return None
+    margin = max(AUTO_MARGIN_GB, AUTO_MARGIN_FRACTION * vram_total_gb)
+    return round(max(0.0, vram_total_gb - margin), 2)
+
+
+def detect_hardware() -> HardwareInfo:
+    """What this host has (cheap; no allocation on the GPU)."""
+    import psutil
+
+    ram_total = psutil.virtual_memory().total / GB
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        total = props.total_memory / GB
+        return HardwareInfo(True, props.name, round(total, 2), auto_vram_limit_gb(total), round(ram_total, 2))
+    return HardwareInfo(False, None, None, None, round(ram_total, 2))
+
+
+def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None) -> dict[str, Any]:
+    """The eight-key vram_config for the UI's FP8 toggle and disk checkbox."""
+    device = torch.device(device) if device is not None else computation_device()
+    storage = FP8_DTYPE if fp8 else COMPUTATION_DTYPE
+    if disk_offload:
+        offload_device = onload_device = offload_dtype = onload_dtype = DISK
+    else:
+        offload_device = onload_device = "cpu"
+        offload_dtype = onload_dtype = storage
+    return {
+        "offload_dtype": offload_dtype,
+        "offload_device": offload_device,
+        "onload_dtype": onload_dtype,
+        "onload_device": onload_device,
+        "preparing_dtype": storage,
+        "preparing_device": device,
+        "computation_dtype": COMPUTATION_DTYPE,
+        "computation_device": device,
+    }
+
+
+def resolve_vram_limit(value: Any, hardware: HardwareInfo | None = None) -> float | None:
+    """Slider value -> vram_limit in GB. "Auto"/None -> detected VRAM minus the margin (None =
+    unlimited without a GPU). Raises UserFacingError for a value that is not a GB number >= 0."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        hardware = hardware or detect_hardware()
+        return hardware.auto_vram_limit_gb
+    try:
+        return parse_vram_limit(value)
+    except ValueError as exc:
+        raise UserFacingError(f"VRAM limit: {exc}") from None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What one generation runs under. `build_key` decides whether the live pipeline can be
+    reused (only the vram_limit changed: re-plan) or must be rebuilt."""
+
+    fp8: bool
+    disk_offload: bool
+    vram_limit: float | None
+    device: torch.device
+
+    @property
+    def vram_config(self) -> VramConfig:
+        return VramConfig.from_dict(vram_config_for(self.fp8, self.disk_offload, self.device))
+
+    @property
+    def build_key(self) -> tuple[bool, bool, str]:
+        return (self.fp8, self.disk_offload, str(self.device))
+
+    def describe_limit(self) -> str:
+        return "Auto (unlimited)" if self.vram_limit is None else f"{self.vram_limit:g} GB"
+
+
+def settings_for(request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None) -> EngineSettings:
+    """The engine settings of a request (validated; UserFacingError on a bad limit)."""
+    limit = resolve_vram_limit(request.vram_limit, hardware)
+    if limit is not None and (math.isnan(limit) or limit < 0):
+        raise UserFacingError("VRAM limit must be 0 GB or more.")
+    dev = torch.device(device) if device is not None else computation_device()
+    return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev)
