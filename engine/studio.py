@@ -1,0 +1,540 @@
+"""`Studio`: the one object the UI talks to.
+
+    studio = Studio(models_dir, outputs_dir, source="hf")
+    studio.list_models() -> list[ModelChoice]
+    studio.default_model_id() -> str
+    studio.hardware() -> HardwareInfo
+    studio.estimate(request) -> MemoryEstimate          (no loading, no download)
+    studio.telemetry() -> TelemetrySnapshot             (thread-safe, cheap)
+    for item in studio.generate(request, cancel_event):  # GenerationEvent ..., then GenerationResult
+        ...
+
+`generate` validates the request when called (a bad request raises UserFacingError at once,
+before anything heavy) and returns an iterator. Iterating runs the work on a worker thread and
+yields its events as they happen: phase "downloading" (with download_fraction) and "loading"
+when needed, then "encoding", "denoising" (once per step, with step i of n, seconds per step and a
+telemetry snapshot), "decoding", "done", and finally the GenerationResult, whose PNG (with its
+A1111-style "parameters" text chunk) is already on disk. Setting `cancel` stops between steps:
+a "cancelled" event ends the stream and nothing is decoded. A failure yields an "error" event and
+then raises (UserFacingError for problems the user can fix). The Studio stays usable afterwards.
+
+One live pipeline, rebuilt lazily: another model, or another FP8/disk choice, rebuilds it at
+generate time; another VRAM limit only re-plans the shared budget (no file is read).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .api_types import (
+    GenerateRequest,
+    GenerationEvent,
+    GenerationResult,
+    HardwareInfo,
+    MemoryEstimate,
+    ModelChoice,
+    TelemetrySnapshot,
+    UserFacingError,
+)
+from .pipelines import FAMILIES_BY_NAME, GenerationCancelled, ManagedPipeline, StepStats, build_pipeline, vae_memory_plan
+from .settings import EngineSettings, detect_hardware, settings_for
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+SEED_MAX = 2**32 - 1
+FP8_SIZE_FACTOR = 0.52  # FP8 weight matrices + per-row scales + the bf16 vectors, of the bf16 bytes
+
+
+def _registry() -> Any:
+    import model_registry
+
+    return model_registry
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A validated request with every default filled in."""
+
+    request: GenerateRequest
+    entry: Any  # model_registry.ModelEntry
+    model_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    settings: EngineSettings
+
+    @property
+    def build_key(self) -> tuple[Any, ...]:
+        return (self.model_id,) + self.settings.build_key
+
+
+# --- infotext ---------------------------------------------------------------------------------
+def _fmt_number(value: float) -> str:
+    return f"{value:g}"
+
+
+def infotext(r: ResolvedRequest, sampler: str) -> str:
+    """A1111 "parameters" text: prompt, negative prompt line, then "Key: value" pairs."""
+    limit = "Auto" if r.request.vram_limit is None else f"{_fmt_number(float(r.settings.vram_limit or 0))} GB"
+    pairs = [
+        ("Steps", str(r.steps)),
+        ("Sampler", sampler),
+        ("CFG scale", _fmt_number(r.guidance)),
+        ("Seed", str(r.seed)),
+        ("Size", f"{r.width}x{r.height}"),
+        ("Model", r.model_id),
+        ("VRAM limit", limit),
+        ("FP8", "on" if r.settings.fp8 else "off"),
+        ("Disk offload", "on" if r.settings.disk_offload else "off"),
+    ]
+    clean = lambda s: s.replace("\r", " ").replace("\n", " ")  # noqa: E731 - one line each
+    return f"{clean(r.prompt)}\nNegative prompt: {clean(r.negative_prompt)}\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Inverse of `infotext` (for tests and "load parameters from PNG")."""
+    lines = text.split("\n")
+    out = {"prompt": lines[0]}
+    rest = lines[1:]
+    if rest and rest[0].startswith("Negative prompt:"):
+        out["negative_prompt"] = rest[0][len("Negative prompt:") :].strip()
+        rest = rest[1:]
+    for part in ", ".join(rest).split(", "):
+        if ": " in part:
+            k, v = part.split(": ", 1)
+            out[k] = v
+    return out
+
+
+# --- size estimates -------------------------------------------------------------------------------
+@lru_cache(maxsize=32)
+def _largest_layer_bytes(library: str, class_name: str, config_id: str) -> int | None:
+    """Bytes (bf16) of the largest single managed layer of a component, built on the meta device."""
+    try:
+        from model_registry.sizes import build_on_meta, load_component_configs
+
+        config = load_component_configs()[config_id]
+        model = build_on_meta(library, class_name, config)
+    except Exception:  # pragma: no cover - estimate only
+        log.debug("meta build of %s failed", class_name, exc_info=True)
+        return None
+    largest = 0
+    for module in model.modules():
+        n = sum(p.numel() for p in module.parameters(recurse=False))
+        largest = max(largest, 2 * n)
+    return largest
+
+
+def activation_bytes(width: int, height: int) -> int:
+    """Rough peak activation bytes of a denoiser step or a decode at width x height (bf16)."""
+    pixels = width * height
+    denoise = int(0.3 * GB + pixels * 1200)
+    tiling, _ = vae_memory_plan(width, height, None)
+    decode = int(0.5 * GB) if tiling else pixels * 1536
+    return max(denoise, decode)
+
+
+class Studio:
+    """Engine facade for the UI. Never moves tensors for it; one generation at a time."""
+
+    def __init__(self, models_dir: Path | str, outputs_dir: Path | str, source: str = "hf", *, device: str | torch.device | None = None):
+        self.models_dir = Path(models_dir)
+        self.outputs_dir = Path(outputs_dir)
+        self.source = source
+        self._device = torch.device(device) if device is not None else None
+        self._hardware: HardwareInfo | None = None
+        self._busy = threading.Lock()  # held for a whole generation
+        self._pipe_lock = threading.Lock()  # guards the reference swap
+        self._pipeline: ManagedPipeline | None = None
+        self._pipeline_key: tuple[Any, ...] | None = None
+        self._last_step = StepStats()
+        self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
+
+    # --- catalogue ------------------------------------------------------------------------------
+    def list_models(self) -> list[ModelChoice]:
+        return _registry().model_choices(self.models_dir)
+
+    def default_model_id(self) -> str:
+        return _registry().default_model_id(self.models_dir)
+
+    def hardware(self) -> HardwareInfo:
+        if self._hardware is None:
+            self._hardware = detect_hardware()
+        return self._hardware
+
+    # --- validation -------------------------------------------------------------------------------
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        """Validate `request` and fill in defaults. UserFacingError says what to change."""
+        if not isinstance(request, GenerateRequest):
+            raise UserFacingError("Internal error: generate() needs a GenerateRequest.")
+        registry = _registry()
+        model_id = request.model or self.default_model_id()
+        try:
+            entry = registry.get_model(model_id)
+        except UserFacingError:
+            raise
+        except Exception as exc:  # registry raising something else for an unknown id
+            raise UserFacingError(f"Unknown model '{model_id}'.") from exc
+        if entry.family not in FAMILIES_BY_NAME:
+            raise UserFacingError(f"{entry.name}: its family '{entry.family}' is not supported by this engine.")
+        prompt = (request.prompt or "").strip()
+        if not prompt:
+            raise UserFacingError("The prompt is empty: describe the image you want.")
+        negative = (request.negative_prompt or "").strip()
+        d, lim = entry.defaults, entry.limits
+        multiple = int(lim.get("size_multiple", 16) or 16)
+
+        def size(name: str, value: int | None) -> int:
+            v = d.get(name) if value is None else value
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+                raise UserFacingError(f"{name.capitalize()} must be a whole number of pixels, got {v!r}.")
+            v = int(v)
+            lo, hi = int(lim.get(f"min_{name}", multiple)), int(lim.get(f"max_{name}", 4096))
+            if v % multiple:
+                lower = v - v % multiple
+                raise UserFacingError(
+                    f"{name.capitalize()} {v} is not a multiple of {multiple}. Use {max(lower, lo)} or {lower + multiple}."
+                )
+            if not lo <= v <= hi:
+                raise UserFacingError(f"{name.capitalize()} {v} is outside what {entry.name} supports ({lo}..{hi} pixels).")
+            return v
+
+        width, height = size("width", request.width), size("height", request.height)
+        steps = d.get("steps") if request.steps is None else request.steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or (isinstance(steps, float) and not steps.is_integer()):
+            raise UserFacingError(f"Steps must be a whole number, got {steps!r}.")
+        steps = int(steps)
+        lo_s, hi_s = int(lim.get("min_steps", 1)), int(lim.get("max_steps", 150))
+        if not lo_s <= steps <= hi_s:
+            raise UserFacingError(f"Steps {steps} is outside {lo_s}..{hi_s} for {entry.name}.")
+        guidance = d.get("guidance") if request.guidance is None else request.guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(float(guidance)):
+            raise UserFacingError(f"Guidance must be a number, got {guidance!r}.")
+        guidance = float(guidance)
+        lo_g, hi_g = float(lim.get("min_guidance", 0.0)), float(lim.get("max_guidance", 30.0))
+        if not lo_g <= guidance <= hi_g:
+            raise UserFacingError(f"Guidance {guidance:g} is outside {lo_g:g}..{hi_g:g} for {entry.name}.")
+        seed = request.seed
+        if seed is None or seed == -1:
+            seed = random.SystemRandom().randrange(SEED_MAX + 1)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise UserFacingError(f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed; got {seed!r}.")
+        settings = settings_for(request, self.hardware(), self._device)
+        if settings.disk_offload:
+            from .pipelines.loading import engine_loader
+
+            if engine_loader() is None:
+                raise UserFacingError("Disk offload is not available in this build; untick it.")
+        return ResolvedRequest(request, entry, entry.id, prompt, negative, width, height, steps, guidance, seed, settings)
+
+    # --- estimate ---------------------------------------------------------------------------------
+    def estimate(self, request: GenerateRequest) -> MemoryEstimate:
+        """What `request` needs, from the registry's sizes and the planner's rules (nothing loads)."""
+        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
+        entry, s, hw = r.entry, r.settings, self.hardware()
+        fam = FAMILIES_BY_NAME[entry.family]
+        factor = FP8_SIZE_FACTOR if s.fp8 else 1.0
+        sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
+        if not sizes:  # the demo: tiny, sizes not catalogued
+            sizes = {"text_encoder": 2 * 1024**2, fam.denoiser: 2 * 1024**2, "vae": 1024**2}
+        stored = {n: int(b * factor) for n, b in sizes.items()}
+        stage_bytes: dict[str, int] = {}
+        for name, b in stored.items():
+            stage = fam.stage_of(name)
+            stage_bytes[stage] = stage_bytes.get(stage, 0) + b
+        weights_peak = max(stage_bytes.values())
+        denoiser = stored.get(fam.denoiser, 0)
+        comp = entry.components.get(fam.denoiser)
+        largest = None
+        if comp is not None and comp.config_id:
+            largest = _largest_layer_bytes(comp.library, comp.class_name, comp.config_id)
+        largest = int((largest if largest is not None else 0.03 * denoiser) * factor)
+        act = activation_bytes(r.width, r.height)
+        smallest = act + 2 * largest  # activations + the streaming reserve (a streamed layer, source + computation form)
+        limit = s.vram_limit
+        warnings: list[str] = []
+        if limit is None:
+            vram = weights_peak + act
+            streamed = 0
+        else:
+            budget = int(limit * GB)
+            room = max(0, budget - act - 2 * largest)
+            vram = min(budget, weights_peak + act)
+            streamed = max(0, denoiser - room) if budget < weights_peak + act else 0
+            if budget < smallest:
+                warnings.append(
+                    f"A VRAM limit of {limit:g} GB is below the smallest that works for this size "
+                    f"(about {math.ceil(smallest / GB * 10) / 10:g} GB): activations would not fit."
+                )
+        total_stored = sum(stored.values())
+        if s.disk_offload:
+            ram = 2 * largest + int(0.5 * GB)
+        else:
+            ram = total_stored + int(0.5 * GB)
+        if not hw.has_gpu:
+            ram += act  # computation runs on the CPU
+        disk = sum(sizes.values())
+        fits = True
+        if hw.has_gpu and hw.vram_total_gb is not None and vram > hw.vram_total_gb * GB:
+            fits = False
+            warnings.append(f"Needs about {vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
+        if limit is not None and int(limit * GB) < smallest:
+            fits = False
+        if ram > 0.9 * hw.ram_total_gb * GB:
+            fits = False
+            tip = "" if s.disk_offload else " Tick disk offload" + ("" if s.fp8 else " or FP8") + "."
+            warnings.append(f"Needs about {ram / GB:.1f} GB of RAM, this machine has {hw.ram_total_gb:.1f} GB.{tip}")
+        if streamed:
+            warnings.append(f"Streams about {streamed / GB:.1f} GB of weights per step: steps will be slower than with a higher limit.")
+        try:
+            downloaded = _registry().is_downloaded(r.model_id, self.models_dir)
+        except Exception:  # pragma: no cover - estimate only
+            downloaded = True
+        if not downloaded:
+            warnings.append(f"{entry.name} is not downloaded yet: the first run downloads about {disk / 1e9:.1f} GB.")
+        return MemoryEstimate(
+            vram_gb=round(vram / GB, 3),
+            ram_gb=round(ram / GB, 3),
+            disk_gb=round(disk / 1e9, 3),  # decimal GB, like ModelChoice.size_gb
+            streamed_gb_per_step=round(streamed / GB, 3),
+            fits=fits,
+            warnings=tuple(warnings),
+            smallest_feasible_vram_limit_gb=math.ceil(smallest / GB * 10) / 10,
+        )
+
+    # --- telemetry --------------------------------------------------------------------------------
+    def telemetry(self) -> TelemetrySnapshot:
+        """Memory and layer states now. Safe to call from another thread during a generation."""
+        import psutil
+
+        vram_used = vram_total = None
+        if torch.cuda.is_available():
+            try:
+                free, total = torch.cuda.mem_get_info()
+                vram_used, vram_total = (total - free) / GB, total / GB
+            except RuntimeError:  # pragma: no cover
+                pass
+        vm = psutil.virtual_memory()
+        pipe = self._pipeline
+        states = pipe.layer_states() if pipe is not None else {}
+        last = self._last_step
+        return TelemetrySnapshot(
+            vram_used_gb=vram_used,
+            vram_total_gb=vram_total,
+            ram_used_gb=(vm.total - vm.available) / GB,
+            ram_total_gb=vm.total / GB,
+            layer_states=states,
+            streamed_bytes_last_step=last.streamed_bytes,
+            copy_seconds_last_step=last.copy_seconds,
+            compute_seconds_last_step=last.compute_seconds,
+            timestamp=time.time(),
+        )
+
+    # --- the live pipeline ----------------------------------------------------------------------
+    @property
+    def pipeline(self) -> ManagedPipeline | None:
+        return self._pipeline
+
+    def unload(self) -> None:
+        """Drop the live pipeline (frees its memory)."""
+        with self._pipe_lock:
+            pipe, self._pipeline, self._pipeline_key = self._pipeline, None, None
+        if pipe is not None:
+            try:
+                pipe.close()
+            except Exception:  # pragma: no cover - best effort
+                log.debug("closing the pipeline failed", exc_info=True)
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _model_path(self, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Path:
+        registry = _registry()
+        if registry.is_downloaded(r.model_id, self.models_dir):
+            path = registry.local_path(r.model_id, self.models_dir)
+            if path is not None:
+                return Path(path)
+
+        def progress(fraction: float, message: str = "") -> None:
+            if should_stop():
+                raise GenerationCancelled()
+            emit(GenerationEvent("downloading", message=message, download_fraction=float(fraction), telemetry=self.telemetry()))
+
+        emit(GenerationEvent("downloading", message=f"Downloading {r.entry.name}", download_fraction=0.0, telemetry=self.telemetry()))
+        try:
+            return Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir))
+        except OSError as exc:  # disk full etc. the registry did not translate
+            raise UserFacingError(f"Downloading {r.entry.name} failed: {exc}") from exc
+
+    def _ensure_pipeline(self, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> ManagedPipeline:
+        pipe = self._pipeline
+        if pipe is not None and self._pipeline_key == r.build_key:
+            if pipe.vram_limit != r.settings.vram_limit:
+                pipe.set_vram_limit(r.settings.vram_limit)  # re-plan only: no file is read
+            return pipe
+        path = self._model_path(r, emit, should_stop)
+        if should_stop():
+            raise GenerationCancelled()
+        self.unload()
+        emit(GenerationEvent("loading", message=f"Loading {r.entry.name}", telemetry=self.telemetry()))
+        variant = None
+        try:
+            variant = _registry().load_options(r.model_id, path).get("variant")
+        except Exception:  # pragma: no cover - a registry without load_options
+            variant = None
+        try:
+            pipe = build_pipeline(path, r.settings.vram_config, r.settings.vram_limit, variant=variant)
+        except UserFacingError:
+            raise
+        except MemoryError as exc:
+            raise UserFacingError(f"Not enough RAM to load {r.entry.name}: tick disk offload or FP8.") from exc
+        except (OSError, ValueError) as exc:
+            raise UserFacingError(f"Loading {r.entry.name} from {path} failed: {exc}") from exc
+        with self._pipe_lock:
+            self._pipeline, self._pipeline_key = pipe, r.build_key
+        self.builds += 1
+        return pipe
+
+    # --- generation -----------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[GenerationEvent | GenerationResult]:
+        """Validate now (UserFacingError for bad input), then stream the events of one generation."""
+        resolved = self.resolve(request)
+        return self._stream(resolved, cancel)
+
+    def _stream(self, r: ResolvedRequest, cancel: threading.Event | None) -> Iterator[GenerationEvent | GenerationResult]:
+        if not self._busy.acquire(blocking=False):
+            raise UserFacingError("A generation is already running: wait for it to finish or cancel it.")
+        items: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def should_stop() -> bool:
+            return stop.is_set() or (cancel is not None and cancel.is_set())
+
+        worker = threading.Thread(target=self._work, args=(r, items.put, should_stop), name="studio-generate", daemon=True)
+        try:
+            worker.start()
+            while True:
+                kind, item = items.get()
+                if kind == "item":
+                    yield item
+                elif kind == "error":
+                    yield GenerationEvent("error", message=str(item), telemetry=self.telemetry())
+                    raise item
+                else:  # "end"
+                    return
+        finally:
+            stop.set()  # the consumer went away: stop at the next step
+            worker.join()
+            self._busy.release()
+
+    def _work(self, r: ResolvedRequest, put: Callable[[tuple[str, Any]], None], should_stop: Callable[[], bool]) -> None:
+        emit = lambda ev: put(("item", ev))  # noqa: E731
+        try:
+            if should_stop():
+                raise GenerationCancelled()
+            pipe = self._ensure_pipeline(r, emit, should_stop)
+            image = self._run(pipe, r, emit, should_stop)
+            path, text = self._save(image, r, pipe)
+            emit(GenerationEvent("done", step=r.steps, total_steps=r.steps, message=f"Saved {path.name}", telemetry=self.telemetry()))
+            emit(
+                GenerationResult(
+                    image=image,
+                    path=path,
+                    parameters=text,
+                    settings={
+                        "model": r.model_id,
+                        "prompt": r.prompt,
+                        "negative_prompt": r.negative_prompt,
+                        "width": r.width,
+                        "height": r.height,
+                        "steps": r.steps,
+                        "guidance": r.guidance,
+                        "seed": r.seed,
+                        "vram_limit": r.settings.vram_limit,
+                        "fp8": r.settings.fp8,
+                        "disk_offload": r.settings.disk_offload,
+                        "vae_tiling": pipe.vae_tiling,
+                    },
+                )
+            )
+        except GenerationCancelled:
+            emit(GenerationEvent("cancelled", message="Cancelled: nothing was decoded.", telemetry=self.telemetry()))
+        except UserFacingError as exc:
+            put(("error", exc))
+        except Exception as exc:
+            log.exception("generation failed")
+            if isinstance(exc, torch.OutOfMemoryError):
+                exc = UserFacingError("Out of memory: lower the VRAM limit, tick FP8 or disk offload, or make the image smaller.")
+            put(("error", exc))
+        finally:
+            put(("end", None))
+
+    def _run(self, pipe: ManagedPipeline, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Any:
+        phases = {"encode": "encoding", "denoise": "denoising", "decode": "decoding"}
+        clock = {"t": time.perf_counter()}
+
+        def on_stage(stage: str) -> None:
+            clock["t"] = time.perf_counter()
+            emit(GenerationEvent(phases[stage], step=0, total_steps=r.steps, telemetry=self.telemetry()))
+
+        def on_step(i: int, n: int, stats: StepStats) -> None:
+            now = time.perf_counter()
+            seconds, clock["t"] = now - clock["t"], now
+            self._last_step = stats
+            emit(GenerationEvent("denoising", step=i, total_steps=n, seconds_per_step=seconds, telemetry=self.telemetry()))
+
+        pipe.on_stage = on_stage
+        pipe.stage = None  # every generation starts with an explicit switch to encoding
+        try:
+            return pipe.generate(
+                r.prompt,
+                r.negative_prompt,
+                width=r.width,
+                height=r.height,
+                steps=r.steps,
+                guidance=r.guidance,
+                seed=r.seed,
+                on_step=on_step,
+                should_stop=should_stop,
+            )
+        finally:
+            pipe.on_stage = None
+
+    def _save(self, image: Any, r: ResolvedRequest, pipe: ManagedPipeline) -> tuple[Path, str]:
+        from PIL.PngImagePlugin import PngInfo
+
+        text = infotext(r, pipe.family.sampler)
+        info = PngInfo()
+        info.add_text("parameters", text)
+        try:
+            self.outputs_dir.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            n = 0
+            while True:
+                path = self.outputs_dir / f"{stamp}-{r.model_id}-{r.seed}{f'-{n}' if n else ''}.png"
+                if not path.exists():
+                    break
+                n += 1
+            image.save(path, pnginfo=info)
+        except OSError as exc:
+            raise UserFacingError(f"Could not save the image into {self.outputs_dir}: {exc}. Free some disk space or choose another folder.") from exc
+        return path, text
