@@ -1,0 +1,49 @@
+"""The built-in demo model: a tiny Z-Image pipeline written on first use, no network.
+
+It lets the app (and its tests) run end to end on a machine that has never downloaded
+anything. Its weights are random, so its images are noise, and its name says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from . import errors
+from .catalog import ModelEntry
+from .completeness import is_complete
+from .paths import primary_model_dir
+
+DEMO_ID = "demo"
+DEMO_SEED = 0
+
+
+def demo_path(models_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the demo model lives: <first model dir>/demo."""
+    return primary_model_dir(models_dir) / DEMO_ID
+
+
+def ensure_demo(entry: ModelEntry, models_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The demo folder, written first if it is missing or damaged.
+
+    It is written beside its final place and renamed into it, so an interrupted write
+    never leaves a half demo that looks whole.
+    """
+    target = demo_path(models_dir)
+    if is_complete(target, entry.adapter):
+        return target
+    from .tiny_repos import write_tiny_repo
+
+    staging = target.with_name(f".{DEMO_ID}-{os.getpid()}.partial")
+    try:
+        write_tiny_repo(entry.family, staging, seed=DEMO_SEED)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if errors.is_disk_full(exc):
+            raise errors.disk_full(entry, str(target.parent)) from exc
+        raise errors.not_writable(entry, str(target.parent), str(exc)) from exc
+    return target

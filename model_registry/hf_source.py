@@ -1,0 +1,169 @@
+"""Hugging Face Hub: find a model in the standard cache, or fetch it with snapshot_download.
+
+Downloads go into huggingface_hub's own cache (HF_HUB_CACHE / HF_HOME), so a model that
+diffusers, ComfyUI or `hf download` already fetched is reused, and what we fetch is reused
+by them. The library does the transfer: per-file atomic writes (a cut-off file is never
+moved into place), Range-resume of a dropped connection, and skipping of files already
+cached on the next call.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, get_cached_repo_tree, snapshot_download
+from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import filter_repo_objects, get_token
+
+from engine.api_types import UserFacingError
+
+from . import errors
+from .catalog import ModelEntry
+from .completeness import is_complete, repo_problems
+from .network import unreachable_reason
+from .paths import hf_cache_dir
+from .progress import Reporter, hf_tqdm_class
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def endpoint() -> str:
+    """The hub URL (HF_ENDPOINT, e.g. a mirror), read now rather than at import."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) asks for no network at all."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in _TRUE
+
+
+def _etag_timeout() -> float:
+    try:
+        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT", 10))
+    except ValueError:
+        return 10.0
+
+
+def cached_snapshot(entry: ModelEntry) -> Path | None:
+    """The cached snapshot of `entry` if it is complete; no network."""
+    if not entry.hf_repo:
+        return None
+    family = entry.adapter
+    try:
+        path = Path(
+            snapshot_download(
+                entry.hf_repo,
+                cache_dir=hf_cache_dir(),
+                local_files_only=True,
+                allow_patterns=family.allow_patterns(),
+                ignore_patterns=family.ignore_patterns(),
+            )
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return path if is_complete(path, family, _known_sizes(entry.hf_repo, path.name)) else None
+
+
+def _known_sizes(repo_id: str, commit: str) -> dict[str, int]:
+    """File sizes the hub listed for `commit` (cached by snapshot_download); {} if never listed."""
+    try:
+        return {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=hf_cache_dir())}
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        return {}
+
+
+def _remaining_bytes(entry: ModelEntry, sizes: dict[str, int], allow: list[str], commit: str | None) -> tuple[int, int]:
+    """(bytes still to fetch, number of files the pipeline needs) for the listed repo files."""
+    wanted = list(filter_repo_objects(sizes, allow_patterns=allow, ignore_patterns=entry.adapter.ignore_patterns()))
+    snapshot = hf_cache_dir() / f"models--{entry.hf_repo.replace('/', '--')}" / "snapshots" / (commit or "-")
+    remaining = sum(sizes[f] for f in wanted if not (snapshot / f).is_file())
+    return remaining, len(wanted)
+
+
+def _check_disk(entry: ModelEntry, needed: int) -> None:
+    target = hf_cache_dir()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise errors.disk_full(entry, str(target), needed, free)
+
+
+def download(entry: ModelEntry, reporter: Reporter, token: str | None = None) -> Path:
+    """Fetch the files `entry`'s pipeline needs into the HF cache; returns the snapshot folder."""
+    repo = entry.hf_repo
+    if not repo:
+        raise errors.not_found(entry, "hf", "(none)", "this model has no Hugging Face repository")
+    url = endpoint()
+    if offline_mode():
+        raise errors.offline(entry, "hf", url, "HF_HUB_OFFLINE is set and the model is not in the cache")
+    token = token or get_token()
+    if entry.gated and not token:
+        raise errors.gated(entry, has_token=False)
+    if reason := unreachable_reason(url):
+        raise errors.offline(entry, "hf", url, reason)
+
+    family = entry.adapter
+    try:
+        reporter.say(0.0, f"Asking {url} for the file list of {repo}")
+        info = HfApi(endpoint=url, token=token).model_info(repo, files_metadata=True, timeout=_etag_timeout())
+        sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+        allow = family.allow_patterns(available=sizes)
+        remaining, reporter.total_files = _remaining_bytes(entry, sizes, allow, info.sha)
+        reporter.total_bytes = remaining
+        _check_disk(entry, remaining)
+        path = Path(
+            snapshot_download(
+                repo,
+                cache_dir=hf_cache_dir(),
+                endpoint=url,
+                token=token,
+                allow_patterns=allow,
+                ignore_patterns=family.ignore_patterns(),
+                etag_timeout=_etag_timeout(),
+                max_workers=4,
+                tqdm_class=hf_tqdm_class(reporter),
+            )
+        )
+    except GatedRepoError as exc:
+        raise errors.gated(entry, has_token=bool(token)) from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise errors.not_found(entry, "hf", repo, type(exc).__name__) from exc
+    except LocalEntryNotFoundError as exc:  # the hub went away between listing and fetching
+        raise errors.offline(entry, "hf", url, str(exc).splitlines()[0]) from exc
+    except (httpx2.TransportError, HfHubHTTPError, OSError) as exc:
+        raise _translate(entry, exc, url, token) from exc
+    reporter.say(0.99, f"Checking the files of {entry.name}")
+    if problems := repo_problems(path, family, {f: n for f, n in sizes.items() if n}):
+        raise errors.incomplete(entry, str(path), problems)
+    return path
+
+
+def _translate(entry: ModelEntry, exc: BaseException, url: str, token: str | None) -> UserFacingError:
+    """The user-facing error for a transfer or file-system failure during a download."""
+    if errors.is_disk_full(exc):
+        return errors.disk_full(entry, str(hf_cache_dir()))
+    if isinstance(exc, PermissionError):
+        return errors.not_writable(entry, str(hf_cache_dir()), str(exc))
+    if isinstance(exc, httpx2.ConnectError):
+        return errors.offline(entry, "hf", url, str(exc))
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    if status in (401, 403):
+        if entry.gated:
+            return errors.gated(entry, has_token=bool(token))
+        return errors.not_found(entry, "hf", entry.hf_repo or "", f"HTTP {status}: check HF_TOKEN")
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return errors.interrupted(entry, f"{type(exc).__name__}: {first_line}")

@@ -1,0 +1,117 @@
+"""Maintenance script: recompute component sizes and store them in models.json.
+
+    python -m model_registry.measure_sizes          # rewrite models.json
+    python -m model_registry.measure_sizes --check  # exit 1 if the stored numbers differ
+
+Real components are built from component_configs.json on the meta device (no download,
+no memory); the demo's components are counted from the safetensors headers of a freshly
+written tiny repo. Run it after adding a model or changing a config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .catalog import MODELS_FILE, read_catalogue_file
+from .families import FAMILIES
+from .sizes import ComponentSize, load_component_configs, measure
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def count_safetensors_folder(folder: Path) -> ComponentSize:
+    """Parameters and bf16 bytes of the floating tensors stored in a component folder."""
+    numel = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        for tensor in _header(path).values():
+            if tensor["dtype"] in ("BF16", "F16", "F32", "F64"):
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= dim
+                numel += count
+    return ComponentSize(parameters=numel, bytes_bf16=2 * numel)
+
+
+def _measure_demo(model: dict[str, Any]) -> dict[str, ComponentSize]:
+    from .tiny_repos import write_tiny_repo
+
+    family = FAMILIES[model["family"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_tiny_repo(model["family"], Path(tmp) / "demo")
+        return {name: count_safetensors_folder(root / name) for name in family.weighted}
+
+
+def measure_catalogue(data: dict[str, Any]) -> dict[tuple[str, str], ComponentSize]:
+    """(model id, component) -> size for every weighted component in the catalogue."""
+    configs = load_component_configs()
+    cache: dict[tuple[str, str, str], ComponentSize] = {}
+    sizes: dict[tuple[str, str], ComponentSize] = {}
+    for model in data["models"]:
+        if model.get("is_demo"):
+            for name, size in _measure_demo(model).items():
+                sizes[(model["id"], name)] = size
+            continue
+        for name, comp in model["components"].items():
+            if "config" not in comp:
+                continue
+            key = (comp["library"], comp["class"], comp["config"])
+            if key not in cache:
+                print(f"  building {comp['class']} from {comp['config']} on meta", file=sys.stderr)
+                cache[key] = measure(comp["library"], comp["class"], configs[comp["config"]])
+            sizes[(model["id"], name)] = cache[key]
+    return sizes
+
+
+def _dump(value: Any, indent: int = 0) -> str:
+    """JSON with flat objects/lists on one line, so models.json stays readable by eye."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values()):
+        items = [f"{inner}{json.dumps(k)}: {_dump(v, indent + 2)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        items = [f"{inner}{_dump(v, indent + 2)}" for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, then rewrite models.json (or only compare with --check)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
+    args = parser.parse_args(argv)
+    data = read_catalogue_file()
+    sizes = measure_catalogue(data)
+    changed = []
+    for model in data["models"]:
+        for name, comp in model["components"].items():
+            size = sizes.get((model["id"], name))
+            if size is None:
+                continue
+            if (comp.get("parameters"), comp.get("bytes_bf16")) != (size.parameters, size.bytes_bf16):
+                changed.append(f"{model['id']}/{name}: {comp.get('parameters')} -> {size.parameters}")
+            comp["parameters"], comp["bytes_bf16"] = size.parameters, size.bytes_bf16
+    for line in changed:
+        print(line)
+    if args.check:
+        return 1 if changed else 0
+    MODELS_FILE.write_text(_dump(data) + "\n", encoding="utf-8")
+    print(f"wrote {MODELS_FILE} ({len(changed)} changed)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
