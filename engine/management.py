@@ -24,7 +24,7 @@ from .module_maps import (
     wrapper_from_map,
 )
 from .devices import backend_for
-from .oom import install_oom_retry
+from .entry import install_entry_points
 from .runtime import LayerRecord, VramRuntime
 from .stored import PlainStored, StoredTensor, store
 
@@ -162,8 +162,7 @@ def enable_vram_management(
     budget.add_fixed(runtime.fixed_bytes)
     budget.members.append(runtime)
     model._vram_runtime = runtime
-    runtime.install_trace_hooks()
-    install_oom_retry(runtime)
+    install_entry_points(runtime)
     if comp_device.type == "cuda":
         runtime.use_scheduler(backend_for(comp_device))
     if onload:

@@ -1,4 +1,4 @@
-"""Out-of-memory recovery for one step (one forward of a managed component).
+"""Out-of-memory recovery for one step (one entry of a managed component, see engine.entry).
 
 On an OOM the step's partial work is dropped, the streaming slots are freed, residency is halved
 and the step runs once more. If it fails again the caller gets a clear error, and the model is
@@ -7,16 +7,12 @@ left consistent (no slots, no transient bytes) so the next request can run.
 
 from __future__ import annotations
 
-import functools
-import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from .runtime import VramRuntime
-
-log = logging.getLogger(__name__)
 
 
 class VramExhaustedError(RuntimeError):
@@ -40,32 +36,3 @@ def recover(runtime: "VramRuntime") -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return cap
-
-
-def install_oom_retry(runtime: "VramRuntime") -> None:
-    """Wrap the component's forward: retry once after `recover` on an out-of-memory error."""
-    model = runtime.model
-    forward: Callable[..., Any] = model.forward
-
-    @functools.wraps(forward)
-    def forward_with_retry(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return forward(*args, **kwargs)
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            runtime.stats.oom_retries += 1
-            cap = recover(runtime)
-            log.warning("%s: out of memory in a step; retrying once with residency capped at %.2f GB", runtime.name, cap / 1024**3)
-        try:
-            return forward(*args, **kwargs)
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            recover(runtime)
-            raise VramExhaustedError(
-                f"{runtime.name}: out of memory on {runtime.comp_device} even after lowering residency. "
-                "Lower the VRAM limit (or set it to 0), turn on FP8, or make the image smaller."
-            ) from exc
-
-    model.forward = forward_with_retry

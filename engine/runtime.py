@@ -119,7 +119,6 @@ class VramRuntime:
         )
         self._shapes: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         self._transient_cache: dict[tuple[int, bool, bool], int] = {}
-        self._hooks: list[Any] = []
         # Optional read-ahead (engine.prefetch.DiskPrefetcher, set by engine.load_model for disk
         # offload): `on_layer_start(record, source)` returns the layer's computation parameters
         # when it read them ahead (else None) and queues the next layers' reads.
@@ -312,27 +311,24 @@ class VramRuntime:
             self.arena = None
 
     # --- execution order tracing ----------------------------------------------------------------
-    def install_trace_hooks(self) -> None:
-        def begin(_module: nn.Module, _args: Any) -> None:
-            self.stats.forwards += 1
-            if self.execution_order is None and self.trace is None:
-                self.trace = []
+    def begin_step(self) -> None:
+        """Called by the component's entry point (engine.entry) before a forward/encode/decode."""
+        self.stats.forwards += 1
+        if self.execution_order is None and self.trace is None:
+            self.trace = []
 
-        def end(_module: nn.Module, _args: Any, _out: Any) -> None:
-            if self.trace is not None:
-                seen: set[int] = set()
-                order = []
-                for record in self.trace:
-                    if id(record) not in seen:
-                        seen.add(id(record))
-                        order.append(record)
-                self.execution_order = order
-                self.trace = None
-            if self.scheduler is not None:
-                self.scheduler.end_forward()
-
-        self._hooks.append(self.model.register_forward_pre_hook(begin))
-        self._hooks.append(self.model.register_forward_hook(end))
+    def end_step(self) -> None:
+        if self.trace is not None:
+            seen: set[int] = set()
+            order = []
+            for record in self.trace:
+                if id(record) not in seen:
+                    seen.add(id(record))
+                    order.append(record)
+            self.execution_order = order
+            self.trace = None
+        if self.scheduler is not None:
+            self.scheduler.end_forward()
 
     def planning_order(self) -> list[LayerRecord]:
         """Traced execution order, then any layer the trace did not see, in registration order."""
