@@ -1,0 +1,106 @@
+"""lowvram-studio web app: parse the flags, build the engine facade, launch the Gradio UI.
+
+    python app.py                      # http://127.0.0.1:7860, offline demo model
+    python app.py --listen --port 8080 --auth me:secret
+    python app.py --model-dir /data/models --source modelscope
+
+On Hugging Face Spaces this file is the `app_file`; Spaces sets GRADIO_SERVER_NAME/PORT, which
+are used when --host/--port are not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+# Offline by default: no analytics or version check (set before gradio is imported).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """`user:pass`, several separated by commas, or a file with one `user:pass` a line."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        entries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        entries = [e for e in entries if e and not e.startswith("#")]
+        where = f"in {path}"
+    else:
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+        where = "in --auth"
+    pairs: list[tuple[str, str]] = []
+    for entry in entries:
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise argparse.ArgumentTypeError(f"{entry!r} {where} is not user:password")
+        pairs.append((user, password))
+    if not pairs:
+        raise argparse.ArgumentTypeError(f"no user:password {where}")
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="app.py", description="lowvram-studio: run large image models on small GPUs.")
+    p.add_argument("--host", default=None, help=f"address to listen on (default {DEFAULT_HOST}, or $GRADIO_SERVER_NAME)")
+    p.add_argument("--listen", action="store_true", help="listen on all interfaces (same as --host 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}, or $GRADIO_SERVER_PORT)")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS|FILE",
+                   help="require a login: user:pass (comma-separated for several) or a file of user:pass lines")
+    p.add_argument("--model-dir", type=Path, default=Path("models"), help="where models are stored (default ./models)")
+    p.add_argument("--outputs-dir", type=Path, default=Path("outputs"), help="where PNGs are saved (default ./outputs)")
+    p.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="download hub (default hf)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.auth = parse_auth(args.auth)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--auth: {exc}")
+    if args.port is not None and not 0 < args.port < 65536:
+        parser.error("--port must be between 1 and 65535")
+    return args
+
+
+def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `Blocks.launch` from the parsed flags."""
+    if args.listen:
+        host = "0.0.0.0"
+    else:
+        host = args.host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    port = args.port if args.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
+    return {
+        "server_name": host,
+        "server_port": port,
+        "share": bool(args.share),
+        "auth": args.auth,
+        "allowed_paths": [str(Path(args.outputs_dir).resolve())],
+    }
+
+
+def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] | None = None) -> None:
+    args = parse_args(argv)
+    if studio_factory is None:
+        from engine.studio import Studio as studio_factory  # noqa: N813
+
+    import ui
+
+    args.model_dir.mkdir(parents=True, exist_ok=True)
+    args.outputs_dir.mkdir(parents=True, exist_ok=True)
+    studio = studio_factory(args.model_dir, args.outputs_dir, source=args.source)
+    demo = ui.build_demo(studio)
+    ui.launch(demo, **launch_kwargs(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

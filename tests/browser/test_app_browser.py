@@ -1,0 +1,213 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright against `python app.py`.
+
+The server runs in a subprocess on a free port with temp model/output dirs, offline, with the
+real Studio and its demo model. Run: `pytest -m browser tests/browser -q`.
+Set LVS_SCREENSHOT=1 to also write assets/screenshot.png after the first generation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from .server import CHROMIUM, CHROMIUM_ARGS, REPO, running_server
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium"),
+]
+
+# The demo model's steps must last long enough for the live panel to be seen moving.
+LONG_STEPS = int(os.environ.get("LVS_BROWSER_LONG_STEPS", "12"))
+CANCEL_STEPS = int(os.environ.get("LVS_BROWSER_CANCEL_STEPS", "90"))
+SHORT_STEPS = int(os.environ.get("LVS_BROWSER_SHORT_STEPS", "2"))
+RUN_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("app")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#generate-btn")
+    # the estimate is computed on load: wait for it so later changes are not raced by it
+    page.wait_for_function("() => !document.querySelector('#estimate').innerText.includes('Estimating')")
+    return page
+
+
+@pytest.fixture
+def page(browser, server):
+    p = open_page(browser, server)
+    yield p
+    p.context.close()
+
+
+# ---------------------------------------------------------------- helpers
+def set_value(page, label: str, value) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def panel(page) -> dict[str, str]:
+    return page.eval_on_selector_all(
+        "#live-panel [data-k]", "els => Object.fromEntries(els.map(e => [e.dataset.k, e.textContent.trim()]))"
+    )
+
+
+def toasts(page) -> str:
+    return " | ".join(page.locator(".toast-body").all_inner_texts())
+
+
+def wait_toast(page, pattern: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = toasts(page)
+        if re.search(pattern, text, re.I):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"no toast matching {pattern!r}; toasts: {toasts(page)!r}")
+
+
+def gallery_count(page) -> int:
+    return page.locator("#gallery img").count()
+
+
+def wait_ready(page, timeout_ms: int = RUN_TIMEOUT_MS) -> None:
+    """The Generate button is clickable again (the run and its follow-ups are over)."""
+    page.wait_for_function(
+        "() => { const b = document.querySelector('#generate-btn'); return b && !b.disabled && b.innerText.trim() === 'Generate'; }",
+        timeout=timeout_ms,
+    )
+
+
+def start(page, prompt: str, steps: int) -> None:
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    set_value(page, "number input for Steps", steps)
+    page.locator("#generate-btn").click()
+
+
+# ---------------------------------------------------------------- tests
+def test_controls_exist_by_label(page):
+    for label in ("Model", "Prompt", "Negative prompt", "Width", "Height", "Seed", "Auto", "FP8", "Disk offload"):
+        assert page.get_by_label(label, exact=True).count() == 1, label
+    for label in ("Steps", "Guidance", "VRAM limit (GB)"):
+        assert page.get_by_role("slider", name=f"range slider for {label}").count() == 1, label
+    assert page.get_by_role("button", name="Generate").count() == 1
+    assert page.get_by_role("button", name="Cancel").count() == 1
+    assert page.get_by_role("button", name="🎲").count() == 1
+    # model dropdown lists name, size, downloaded or not
+    assert re.search(r"GB", page.get_by_label("Model", exact=True).input_value())
+    # estimate before running
+    est = page.locator("#estimate").inner_text()
+    assert "VRAM" in est and "RAM" in est and "Disk" in est and "Streamed per step" in est, est
+    # CPU-only host: slider disabled with a note
+    vram = page.get_by_role("slider", name="range slider for VRAM limit (GB)")
+    if "No GPU detected" in page.content():
+        assert vram.is_disabled()
+    # estimate reacts to a change: a bad width is reported before running
+    set_value(page, "Width", 100)
+    page.wait_for_function("() => document.querySelector('#estimate').innerText.includes('Cannot run')")
+
+
+def test_generation_live_panel_gallery_and_png(page):
+    assert gallery_count(page) == 0
+    start(page, "a lighthouse on a cliff at dawn", LONG_STEPS)
+    samples: list[dict[str, str]] = []
+    t0 = time.monotonic()
+    while gallery_count(page) == 0:
+        assert time.monotonic() - t0 < RUN_TIMEOUT_MS / 1000, f"no image; panel: {samples[-1:]}, toasts: {toasts(page)}"
+        samples.append(panel(page))
+        time.sleep(0.2)
+    wait_ready(page)
+    running = [s for s in samples if s.get("step", "–") != "–" and "Done" not in s.get("phase", "")]
+    steps_seen = {s["step"] for s in running}
+    assert len(steps_seen) >= 3, f"the step counter should move during the run: {steps_seen}"
+    assert any(s["ram"] != running[0]["ram"] for s in running) or len({s["sps"] for s in running}) > 1
+    layer_keys = [k for k in running[-1] if k.startswith("layers:")]
+    assert layer_keys, f"no layer-state counts in the panel: {running[-1]}"
+    assert len({tuple(s.get(k) for k in layer_keys) for s in samples}) > 1, "layer state counts never changed"
+    assert any("this tab" in s["phase"] for s in running)
+    assert all("/" in s["ram"] for s in samples)
+    # parameters and PNG download
+    params = page.locator("#parameters textarea").input_value()
+    assert params.strip(), "parameters text is empty"
+    link = page.locator("#png-file a").first
+    assert (link.get_attribute("href") or "").lower().endswith(".png")
+    src = page.locator("#gallery img").first.get_attribute("src") or ""
+    assert ".png" in src.lower(), src
+    # the chart has data
+    assert page.locator("#memory-chart canvas, #memory-chart svg").count() > 0
+    if os.environ.get("LVS_SCREENSHOT") == "1":
+        page.locator("#gallery img").first.scroll_into_view_if_needed()
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(REPO / "assets" / "screenshot.png"), full_page=True)
+
+
+def test_cancel_then_bad_width_then_generation_works(page):
+    start(page, "a very long run", CANCEL_STEPS)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#live-panel [data-k=step]')].some(e => /^[1-9]\\d*\\/\\d+$/.test(e.textContent.trim()))",
+        timeout=RUN_TIMEOUT_MS,
+    )
+    page.locator("#cancel-btn").click()
+    wait_toast(page, r"cancel")
+    wait_ready(page, timeout_ms=60_000)
+    assert gallery_count(page) == 0
+    page.wait_for_function("() => document.querySelector('#live-panel [data-k=phase]').textContent.includes('Cancelled')")
+
+    set_value(page, "Width", 100)
+    page.locator("#generate-btn").click()
+    text = wait_toast(page, r"width")
+    assert "100" in text, text
+    assert "Traceback" not in page.content()
+    wait_ready(page)
+    assert gallery_count(page) == 0
+
+    set_value(page, "Width", 256)
+    set_value(page, "Height", 256)
+    start(page, "after a cancel and an error", SHORT_STEPS)
+    page.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)
+
+
+def test_two_tabs_queue(browser, server):
+    first, second = open_page(browser, server), open_page(browser, server)
+    try:
+        start(first, "first tab", LONG_STEPS)
+        first.wait_for_function(
+            "() => [...document.querySelectorAll('#live-panel [data-k=phase]')].some(e => e.textContent.includes('this tab'))",
+            timeout=RUN_TIMEOUT_MS,
+        )
+        start(second, "second tab", SHORT_STEPS)
+        # the second tab waits and is told its place in the queue
+        second.wait_for_function(
+            "() => /queue/i.test(document.querySelector('#gallery').innerText)", timeout=20_000
+        )
+        assert "another tab" in panel(second)["phase"]
+        first.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)
+        t_first = time.monotonic()
+        second.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)
+        assert time.monotonic() >= t_first
+        assert gallery_count(second) >= 1 and gallery_count(first) >= 1
+    finally:
+        first.context.close()
+        second.context.close()

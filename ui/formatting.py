@@ -1,0 +1,165 @@
+"""Turning engine data into text for the page. Pure functions: no Gradio, no torch."""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Iterable, Sequence
+
+from engine.api_types import (
+    LAYER_STATES,
+    GenerationEvent,
+    HardwareInfo,
+    MemoryEstimate,
+    ModelChoice,
+    TelemetrySnapshot,
+)
+
+PHASE_LABELS = {
+    "queued": "Waiting in the queue",
+    "downloading": "Downloading the model",
+    "loading": "Loading the model",
+    "encoding": "Encoding the prompt",
+    "denoising": "Denoising",
+    "decoding": "Decoding the image",
+    "done": "Done",
+    "cancelled": "Cancelled",
+    "error": "Failed",
+}
+
+
+def gb(value: float | None, digits: int = 2) -> str:
+    """`1.234` -> `"1.23 GB"`; None -> `"n/a"`."""
+    return "n/a" if value is None else f"{value:.{digits}f} GB"
+
+
+def model_label(choice: ModelChoice) -> str:
+    """Dropdown label: name, size and whether the weights are on disk."""
+    if choice.is_demo:
+        where = "offline demo, noise images"
+    elif choice.downloaded:
+        where = "downloaded"
+    else:
+        where = "not downloaded: downloads on first use"
+    return f"{choice.name} · {choice.size_gb:.1f} GB · {where}"
+
+
+def model_choices(models: Sequence[ModelChoice]) -> list[tuple[str, str]]:
+    """(label, id) pairs for gr.Dropdown."""
+    return [(model_label(m), m.id) for m in models]
+
+
+def hardware_note(hw: HardwareInfo) -> str:
+    """One line under the VRAM controls."""
+    if not hw.has_gpu:
+        return (
+            f"No GPU detected: generation runs on the CPU ({gb(hw.ram_total_gb, 1)} RAM), "
+            "so the VRAM limit does not apply."
+        )
+    auto = gb(hw.auto_vram_limit_gb, 1)
+    return f"{hw.gpu_name or 'GPU'} with {gb(hw.vram_total_gb, 1)} VRAM. Auto uses {auto} (detected VRAM minus a margin)."
+
+
+def estimate_markdown(est: MemoryEstimate) -> str:
+    """The estimate box shown before a run."""
+    verdict = "✅ Fits" if est.fits else "⚠️ Does not fit"
+    lines = [
+        f"**{verdict}** with these settings.",
+        "",
+        "| VRAM | RAM | Disk | Streamed per step |",
+        "|---:|---:|---:|---:|",
+        f"| {gb(est.vram_gb)} | {gb(est.ram_gb)} | {gb(est.disk_gb)} | {gb(est.streamed_gb_per_step)} |",
+    ]
+    for warning in est.warnings:
+        lines.append("")
+        lines.append(f"⚠️ {warning}")
+    if not est.fits and est.smallest_feasible_vram_limit_gb is not None:
+        lines.append("")
+        lines.append(f"Smallest VRAM limit that works: {gb(est.smallest_feasible_vram_limit_gb)}.")
+    return "\n".join(lines)
+
+
+def estimate_error_markdown(message: str) -> str:
+    """The estimate box when the settings themselves are invalid."""
+    return f"**⚠️ Cannot run these settings.**\n\n{message}"
+
+
+def _used_total(used: float | None, total: float | None) -> str:
+    if used is None and total is None:
+        return "n/a (no GPU)"
+    return f"{gb(used)} / {gb(total)}"
+
+
+def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent | None, owner: str) -> str:
+    """The live panel: memory, phase, step, speed and layer states per component.
+
+    `owner` says whose run the panel shows ("this tab", "another tab", or "" when idle).
+    Every number sits in an element with a `data-k` attribute so tests can read it.
+    """
+
+    def cell(key: str, text: str) -> str:
+        return f'<span data-k="{key}">{html.escape(text)}</span>'
+
+    phase = PHASE_LABELS.get(event.phase, event.phase) if event else "Idle"
+    if event and owner and event.phase not in ("done", "cancelled", "error"):
+        phase = f"{phase} ({owner})"
+    step = f"{event.step}/{event.total_steps}" if event and event.total_steps else "–"
+    sps = f"{event.seconds_per_step:.2f} s" if event and event.seconds_per_step else "–"
+    vram = _used_total(snapshot.vram_used_gb, snapshot.vram_total_gb) if snapshot else "n/a"
+    ram = _used_total(snapshot.ram_used_gb, snapshot.ram_total_gb) if snapshot else "n/a"
+    streamed = "–"
+    if snapshot and snapshot.streamed_bytes_last_step:
+        streamed = gb(snapshot.streamed_bytes_last_step / 1e9)
+    msg = event.message if event and event.message else ""
+
+    rows = [
+        ("Phase", cell("phase", phase)),
+        ("Step", cell("step", step)),
+        ("Seconds per step", cell("sps", sps)),
+        ("VRAM used / total", cell("vram", vram)),
+        ("RAM used / total", cell("ram", ram)),
+        ("Streamed last step", cell("streamed", streamed)),
+    ]
+    head = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    out = [f'<table class="lvs-stats">{head}</table>']
+    if msg:
+        out.append(f'<p class="lvs-msg" data-k="message">{html.escape(msg)}</p>')
+    out.append(layer_states_html(snapshot.layer_states if snapshot else {}))
+    return "\n".join(out)
+
+
+def layer_states_html(layer_states: dict[str, dict[str, int]]) -> str:
+    """Table: one row per component, one column per state (number of layers)."""
+    header = "".join(f"<th>{s}</th>" for s in LAYER_STATES)
+    if not layer_states:
+        body = f'<tr><td colspan="{len(LAYER_STATES) + 1}"><i>No model loaded yet</i></td></tr>'
+    else:
+        body = ""
+        for component, counts in layer_states.items():
+            name = html.escape(component)
+            cells = "".join(
+                f'<td data-k="layers:{name}:{s}">{int(counts.get(s, 0))}</td>' for s in LAYER_STATES
+            )
+            body += f"<tr><th>{name}</th>{cells}</tr>"
+    return f'<table class="lvs-layers"><tr><th>Layers per state</th>{header}</tr>{body}</table>'
+
+
+def history_rows(samples: Iterable[tuple[float, float | None, float]]) -> list[dict[str, Any]]:
+    """(seconds, vram_gb, ram_gb) samples -> long-form rows for gr.LinePlot."""
+    rows: list[dict[str, Any]] = []
+    for t, vram, ram in samples:
+        if vram is not None:
+            rows.append({"seconds": round(t, 2), "GB": round(vram, 3), "memory": "VRAM used"})
+        rows.append({"seconds": round(t, 2), "GB": round(ram, 3), "memory": "RAM used"})
+    return rows
+
+
+def caption(settings: dict[str, Any]) -> str:
+    """Short gallery caption of a result."""
+    parts = []
+    for key, fmt in (("model", "{}"), ("width", "{}"), ("height", "×{}"), ("steps", " · {} steps"), ("seed", " · seed {}")):
+        if settings.get(key) is not None:
+            parts.append(fmt.format(settings[key]))
+    if not parts:
+        return ""
+    first, rest = parts[0], "".join(parts[1:])
+    return f"{first} · {rest}" if rest else first

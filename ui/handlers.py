@@ -1,0 +1,345 @@
+"""Event handlers: turn control values into engine requests and engine answers into page updates.
+
+The engine does all tensor work; this module only moves plain values around. The one function
+that touches the GPU (`engine_events`) is decorated with `spaces.GPU` when the `spaces` package
+is importable (Hugging Face ZeroGPU); elsewhere the decorator is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from engine.api_types import (
+    GenerateRequest,
+    GenerationEvent,
+    GenerationResult,
+    ModelChoice,
+    UserFacingError,
+)
+
+from . import formatting
+from .runs import RunTracker
+
+log = logging.getLogger("lowvram_studio.ui")
+
+PLOT_COLUMNS = ["seconds", "GB", "memory"]
+
+try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs.
+    import spaces  # type: ignore[import-not-found]
+
+    _gpu = spaces.GPU(duration=int(os.environ.get("LVS_ZEROGPU_DURATION", "120")))
+    ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+except Exception:  # not installed, or not usable here: run as is
+    ZERO_GPU = False
+
+    def _gpu(fn):
+        return fn
+
+
+_STUDIO: Any = None  # set by Handlers; a module global so a ZeroGPU worker process finds it
+
+
+@_gpu
+def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> Iterator[GenerationEvent | GenerationResult]:
+    """The GPU part of a generation: the engine's event stream."""
+    yield from _STUDIO.generate(request, cancel)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    return int(round(float(value)))
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+class Handlers:
+    """All callbacks of the page, bound to one Studio."""
+
+    def __init__(self, studio: Any) -> None:
+        global _STUDIO
+        _STUDIO = studio
+        self.studio = studio
+        self.tracker = RunTracker()
+        self.hardware = studio.hardware()
+
+    # --- models ---------------------------------------------------------------------------
+    def models(self) -> list[ModelChoice]:
+        return list(self.studio.list_models())
+
+    def model(self, model_id: str | None) -> ModelChoice | None:
+        for choice in self.models():
+            if choice.id == model_id:
+                return choice
+        return None
+
+    def refresh_models(self, current: str | None):
+        """Dropdown choices again (a download changes 'not downloaded' to 'downloaded')."""
+        return gr.update(choices=formatting.model_choices(self.models()), value=current)
+
+    def on_model_change(self, model_id: str | None):
+        """Put the model's defaults and limits into width, height, steps and guidance."""
+        choice = self.model(model_id)
+        if choice is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        d, lim = choice.defaults, choice.limits
+        return (
+            gr.update(value=d.get("width")),
+            gr.update(value=d.get("height")),
+            gr.update(
+                value=d.get("steps"),
+                minimum=lim.get("min_steps", 1),
+                maximum=lim.get("max_steps", 100),
+            ),
+            gr.update(
+                value=d.get("guidance"),
+                minimum=lim.get("min_guidance", 0.0),
+                maximum=lim.get("max_guidance", 20.0),
+            ),
+        )
+
+    # --- VRAM controls --------------------------------------------------------------------
+    def vram_limit_value(self, auto: bool, slider: float | None) -> float | None:
+        """None (= Auto) unless a GPU is there and Auto is off."""
+        if auto or not self.hardware.has_gpu or slider is None:
+            return None
+        return float(slider)
+
+    def on_auto_change(self, auto: bool):
+        return gr.update(interactive=bool(self.hardware.has_gpu and not auto))
+
+    # --- estimate -------------------------------------------------------------------------
+    def build_request(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        model: str | None,
+        width: Any,
+        height: Any,
+        steps: Any,
+        guidance: Any,
+        seed: Any,
+        vram_limit: float | None,
+        fp8: bool,
+        disk_offload: bool,
+    ) -> GenerateRequest:
+        try:
+            return GenerateRequest(
+                prompt=prompt or "",
+                negative_prompt=negative_prompt or "",
+                model=model or None,
+                width=_int_or_none(width),
+                height=_int_or_none(height),
+                steps=_int_or_none(steps),
+                guidance=_float_or_none(guidance),
+                seed=_int_or_none(seed),
+                vram_limit=_float_or_none(vram_limit),
+                fp8=bool(fp8),
+                disk_offload=bool(disk_offload),
+            )
+        except (TypeError, ValueError) as exc:
+            raise UserFacingError(f"A setting is not a number: {exc}") from None
+
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
+        """Markdown for the estimate box; invalid settings show their message instead."""
+        try:
+            request = self.build_request(
+                "", "", model, width, height, steps, guidance, None,
+                self.vram_limit_value(auto, slider), fp8, disk_offload,
+            )
+            return formatting.estimate_markdown(self.studio.estimate(request))
+        except UserFacingError as exc:
+            return formatting.estimate_error_markdown(str(exc))
+        except Exception as exc:  # the estimate must never break the page
+            log.exception("estimate failed")
+            return formatting.estimate_error_markdown(f"Could not estimate these settings ({exc}).")
+
+    # --- running --------------------------------------------------------------------------
+    def _execute(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress) -> GenerationResult | None:
+        """Run one generation, report it to the tracker and the progress bar.
+
+        Returns None when cancelled; raises gr.Error with a readable message on failure.
+        """
+        run_id = self.tracker.start(owner)
+        last: GenerationEvent | None = None
+        try:
+            if cancel.is_set():  # cancelled while waiting in the queue
+                last = GenerationEvent(phase="cancelled", message="Cancelled before it started.")
+                return None
+            progress(None, desc="Starting")
+            for item in engine_events(request, None if ZERO_GPU else cancel):
+                if isinstance(item, GenerationResult):
+                    last = GenerationEvent(phase="done", step=last.step if last else 0, total_steps=last.total_steps if last else 0,
+                                           seconds_per_step=last.seconds_per_step if last else None)
+                    return item
+                last = item
+                self.tracker.update(run_id, item)
+                self._report(item, progress)
+                if item.phase == "cancelled":
+                    return None
+            if cancel.is_set():
+                last = GenerationEvent(phase="cancelled")
+                return None
+            raise gr.Error("The engine stopped without an image. See the server log.", print_exception=False)
+        except UserFacingError as exc:
+            last = GenerationEvent(phase="error", message=str(exc))
+            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
+        except gr.Error:
+            last = GenerationEvent(phase="error")
+            raise
+        except Exception as exc:
+            log.exception("generation failed")
+            last = GenerationEvent(phase="error", message=f"{type(exc).__name__}: {exc}")
+            raise gr.Error(
+                f"Generation failed ({type(exc).__name__}: {exc}). The details are in the server log; "
+                "the next generation will start fresh.",
+                title="Generation failed",
+                print_exception=False,
+            ) from None
+        finally:
+            self.tracker.finish(run_id, last)
+
+    @staticmethod
+    def _report(event: GenerationEvent, progress: gr.Progress) -> None:
+        label = formatting.PHASE_LABELS.get(event.phase, event.phase)
+        if event.phase == "downloading" and event.download_fraction is not None:
+            progress(float(event.download_fraction), desc=label)
+        elif event.phase == "denoising" and event.total_steps:
+            progress((event.step, event.total_steps), desc=label, unit="steps")
+        else:
+            progress(None, desc=event.message or label)
+
+    def arm(self, request: gr.Request):
+        """Generate clicked: a fresh cancel event for this tab; lock the button until done."""
+        self.tracker.arm(request.session_hash or "")
+        return gr.update(interactive=False, value="Generating…"), gr.update(interactive=True)
+
+    def disarm(self, request: gr.Request):
+        self.tracker.disarm(request.session_hash or "")
+        return gr.update(interactive=True, value="Generate"), gr.update(interactive=False)
+
+    def cancel(self, request: gr.Request) -> None:
+        if self.tracker.cancel(request.session_hash or ""):
+            gr.Info("Cancelling: the generation stops after the current step.")
+        else:
+            gr.Info("Nothing to cancel.")
+
+    def run_ui(
+        self,
+        prompt, negative_prompt, model, width, height, steps, guidance, seed,
+        auto, slider, fp8, disk_offload, results,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),
+    ):
+        """The Generate button: run, then add the image to this tab's gallery."""
+        session = request.session_hash or ""
+        try:
+            req = self.build_request(
+                prompt, negative_prompt, model, width, height, steps, guidance, seed,
+                self.vram_limit_value(auto, slider), fp8, disk_offload,
+            )
+        except UserFacingError as exc:
+            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
+        result = self._execute(req, session, self.tracker.cancel_event(session), progress)
+        if result is None:
+            gr.Warning("Generation cancelled.", title="Cancelled")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        entry = {
+            "path": str(result.path),
+            "caption": formatting.caption(result.settings),
+            "parameters": result.parameters,
+            "seed": result.settings.get("seed"),
+        }
+        results = [entry] + list(results or [])
+        return (
+            gr.update(value=[(r["path"], r["caption"]) for r in results], selected_index=0),
+            result.parameters,
+            str(result.path),
+            results,
+            entry["seed"],
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        model: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = -1,
+        vram_limit: float | None = None,
+        fp8: bool = False,
+        disk_offload: bool = False,
+        request: gr.Request = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[str, str]:
+        """Generate one image. Returns the saved PNG's path and its parameters text.
+
+        model: registry id (empty = the current default model); width/height/steps/guidance: empty =
+        the model's defaults; seed: -1 = random; vram_limit: GB, empty = Auto.
+        """
+        try:
+            req = self.build_request(
+                prompt, negative_prompt, model, width, height, steps, guidance, seed,
+                vram_limit, fp8, disk_offload,
+            )
+        except UserFacingError as exc:
+            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
+        owner = (request.session_hash if request is not None else None) or "api"
+        result = self._execute(req, owner, threading.Event(), progress)
+        if result is None:
+            raise gr.Error("Generation cancelled.", print_exception=False)
+        return str(result.path), result.parameters
+
+    # --- gallery --------------------------------------------------------------------------
+    def select_result(self, results, evt: gr.SelectData):
+        results = results or []
+        if evt.index is None or not (0 <= int(evt.index) < len(results)):
+            return gr.skip(), gr.skip()
+        entry = results[int(evt.index)]
+        return entry["parameters"], entry["path"]
+
+    @staticmethod
+    def reuse_seed(last_seed):
+        return gr.skip() if last_seed is None else int(last_seed)
+
+    @staticmethod
+    def random_seed():
+        return -1
+
+    # --- live panel -----------------------------------------------------------------------
+    def tick(self, shown, request: gr.Request):
+        """Timer: refresh the live panel (and the chart when it has new samples)."""
+        session = request.session_hash if request is not None else None
+        try:
+            snapshot = self.studio.telemetry()
+        except Exception:  # never let the panel die
+            log.exception("telemetry failed")
+            snapshot = None
+        run_id, owner, event, finished, _ = self.tracker.view()
+        if snapshot is not None and run_id is not None and not finished:
+            self.tracker.sample(snapshot)
+        run_id, owner, event, finished, samples = self.tracker.view()
+        if owner is None or (finished and event is not None and event.phase in ("done", "cancelled", "error")):
+            who = ""
+        else:
+            who = "this tab" if owner == session else "another tab"
+        panel = formatting.live_panel_html(snapshot, event, who)
+        key = [run_id, len(samples)]
+        if key == shown:
+            plot = gr.skip()
+        else:
+            plot = pd.DataFrame(formatting.history_rows(samples), columns=PLOT_COLUMNS)
+        return panel, plot, key

@@ -1,0 +1,224 @@
+"""The page: controls on the left, results and the live panel on the right.
+
+    demo = build_demo(studio)
+    demo.queue().launch()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from . import formatting
+from .handlers import PLOT_COLUMNS, Handlers
+
+TITLE = "lowvram-studio"
+GPU_QUEUE = "gpu"  # one generation at a time, whoever asks (page or API)
+LIVE_QUEUE = "telemetry"  # the live panel never waits behind a generation
+
+CSS = """
+.lvs-stats, .lvs-layers { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; margin-bottom: 0.5em; }
+.lvs-stats th, .lvs-stats td, .lvs-layers th, .lvs-layers td { border-bottom: 1px solid var(--border-color-primary); padding: 2px 6px; text-align: left; }
+.lvs-layers td { text-align: right; }
+.lvs-msg { font-size: 0.9em; opacity: 0.8; margin: 0.2em 0; }
+#seed-row button { max-width: 3.5em; min-width: 3.5em; }
+"""
+
+
+def _limit(choice, key: str, fallback: float) -> float:
+    return choice.limits.get(key, fallback) if choice else fallback
+
+
+def _default(choice, key: str, fallback: Any) -> Any:
+    value = choice.defaults.get(key) if choice else None
+    return fallback if value is None else value
+
+
+def build_demo(studio: Any) -> gr.Blocks:
+    """The whole app for one Studio (the engine facade)."""
+    h = Handlers(studio)
+    hw = h.hardware
+    models = h.models()
+    default_id = studio.default_model_id()
+    current = next((m for m in models if m.id == default_id), models[0] if models else None)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nRun large image models on small GPUs: layers are streamed to the GPU within the "
+            "VRAM limit you set. The *demo* model works offline and draws noise."
+        )
+        with gr.Row(equal_height=False):
+            # ---------------------------------------------------------------- controls
+            with gr.Column(scale=5, min_width=340):
+                model = gr.Dropdown(
+                    choices=formatting.model_choices(models),
+                    value=current.id if current else None,
+                    label="Model",
+                    info="Name · size (bf16) · on disk or not",
+                )
+                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dawn, oil painting")
+                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+                with gr.Row():
+                    width = gr.Number(label="Width", value=_default(current, "width", 512), precision=0, step=64)
+                    height = gr.Number(label="Height", value=_default(current, "height", 512), precision=0, step=64)
+                with gr.Row():
+                    steps = gr.Slider(
+                        label="Steps",
+                        minimum=_limit(current, "min_steps", 1),
+                        maximum=_limit(current, "max_steps", 100),
+                        step=1,
+                        value=_default(current, "steps", 20),
+                    )
+                    guidance = gr.Slider(
+                        label="Guidance",
+                        minimum=_limit(current, "min_guidance", 0.0),
+                        maximum=_limit(current, "max_guidance", 20.0),
+                        step=0.1,
+                        value=_default(current, "guidance", 4.0),
+                    )
+                with gr.Row(elem_id="seed-row", equal_height=True):
+                    seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", scale=4)
+                    random_seed = gr.Button("🎲", scale=0, min_width=40)
+                    reuse_seed = gr.Button("♻️", scale=0, min_width=40)
+                with gr.Accordion("Memory", open=True):
+                    with gr.Row():
+                        auto = gr.Checkbox(
+                            label="Auto",
+                            value=True,
+                            interactive=hw.has_gpu,
+                            info="Auto VRAM limit",
+                            scale=1,
+                        )
+                        vram_slider = gr.Slider(
+                            label="VRAM limit (GB)",
+                            minimum=0,
+                            maximum=round(hw.vram_total_gb, 1) if hw.has_gpu and hw.vram_total_gb else 1,
+                            step=0.1,
+                            value=round(hw.auto_vram_limit_gb or 0, 1) if hw.has_gpu else 0,
+                            interactive=False,
+                            info=formatting.hardware_note(hw),
+                            scale=4,
+                        )
+                    with gr.Row():
+                        fp8 = gr.Checkbox(label="FP8", value=False, info="Store weights in scaled FP8: half the memory")
+                        disk_offload = gr.Checkbox(
+                            label="Disk offload", value=False, info="Keep offloaded weights on disk instead of RAM"
+                        )
+                    estimate = gr.Markdown(elem_id="estimate", value="Estimating…")
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", interactive=False, scale=1)
+
+            # ---------------------------------------------------------------- results + live
+            with gr.Column(scale=6, min_width=380):
+                gallery = gr.Gallery(
+                    label="Results",
+                    elem_id="gallery",
+                    columns=3,
+                    height=420,
+                    object_fit="contain",
+                    buttons=["download", "fullscreen"],
+                    interactive=False,
+                    type="filepath",
+                )
+                with gr.Row():
+                    parameters = gr.Textbox(label="Parameters", lines=4, max_lines=8, interactive=False, scale=3,
+                                            elem_id="parameters")
+                    png_file = gr.File(label="PNG", interactive=False, scale=1, elem_id="png-file")
+                with gr.Group():
+                    live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
+                    chart = gr.LinePlot(
+                        pd.DataFrame(columns=PLOT_COLUMNS),
+                        x="seconds",
+                        y="GB",
+                        color="memory",
+                        title="Memory during the run",
+                        x_title="seconds",
+                        y_title="GB",
+                        height=220,
+                        elem_id="memory-chart",
+                    )
+
+        results = gr.State([])
+        last_seed = gr.State(None)
+        shown = gr.State(None)
+        timer = gr.Timer(0.5)
+
+        # ---------------------------------------------------------------- API-only endpoint
+        with gr.Column(visible=False):
+            api_inputs = [
+                gr.Textbox(label="prompt"),
+                gr.Textbox(label="negative_prompt", value=""),
+                gr.Dropdown(label="model", choices=[m.id for m in models], value=None, allow_custom_value=True),
+                gr.Number(label="width", value=None, precision=0),
+                gr.Number(label="height", value=None, precision=0),
+                gr.Number(label="steps", value=None, precision=0),
+                gr.Number(label="guidance", value=None),
+                gr.Number(label="seed", value=-1, precision=0),
+                gr.Number(label="vram_limit", value=None),
+                gr.Checkbox(label="fp8", value=False),
+                gr.Checkbox(label="disk_offload", value=False),
+            ]
+            api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
+            api_trigger = gr.Button("generate (API)")
+
+        # ---------------------------------------------------------------- events
+        controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload]
+        private = {"api_visibility": "private"}
+
+        gr.on(
+            triggers=[demo.load] + [c.change for c in controls],
+            fn=h.estimate,
+            inputs=controls,
+            outputs=estimate,
+            show_progress="hidden",
+            trigger_mode="always_last",
+            concurrency_limit=None,
+            concurrency_id="estimate",
+            **private,
+        )
+        model.input(h.on_model_change, model, [width, height, steps, guidance], show_progress="hidden", **private)
+        auto.change(h.on_auto_change, auto, vram_slider, queue=False, show_progress="hidden", **private)
+        random_seed.click(h.random_seed, None, seed, queue=False, **private)
+        reuse_seed.click(h.reuse_seed, last_seed, seed, queue=False, **private)
+        gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
+
+        run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
+                      auto, vram_slider, fp8, disk_offload, results]
+        run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
+            h.run_ui,
+            run_inputs,
+            [gallery, parameters, png_file, results, last_seed],
+            concurrency_limit=1,
+            concurrency_id=GPU_QUEUE,
+            show_progress_on=[gallery],
+            **private,
+        )
+        # .then() does not follow a failed event in this Gradio version: unlock on failure too
+        run.then(h.disarm, None, [generate_btn, cancel_btn], queue=False, **private).then(
+            h.refresh_models, model, model, queue=False, show_progress="hidden", **private
+        )
+        run.failure(h.disarm, None, [generate_btn, cancel_btn], queue=False, **private)
+        cancel_btn.click(h.cancel, None, None, queue=False, **private)
+
+        timer.tick(
+            h.tick,
+            shown,
+            [live, chart, shown],
+            show_progress="hidden",
+            concurrency_limit=None,
+            concurrency_id=LIVE_QUEUE,
+            **private,
+        )
+
+        api_trigger.click(
+            h.generate,
+            api_inputs,
+            api_outputs,
+            api_name="generate",
+            concurrency_limit=1,
+            concurrency_id=GPU_QUEUE,
+        )
+    return demo
