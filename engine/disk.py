@@ -14,6 +14,7 @@ the kernel page cache, which is reclaimable and not counted as anonymous RSS.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
@@ -43,6 +44,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+OWN_MAPPING_BYTES = 1024 * 1024
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class CheckpointError(ValueError):
@@ -150,8 +156,19 @@ class SafetensorsFile:
         return out
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
-        """A fresh CPU tensor with the entry's bytes, in the file's dtype."""
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        """A fresh CPU tensor with the entry's bytes, in the file's dtype.
+
+        Tensors of `OWN_MAPPING_BYTES` or more get their own anonymous mapping, unmapped as soon
+        as the tensor dies. From the heap (torch.empty -> malloc), glibc's dynamic mmap threshold
+        puts such sizes in arenas after the first large free, and the freed layers stay counted
+        in RssAnon (measured: +45-90 MB flat on a 310 MB model streamed from disk, varying with
+        the read-ahead thread's arena); with their own mapping RssAnon returns to the baseline
+        after every layer."""
+        if entry.length >= OWN_MAPPING_BYTES:
+            buffer = mmap.mmap(-1, entry.length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            out = torch.frombuffer(buffer, dtype=entry.dtype, count=entry.length // _itemsize(entry.dtype)).view(entry.shape)
+        else:
+            out = torch.empty(entry.shape, dtype=entry.dtype)
         return self.read_into(entry, out)
 
     def close(self) -> None:
