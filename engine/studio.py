@@ -59,7 +59,7 @@ SEED_MAX = 2**32 - 1
 FP8_SIZE_FACTOR = 0.52  # FP8 weight matrices + per-row scales + the bf16 vectors, of the bf16 bytes
 
 
-def _registry() -> Any:
+def _default_registry() -> Any:
     import model_registry
 
     return model_registry
@@ -155,7 +155,18 @@ def activation_bytes(width: int, height: int) -> int:
 class Studio:
     """Engine facade for the UI. Never moves tensors for it; one generation at a time."""
 
-    def __init__(self, models_dir: Path | str, outputs_dir: Path | str, source: str = "hf", *, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        models_dir: Path | str,
+        outputs_dir: Path | str,
+        source: str = "hf",
+        *,
+        device: str | torch.device | None = None,
+        registry: Any = None,
+    ):
+        """`device`: computation device (default CUDA if present, else CPU). `registry`: an object
+        with model_registry's verbs (tests pass one with extra tiny models); default model_registry."""
+        self._registry_obj = registry
         self.models_dir = Path(models_dir)
         self.outputs_dir = Path(outputs_dir)
         self.source = source
@@ -168,12 +179,15 @@ class Studio:
         self._last_step = StepStats()
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
 
+    def _reg(self) -> Any:
+        return self._registry_obj if self._registry_obj is not None else _default_registry()
+
     # --- catalogue ------------------------------------------------------------------------------
     def list_models(self) -> list[ModelChoice]:
-        return _registry().model_choices(self.models_dir)
+        return self._reg().model_choices(self.models_dir)
 
     def default_model_id(self) -> str:
-        return _registry().default_model_id(self.models_dir)
+        return self._reg().default_model_id(self.models_dir)
 
     def hardware(self) -> HardwareInfo:
         if self._hardware is None:
@@ -185,7 +199,7 @@ class Studio:
         """Validate `request` and fill in defaults. UserFacingError says what to change."""
         if not isinstance(request, GenerateRequest):
             raise UserFacingError("Internal error: generate() needs a GenerateRequest.")
-        registry = _registry()
+        registry = self._reg()
         model_id = request.model or self.default_model_id()
         try:
             entry = registry.get_model(model_id)
@@ -305,7 +319,7 @@ class Studio:
         if streamed:
             warnings.append(f"Streams about {streamed / GB:.1f} GB of weights per step: steps will be slower than with a higher limit.")
         try:
-            downloaded = _registry().is_downloaded(r.model_id, self.models_dir)
+            downloaded = self._reg().is_downloaded(r.model_id, self.models_dir)
         except Exception:  # pragma: no cover - estimate only
             downloaded = True
         if not downloaded:
@@ -368,7 +382,7 @@ class Studio:
             torch.cuda.empty_cache()
 
     def _model_path(self, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Path:
-        registry = _registry()
+        registry = self._reg()
         if registry.is_downloaded(r.model_id, self.models_dir):
             path = registry.local_path(r.model_id, self.models_dir)
             if path is not None:
@@ -398,7 +412,7 @@ class Studio:
         emit(GenerationEvent("loading", message=f"Loading {r.entry.name}", telemetry=self.telemetry()))
         variant = None
         try:
-            variant = _registry().load_options(r.model_id, path).get("variant")
+            variant = self._reg().load_options(r.model_id, path).get("variant")
         except Exception:  # pragma: no cover - a registry without load_options
             variant = None
         try:

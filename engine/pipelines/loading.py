@@ -87,7 +87,7 @@ def from_pretrained_component(cls: type, folder: Path, dtype: torch.dtype) -> nn
     if module_name == "transformers":
         model = cls.from_pretrained(folder, dtype=dtype, **kwargs)
     else:
-        model = cls.from_pretrained(folder, torch_dtype=dtype, **kwargs)
+        model = cls.from_pretrained(folder, dtype=dtype, **kwargs)
     model.eval()
     model.requires_grad_(False)
     return model

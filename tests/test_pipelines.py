@@ -1,0 +1,236 @@
+"""engine.pipelines and engine.settings on tiny, offline pipelines (CPU; one GPU test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api_types import GenerateRequest, HardwareInfo, UserFacingError
+from engine.config import VramConfig
+from engine.management import runtime_of
+from engine.pipelines import DECODE, DENOISE, ENCODE, build_pipeline, vae_memory_plan
+from engine.settings import auto_vram_limit_gb, resolve_vram_limit, settings_for, vram_config_for
+from model_registry.tiny_repos import TINY_DEFAULTS, write_tiny_repo
+
+FAMILIES = ("z-image", "qwen-image", "flux1", "sdxl")
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: write_tiny_repo(family, root / family) for family in FAMILIES}
+
+
+def cpu_config(fp8=False, disk=False):
+    return vram_config_for(fp8, disk, "cpu")
+
+
+def run(mp, family, *, seed=1, steps=2, guidance=None, negative="blurry", **kw):
+    d = TINY_DEFAULTS[family]
+    g = d.guidance if guidance is None else guidance
+    return np.asarray(mp.generate("a cat on a chair", negative, width=d.width, height=d.height, steps=steps, guidance=g, seed=seed, **kw))
+
+
+def count_forwards(module):
+    counter = {"n": 0}
+
+    def hook(*_):
+        counter["n"] += 1
+
+    module.register_forward_pre_hook(hook)
+    return counter
+
+
+# --- settings ---------------------------------------------------------------------------------
+def test_vram_config_for_ui_choices():
+    plain = VramConfig.from_dict(vram_config_for(False, False, "cpu"))
+    assert plain.offload_dtype == torch.bfloat16 and plain.computation_device == torch.device("cpu")
+    fp8 = VramConfig.from_dict(vram_config_for(True, False, "cpu"))
+    assert (fp8.offload_dtype, fp8.onload_dtype, fp8.preparing_dtype) == (torch.float8_e4m3fn,) * 3
+    assert fp8.computation_dtype == torch.bfloat16 and fp8.stores_fp8
+    disk = VramConfig.from_dict(vram_config_for(False, True, "cpu"))
+    assert disk.uses_disk and disk.onload_device == "disk" and disk.preparing_dtype == torch.bfloat16
+    both = VramConfig.from_dict(vram_config_for(True, True, "cpu"))
+    assert both.uses_disk and both.preparing_dtype == torch.float8_e4m3fn
+
+
+def test_vram_limit_from_slider():
+    cpu = HardwareInfo(False, None, None, None, 16.0)
+    gpu = HardwareInfo(True, "RTX", 8.0, auto_vram_limit_gb(8.0), 32.0)
+    assert resolve_vram_limit(None, cpu) is None and resolve_vram_limit("Auto", cpu) is None
+    assert resolve_vram_limit(None, gpu) == pytest.approx(6.5)
+    assert auto_vram_limit_gb(80.0) == pytest.approx(80 - 6.4)
+    assert resolve_vram_limit(3, gpu) == 3.0 and resolve_vram_limit("0", gpu) == 0.0
+    with pytest.raises(UserFacingError, match="VRAM limit"):
+        resolve_vram_limit(-1, gpu)
+    with pytest.raises(UserFacingError, match="VRAM limit"):
+        resolve_vram_limit("lots", gpu)
+    s = settings_for(GenerateRequest("x", vram_limit=2, fp8=True), cpu, "cpu")
+    assert s.vram_limit == 2 and s.fp8 and s.device == torch.device("cpu")
+    assert s.build_key == settings_for(GenerateRequest("x", vram_limit=5, fp8=True), cpu, "cpu").build_key
+
+
+def test_vae_memory_plan():
+    assert vae_memory_plan(64, 64, 0) == (False, True)  # small images never tile
+    assert vae_memory_plan(2048, 2048, None)[0]  # large images always do
+    assert not vae_memory_plan(1024, 1024, None)[0]
+    assert vae_memory_plan(1024, 1024, 2.0)[0]  # small budget: tile
+    assert not vae_memory_plan(1024, 1024, 24.0)[0]
+
+
+# --- pipelines ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_end_to_end_with_stage_switching(repos, family):
+    mp = build_pipeline(repos[family], cpu_config(), None)
+    assert len({id(runtime_of(m).budget) for m in mp.components.values()}) == 1  # ONE budget
+    assert all(runtime_of(m).budget is mp.budget for m in mp.components.values())
+    assert all(not runtime_of(m).active for m in mp.components.values())  # built offloaded
+    stages, active_at_step = [], []
+    mp.on_stage = stages.append
+
+    def on_step(i, n, stats):
+        active_at_step.append({name for name, m in mp.components.items() if runtime_of(m).active})
+
+    image = run(mp, family, on_step=on_step)
+    assert image.shape == (64, 64, 3)
+    assert stages == [ENCODE, DENOISE, DECODE]
+    assert all(active == {mp.family.denoiser} for active in active_at_step)  # only the denoiser while denoising
+    assert {n for n, m in mp.components.items() if runtime_of(m).active} == {"vae"}
+    assert mp.pipe._execution_device == torch.device("cpu")
+
+
+def test_fp8_placeholders_on_meta_execution_device_is_computation(repos):
+    mp = build_pipeline(repos["flux1"], cpu_config(fp8=True), 0)
+    te = mp.components["text_encoder"]
+    assert any(p.device.type == "meta" for p in te.parameters())  # weights sit in FP8 copies
+    assert te.device == torch.device("cpu") and mp.pipe._execution_device == torch.device("cpu")
+    image = run(mp, "flux1")
+    assert image.std() > 0
+    assert np.array_equal(image, run(mp, "flux1"))  # reproducible
+
+
+def test_bf16_strategies_give_identical_images(repos):
+    """vram_limit None / 0 / partial, with and without disk offload: the same pixels."""
+    images, streamed = {}, {}
+    for name, (disk, limit) in {
+        "ram-unlimited": (False, None),
+        "ram-0": (False, 0),
+        "ram-partial": (False, 0.0001),
+        "disk-0": (True, 0),
+        "disk-unlimited": (True, None),
+    }.items():
+        mp = build_pipeline(repos["qwen-image"], cpu_config(disk=disk), limit)
+        per_step = []
+        images[name] = run(mp, "qwen-image", guidance=4.0, on_step=lambda i, n, s: per_step.append(s.streamed_bytes))
+        streamed[name] = per_step
+    for name, image in images.items():
+        assert np.array_equal(image, images["ram-unlimited"]), name
+    assert all(b == 0 for b in streamed["ram-unlimited"]) and all(b > 0 for b in streamed["ram-0"])
+    assert 0 < streamed["ram-partial"][-1] < streamed["ram-0"][-1]
+    assert all(b > 0 for b in streamed["disk-0"])
+
+
+def test_fp8_images_are_close_to_bf16(repos):
+    bf16 = run(build_pipeline(repos["z-image"], cpu_config(), None), "z-image").astype(int)
+    fp8_none = run(build_pipeline(repos["z-image"], cpu_config(fp8=True), None), "z-image").astype(int)
+    fp8_zero = run(build_pipeline(repos["z-image"], cpu_config(fp8=True), 0), "z-image").astype(int)
+    assert np.array_equal(fp8_none, fp8_zero)  # FP8 strategies agree with each other
+    assert np.abs(fp8_none - bf16).mean() < 8  # and stay close to bf16
+
+
+def test_qwen_true_cfg_is_one_batched_forward_per_step(repos):
+    from diffusers import QwenImagePipeline
+
+    steps = 3
+    mp = build_pipeline(repos["qwen-image"], cpu_config(), 0)
+    blocks = count_forwards(mp.components["transformer"].transformer_blocks[0])
+    ours = run(mp, "qwen-image", steps=steps, guidance=4.0, negative="blurry, low quality").astype(int)
+    assert blocks["n"] == steps  # cond + uncond in ONE forward per step
+    assert mp.batcher.batched_forwards == steps and mp.batcher.served_from_batch == steps
+    assert mp.batcher.real_forwards == steps
+
+    ref_pipe = QwenImagePipeline.from_pretrained(repos["qwen-image"], dtype=torch.bfloat16)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_blocks = count_forwards(ref_pipe.transformer.transformer_blocks[0])
+    ref = ref_pipe(
+        "a cat on a chair",
+        negative_prompt="blurry, low quality",
+        width=64,
+        height=64,
+        num_inference_steps=steps,
+        true_cfg_scale=4.0,
+        generator=torch.Generator("cpu").manual_seed(1),
+    ).images[0]
+    assert ref_blocks["n"] == 2 * steps  # diffusers: two passes per step
+    diff = np.abs(np.asarray(ref).astype(int) - ours)
+    assert diff.mean() < 1.0 and diff.max() <= 8
+
+
+def test_qwen_without_cfg_runs_one_plain_forward_per_step(repos):
+    mp = build_pipeline(repos["qwen-image"], cpu_config(), None)
+    blocks = count_forwards(mp.components["transformer"].transformer_blocks[0])
+    run(mp, "qwen-image", guidance=1.0)
+    assert blocks["n"] == 2 and mp.batcher.batched_forwards == 0
+
+
+def _forbid_weight_reads(monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    import engine.disk
+    import engine.pipelines.loading as loading
+
+    def no_reads(*a, **k):
+        raise AssertionError("a re-plan must not read weights")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_reads)
+    monkeypatch.setattr(safetensors.torch, "load_file", no_reads)
+    monkeypatch.setattr(engine.disk.SafetensorsFile, "read", no_reads)
+    monkeypatch.setattr(engine.disk.SafetensorsFile, "read_into", no_reads)
+    monkeypatch.setattr(loading, "load_component", no_reads)
+
+
+def test_set_vram_limit_replans_without_reading_files(repos, monkeypatch):
+    ram = build_pipeline(repos["flux1"], cpu_config(), None)
+    disk = build_pipeline(repos["flux1"], cpu_config(disk=True), None)
+    first = run(ram, "flux1")
+    assert np.array_equal(run(disk, "flux1"), first)
+    with monkeypatch.context() as m:
+        _forbid_weight_reads(m)
+        for limit in (0, 0.0002, None):
+            ram.set_vram_limit(limit)
+            disk.set_vram_limit(limit)  # re-planning a disk-offloaded pipeline reads nothing either
+            assert ram.budget.limit_gb == limit == disk.budget.limit_gb
+            # weights in RAM: generating after the re-plan reads no file at all
+            assert np.array_equal(run(ram, "flux1"), first)
+    for limit in (0, 0.0002, None):  # disk offload streams from its files while it runs, by design
+        disk.set_vram_limit(limit)
+        assert np.array_equal(run(disk, "flux1"), first)
+
+
+def test_cancel_between_steps_skips_decode(repos):
+    from engine.pipelines import GenerationCancelled
+
+    mp = build_pipeline(repos["z-image"], cpu_config(), None)
+    stages = []
+    mp.on_stage = stages.append
+    steps_seen = []
+    with pytest.raises(GenerationCancelled):
+        run(mp, "z-image", steps=4, on_step=lambda i, n, s: steps_seen.append(i), should_stop=lambda: len(steps_seen) >= 1)
+    assert steps_seen == [1] and DECODE not in stages
+    assert run(mp, "z-image").shape == (64, 64, 3)  # still usable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_end_to_end_cpu_and_disk_offload(repos):
+    images = {}
+    for name, (disk, limit) in {"cpu-offload": (False, 0), "cpu-unlimited": (False, None), "disk": (True, 0)}.items():
+        mp = build_pipeline(repos["qwen-image"], vram_config_for(False, disk, "cuda"), limit)
+        assert mp.pipe._execution_device.type == "cuda"
+        images[name] = run(mp, "qwen-image", guidance=4.0)
+        snap = mp.budget.snapshot()
+        assert snap.peak_bytes > 0
+    assert np.array_equal(images["cpu-offload"], images["disk"])
+    assert np.array_equal(images["cpu-offload"], images["cpu-unlimited"])
