@@ -35,12 +35,13 @@ def gb(value: float | None, digits: int = 2) -> str:
 def model_label(choice: ModelChoice) -> str:
     """Dropdown label: name, size and whether the weights are on disk."""
     if choice.is_demo:
-        where = "offline demo, noise images"
+        where = "built in"
     elif choice.downloaded:
         where = "downloaded"
     else:
         where = "not downloaded: downloads on first use"
-    return f"{choice.name} · {choice.size_gb:.1f} GB · {where}"
+    size = f"{choice.size_gb:.1f} GB" if choice.size_gb >= 0.1 else f"{choice.size_gb * 1000:.1f} MB"
+    return f"{choice.name} · {size} · {where}"
 
 
 def model_choices(models: Sequence[ModelChoice]) -> list[tuple[str, str]]:

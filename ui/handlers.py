@@ -93,9 +93,10 @@ class Handlers:
         if choice is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         d, lim = choice.defaults, choice.limits
+        multiple = lim.get("size_multiple", 16)
         return (
-            gr.update(value=d.get("width")),
-            gr.update(value=d.get("height")),
+            gr.update(value=d.get("width"), step=multiple),
+            gr.update(value=d.get("height"), step=multiple),
             gr.update(
                 value=d.get("steps"),
                 minimum=lim.get("min_steps", 1),

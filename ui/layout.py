@@ -61,8 +61,9 @@ def build_demo(studio: Any) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dawn, oil painting")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
                 with gr.Row():
-                    width = gr.Number(label="Width", value=_default(current, "width", 512), precision=0, step=64)
-                    height = gr.Number(label="Height", value=_default(current, "height", 512), precision=0, step=64)
+                    multiple = int(_limit(current, "size_multiple", 16))
+                    width = gr.Number(label="Width", value=_default(current, "width", 512), precision=0, step=multiple)
+                    height = gr.Number(label="Height", value=_default(current, "height", 512), precision=0, step=multiple)
                 with gr.Row():
                     steps = gr.Slider(
                         label="Steps",
@@ -201,7 +202,8 @@ def build_demo(studio: Any) -> gr.Blocks:
             h.refresh_models, model, model, queue=False, show_progress="hidden", **private
         )
         run.failure(h.disarm, None, [generate_btn, cancel_btn], queue=False, **private)
-        cancel_btn.click(h.cancel, None, None, queue=False, **private)
+        # queued (so its message reaches the page) but in its own group: never waits for a generation
+        cancel_btn.click(h.cancel, None, None, concurrency_limit=None, concurrency_id="control", **private)
 
         timer.tick(
             h.tick,

@@ -22,8 +22,10 @@ pytestmark = [
 ]
 
 # The demo model's steps must last long enough for the live panel to be seen moving.
-LONG_STEPS = int(os.environ.get("LVS_BROWSER_LONG_STEPS", "12"))
-CANCEL_STEPS = int(os.environ.get("LVS_BROWSER_CANCEL_STEPS", "90"))
+LONG_STEPS = int(os.environ.get("LVS_BROWSER_LONG_STEPS", "20"))
+CANCEL_STEPS = int(os.environ.get("LVS_BROWSER_CANCEL_STEPS", "20"))
+LONG_SIZE = int(os.environ.get("LVS_BROWSER_LONG_SIZE", "256"))  # pixels: bigger = slower steps
+CANCEL_SIZE = int(os.environ.get("LVS_BROWSER_CANCEL_SIZE", "512"))
 SHORT_STEPS = int(os.environ.get("LVS_BROWSER_SHORT_STEPS", "2"))
 RUN_TIMEOUT_MS = 120_000
 
@@ -100,7 +102,10 @@ def wait_ready(page, timeout_ms: int = RUN_TIMEOUT_MS) -> None:
     )
 
 
-def start(page, prompt: str, steps: int) -> None:
+def start(page, prompt: str, steps: int, size: int | None = None) -> None:
+    if size is not None:
+        set_value(page, "Width", size)
+        set_value(page, "Height", size)
     page.get_by_label("Prompt", exact=True).fill(prompt)
     set_value(page, "number input for Steps", steps)
     page.locator("#generate-btn").click()
@@ -116,7 +121,12 @@ def test_controls_exist_by_label(page):
     assert page.get_by_role("button", name="Cancel").count() == 1
     assert page.get_by_role("button", name="🎲").count() == 1
     # model dropdown lists name, size, downloaded or not
-    assert re.search(r"GB", page.get_by_label("Model", exact=True).input_value())
+    model = page.get_by_label("Model", exact=True)
+    assert re.search(r"\d \w?B · (built in|downloaded)", model.input_value()), model.input_value()
+    model.click()
+    options = " | ".join(page.get_by_role("option").all_inner_texts())
+    assert re.search(r"GB · not downloaded", options), options
+    page.keyboard.press("Escape")
     # estimate before running
     est = page.locator("#estimate").inner_text()
     assert "VRAM" in est and "RAM" in est and "Disk" in est and "Streamed per step" in est, est
@@ -131,7 +141,7 @@ def test_controls_exist_by_label(page):
 
 def test_generation_live_panel_gallery_and_png(page):
     assert gallery_count(page) == 0
-    start(page, "a lighthouse on a cliff at dawn", LONG_STEPS)
+    start(page, "a lighthouse on a cliff at dawn", LONG_STEPS, LONG_SIZE)
     samples: list[dict[str, str]] = []
     t0 = time.monotonic()
     while gallery_count(page) == 0:
@@ -164,7 +174,7 @@ def test_generation_live_panel_gallery_and_png(page):
 
 
 def test_cancel_then_bad_width_then_generation_works(page):
-    start(page, "a very long run", CANCEL_STEPS)
+    start(page, "a very long run", CANCEL_STEPS, CANCEL_SIZE)
     page.wait_for_function(
         "() => [...document.querySelectorAll('#live-panel [data-k=step]')].some(e => /^[1-9]\\d*\\/\\d+$/.test(e.textContent.trim()))",
         timeout=RUN_TIMEOUT_MS,
@@ -183,21 +193,19 @@ def test_cancel_then_bad_width_then_generation_works(page):
     wait_ready(page)
     assert gallery_count(page) == 0
 
-    set_value(page, "Width", 256)
-    set_value(page, "Height", 256)
-    start(page, "after a cancel and an error", SHORT_STEPS)
+    start(page, "after a cancel and an error", SHORT_STEPS, 64)
     page.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)
 
 
 def test_two_tabs_queue(browser, server):
     first, second = open_page(browser, server), open_page(browser, server)
     try:
-        start(first, "first tab", LONG_STEPS)
+        start(first, "first tab", LONG_STEPS, LONG_SIZE)
         first.wait_for_function(
             "() => [...document.querySelectorAll('#live-panel [data-k=phase]')].some(e => e.textContent.includes('this tab'))",
             timeout=RUN_TIMEOUT_MS,
         )
-        start(second, "second tab", SHORT_STEPS)
+        start(second, "second tab", SHORT_STEPS, 64)
         # the second tab waits and is told its place in the queue
         second.wait_for_function(
             "() => /queue/i.test(document.querySelector('#gallery').innerText)", timeout=20_000
