@@ -382,22 +382,29 @@ class Studio:
             torch.cuda.empty_cache()
 
     def _model_path(self, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Path:
+        """The model's folder: a local copy (phase "loading" starts here, the demo is written on
+        first use), else a download (phase "downloading" with its fraction)."""
         registry = self._reg()
         if registry.is_downloaded(r.model_id, self.models_dir):
+            emit(GenerationEvent("loading", message=f"Loading {r.entry.name}", telemetry=self.telemetry()))
             path = registry.local_path(r.model_id, self.models_dir)
             if path is not None:
                 return Path(path)
 
         def progress(fraction: float, message: str = "") -> None:
             if should_stop():
-                raise GenerationCancelled()
+                raise GenerationCancelled()  # aborts the download
             emit(GenerationEvent("downloading", message=message, download_fraction=float(fraction), telemetry=self.telemetry()))
 
         emit(GenerationEvent("downloading", message=f"Downloading {r.entry.name}", download_fraction=0.0, telemetry=self.telemetry()))
         try:
-            return Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir))
-        except OSError as exc:  # disk full etc. the registry did not translate
+            path = Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir))
+        except OSError as exc:  # disk full etc. that the registry did not translate
             raise UserFacingError(f"Downloading {r.entry.name} failed: {exc}") from exc
+        if should_stop():
+            raise GenerationCancelled()
+        emit(GenerationEvent("loading", message=f"Loading {r.entry.name}", telemetry=self.telemetry()))
+        return path
 
     def _ensure_pipeline(self, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> ManagedPipeline:
         pipe = self._pipeline
@@ -405,11 +412,8 @@ class Studio:
             if pipe.vram_limit != r.settings.vram_limit:
                 pipe.set_vram_limit(r.settings.vram_limit)  # re-plan only: no file is read
             return pipe
+        self.unload()  # free the old pipeline before anything new is read
         path = self._model_path(r, emit, should_stop)
-        if should_stop():
-            raise GenerationCancelled()
-        self.unload()
-        emit(GenerationEvent("loading", message=f"Loading {r.entry.name}", telemetry=self.telemetry()))
         variant = None
         try:
             variant = self._reg().load_options(r.model_id, path).get("variant")
