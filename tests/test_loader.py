@@ -83,12 +83,32 @@ def test_bitwise_equal_to_from_pretrained_for_every_bf16_config(name, tiny_check
     cls, directory, inputs = tiny_checkpoints(name)
     assert len(shard_files(directory)) >= 2 and list(directory.glob("*.safetensors.index.json"))
     reference = run_model(from_pretrained_bf16(cls, directory), inputs)
-    configs = ((RAM, None), (RAM, 0), (DISK, 0), (DISK, None)) if name == MODELS[0] else ((RAM, None), (DISK, 0))
+    half = sum(f.stat().st_size for f in shard_files(directory)) / 2 / 1024**3  # GB: some layers resident, some streamed
+    configs = ((RAM, None), (RAM, 0), (DISK, 0), (DISK, half), (DISK, None)) if name == MODELS[0] else ((RAM, None), (DISK, 0))
     for config, limit in configs:
         model = load_model(cls, directory, vram_config=config, vram_limit=limit)
         first, second = run_model(model, inputs), run_model(model, inputs)
         assert torch.equal(first, reference), (name, config["offload_dtype"], limit)
         assert torch.equal(second, reference), (name, config["offload_dtype"], limit)
+
+
+def test_fp32_checkpoint_converts_like_from_pretrained(tmp_path):
+    model, inputs = tiny_model("Qwen3Model", torch.float32)
+    directory = save_sharded(model, tmp_path)
+    cls = type(model)
+    reference = run_model(from_pretrained_bf16(cls, directory), inputs)
+    for config, limit in ((RAM, None), (DISK, 0), (FP8, 0)):
+        loaded = load_model(cls, directory, vram_config=config, vram_limit=limit)
+        masters = [s for r in runtime_of(loaded).layers for s in r.masters.values()]
+        if config is DISK:
+            assert all(s.storage_dtype == torch.float32 for s in masters)  # converted per forward, not stored
+            assert torch.equal(run_model(loaded, inputs), reference)
+        elif config is RAM:
+            assert all(s.storage_dtype == torch.bfloat16 for s in masters)
+            assert torch.equal(run_model(loaded, inputs), reference)
+        else:
+            assert {s.storage_dtype for s in masters} == {torch.float8_e4m3fn, torch.bfloat16}
+            assert torch.allclose(run_model(loaded, inputs).float(), reference.float(), atol=0.25, rtol=0.1)
 
 
 def test_disk_masters_stay_in_the_files(tiny_checkpoints):
