@@ -349,6 +349,7 @@ class Studio:
         vm = psutil.virtual_memory()
         pipe = self._pipeline
         states = pipe.layer_states() if pipe is not None else {}
+        slots = pipe.slots_in_flight() if pipe is not None else 0
         last = self._last_step
         return TelemetrySnapshot(
             vram_used_gb=vram_used,
@@ -359,6 +360,7 @@ class Studio:
             streamed_bytes_last_step=last.streamed_bytes,
             copy_seconds_last_step=last.copy_seconds,
             compute_seconds_last_step=last.compute_seconds,
+            slots_in_flight=slots,
             timestamp=time.time(),
         )
 

@@ -182,6 +182,19 @@ class ManagedPipeline:
         self._step_mark = now
         return self.last_step
 
+    def slots_in_flight(self) -> int:
+        """Device slots the engine's transfer schedulers hold right now (0 without one)."""
+        total = 0
+        for model in self.components.values():
+            scheduler = getattr(runtime_of(model), "scheduler", None)
+            count = getattr(scheduler, "slots_in_flight", None)
+            if callable(count):
+                try:
+                    total += int(count())
+                except Exception:  # pragma: no cover - telemetry must never fail
+                    pass
+        return total
+
     def denoiser_forwards(self) -> int:
         return runtime_of(self.components[self.family.denoiser]).stats.forwards
 
@@ -284,13 +297,14 @@ class ManagedPipeline:
         finally:
             self.budget.on_demand = None
             for model in self.components.values():
-                prefetcher = getattr(runtime_of(model), "prefetcher", None)
-                close = getattr(prefetcher, "close", None)
-                if callable(close):
-                    try:
-                        close()
-                    except Exception:  # pragma: no cover - best effort
-                        log.debug("prefetcher close failed", exc_info=True)
+                runtime = runtime_of(model)
+                prefetcher = getattr(runtime, "prefetcher", None)
+                for close in (getattr(runtime, "close_scheduler", None), getattr(prefetcher, "close", None)):
+                    if callable(close):
+                        try:
+                            close()
+                        except Exception:  # pragma: no cover - best effort
+                            log.debug("closing a streamer failed", exc_info=True)
 
 
 def build_pipeline(
