@@ -210,11 +210,11 @@ def test_cancel_between_steps(studio):
         if e.phase == "denoising" and e.step == 1:
             cancel.set()
 
-    events, result = collect(studio, GenerateRequest("a dragon", seed=2, steps=5), cancel, on_event)
+    events, result = collect(studio, GenerateRequest("a dragon", seed=2, steps=20), cancel, on_event)
     phases = [e.phase for e in events]
     assert result is None and phases[-1] == "cancelled"
     assert "decoding" not in phases and "done" not in phases
-    assert max(e.step for e in events if e.phase == "denoising") < 5  # stopped at a step boundary
+    assert max(e.step for e in events if e.phase == "denoising") < 20  # stopped at a step boundary
     assert set(studio.outputs_dir.glob("*.png")) == before
     _, r = collect(studio, GenerateRequest("a dragon", seed=2))  # usable afterwards
     assert r is not None
@@ -361,3 +361,16 @@ def test_estimate(studio):
     assert plain.ram_gb > ok.ram_gb  # disk offload + FP8 need far less RAM
     assert studio.estimate(GenerateRequest("x", model="qwen-image", vram_limit=8, fp8=True)).streamed_gb_per_step < plain.streamed_gb_per_step
     assert "" not in (studio.estimate(GenerateRequest("", model="qwen-image")).warnings or ("x",))  # empty prompt is fine for an estimate
+
+
+def test_no_network_through_the_real_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    studio = Studio(tmp_path / "models", tmp_path / "outputs")
+    events = []
+    with pytest.raises(UserFacingError, match="not reachable"):
+        for item in studio.generate(GenerateRequest("x", model="qwen-image", width=256, height=256, steps=1)):
+            events.append(item)
+    assert [e.phase for e in events] == ["downloading", "error"]
+    assert studio.pipeline is None and studio.builds == 0
+    _, r = collect(studio, GenerateRequest("offline demo still works", seed=1))
+    assert r is not None and r.path.parent == tmp_path / "outputs"
