@@ -232,3 +232,34 @@ def test_gpu_end_to_end_cpu_and_disk_offload(repos):
         assert snap.peak_bytes > 0
     assert np.array_equal(images["cpu-offload"], images["disk"])
     assert np.array_equal(images["cpu-offload"], images["cpu-unlimited"])
+
+
+def test_checkpoint_files_pick_one_variant(tmp_path):
+    from engine.pipelines.loading import checkpoint_files
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(b"")
+    assert checkpoint_files(plain) == plain
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("model.safetensors", "model.fp16.safetensors"):
+        (both / name).write_bytes(b"")
+    assert checkpoint_files(both) == [both / "model.safetensors"]
+    assert checkpoint_files(both, "fp16") == [both / "model.fp16.safetensors"]
+    only16 = tmp_path / "only16"
+    only16.mkdir()
+    (only16 / "model.fp16.safetensors").write_bytes(b"")
+    assert checkpoint_files(only16) == [only16 / "model.fp16.safetensors"]
+
+
+def test_from_pretrained_fallback_matches_streaming_loader(repos, monkeypatch):
+    """Without engine.load_model, components come from from_pretrained + enable_vram_management."""
+    import engine.pipelines.loading as loading
+
+    streamed = run(build_pipeline(repos["z-image"], cpu_config(), 0), "z-image")
+    monkeypatch.setattr(loading, "engine_loader", lambda: None)
+    fallback = build_pipeline(repos["z-image"], cpu_config(), 0)
+    assert np.array_equal(run(fallback, "z-image"), streamed)
+    with pytest.raises(RuntimeError, match="disk offload needs"):
+        build_pipeline(repos["z-image"], cpu_config(disk=True), 0)
