@@ -86,6 +86,14 @@ class ResolvedRequest:
         return (self.model_id,) + self.settings.build_key
 
 
+def _is_vram_exhausted(exc: BaseException) -> bool:
+    try:
+        from .oom import VramExhaustedError, is_oom
+    except ImportError:  # pragma: no cover
+        return isinstance(exc, torch.OutOfMemoryError)
+    return isinstance(exc, VramExhaustedError) or is_oom(exc)
+
+
 # --- infotext ---------------------------------------------------------------------------------
 def _fmt_number(value: float) -> str:
     return f"{value:g}"
@@ -502,8 +510,11 @@ class Studio:
             put(("error", exc))
         except Exception as exc:
             log.exception("generation failed")
-            if isinstance(exc, torch.OutOfMemoryError):
-                exc = UserFacingError("Out of memory: lower the VRAM limit, tick FP8 or disk offload, or make the image smaller.")
+            if _is_vram_exhausted(exc):  # the engine already retried once with less residency
+                message = str(exc) if not isinstance(exc, torch.OutOfMemoryError) else ""
+                exc = UserFacingError(
+                    message or "Out of memory: lower the VRAM limit (or set it to 0), tick FP8 or disk offload, or make the image smaller."
+                )
             put(("error", exc))
         finally:
             put(("end", None))

@@ -374,3 +374,19 @@ def test_no_network_through_the_real_registry(tmp_path, monkeypatch):
     assert studio.pipeline is None and studio.builds == 0
     _, r = collect(studio, GenerateRequest("offline demo still works", seed=1))
     assert r is not None and r.path.parent == tmp_path / "outputs"
+
+
+def test_out_of_memory_becomes_a_user_facing_error(studio, monkeypatch):
+    from engine.oom import VramExhaustedError
+
+    collect(studio, GenerateRequest("a cat", seed=1))
+    pipe = studio.pipeline
+
+    def oom(*a, **k):
+        raise VramExhaustedError("transformer: out of memory on cuda even after lowering residency. Lower the VRAM limit.")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(pipe), "generate", oom)
+        with pytest.raises(UserFacingError, match="Lower the VRAM limit"):
+            collect(studio, GenerateRequest("a cat", seed=1))
+    assert collect(studio, GenerateRequest("a cat", seed=1))[1] is not None
