@@ -31,11 +31,12 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -49,7 +50,14 @@ from .api_types import (
     TelemetrySnapshot,
     UserFacingError,
 )
-from .pipelines import FAMILIES_BY_NAME, GenerationCancelled, ManagedPipeline, StepStats, build_pipeline, vae_memory_plan
+from .pipelines import (
+    FAMILIES_BY_NAME,
+    GenerationCancelled,
+    ManagedPipeline,
+    StepStats,
+    activation_bytes,
+    build_pipeline,
+)
 from .settings import EngineSettings, detect_hardware, settings_for
 
 log = logging.getLogger(__name__)
@@ -113,7 +121,7 @@ def infotext(r: ResolvedRequest, sampler: str) -> str:
         ("FP8", "on" if r.settings.fp8 else "off"),
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
-    clean = lambda s: s.replace("\r", " ").replace("\n", " ")  # noqa: E731 - one line each
+    clean = lambda s: s.replace("\r", " ").replace("\n", " ")
     return f"{clean(r.prompt)}\nNegative prompt: {clean(r.negative_prompt)}\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
 
 
@@ -149,15 +157,6 @@ def _largest_layer_bytes(library: str, class_name: str, config_id: str) -> int |
         n = sum(p.numel() for p in module.parameters(recurse=False))
         largest = max(largest, 2 * n)
     return largest
-
-
-def activation_bytes(width: int, height: int) -> int:
-    """Rough peak activation bytes of a denoiser step or a decode at width x height (bf16)."""
-    pixels = width * height
-    denoise = int(0.3 * GB + pixels * 1200)
-    tiling, _ = vae_memory_plan(width, height, None)
-    decode = int(0.5 * GB) if tiling else pixels * 1536
-    return max(denoise, decode)
 
 
 class Studio:
@@ -475,7 +474,7 @@ class Studio:
             self._busy.release()
 
     def _work(self, r: ResolvedRequest, put: Callable[[tuple[str, Any]], None], should_stop: Callable[[], bool]) -> None:
-        emit = lambda ev: put(("item", ev))  # noqa: E731
+        emit = lambda ev: put(("item", ev))
         try:
             if should_stop():
                 raise GenerationCancelled()

@@ -10,7 +10,12 @@ from engine.api_types import GenerateRequest, HardwareInfo, UserFacingError
 from engine.config import VramConfig
 from engine.management import runtime_of
 from engine.pipelines import DECODE, DENOISE, ENCODE, build_pipeline, vae_memory_plan
-from engine.settings import auto_vram_limit_gb, resolve_vram_limit, settings_for, vram_config_for
+from engine.settings import (
+    auto_vram_limit_gb,
+    resolve_vram_limit,
+    settings_for,
+    vram_config_for,
+)
 from model_registry.tiny_repos import TINY_DEFAULTS, write_tiny_repo
 
 FAMILIES = ("z-image", "qwen-image", "flux1", "flux2-klein", "sdxl")
@@ -179,7 +184,7 @@ def _forbid_weight_reads(monkeypatch):
     import safetensors.torch
 
     import engine.disk
-    import engine.pipelines.loading as loading
+    from engine.pipelines import loading
 
     def no_reads(*a, **k):
         raise AssertionError("a re-plan must not read weights")
@@ -255,7 +260,7 @@ def test_checkpoint_files_pick_one_variant(tmp_path):
 
 def test_from_pretrained_fallback_matches_streaming_loader(repos, monkeypatch):
     """Without engine.load_model, components come from from_pretrained + enable_vram_management."""
-    import engine.pipelines.loading as loading
+    from engine.pipelines import loading
 
     streamed = run(build_pipeline(repos["z-image"], cpu_config(), 0), "z-image")
     monkeypatch.setattr(loading, "engine_loader", lambda: None)
@@ -263,3 +268,14 @@ def test_from_pretrained_fallback_matches_streaming_loader(repos, monkeypatch):
     assert np.array_equal(run(fallback, "z-image"), streamed)
     with pytest.raises(RuntimeError, match="disk offload needs"):
         build_pipeline(repos["z-image"], cpu_config(disk=True), 0)
+
+
+def test_activation_reserve_only_on_a_gpu(repos):
+    from engine.pipelines import activation_bytes
+
+    mp = build_pipeline(repos["z-image"], cpu_config(), 0.001)
+    mp.reserve_activations(1024, 1024)
+    assert mp.budget.activation_reserve_bytes == 0  # CPU: the limit bounds the weights' ledger only
+    mp.device = torch.device("cuda")  # what a CUDA pipeline does (no tensor moves here)
+    mp.reserve_activations(1024, 1024)
+    assert mp.budget.activation_reserve_bytes == activation_bytes(1024, 1024) > activation_bytes(512, 512)

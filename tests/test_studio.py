@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 import model_registry
-from engine.api_types import GenerateRequest, GenerationEvent, GenerationResult, MemoryEstimate, TelemetrySnapshot, UserFacingError
+from engine.api_types import (
+    GenerateRequest,
+    GenerationResult,
+    MemoryEstimate,
+    TelemetrySnapshot,
+    UserFacingError,
+)
 from engine.studio import Studio, parse_infotext
 from model_registry.tiny_repos import write_tiny_repo
 
@@ -146,8 +152,8 @@ def test_vram_limit_change_replans_other_settings_rebuild(studio, registry, monk
         raise AssertionError("changing the VRAM limit must not read weights or rebuild")
 
     import engine.disk
-    import engine.pipelines.loading as loading
     import engine.studio as studio_mod
+    from engine.pipelines import loading
 
     with monkeypatch.context() as m:
         m.setattr(engine.disk.SafetensorsFile, "read", no_reads)

@@ -1,8 +1,25 @@
 """Diffusers pipelines built on the memory engine (see engine.pipelines.managed)."""
 
 from .cfg import CfgPairBatcher
-from .families import DECODE, DENOISE, ENCODE, FAMILIES, FAMILIES_BY_NAME, STAGES, PipelineFamily, family_for
-from .managed import GenerationCancelled, ManagedPipeline, StepStats, build_pipeline, execution_device_subclass, vae_memory_plan
+from .families import (
+    DECODE,
+    DENOISE,
+    ENCODE,
+    FAMILIES,
+    FAMILIES_BY_NAME,
+    STAGES,
+    PipelineFamily,
+    family_for,
+)
+from .managed import (
+    GenerationCancelled,
+    ManagedPipeline,
+    StepStats,
+    activation_bytes,
+    build_pipeline,
+    execution_device_subclass,
+    vae_memory_plan,
+)
 
 __all__ = [
     "DECODE",
@@ -16,6 +33,7 @@ __all__ = [
     "ManagedPipeline",
     "PipelineFamily",
     "StepStats",
+    "activation_bytes",
     "build_pipeline",
     "execution_device_subclass",
     "family_for",

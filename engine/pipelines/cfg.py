@@ -18,7 +18,8 @@ images are identical across strategies.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class CfgPairBatcher:
 
     # --- installation -------------------------------------------------------------------------
     @classmethod
-    def install(cls, model: torch.nn.Module) -> "CfgPairBatcher":
+    def install(cls, model: torch.nn.Module) -> CfgPairBatcher:
         existing = model.__dict__.get("forward")
         if isinstance(existing, CfgPairBatcher):
             return existing

@@ -16,20 +16,34 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..budget import VramBudget
 from ..config import VramConfig
-from ..management import layer_state_counts, offload_model, onload_model, runtime_of, set_vram_limit
+from ..management import (
+    layer_state_counts,
+    offload_model,
+    onload_model,
+    runtime_of,
+    set_vram_limit,
+)
 from ..runtime import VramRuntime
 from .cfg import CfgPairBatcher
 from .families import DECODE, DENOISE, ENCODE, PipelineFamily, family_for
-from .loading import component_classes, is_weighted, load_aux_component, load_component, pipeline_config_kwargs, read_model_index
+from .loading import (
+    component_classes,
+    is_weighted,
+    load_aux_component,
+    load_component,
+    pipeline_config_kwargs,
+    read_model_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +100,15 @@ def vae_memory_plan(width: int, height: int, vram_limit_gb: float | None) -> tup
     if not tiling and vram_limit_gb is not None and pixels >= TILE_MIN_PIXELS:
         tiling = pixels * DECODE_BYTES_PER_PIXEL > 0.25 * vram_limit_gb * 1024**3
     return tiling, True
+
+
+def activation_bytes(width: int, height: int) -> int:
+    """Rough peak activation bytes of one denoiser step or of the decode at width x height (bf16)."""
+    pixels = width * height
+    denoise = int(0.3 * 1024**3 + pixels * 1200)
+    tiling, _ = vae_memory_plan(width, height, None)
+    decode = int(0.5 * 1024**3) if tiling else pixels * DECODE_BYTES_PER_PIXEL
+    return max(denoise, decode)
 
 
 class ManagedPipeline:
@@ -198,6 +221,14 @@ class ManagedPipeline:
     def denoiser_forwards(self) -> int:
         return runtime_of(self.components[self.family.denoiser]).stats.forwards
 
+    def reserve_activations(self, width: int, height: int) -> None:
+        """On a GPU the VRAM limit covers activations too: the planner keeps room for them. (On the
+        CPU the limit only bounds the engine's ledger of weights, so nothing is reserved.)"""
+        reserve = activation_bytes(width, height) if self.device.type != "cpu" else 0
+        if reserve != self.budget.activation_reserve_bytes:
+            self.budget.activation_reserve_bytes = reserve
+            self.budget.replan()
+
     # --- VAE ------------------------------------------------------------------------------------
     def configure_vae(self, width: int, height: int) -> None:
         vae = self.components.get("vae")
@@ -233,6 +264,7 @@ class ManagedPipeline:
         between steps raises GenerationCancelled (nothing is decoded)."""
         fam = self.family
         pipe = self.pipe
+        self.reserve_activations(width, height)
         self.configure_vae(width, height)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
 
