@@ -62,7 +62,7 @@ def hardware_note(hw: HardwareInfo) -> str:
 
 def estimate_markdown(est: MemoryEstimate) -> str:
     """The estimate box shown before a run."""
-    verdict = "✅ Fits" if est.fits else "⚠️ Does not fit"
+    verdict = "Fits" if est.fits else "Does not fit"
     lines = [
         f"**{verdict}** with these settings.",
         "",
@@ -72,7 +72,7 @@ def estimate_markdown(est: MemoryEstimate) -> str:
     ]
     for warning in est.warnings:
         lines.append("")
-        lines.append(f"⚠️ {warning}")
+        lines.append(f"**Warning:** {warning}")
     if not est.fits and est.smallest_feasible_vram_limit_gb is not None:
         lines.append("")
         lines.append(f"Smallest VRAM limit that works: {gb(est.smallest_feasible_vram_limit_gb)}.")
@@ -81,7 +81,7 @@ def estimate_markdown(est: MemoryEstimate) -> str:
 
 def estimate_error_markdown(message: str) -> str:
     """The estimate box when the settings themselves are invalid."""
-    return f"**⚠️ Cannot run these settings.**\n\n{message}"
+    return f"**Cannot run these settings.**\n\n{message}"
 
 
 def _used_total(used: float | None, total: float | None) -> str:

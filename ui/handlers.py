@@ -30,6 +30,12 @@ log = logging.getLogger("lowvram_studio.ui")
 
 PLOT_COLUMNS = ["seconds", "GB", "memory"]
 
+
+def history_frame(samples) -> pd.DataFrame:
+    """The chart's data, typed (numbers are quantitative axes even when there are no rows yet)."""
+    frame = pd.DataFrame(formatting.history_rows(samples), columns=PLOT_COLUMNS)
+    return frame.astype({"seconds": "float64", "GB": "float64", "memory": "string"})
+
 try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs.
     import spaces  # type: ignore[import-not-found]
 
@@ -87,11 +93,15 @@ class Handlers:
         """Dropdown choices again (a download changes 'not downloaded' to 'downloaded')."""
         return gr.update(choices=formatting.model_choices(self.models()), value=current)
 
-    def on_model_change(self, model_id: str | None):
-        """Put the model's defaults and limits into width, height, steps and guidance."""
+    def on_model_change(self, model_id: str | None, previous: str | None):
+        """Put the model's defaults and limits into width, height, steps and guidance.
+
+        Only when the model really changed: closing the dropdown on the same model keeps the
+        user's values.
+        """
         choice = self.model(model_id)
-        if choice is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if choice is None or model_id == previous:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         d, lim = choice.defaults, choice.limits
         multiple = lim.get("size_multiple", 16)
         return (
@@ -107,6 +117,7 @@ class Handlers:
                 minimum=lim.get("min_guidance", 0.0),
                 maximum=lim.get("max_guidance", 20.0),
             ),
+            model_id,
         )
 
     # --- VRAM controls --------------------------------------------------------------------
@@ -180,8 +191,9 @@ class Handlers:
             progress(None, desc="Starting")
             for item in engine_events(request, None if ZERO_GPU else cancel):
                 if isinstance(item, GenerationResult):
-                    last = GenerationEvent(phase="done", step=last.step if last else 0, total_steps=last.total_steps if last else 0,
-                                           seconds_per_step=last.seconds_per_step if last else None)
+                    if last is None or last.phase != "done":
+                        last = GenerationEvent(phase="done", step=last.step if last else 0,
+                                               total_steps=last.total_steps if last else 0)
                     return item
                 last = item
                 self.tracker.update(run_id, item)
@@ -339,8 +351,7 @@ class Handlers:
             who = "this tab" if owner == session else "another tab"
         panel = formatting.live_panel_html(snapshot, event, who)
         key = [run_id, len(samples)]
-        if key == shown:
-            plot = gr.skip()
-        else:
-            plot = pd.DataFrame(formatting.history_rows(samples), columns=PLOT_COLUMNS)
-        return panel, plot, key
+        if key == shown or not samples:
+            # an empty frame would leave the chart without its colour legend: keep the last one
+            return panel, gr.skip(), shown
+        return panel, history_frame(samples), key

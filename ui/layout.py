@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from . import formatting
-from .handlers import PLOT_COLUMNS, Handlers
+from .handlers import Handlers
 
 TITLE = "lowvram-studio"
 GPU_QUEUE = "gpu"  # one generation at a time, whoever asks (page or API)
@@ -23,7 +22,6 @@ CSS = """
 .lvs-stats th, .lvs-stats td, .lvs-layers th, .lvs-layers td { border-bottom: 1px solid var(--border-color-primary); padding: 2px 6px; text-align: left; }
 .lvs-layers td { text-align: right; }
 .lvs-msg { font-size: 0.9em; opacity: 0.8; margin: 0.2em 0; }
-#seed-row button { max-width: 3.5em; min-width: 3.5em; }
 """
 
 
@@ -81,8 +79,8 @@ def build_demo(studio: Any) -> gr.Blocks:
                     )
                 with gr.Row(elem_id="seed-row", equal_height=True):
                     seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", scale=4)
-                    random_seed = gr.Button("🎲", scale=0, min_width=40)
-                    reuse_seed = gr.Button("♻️", scale=0, min_width=40)
+                    random_seed = gr.Button("Random", scale=0, min_width=80)
+                    reuse_seed = gr.Button("Last seed", scale=0, min_width=80)
                 with gr.Accordion("Memory", open=True):
                     with gr.Row():
                         auto = gr.Checkbox(
@@ -124,17 +122,16 @@ def build_demo(studio: Any) -> gr.Blocks:
                     interactive=False,
                     type="filepath",
                 )
-                with gr.Row():
-                    parameters = gr.Textbox(label="Parameters", lines=4, max_lines=8, interactive=False, scale=3,
-                                            elem_id="parameters")
-                    png_file = gr.File(label="PNG", interactive=False, scale=1, elem_id="png-file")
+                parameters = gr.Textbox(label="Parameters", lines=3, max_lines=8, interactive=False, elem_id="parameters")
+                png_file = gr.File(label="PNG download (with its parameters inside)", interactive=False, elem_id="png-file")
                 with gr.Group():
                     live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
                     chart = gr.LinePlot(
-                        pd.DataFrame(columns=PLOT_COLUMNS),
+                        None,  # no frame yet: the first run's samples define the axes and colours
                         x="seconds",
                         y="GB",
                         color="memory",
+                        color_map={"VRAM used": "#e4572e", "RAM used": "#2e86ab"},
                         title="Memory during the run",
                         x_title="seconds",
                         y_title="GB",
@@ -145,6 +142,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         results = gr.State([])
         last_seed = gr.State(None)
         shown = gr.State(None)
+        model_shown = gr.State(current.id if current else None)  # the model whose defaults the controls hold
         timer = gr.Timer(0.5)
 
         # ---------------------------------------------------------------- API-only endpoint
@@ -180,7 +178,10 @@ def build_demo(studio: Any) -> gr.Blocks:
             concurrency_id="estimate",
             **private,
         )
-        model.input(h.on_model_change, model, [width, height, steps, guidance], show_progress="hidden", **private)
+        model.change(
+            h.on_model_change, [model, model_shown], [width, height, steps, guidance, model_shown],
+            show_progress="hidden", **private,
+        )
         auto.change(h.on_auto_change, auto, vram_slider, queue=False, show_progress="hidden", **private)
         random_seed.click(h.random_seed, None, seed, queue=False, **private)
         reuse_seed.click(h.reuse_seed, last_seed, seed, queue=False, **private)

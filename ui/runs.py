@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.api_types import GenerationEvent, TelemetrySnapshot
 
@@ -75,6 +75,10 @@ class RunTracker:
     def update(self, run_id: int, event: GenerationEvent) -> None:
         with self._lock:
             if self._run is not None and self._run.run_id == run_id:
+                previous = self._run.event
+                if previous is not None and event.seconds_per_step is None and event.phase in ("decoding", "done"):
+                    # keep the speed of the last step on the panel
+                    event = replace(event, seconds_per_step=previous.seconds_per_step)
                 self._run.event = event
                 if event.telemetry is not None:
                     self._sample_locked(event.telemetry)
@@ -83,6 +87,9 @@ class RunTracker:
         with self._lock:
             if self._run is not None and self._run.run_id == run_id:
                 if event is not None:
+                    previous = self._run.event
+                    if previous is not None and event.seconds_per_step is None:
+                        event = replace(event, seconds_per_step=previous.seconds_per_step)
                     self._run.event = event
                 self._run.finished = True
 

@@ -76,7 +76,7 @@ class FakeStudio:
         from PIL.PngImagePlugin import PngInfo
 
         model = self._check(r)
-        if r.model == "boom":
+        if r.prompt == "boom":
             raise RuntimeError("boom")
         steps = r.steps or model.defaults["steps"]
         w, h = r.width or model.defaults["width"], r.height or model.defaults["height"]

@@ -119,7 +119,7 @@ def test_controls_exist_by_label(page):
         assert page.get_by_role("slider", name=f"range slider for {label}").count() == 1, label
     assert page.get_by_role("button", name="Generate").count() == 1
     assert page.get_by_role("button", name="Cancel").count() == 1
-    assert page.get_by_role("button", name="🎲").count() == 1
+    assert page.get_by_role("button", name="Random").count() == 1
     # model dropdown lists name, size, downloaded or not
     model = page.get_by_label("Model", exact=True)
     assert re.search(r"\d \w?B · (built in|downloaded)", model.input_value()), model.input_value()
@@ -137,6 +137,11 @@ def test_controls_exist_by_label(page):
     # estimate reacts to a change: a bad width is reported before running
     set_value(page, "Width", 100)
     page.wait_for_function("() => document.querySelector('#estimate').innerText.includes('Cannot run')")
+    # another model brings its defaults, and the estimate warns about the download
+    model.click()
+    page.get_by_role("option", name=re.compile("Z-Image-Turbo")).click()
+    page.wait_for_function("() => document.querySelector('#estimate').innerText.includes('not downloaded')")
+    assert page.get_by_label("Width", exact=True).input_value() == "1024"
 
 
 def test_generation_live_panel_gallery_and_png(page):
