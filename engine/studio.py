@@ -288,7 +288,8 @@ class Studio:
         if comp is not None and comp.config_id:
             largest = _largest_layer_bytes(comp.library, comp.class_name, comp.config_id)
         largest = int((largest if largest is not None else 0.03 * denoiser) * factor)
-        act = activation_bytes(r.width, r.height)
+        batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
+        act = activation_bytes(r.width, r.height, 2 if batched else 1)
         smallest = act + 2 * largest  # activations + the streaming reserve (a streamed layer, source + computation form)
         limit = s.vram_limit
         warnings: list[str] = []

@@ -40,12 +40,10 @@ class PipelineFamily:
             return DECODE
         return ENCODE
 
-    def does_cfg(self, guidance: float, negative_prompt: str) -> bool:
-        if self.name == "qwen-image":  # true CFG needs a negative prompt (an empty one is fine: we pass " ")
-            return guidance > self.cfg_threshold
-        if self.name in ("flux1", "flux2-klein"):
-            return False
-        return guidance > self.cfg_threshold
+    def does_cfg(self, guidance: float, negative_prompt: str = "") -> bool:
+        """Classifier-free guidance at this guidance? (Qwen-Image: with an empty negative prompt
+        we pass " ", as its pipeline documents, so CFG does not depend on the negative prompt.)"""
+        return self.uses_negative_prompt and guidance > self.cfg_threshold
 
 
 FAMILIES: dict[str, PipelineFamily] = {

@@ -102,10 +102,11 @@ def vae_memory_plan(width: int, height: int, vram_limit_gb: float | None) -> tup
     return tiling, True
 
 
-def activation_bytes(width: int, height: int) -> int:
-    """Rough peak activation bytes of one denoiser step or of the decode at width x height (bf16)."""
+def activation_bytes(width: int, height: int, batch: int = 1) -> int:
+    """Rough peak activation bytes of one denoiser step (batch 2 with batched CFG) or of the
+    decode at width x height (bf16)."""
     pixels = width * height
-    denoise = int(0.3 * 1024**3 + pixels * 1200)
+    denoise = int(0.3 * 1024**3 + batch * pixels * 1200)
     tiling, _ = vae_memory_plan(width, height, None)
     decode = int(0.5 * 1024**3) if tiling else pixels * DECODE_BYTES_PER_PIXEL
     return max(denoise, decode)
@@ -221,10 +222,10 @@ class ManagedPipeline:
     def denoiser_forwards(self) -> int:
         return runtime_of(self.components[self.family.denoiser]).stats.forwards
 
-    def reserve_activations(self, width: int, height: int) -> None:
+    def reserve_activations(self, width: int, height: int, batch: int = 1) -> None:
         """On a GPU the VRAM limit covers activations too: the planner keeps room for them. (On the
         CPU the limit only bounds the engine's ledger of weights, so nothing is reserved.)"""
-        reserve = activation_bytes(width, height) if self.device.type != "cpu" else 0
+        reserve = activation_bytes(width, height, batch) if self.device.type != "cpu" else 0
         if reserve != self.budget.activation_reserve_bytes:
             self.budget.activation_reserve_bytes = reserve
             self.budget.replan()
@@ -247,6 +248,11 @@ class ManagedPipeline:
     def does_cfg(self, guidance: float, negative_prompt: str) -> bool:
         return self.family.does_cfg(guidance, negative_prompt)
 
+    def cfg_batch(self, guidance: float, negative_prompt: str) -> bool:
+        """Does a step run cond + uncond as one batch of 2?"""
+        fam = self.family
+        return (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(guidance, negative_prompt)
+
     def generate(
         self,
         prompt: str,
@@ -264,7 +270,7 @@ class ManagedPipeline:
         between steps raises GenerationCancelled (nothing is decoded)."""
         fam = self.family
         pipe = self.pipe
-        self.reserve_activations(width, height)
+        self.reserve_activations(width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1)
         self.configure_vae(width, height)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
 
