@@ -152,3 +152,19 @@ def test_unknown_model_is_a_readable_error(client):
     with pytest.raises(AppError) as exc:
         client.predict(prompt="x", model="no-such-model", steps=1, api_name="/generate")
     assert "no-such-model" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_auth_file_protects_the_app(tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    from tests.browser.server import running_server
+
+    users = tmp_path / "users.txt"
+    users.write_text("alice:wonder\n")
+    with running_server(tmp_path / "srv", ["--auth", str(users)]) as url:
+        with pytest.raises(Exception):
+            gradio_client.Client(url, verbose=False)
+        with pytest.raises(Exception):
+            gradio_client.Client(url, auth=("alice", "wrong"), verbose=False)
+        client = gradio_client.Client(url, auth=("alice", "wonder"), verbose=False)
+        assert "/generate" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,8 @@ def running_server(tmp: Path, extra_args: list[str] | None = None) -> Iterator[s
                 with urllib.request.urlopen(url + "gradio_api/info", timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError:  # answering, behind --auth
+                break
             except OSError:
                 pass
             if time.monotonic() > deadline:
