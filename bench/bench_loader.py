@@ -272,8 +272,8 @@ def main() -> None:
         return f"no (rel. L2 diff {rel:.3f})"
 
     print("\n| case | load s | peak RssAnon load MB | RssAnon after load MB | RssFile after load MB | "
-          "forward s (median; first) | peak RssAnon forwards MB | RssAnon after each forward MB | output vs diffusers bf16 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
+          "forward s (median; first) | peak RssAnon forwards MB | RssAnon after each forward MB | RssFile after forwards MB | output vs diffusers bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
     for r in results:
         fw = sorted(r["forward_s"])
         med = fw[len(fw) // 2] if fw else float("nan")
