@@ -26,6 +26,17 @@ class Run:
     samples: list[tuple[float, float | None, float]] = field(default_factory=list)
 
 
+def _carry(previous: GenerationEvent | None, event: GenerationEvent) -> GenerationEvent:
+    """After the denoising loop, keep its last step and speed on the panel."""
+    if previous is None or event.phase in ("downloading", "loading", "encoding", "denoising"):
+        return event
+    if event.seconds_per_step is None and previous.seconds_per_step is not None:
+        event = replace(event, seconds_per_step=previous.seconds_per_step)
+    if not event.step and previous.total_steps:
+        event = replace(event, step=previous.step, total_steps=previous.total_steps)
+    return event
+
+
 class RunTracker:
     """Thread-safe registry of the current (or last) run and of pending cancel requests."""
 
@@ -75,11 +86,7 @@ class RunTracker:
     def update(self, run_id: int, event: GenerationEvent) -> None:
         with self._lock:
             if self._run is not None and self._run.run_id == run_id:
-                previous = self._run.event
-                if previous is not None and event.seconds_per_step is None and event.phase in ("decoding", "done"):
-                    # keep the speed of the last step on the panel
-                    event = replace(event, seconds_per_step=previous.seconds_per_step)
-                self._run.event = event
+                self._run.event = _carry(self._run.event, event)
                 if event.telemetry is not None:
                     self._sample_locked(event.telemetry)
 
@@ -87,10 +94,7 @@ class RunTracker:
         with self._lock:
             if self._run is not None and self._run.run_id == run_id:
                 if event is not None:
-                    previous = self._run.event
-                    if previous is not None and event.seconds_per_step is None:
-                        event = replace(event, seconds_per_step=previous.seconds_per_step)
-                    self._run.event = event
+                    self._run.event = _carry(self._run.event, event)
                 self._run.finished = True
 
     def sample(self, snapshot: TelemetrySnapshot) -> None:

@@ -148,12 +148,18 @@ def test_generation_live_panel_gallery_and_png(page):
     assert gallery_count(page) == 0
     start(page, "a lighthouse on a cliff at dawn", LONG_STEPS, LONG_SIZE)
     samples: list[dict[str, str]] = []
+    changes: list[float] = []  # when the panel's numbers changed while denoising
     t0 = time.monotonic()
     while gallery_count(page) == 0:
         assert time.monotonic() - t0 < RUN_TIMEOUT_MS / 1000, f"no image; panel: {samples[-1:]}, toasts: {toasts(page)}"
         samples.append(panel(page))
-        time.sleep(0.2)
+        if samples[-1].get("phase", "").startswith("Denoising") and (len(samples) < 2 or samples[-1] != samples[-2]):
+            changes.append(time.monotonic())
+        time.sleep(0.1)
     wait_ready(page)
+    if len(changes) >= 2 and changes[-1] - changes[0] > 2:
+        rate = (len(changes) - 1) / (changes[-1] - changes[0])
+        assert rate >= 1.0, f"the live panel changed {rate:.1f} times a second while denoising"
     running = [s for s in samples if s.get("step", "–") != "–" and "Done" not in s.get("phase", "")]
     steps_seen = {s["step"] for s in running}
     assert len(steps_seen) >= 3, f"the step counter should move during the run: {steps_seen}"
