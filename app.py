@@ -90,6 +90,10 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] | None = None) -> None:
     args = parse_args(argv)
+    try:  # Hugging Face ZeroGPU wants `spaces` imported before torch touches CUDA
+        import spaces  # noqa: F401
+    except ImportError:
+        pass
     if studio_factory is None:
         from engine.studio import Studio as studio_factory  # noqa: N813
 

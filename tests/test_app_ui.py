@@ -204,3 +204,32 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     assert len(gpu_fns) == 2 and all(f.concurrency_limit == 1 for f in gpu_fns)
     tick = [f for f in demo.fns.values() if f.concurrency_id == "telemetry"]
     assert tick and tick[0].concurrency_limit is None
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, progress, desc=None, total=None, unit="steps"):
+        self.calls.append((progress, desc, unit))
+
+
+def test_progress_bar_follows_downloads_and_steps(handlers, monkeypatch):
+    from engine.api_types import GenerationResult
+
+    events = [
+        GenerationEvent(phase="downloading", download_fraction=0.0),
+        GenerationEvent(phase="downloading", download_fraction=0.5),
+        GenerationEvent(phase="loading", message="Loading X"),
+        GenerationEvent(phase="denoising", step=1, total_steps=2),
+        GenerationEvent(phase="denoising", step=2, total_steps=2),
+        GenerationEvent(phase="done", step=2, total_steps=2),
+        GenerationResult(image=None, path=handlers.studio.outputs_dir / "x.png", parameters="p", settings={"seed": 1}),
+    ]
+    monkeypatch.setattr(handlers.studio, "generate", lambda request, cancel=None: iter(events))
+    progress = RecordingProgress()
+    path, params = handlers.generate("x", request=req(), progress=progress)
+    assert path.endswith("x.png") and params == "p"
+    assert (0.5, "Downloading the model", "steps") in progress.calls
+    assert ((1, 2), "Denoising", "steps") in progress.calls and ((2, 2), "Denoising", "steps") in progress.calls
+    assert (None, "Loading X", "steps") in progress.calls

@@ -42,7 +42,8 @@ def build_demo(studio: Any) -> gr.Blocks:
     default_id = studio.default_model_id()
     current = next((m for m in models if m.id == default_id), models[0] if models else None)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of served PNGs go after a day (the originals stay in outputs/)
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
             f"# {TITLE}\nRun large image models on small GPUs: layers are streamed to the GPU within the "
             "VRAM limit you set. The *demo* model works offline and draws noise."
