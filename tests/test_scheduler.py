@@ -133,14 +133,24 @@ def make_stack(seed: int = 0) -> Stack:
 X = torch.randn(4, 32).to(torch.bfloat16)
 
 
-def scheduled(plain: nn.Module, config: dict, limit: float | None, backend: RecordingBackend, monkeypatch) -> nn.Module:
-    model = copy.deepcopy(plain)
-    enable_vram_management(model, vram_config=config, vram_limit=limit)
-    # blocks are declared by name here, as a shipped module map would
+def name_blocks(model: nn.Module) -> None:
+    """Group layers by block, as a shipped module map declares it."""
     for record in runtime_of(model).layers:
         if record.name.startswith("blocks."):
             record.block = ".".join(record.name.split(".")[:2])
+
+
+def scheduled(plain: nn.Module, config: dict, limit: float | None, backend: RecordingBackend, monkeypatch) -> nn.Module:
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=config, vram_limit=limit)
+    name_blocks(model)
     runtime_of(model).use_scheduler(backend)
+    log_computes(backend, monkeypatch)
+    return model
+
+
+def log_computes(backend: RecordingBackend, monkeypatch) -> None:
+    """Record each layer's compute, with the slot its weights come from, on the compute stream."""
     original = ManagedModule._vram_compute
 
     def logged(self, params, args, kwargs):
@@ -150,7 +160,6 @@ def scheduled(plain: nn.Module, config: dict, limit: float | None, backend: Reco
         return original(self, params, args, kwargs)
 
     monkeypatch.setattr(ManagedModule, "_vram_compute", logged)
-    return model
 
 
 CPU = {"computation_device": "cpu", "computation_dtype": "bfloat16"}
@@ -324,9 +333,7 @@ def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
     backend = PinningBackend()
     model = copy.deepcopy(plain)
     enable_vram_management(model, vram_config=CPU, vram_limit=0)
-    for record in runtime_of(model).layers:
-        if record.name.startswith("blocks."):
-            record.block = ".".join(record.name.split(".")[:2])
+    name_blocks(model)
     runtime = runtime_of(model)
     half = host_bytes_aligned(plain) // 2
     pinned_budget = PinnedBudget(limit_bytes=half)
@@ -336,15 +343,7 @@ def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
     assert pinned_budget.used == report.pinned_bytes
     stager = runtime.scheduler.stager
     assert stager is not None
-    original = ManagedModule._vram_compute
-
-    def logged(self, params, args, kwargs):
-        slots = {backend.slot_of(t) for t in params.values()}
-        slots.discard(None)
-        backend.compute(self._vram.name, slots.pop() if slots else None)
-        return original(self, params, args, kwargs)
-
-    monkeypatch.setattr(ManagedModule, "_vram_compute", logged)
+    log_computes(backend, monkeypatch)
     for _ in range(4):
         assert torch.equal(model(X), plain(X))
     backend.check_ordering()
