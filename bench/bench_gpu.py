@@ -577,7 +577,7 @@ def job_diffsynth(child: Child, spec: dict[str, Any]) -> dict[str, Any]:
     torch = child.torch
     notes: list[str] = []
     try:
-        import diffsynth
+        import diffsynth  # noqa: F401
     except ModuleNotFoundError as exc:
         if exc.name == "diffsynth":
             return {"rows": [{"config": row_label(spec), "status": "not run", "why": "diffsynth is not installed (pip install diffsynth)"}]}
@@ -590,7 +590,7 @@ def job_diffsynth(child: Child, spec: dict[str, Any]) -> dict[str, Any]:
             _drop_modules(name)
         _stub_modelscope()
         try:
-            import diffsynth
+            import diffsynth  # noqa: F401
         except ModuleNotFoundError as exc2:
             why = f"diffsynth is installed but its import needs {exc2.name!r} (first missing: {first!r}); carry that wheel"
             return {"rows": [{"config": row_label(spec), "status": "not run", "why": why}]}
@@ -953,6 +953,8 @@ def render(results: list[dict[str, Any]], chosen: list[str], args: argparse.Name
         notes = "; ".join(row.get("notes") or [])
         if row.get("ledger_peak") is not None:
             notes = (notes + "; " if notes else "") + f"engine ledger peak {_g(row['ledger_peak'])} {u}"
+        if row.get("weights_bytes") is not None and row.get("streamed_per_step") is None and "compute" not in label:
+            notes += f"; holds {_g(row['weights_bytes'])} {u} of weights off the GPU, moved every step (bytes not instrumented)"
         if row.get("setup_s"):
             notes += f"; enable {row['setup_s']:.0f} s"
         lines.append(
