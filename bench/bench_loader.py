@@ -130,6 +130,7 @@ def child(case: str, path: str, forwards: int, side: int, text: int, out_file: s
     out = {
         "case": case,
         "label": label,
+        "loadavg": os.getloadavg()[0],
         "load_s": load_s,
         "load_peak_anon": peak.value - base,
         "after_load_anon": _rss() - base,
@@ -272,15 +273,15 @@ def main() -> None:
         return f"no (rel. L2 diff {rel:.3f})"
 
     print("\n| case | load s | peak RssAnon load MB | RssAnon after load MB | RssFile after load MB | "
-          "forward s (median; first) | peak RssAnon forwards MB | RssAnon after each forward MB | RssFile after forwards MB | output vs diffusers bf16 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
+          "forward s (median; first) | peak RssAnon forwards MB | RssAnon after each forward MB | RssFile after forwards MB | output vs diffusers bf16 | host load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|")
     for r in results:
         fw = sorted(r["forward_s"])
         med = fw[len(fw) // 2] if fw else float("nan")
         same = vs_reference(r["case"])
         print(f"| {r['label']} | {r['load_s']:.1f} | {_fmt_mb(r['load_peak_anon'])} | {_fmt_mb(r['after_load_anon'])} | "
               f"{_fmt_mb(r['after_load_file'])} | {med:.2f}; {r['forward_s'][0]:.2f} | {_fmt_mb(r['forward_peak_anon'])} | "
-              f"{' / '.join(_fmt_mb(a) for a in r['after_forward_anon'])} | {_fmt_mb(r['after_forward_file'])} | {same} |")
+              f"{' / '.join(_fmt_mb(a) for a in r['after_forward_anon'])} | {_fmt_mb(r['after_forward_file'])} | {same} | {r['loadavg']:.1f} |")
     print()
     pairs = [("ours_bf16", "diffusers_bf16"), ("ours_fp8", "diffusers_fp8"), ("ours_disk", "ours_bf16"), ("ours_disk", "ours_disk_noprefetch")]
     for a, b in pairs:

@@ -301,13 +301,12 @@ def read_stored(entry: TensorEntry, place: Place, compute_dtype: torch.dtype, wo
         part = raw[: n * row_bytes].view(entry.dtype).view(shape)
         entry.file.read_into(entry, part, start=r0 * row_bytes)
         w = w32[: n * row_elems].view(shape)
-        # min/max on the file's values (exact: selecting a value commutes with the exact upcast),
-        # |x|max = max(-min, max) without a tensor-sized temporary
-        lo, hi = torch.aminmax(part, dim=reduce_dims[0], keepdim=True) if len(reduce_dims) == 1 else (
-            part.amin(dim=reduce_dims, keepdim=True), part.amax(dim=reduce_dims, keepdim=True))
-        amax = torch.maximum(lo.abs_(), hi).to(torch.float32)
+        w.copy_(part)  # exact upcast, as quantize_per_channel's .to(float32)
+        lo, hi = torch.aminmax(w, dim=reduce_dims[0], keepdim=True) if len(reduce_dims) == 1 else (
+            w.amin(dim=reduce_dims, keepdim=True), w.amax(dim=reduce_dims, keepdim=True))
+        amax = torch.maximum(lo.abs_(), hi)  # == w.abs().amax(...) without a tensor-sized temporary
         sc = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-        torch.div(part, sc, out=w)  # promoted to float32: the same division as on w.to(float32)
+        torch.div(w, sc, out=w)
         w.clamp_(-fmax, fmax)
         data[r0 : r0 + n].copy_(w)
         scale[r0 : r0 + n].copy_(sc)
