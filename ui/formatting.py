@@ -15,7 +15,7 @@ from engine.api_types import (
 )
 
 PHASE_LABELS = {
-    "queued": "Waiting in the queue",
+    "queued": "Starting",
     "downloading": "Downloading the model",
     "loading": "Loading the model",
     "encoding": "Encoding the prompt",

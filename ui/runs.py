@@ -80,7 +80,8 @@ class RunTracker:
         with self._lock:
             run_id = self._next_id
             self._next_id += 1
-            self._run = Run(run_id=run_id, owner=owner, started=time.monotonic())
+            self._run = Run(run_id=run_id, owner=owner, started=time.monotonic(),
+                            event=GenerationEvent(phase="queued", message="Starting"))
             return run_id
 
     def update(self, run_id: int, event: GenerationEvent) -> None:

@@ -102,6 +102,17 @@ def wait_ready(page, timeout_ms: int = RUN_TIMEOUT_MS) -> None:
     )
 
 
+def wait_denoising(page) -> None:
+    """This tab's run is past its first denoising step."""
+    page.wait_for_function(
+        """() => {
+            const k = (key) => (document.querySelector(`#live-panel [data-k="${key}"]`) || {}).textContent || "";
+            return k("phase").includes("Denoising (this tab)") && /^[1-9]\\d*\\/\\d+$/.test(k("step").trim());
+        }""",
+        timeout=RUN_TIMEOUT_MS,
+    )
+
+
 def start(page, prompt: str, steps: int, size: int | None = None) -> None:
     if size is not None:
         set_value(page, "Width", size)
@@ -186,14 +197,11 @@ def test_generation_live_panel_gallery_and_png(page):
 
 def test_cancel_then_bad_width_then_generation_works(page):
     start(page, "a very long run", CANCEL_STEPS, CANCEL_SIZE)
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('#live-panel [data-k=step]')].some(e => /^[1-9]\\d*\\/\\d+$/.test(e.textContent.trim()))",
-        timeout=RUN_TIMEOUT_MS,
-    )
+    wait_denoising(page)
     page.locator("#cancel-btn").click()
     wait_toast(page, r"cancel")
     wait_ready(page, timeout_ms=60_000)
-    assert gallery_count(page) == 0
+    assert gallery_count(page) == 0, f"the run was not cancelled: {panel(page)}, toasts: {toasts(page)}"
     page.wait_for_function("() => document.querySelector('#live-panel [data-k=phase]').textContent.includes('Cancelled')")
 
     set_value(page, "Width", 100)
