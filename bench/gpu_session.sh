@@ -52,14 +52,26 @@ t = time.time()
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-for name in ("diffusers", "transformers", "accelerate", "psutil", "engine",
-             "diffusers.models.transformers.transformer_qwenimage", "diffsynth.models.qwen_image_dit",
-             "diffsynth.pipelines.qwen_image"):
+def check(name):
     try:
         mod = importlib.import_module(name)
         print("import ok:", name, getattr(mod, "__version__", ""))
+        return True
     except Exception as exc:
         print("import FAILED:", name, type(exc).__name__, str(exc)[:300])
+        return False
+for name in ("diffusers", "transformers", "accelerate", "psutil", "engine",
+             "diffusers.models.transformers.transformer_qwenimage"):
+    check(name)
+try:
+    import diffsynth
+    print("import ok: diffsynth (modelscope importable)")
+except ModuleNotFoundError as exc:
+    print(f"diffsynth import: missing {exc.name!r}; retrying with bench_gpu's modelscope stub")
+    from bench.bench_gpu import _drop_modules, _stub_modelscope
+    _drop_modules("diffsynth"); _drop_modules("modelscope"); _drop_modules("modelscope_hub"); _stub_modelscope()
+for name in ("diffsynth", "diffsynth.models.qwen_image_dit", "diffsynth.core.vram.layers", "diffsynth.pipelines.qwen_image"):
+    check(name)
 print(f"imports took {time.time() - t:.1f} s")
 EOF
 
