@@ -974,7 +974,7 @@ def render(results: list[dict[str, Any]], chosen: list[str], args: argparse.Name
         "(this row's streamed bytes per step / pinned H2D rate), ours only (measured bytes). Peak VRAM alloc = "
         "torch.cuda.max_memory_allocated over warm-up and timed steps; peak device used = cudaMemGetInfo total-free, "
         "sampled every 50 ms (CUDA context and allocator cache included). Peak host RAM = max(VmHWM, rise of "
-        "system-wide used RAM) over the whole process, setup included (pinned pages counted either way); host RAM "
+        "system-wide used RAM) over the whole process, setup included (pinned pages counted either way; the system-wide part assumes nothing else runs on the host); host RAM "
         "in steps = the same, sampled during the warm-up and timed steps only."
     )
     lines.append("")
