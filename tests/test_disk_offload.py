@@ -73,7 +73,7 @@ peak = Peak()
 
 def phase(name, config, forwards=0):
     settle(); base = rss(); peak.reset(); t0 = time.time()
-    model = load_model(QwenImageTransformer2DModel, path, vram_config={**cpu, **config}, vram_limit=0)
+    model = load_model(QwenImageTransformer2DModel, path, vram_config={**cpu, **config}, vram_limit=0, prefetch=True)
     res = {"load_peak": peak.value - base, "after_load": rss() - base}
     rt = runtime_of(model)
     res["stored"] = sum(s.nbytes for r in rt.layers for n, s in r.masters.items() if n in r.owned)
@@ -226,7 +226,7 @@ def test_disk_stored_reads_exact_bytes_and_quantizes_like_store(tmp_path):
 
 def test_prefetcher_follows_execution_order(tiny_checkpoints):
     cls, directory, inputs = tiny_checkpoints("QwenImageTransformer2DModel")
-    model = load_model(cls, directory, vram_config=DISK, vram_limit=0)
+    model = load_model(cls, directory, vram_config=DISK, vram_limit=0, prefetch=True)
     prefetcher = runtime_of(model).prefetcher
     assert prefetcher is not None
     reference = run_model(model, inputs)  # first forward: order unknown, everything read in place
@@ -240,6 +240,10 @@ def test_prefetcher_follows_execution_order(tiny_checkpoints):
     # no prefetcher: same output
     plain = load_model(cls, directory, vram_config=DISK, vram_limit=0, prefetch=False)
     assert runtime_of(plain).prefetcher is None
+    from engine.loader import auto_prefetch
+    from engine.config import VramConfig
+
+    assert auto_prefetch(VramConfig.from_dict(DISK)) == ((os.cpu_count() or 1) > torch.get_num_threads())
     assert torch.equal(run_model(plain, inputs), run_model(plain, inputs)) and torch.equal(run_model(plain, inputs), reference)
 
 
@@ -249,7 +253,7 @@ def test_read_error_in_prefetch_surfaces_in_the_forward(tiny_checkpoints, tmp_pa
     cls, directory, inputs = tiny_checkpoints("QwenImageTransformer2DModel")
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
-    model = load_model(cls, copy, vram_config=DISK, vram_limit=0)
+    model = load_model(cls, copy, vram_config=DISK, vram_limit=0, prefetch=True)
     run_model(model, inputs)
     for shard in copy.glob("*.safetensors"):  # the files change under a loaded model
         shard.write_bytes(shard.read_bytes()[:16])
