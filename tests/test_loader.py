@@ -375,3 +375,36 @@ def test_failure_while_streaming_drops_everything(qwen_copy, monkeypatch):
         load_model(cls, directory, vram_config=RAM)
     gc.collect()
     assert calls["n"] == 20 and sum(ref() is not None for ref in made) == 0
+
+
+def test_real_layout_tiny_repo_components(tmp_path):
+    """The qwen-image tiny repo (model_registry.tiny_repos: the real repo's file layout, sharded
+    with index json): text encoder (transformers, renamed keys) and DiT from their subfolders."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from model_registry.tiny_repos import write_tiny_repo
+
+    repo = write_tiny_repo("qwen-image", tmp_path / "qwen-image")
+    g = torch.Generator().manual_seed(0)
+    text_dir = repo / "text_encoder"
+    vocab = json.loads((text_dir / "config.json").read_text()).get("text_config", {}).get("vocab_size") or 64
+    ids = torch.randint(0, min(vocab, 64), (1, 6), generator=g)
+    with torch.no_grad():
+        expected = from_pretrained_bf16(Qwen2_5_VLForConditionalGeneration, text_dir)(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        model = load_model(Qwen2_5_VLForConditionalGeneration, text_dir, vram_config=DISK, vram_limit=0)
+        assert torch.equal(model(input_ids=ids, output_hidden_states=True).hidden_states[-1], expected)
+
+    dit_dir = repo / "transformer"
+    cfg = json.loads((dit_dir / "config.json").read_text())
+    side = 4
+    inputs = {
+        "hidden_states": torch.randn(1, side * side, cfg["in_channels"], generator=g).bfloat16(),
+        "encoder_hidden_states": torch.randn(1, 5, cfg["joint_attention_dim"], generator=g).bfloat16(),
+        "encoder_hidden_states_mask": torch.ones(1, 5, dtype=torch.long),
+        "timestep": torch.tensor([0.5]).bfloat16(),
+        "img_shapes": [(1, side, side)],
+    }
+    reference = run_model(from_pretrained_bf16(QwenImageTransformer2DModel, dit_dir), inputs)
+    for config, limit in ((DISK, 0), (RAM, None)):
+        assert torch.equal(run_model(load_model(QwenImageTransformer2DModel, dit_dir, vram_config=config, vram_limit=limit), inputs), reference)
