@@ -58,18 +58,29 @@ def _rss(field: str = "RssAnon:") -> int:
 
 
 class _Peak:
+    """Peak RssAnon sampled every ms; reset() is done by the sampling thread itself (assigning
+    from outside could be overwritten by a max() it computed from the old value)."""
+
     def __init__(self) -> None:
         self.value = _rss()
         self.stop = False
+        self.resetting = False
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self.stop:
-            self.value = max(self.value, _rss())
+            v = _rss()
+            if self.resetting:
+                self.value = v
+                self.resetting = False
+            else:
+                self.value = max(self.value, v)
             time.sleep(0.001)
 
     def reset(self) -> None:
-        self.value = _rss()
+        self.resetting = True
+        while self.resetting:
+            time.sleep(0.0002)
 
 
 def generate(path: Path, layers: int) -> None:

@@ -46,14 +46,23 @@ def rss(field="RssAnon:"):
                 return int(line.split()[1]) * 1024
 
 class Peak:
+    # reset() is handed to the sampling thread: assigning from here could be overwritten by a
+    # max() the thread computed from the old value just before
     def __init__(self):
-        self.value = rss(); self.stop = False
+        self.value = rss(); self.stop = False; self.resetting = False
         threading.Thread(target=self.run, daemon=True).start()
     def run(self):
         while not self.stop:
-            self.value = max(self.value, rss()); time.sleep(0.001)
+            v = rss()
+            if self.resetting:
+                self.value = v; self.resetting = False
+            else:
+                self.value = max(self.value, v)
+            time.sleep(0.001)
     def reset(self):
-        self.value = rss()
+        self.resetting = True
+        while self.resetting:
+            time.sleep(0.0002)
 
 def settle():
     gc.collect()
