@@ -45,7 +45,6 @@ from .config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
 from .disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
 from .management import _plan_wrappers, enable_vram_management, runtime_of
 from .prefetch import DiskPrefetcher
-from .fp8 import quantize_per_channel
 from .stored import ScaledFp8Stored, StoredTensor, storage_dtype_for, store
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from engine.api_types import GenerateRequest, GenerationEvent, MemoryEstimate, ModelChoice, TelemetrySnapshot
+from engine.api_types import GenerationEvent, MemoryEstimate, ModelChoice, TelemetrySnapshot
 from tests.browser.fake_studio import FakeStudio
 from ui import build_demo, formatting
 from ui.handlers import Handlers, history_frame
