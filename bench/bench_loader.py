@@ -304,6 +304,7 @@ def main() -> None:
                   f"{(ra['load_peak_anon'] + ra['after_forward_file']) / max(rb['load_peak_anon'] + rb['after_forward_file'], 1):.2f}, "
                   f"forward (median) x{fa[len(fa) // 2] / fb[len(fb) // 2]:.2f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": device, "checkpoint": str(path), "bytes": nbytes, "results": results}, indent=1))
 
 
