@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,7 @@ class PinnedArena:
         self.budget = budget
         self.buffer: torch.Tensor | None = None
         self.report = ArenaReport(0, 0, 0)
+        self._finalizer: weakref.finalize | None = None
 
     def build(self) -> ArenaReport:
         """Pack the component's host masters (execution order first) into one pinned buffer."""
@@ -131,6 +133,8 @@ class PinnedArena:
         self.report = ArenaReport(offset, wanted - offset, pinned)
         if granted > offset:
             self.budget.give_back(granted - offset)
+        # the pinned bytes return to the budget when the arena goes, released or collected
+        self._finalizer = weakref.finalize(self, self.budget.give_back, offset)
         return self.report
 
     def _repoint_placeholders(self, repointed: dict[int, torch.Tensor]) -> None:
@@ -150,5 +154,5 @@ class PinnedArena:
 
     def release(self) -> None:
         if self.buffer is not None:
-            self.budget.give_back(self.report.pinned_bytes)
+            self._finalizer()
             self.buffer = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -327,8 +328,11 @@ class Stager:
         self.offset = 0
         self.used_in_group: set[int] = set()
         self.jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]" = queue.Queue()
-        self.thread = threading.Thread(target=self._work, name="lowvram-stager", daemon=True)
+        # the thread holds the queue, not the stager, so a dropped stager is collected and its
+        # finalizer stops the thread
+        self.thread = threading.Thread(target=_run_jobs, args=(self.jobs,), name="lowvram-stager", daemon=True)
         self.thread.start()
+        self._stop = weakref.finalize(self, self.jobs.put, None)
         self.staged_bytes = 0
 
     @staticmethod
@@ -344,17 +348,6 @@ class Stager:
     def drain(self) -> None:
         """Wait until every submitted job has enqueued its copies."""
         self.submit(lambda: None).result()
-
-    def _work(self) -> None:
-        while True:
-            item = self.jobs.get()
-            if item is None:
-                return
-            job, future = item
-            try:
-                future.set_result(job())
-            except BaseException as exc:  # surfaced to the compute thread through the future
-                future.set_exception(exc)
 
     def stage(self, source: torch.Tensor) -> torch.Tensor:
         """Copy `source` into the current staging buffer (switching buffers when full)."""
@@ -384,5 +377,18 @@ class Stager:
         self._switch()
 
     def close(self) -> None:
-        self.jobs.put(None)
+        self._stop()
         self.thread.join(timeout=5)
+
+
+def _run_jobs(jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]") -> None:
+    """The stager's worker loop: run each job, hand its result (or error) to its future."""
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        job, future = item
+        try:
+            future.set_result(job())
+        except BaseException as exc:  # surfaced to the compute thread through the future
+            future.set_exception(exc)

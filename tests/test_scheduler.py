@@ -351,3 +351,22 @@ def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
     assert any(g.pageable for g in runtime.scheduler.groups) and not all(g.pageable for g in runtime.scheduler.groups)
     runtime.close_scheduler()
     assert pinned_budget.used == 0
+
+
+def test_dropped_component_returns_its_pinned_bytes_and_stops_its_worker():
+    import gc
+
+    from engine.pinned import PinnedBudget
+
+    plain = make_stack()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=CPU, vram_limit=0)
+    pinned_budget = PinnedBudget(limit_bytes=host_bytes_aligned(plain) // 2)
+    runtime_of(model).use_scheduler(PinningBackend(), pinned_budget)
+    thread = runtime_of(model).scheduler.stager.thread
+    assert pinned_budget.used > 0 and thread.is_alive()
+    del model
+    gc.collect()
+    thread.join(timeout=5)
+    assert pinned_budget.used == 0
+    assert not thread.is_alive()
