@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from .devices import DeviceBackend
-from .stored import PlainStored, ScaledFp8Stored, StoredTensor
+from .stored import StoredTensor
 
 if TYPE_CHECKING:
     from .runtime import VramRuntime
 
-ALIGN = 256
+ALIGN = 256  # byte alignment of each tensor inside an arena, a slot or a staging buffer
 DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -72,14 +72,6 @@ class ArenaReport:
     tensors_pinned: int
 
 
-def _parts(stored: StoredTensor) -> list[str]:
-    if isinstance(stored, ScaledFp8Stored):
-        return ["data", "scale"]
-    if isinstance(stored, PlainStored):
-        return ["tensor"]
-    return []
-
-
 class PinnedArena:
     """The pinned buffer of one component and what it holds."""
 
@@ -103,12 +95,11 @@ class PinnedArena:
                 if id(stored) in seen:
                     continue
                 seen.add(id(stored))
-                for part in _parts(stored):
-                    tensor = getattr(stored, part)
+                for part, tensor in stored.parts():
                     if tensor.device.type != "cpu":
                         continue
                     todo.append((stored, part, tensor))
-                    wanted += _aligned(tensor.numel() * tensor.element_size())
+                    wanted += aligned(tensor.numel() * tensor.element_size())
         granted = self.budget.take(wanted)
         buffer = self.backend.pin(granted) if granted else None
         if buffer is None:
@@ -120,13 +111,13 @@ class PinnedArena:
         repointed: dict[int, torch.Tensor] = {}
         for stored, part, tensor in todo:
             nbytes = tensor.numel() * tensor.element_size()
-            if offset + _aligned(nbytes) > granted:
+            if offset + aligned(nbytes) > granted:
                 continue  # stays pageable: staged by the scheduler's worker
             view = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
             view.copy_(tensor)
             setattr(stored, part, view)
             repointed[tensor.untyped_storage().data_ptr()] = view
-            offset += _aligned(nbytes)
+            offset += aligned(nbytes)
             pinned += 1
         self._repoint_placeholders(repointed)
         self.buffer = buffer

@@ -26,19 +26,15 @@ from torch import nn
 
 from .devices import DeviceBackend
 from .fp8 import dequantize
+from .pinned import aligned
 from .planner import MAX_DEPTH
-from .stored import PlainStored, ScaledFp8Stored, StoredTensor
+from .stored import StoredTensor
 
 if TYPE_CHECKING:
     from .runtime import LayerRecord, VramRuntime
 
 log = logging.getLogger(__name__)
 
-ALIGN = 256  # byte alignment of each tensor inside a slot
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass
@@ -47,7 +43,7 @@ class SliceSpec:
 
     record: "LayerRecord"
     param: str
-    part: str  # "tensor" for plain tensors, "data"/"scale" for scaled FP8
+    part: str  # the stored copy's attribute (StoredTensor.parts): "tensor", or "data"/"scale" for FP8
     offset: int
     nbytes: int
     dtype: torch.dtype
@@ -70,15 +66,6 @@ class Loaded:
     event: Any  # copy-done event on the copy stream
 
 
-def host_parts(stored: StoredTensor) -> list[tuple[str, torch.Tensor]] | None:
-    """The host tensors a stored copy is made of, or None when it cannot be slot-copied (disk)."""
-    if isinstance(stored, ScaledFp8Stored):
-        return [("data", stored.data), ("scale", stored.scale)]
-    if isinstance(stored, PlainStored):
-        return [("tensor", stored.tensor)]
-    return None
-
-
 def group_key(record: "LayerRecord") -> str:
     return record.block or record.name
 
@@ -95,13 +82,13 @@ def build_groups(order: list["LayerRecord"], source_of: Any) -> list[Group]:
             groups.append(group)
         group.records.append(record)
         for param, stored in source_of(record).items():
-            parts = host_parts(stored)
-            if parts is None:
+            parts = stored.parts()
+            if not parts:
                 raise TypeError(f"{record.name}.{param} is not a host tensor")
             for part, tensor in parts:
                 nbytes = tensor.numel() * tensor.element_size()
                 group.slices.append(SliceSpec(record, param, part, group.nbytes, nbytes, tensor.dtype, tensor.shape))
-                group.nbytes += _aligned(nbytes)
+                group.nbytes += aligned(nbytes)
     return groups
 
 
@@ -221,10 +208,7 @@ class TransferScheduler:
         return event.result() if isinstance(event, Future) else event
 
     def _part(self, spec: SliceSpec) -> torch.Tensor:
-        stored = self._source_of(spec.record)[spec.param]
-        if spec.part == "tensor":
-            return stored.tensor  # type: ignore[attr-defined]
-        return getattr(stored, spec.part)
+        return getattr(self._source_of(spec.record)[spec.param], spec.part)
 
     def _prefetch_after(self, index: int) -> None:
         n = len(self.groups)
@@ -361,7 +345,7 @@ class Stager:
             self.used_in_group.add(self.current)
         view = self.buffers[self.current][self.offset : self.offset + nbytes].view(source.dtype).view(source.shape)
         view.copy_(source)
-        self.offset += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        self.offset += aligned(nbytes)
         self.staged_bytes += nbytes
         return view
 

@@ -40,8 +40,9 @@ class StoredTensor(ABC):
     def to_place(self, place: Place, compute_dtype: torch.dtype) -> "StoredTensor":
         """A copy stored at `place` (returns self when nothing would change)."""
 
-    def host_tensors(self) -> list[torch.Tensor]:
-        """Host tensors backing this copy (for pinning)."""
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        """(attribute, tensor) pairs this copy is made of, for code that relocates its bytes (the
+        pinned arena, the scheduler's slots). Empty for copies that are not tensors (disk)."""
         return []
 
 
@@ -86,8 +87,8 @@ class PlainStored(StoredTensor):
             return self
         return PlainStored(self.tensor.to(device=place.device, dtype=target))
 
-    def host_tensors(self) -> list[torch.Tensor]:
-        return [self.tensor] if self.tensor.device.type == "cpu" else []
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        return [("tensor", self.tensor)]
 
 
 class ScaledFp8Stored(StoredTensor):
@@ -123,8 +124,8 @@ class ScaledFp8Stored(StoredTensor):
             return PlainStored(self.materialize(torch.device("cpu"), torch.float32)).to_place(place, compute_dtype)
         return PlainStored(self.materialize(place.device, place.dtype))
 
-    def host_tensors(self) -> list[torch.Tensor]:
-        return [self.data, self.scale] if self.data.device.type == "cpu" else []
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        return [("data", self.data), ("scale", self.scale)]
 
 
 def store(tensor: torch.Tensor, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
