@@ -163,6 +163,13 @@ class VramRuntime:
             return comp + bytes_at(self.shapes(record), Place(self.comp_device, source.dtype), self.comp_dtype)
         return comp
 
+    def stream_source(self, record: LayerRecord) -> dict[str, StoredTensor]:
+        """The copy a non-resident layer streams from: its onload copy while the component is
+        onloaded and has one, else its master."""
+        if self.active and record.onloaded is not None:
+            return record.onloaded
+        return record.masters
+
     def stream_source_place(self) -> Place:
         return self.onload_place if self.active and not self.onload_is_resident else self.offload_place
 
@@ -240,7 +247,7 @@ class VramRuntime:
         source = record.resident
         resident = source is not None
         if source is None:
-            source = record.onloaded if (self.active and record.onloaded is not None) else record.masters
+            source = self.stream_source(record)
             if record.plan_resident and self.active:
                 source = self._fill_resident(record, source)
                 resident = True
@@ -288,15 +295,14 @@ class VramRuntime:
         layer: host masters are packed into one pinned arena (under the pinned-RAM budget), and
         what stays pageable is staged by a worker thread."""
         from .pinned import PROCESS_PINNED_BUDGET, PinnedArena
-        from .scheduler import Stager, TransferScheduler
+        from .scheduler import Stager, TransferScheduler, max_group_bytes
 
         self.close_scheduler()
         self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
         report = self.arena.build()
         stager = None
         if report.pageable_bytes:
-            scheduler_probe = TransferScheduler(self, backend)
-            stager = Stager(backend, max(1, scheduler_probe.max_group_bytes(self.planning_order())))
+            stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
         self.scheduler = TransferScheduler(self, backend, stager)
         self.budget.replan()
 

@@ -28,7 +28,6 @@ from .devices import DeviceBackend
 from .fp8 import dequantize
 from .pinned import aligned
 from .planner import MAX_DEPTH
-from .stored import StoredTensor
 
 if TYPE_CHECKING:
     from .runtime import LayerRecord, VramRuntime
@@ -92,6 +91,15 @@ def build_groups(order: list["LayerRecord"], source_of: Any) -> list[Group]:
     return groups
 
 
+def max_group_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int:
+    """The largest group's slot bytes if `records` were all streamed (0 if they cannot be slot-copied)."""
+    try:
+        groups = build_groups(records, runtime.stream_source)
+    except TypeError:
+        return 0
+    return max((g.nbytes for g in groups), default=0)
+
+
 class TransferScheduler:
     """Prefetching streamer for one component. The runtime hands it every streamed layer."""
 
@@ -113,17 +121,7 @@ class TransferScheduler:
     # --- building and tearing down ----------------------------------------------------------
     def max_group_bytes(self, records: list["LayerRecord"]) -> int:
         """Slot size needed if `records` were all streamed (used by the planner's reserve)."""
-        try:
-            groups = build_groups(records, self._source_of)
-        except TypeError:
-            return 0
-        return max((g.nbytes for g in groups), default=0)
-
-    def _source_of(self, record: "LayerRecord") -> dict[str, StoredTensor]:
-        runtime = self.runtime
-        if runtime.active and record.onloaded is not None:
-            return record.onloaded
-        return record.masters
+        return max_group_bytes(self.runtime, records)
 
     def build(self, depth: int) -> None:
         """Lay out groups for the layers the current plan streams, allocate depth + 1 slots."""
@@ -133,7 +131,7 @@ class TransferScheduler:
         traced = runtime.execution_order or []
         streamed = [r for r in traced if not r.plan_resident and r.resident is None]
         try:
-            self.groups = build_groups(streamed, self._source_of)
+            self.groups = build_groups(streamed, self.runtime.stream_source)
         except TypeError:
             self.groups = []  # sources that cannot be slot-copied stream synchronously
         self.group_of = {id(r): g.index for g in self.groups for r in g.records}
@@ -208,7 +206,7 @@ class TransferScheduler:
         return event.result() if isinstance(event, Future) else event
 
     def _part(self, spec: SliceSpec) -> torch.Tensor:
-        return getattr(self._source_of(spec.record)[spec.param], spec.part)
+        return getattr(self.runtime.stream_source(spec.record)[spec.param], spec.part)
 
     def _prefetch_after(self, index: int) -> None:
         n = len(self.groups)
