@@ -51,7 +51,7 @@ from .api_types import (
     UserFacingError,
 )
 from .pipelines import (
-    FAMILIES_BY_NAME,
+    FAMILIES,
     GenerationCancelled,
     ManagedPipeline,
     StepStats,
@@ -214,7 +214,7 @@ class Studio:
             raise
         except Exception as exc:  # registry raising something else for an unknown id
             raise UserFacingError(f"Unknown model '{model_id}'.") from exc
-        if entry.family not in FAMILIES_BY_NAME:
+        if entry.family not in FAMILIES:
             raise UserFacingError(f"{entry.name}: its family '{entry.family}' is not supported by this engine.")
         prompt = (request.prompt or "").strip()
         if not prompt:
@@ -271,7 +271,7 @@ class Studio:
         """What `request` needs, from the registry's sizes and the planner's rules (nothing loads)."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
         entry, s, hw = r.entry, r.settings, self.hardware()
-        fam = FAMILIES_BY_NAME[entry.family]
+        fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.fp8 else 1.0
         sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
         if not sizes:  # the demo: tiny, sizes not catalogued

@@ -67,7 +67,7 @@ class ModelEntry:
 
     @property
     def adapter(self) -> Family:
-        """The family adapter (pipeline class, file patterns)."""
+        """The family: pipeline class and repo layout (file patterns), and each component's runtime role."""
         return FAMILIES[self.family]
 
     @property

@@ -1,8 +1,12 @@
-"""Per-family adapters: which diffusers pipeline, which components, which repo files.
+"""The pipeline families: one table for the registry (repo layout) and the engine (runtime roles).
 
-The catalogue (models.json) says *what* a model is; a family says how a pipeline of that
+The catalogue (models.json) says *what* a model is; its family says how a pipeline of that
 kind is laid out on disk, so downloads fetch only what `from_pretrained` reads and the
-completeness check knows what "whole" means.
+completeness check knows what "whole" means, and which component plays which part at run time,
+so the engine knows what to onload for each stage and how the pipeline does guidance.
+
+Data flows ui -> engine -> model_registry, so the table lives here and the engine imports it
+(engine.pipelines.families only adds its lookup by pipeline class).
 """
 
 from __future__ import annotations
@@ -17,15 +21,23 @@ _NEVER = ("*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.
 # Weight variants diffusers repos ship next to the full-precision files; only a family's own is fetched.
 _OTHER_VARIANTS = ("fp16", "bf16", "fp32")
 
+# The stages a generation runs through (DiffSynth-style stage switching): only the components
+# of the running stage are onloaded.
+ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
+STAGES: tuple[str, ...] = (ENCODE, DENOISE, DECODE)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class Family:
-    """How one kind of pipeline repo is laid out.
+    """One kind of diffusers pipeline: its repo layout and the part each component plays.
 
-    `weighted` components have a config.json and safetensors weights (single file or
+    Layout: `weighted` components have a config.json and safetensors weights (single file or
     shards + index), `tokenizers` a folder of tokenizer files, `schedulers` a
     scheduler_config.json. `variant` is diffusers' weight-file variant to fetch when the
     repo offers several precisions (SDXL: fp16 instead of fp32, half the download).
+
+    Roles: `denoiser` (the transformer / UNet) and `text_encoders` are weighted components;
+    the rest says how the pipeline's __call__ does classifier-free guidance (CFG).
     """
 
     name: str
@@ -34,11 +46,44 @@ class Family:
     tokenizers: tuple[str, ...]
     schedulers: tuple[str, ...] = ("scheduler",)
     variant: str | None = None
+    denoiser: str
+    text_encoders: tuple[str, ...]
+    guidance_arg: str = "guidance_scale"  # the __call__ argument the UI's "guidance" goes to
+    # The pipeline itself runs cond + uncond as one batched forward (SDXL, Z-Image) ...
+    native_batched_cfg: bool = False
+    # ... or the engine batches its two passes per step (see engine.pipelines.cfg).
+    pair_batched_cfg: bool = False
+    # Does the family use the negative prompt at all (with the guidance given)?
+    uses_negative_prompt: bool = True
+    # Guidance at or below this does no classifier-free guidance (one pass per step).
+    cfg_threshold: float = 1.0
+    sampler: str = "Euler (flow matching)"  # the name written into the image's infotext
+
+    def __post_init__(self) -> None:
+        """A role must name a component the repo has, or stage switching would miss it."""
+        roles = (self.denoiser, *self.text_encoders)
+        if missing := [r for r in roles if r not in self.weighted]:
+            raise ValueError(f"family {self.name!r}: {missing} are not among its weighted components {self.weighted}")
 
     @property
     def components(self) -> tuple[str, ...]:
         """Every component folder the pipeline loads, sorted."""
         return tuple(sorted(self.weighted + self.tokenizers + self.schedulers))
+
+    def stage_of(self, component: str) -> str:
+        """The stage during which `component` must be onloaded (anything unknown: encode)."""
+        if component == self.denoiser:
+            return DENOISE
+        if component in self.text_encoders:
+            return ENCODE
+        if component == "vae":
+            return DECODE
+        return ENCODE
+
+    def does_cfg(self, guidance: float, negative_prompt: str = "") -> bool:
+        """Classifier-free guidance at this guidance? (Qwen-Image: with an empty negative prompt
+        we pass " ", as its pipeline documents, so CFG does not depend on the negative prompt.)"""
+        return self.uses_negative_prompt and guidance > self.cfg_threshold
 
     def allow_patterns(self, available: Iterable[str] | None = None) -> list[str]:
         """Repo paths to fetch: model_index.json plus each component's files, nothing at the root.
@@ -64,6 +109,7 @@ class Family:
         return list(_NEVER) + [f"*.{v}.safetensors" for v in others] + [f"*.safetensors.index.{v}.json" for v in others]
 
 
+#: Every supported family, keyed by name (the "family" of a models.json entry).
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -72,24 +118,40 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="QwenImagePipeline",
             weighted=("text_encoder", "transformer", "vae"),
             tokenizers=("tokenizer",),
+            denoiser="transformer",
+            text_encoders=("text_encoder",),
+            guidance_arg="true_cfg_scale",
+            pair_batched_cfg=True,
         ),
         Family(
             name="z-image",
             pipeline_class="ZImagePipeline",
             weighted=("text_encoder", "transformer", "vae"),
             tokenizers=("tokenizer",),
+            denoiser="transformer",
+            text_encoders=("text_encoder",),
+            native_batched_cfg=True,
+            cfg_threshold=0.0,
         ),
+        # FLUX.1 [schnell/dev] is guidance-distilled: one pass per step, no negative prompt.
         Family(
             name="flux1",
             pipeline_class="FluxPipeline",
             weighted=("text_encoder", "text_encoder_2", "transformer", "vae"),
             tokenizers=("tokenizer", "tokenizer_2"),
+            denoiser="transformer",
+            text_encoders=("text_encoder", "text_encoder_2"),
+            uses_negative_prompt=False,
         ),
+        # FLUX.2 [klein] distilled: one pass per step, no negative prompt.
         Family(
             name="flux2-klein",
             pipeline_class="Flux2KleinPipeline",
             weighted=("text_encoder", "transformer", "vae"),
             tokenizers=("tokenizer",),
+            denoiser="transformer",
+            text_encoders=("text_encoder",),
+            uses_negative_prompt=False,
         ),
         Family(
             name="sdxl",
@@ -97,6 +159,10 @@ FAMILIES: dict[str, Family] = {
             weighted=("text_encoder", "text_encoder_2", "unet", "vae"),
             tokenizers=("tokenizer", "tokenizer_2"),
             variant="fp16",
+            denoiser="unet",
+            text_encoders=("text_encoder", "text_encoder_2"),
+            native_batched_cfg=True,
+            sampler="Euler",
         ),
     )
 }

@@ -6,9 +6,10 @@ repositories that mirror the real ones file for file (model_index.json,
 scheduler/, text encoders, tokenizers, denoiser, VAE) but with tiny configs
 and seeded random weights.  Everything is produced locally:
 
-* the real model classes are instantiated with tiny configs and saved with
-  their own ``save_pretrained`` (so shard names, index files and checkpoint
-  key names are exactly what the libraries write for the real models);
+* the real model classes are instantiated with the tiny configs of
+  ``model_registry.tiny_components`` and saved with their own
+  ``save_pretrained`` (so shard names, index files and checkpoint key names
+  are exactly what the libraries write for the real models);
 * tokenizers are trained on a small built-in English corpus with the
   ``tokenizers`` / ``sentencepiece`` libraries and written in the file set the
   real repo ships for that tokenizer class.
@@ -24,6 +25,7 @@ import contextlib
 import copy
 import functools
 import io
+import itertools
 import json
 import math
 import shutil
@@ -36,6 +38,9 @@ from typing import Any
 
 import torch
 
+from . import tiny_components as tc
+from .families import FAMILIES
+
 __all__ = ["TINY_DEFAULTS", "TINY_FAMILIES", "TINY_SOURCE_REPOS", "TinyDefaults", "write_tiny_repo"]
 
 
@@ -43,8 +48,8 @@ __all__ = ["TINY_DEFAULTS", "TINY_FAMILIES", "TINY_SOURCE_REPOS", "TinyDefaults"
 class TinyDefaults:
     """Generation settings that work for a family's tiny repo.
 
-    ``guidance`` is passed to the pipeline argument named ``guidance_arg``
-    (Qwen-Image takes its classifier-free guidance as ``true_cfg_scale``).
+    ``guidance`` is passed to the pipeline argument named ``guidance_arg``, the
+    family's own (Qwen-Image takes its classifier-free guidance as ``true_cfg_scale``).
     """
 
     width: int
@@ -63,7 +68,7 @@ class TinyDefaults:
         }
 
 
-TINY_FAMILIES: tuple[str, ...] = ("qwen-image", "z-image", "flux1", "flux2-klein", "sdxl")
+TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)  # every family has a tiny stand-in
 
 #: The real repository each tiny family mirrors.
 TINY_SOURCE_REPOS: dict[str, str] = {
@@ -76,12 +81,10 @@ TINY_SOURCE_REPOS: dict[str, str] = {
 
 # 64x64 is the smallest size that keeps every family's latent grid at least
 # 4x4 patches (VAE factor 8, times patch size 2 for the DiT families).
+_TINY_GUIDANCE: dict[str, float] = {"qwen-image": 1.0, "z-image": 0.0, "flux1": 0.0, "flux2-klein": 1.0, "sdxl": 5.0}
 TINY_DEFAULTS: dict[str, TinyDefaults] = {
-    "qwen-image": TinyDefaults(64, 64, 2, 1.0, guidance_arg="true_cfg_scale"),
-    "z-image": TinyDefaults(64, 64, 2, 0.0),
-    "flux1": TinyDefaults(64, 64, 2, 0.0),
-    "flux2-klein": TinyDefaults(64, 64, 2, 1.0),
-    "sdxl": TinyDefaults(64, 64, 2, 5.0),
+    family: TinyDefaults(64, 64, 2, guidance, guidance_arg=FAMILIES[family].guidance_arg)
+    for family, guidance in _TINY_GUIDANCE.items()
 }
 
 
@@ -113,8 +116,10 @@ def write_tiny_repo(family: str, target_dir: str | Path, seed: int = 0) -> Path:
 # prompt template words so that the template prefix tokenizes to the same 34
 # tokens as with the real Qwen tokenizer (the pipeline drops exactly 34).
 _CORPUS: tuple[str, ...] = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
-    "spatial relationships of the objects and background:",
+    (
+        "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+        "spatial relationships of the objects and background:"
+    ),
     "system",
     "user",
     "assistant",
@@ -165,7 +170,7 @@ _QWEN_NON_SPECIAL = ("<tool_call>", "</tool_call>")
 _QWEN_FIM = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
 _QWEN3_EXTRA = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 
-_QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+_QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 _CLIP_PRETOKENIZE = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 # ChatML templates equivalent to the real ones for plain-text messages.
@@ -246,7 +251,7 @@ def _learn_merges(words: Counter[tuple[str, ...]], min_count: int) -> list[tuple
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:], strict=False):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += count
         if not pairs:
             return merges
@@ -309,9 +314,6 @@ class _QwenVocab:
 
     def __len__(self) -> int:
         return len(self.vocab) + len(self.added)
-
-    def id(self, token: str) -> int:
-        return self.added.get(token, self.vocab.get(token, -1))
 
 
 def _qwen_vocab(qwen3: bool) -> _QwenVocab:
@@ -578,21 +580,14 @@ def _quiet_libraries() -> Iterator[None]:
             d_logging.enable_progress_bar()
 
 
-def _padded(n: int, multiple: int = 64) -> int:
-    """Embedding tables are padded past the tokenizer size, as in the real checkpoints."""
-    return -(-n // multiple) * multiple
-
-
 # ---------------------------------------------------------------------------
 # model_index.json and schedulers, as in each real repo
 # ---------------------------------------------------------------------------
 
-_PIPELINES: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen-image": ("QwenImagePipeline", {}),
-    "z-image": ("ZImagePipeline", {}),
-    "flux1": ("FluxPipeline", {}),
-    "flux2-klein": ("Flux2KleinPipeline", {"is_distilled": True}),
-    "sdxl": ("StableDiffusionXLPipeline", {"force_zeros_for_empty_prompt": True}),
+# Pipeline config entries of model_index.json besides the class name (which the family gives).
+_PIPELINE_CONFIG: dict[str, dict[str, Any]] = {
+    "flux2-klein": {"is_distilled": True},
+    "sdxl": {"force_zeros_for_empty_prompt": True},
 }
 
 _COMPONENTS: dict[str, dict[str, tuple[str, str]]] = {
@@ -693,275 +688,16 @@ def _write_index_and_scheduler(root: Path, family: str) -> None:
     """model_index.json and scheduler/ (configs only; no weights)."""
     import diffusers
 
-    pipeline, extra = _PIPELINES[family]
     components = _COMPONENTS[family]
-    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__, **extra}
+    index: dict[str, Any] = {
+        "_class_name": FAMILIES[family].pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        **_PIPELINE_CONFIG.get(family, {}),
+    }
     index |= {name: list(library_and_class) for name, library_and_class in components.items()}
     _write_json(root / "model_index.json", index)
     scheduler_class = getattr(diffusers, components["scheduler"][1])
     scheduler_class(**_SCHEDULER_CONFIGS[family]).save_pretrained(root / "scheduler")
-
-
-# ---------------------------------------------------------------------------
-# Tiny component models (real classes, tiny configs)
-# ---------------------------------------------------------------------------
-
-_TEXT_HIDDEN = 32  # hidden size of every tiny text encoder
-
-
-def _padded(n: int, multiple: int = 64) -> int:
-    """Embedding tables are padded past the tokenizer size, as in the real checkpoints."""
-    return -(-n // multiple) * multiple
-
-
-def _qwen25_vl(qv: _QwenVocab) -> torch.nn.Module:
-    """Qwen2.5-VL with a 1-block vision tower (the pipeline only runs the text path)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    text_config = {
-        "vocab_size": _padded(len(qv)),
-        "hidden_size": _TEXT_HIDDEN,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim / 2
-        "rope_theta": 1_000_000.0,
-        "bos_token_id": qv.id("<|endoftext|>"),
-        "eos_token_id": qv.id("<|im_end|>"),
-    }
-    vision_config = {
-        "depth": 1,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_heads": 2,
-        "out_hidden_size": _TEXT_HIDDEN,
-        "fullatt_block_indexes": [0],
-    }
-    config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=qv.id("<|image_pad|>"),
-        video_token_id=qv.id("<|video_pad|>"),
-        vision_start_token_id=qv.id("<|vision_start|>"),
-        vision_end_token_id=qv.id("<|vision_end|>"),
-        vision_token_id=qv.id("<|vision_pad|>"),
-        tie_word_embeddings=False,
-    )
-    return Qwen2_5_VLForConditionalGeneration(config)
-
-
-def _qwen3_causal_lm(qv: _QwenVocab, layers: int) -> torch.nn.Module:
-    """Qwen3-4B-style: saved from Qwen3ForCausalLM, so keys are ``model.*`` and the lm_head is tied."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=_padded(len(qv)),
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=qv.id("<|endoftext|>"),
-        eos_token_id=qv.id("<|im_end|>"),
-    )
-    return Qwen3ForCausalLM(config)
-
-
-def _clip_text(vocab_size: int, act: str, with_projection: bool) -> torch.nn.Module:
-    """A 2-layer CLIP text encoder (SDXL reads the penultimate layer, so 2 is the minimum)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        hidden_act=act,
-        projection_dim=_TEXT_HIDDEN,
-        # As in the real configs: eos_token_id == 2 selects the legacy argmax
-        # pooling, which finds <|endoftext|> because it is the last vocab entry.
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
-def _t5_encoder(vocab_size: int) -> torch.nn.Module:
-    """T5 v1.1-style encoder (gated GELU, untied embeddings), as FLUX.1 uses T5-XXL."""
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=_padded(vocab_size),
-        d_model=_TEXT_HIDDEN,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=True,
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(config)
-
-
-def _qwen_image_transformer() -> torch.nn.Module:
-    from diffusers import QwenImageTransformer2DModel
-
-    return QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,  # 16 latent channels x 2x2 patch
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=_TEXT_HIDDEN,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-    )
-
-
-def _z_image_transformer() -> torch.nn.Module:
-    from diffusers import ZImageTransformer2DModel
-
-    return ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=_TEXT_HIDDEN,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[4, 6, 6],  # sums to dim / n_heads
-        axes_lens=[1024, 512, 512],
-    )
-
-
-def _flux_transformer() -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels x 2x2 packing
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=_TEXT_HIDDEN,  # T5 hidden size
-        pooled_projection_dim=_TEXT_HIDDEN,  # CLIP pooled output
-        guidance_embeds=False,  # schnell is not guidance-distilled
-        axes_dims_rope=(4, 6, 6),
-    )
-
-
-def _flux2_transformer() -> torch.nn.Module:
-    from diffusers import Flux2Transformer2DModel
-
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,  # 32 latent channels x 2x2 patch
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * _TEXT_HIDDEN,  # three stacked Qwen3 hidden states
-        timestep_guidance_channels=256,
-        mlp_ratio=3.0,
-        axes_dims_rope=(4, 4, 4, 4),
-        rope_theta=2000,
-        guidance_embeds=False,
-    )
-
-
-def _sdxl_unet() -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    time_embed_dim = 8
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        attention_head_dim=(2, 4, 4),  # diffusers' name for the head count: 8-wide heads
-        transformer_layers_per_block=(1, 1, 1),
-        cross_attention_dim=2 * _TEXT_HIDDEN,  # CLIP-L and CLIP-G hidden states, concatenated
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        # six size/crop numbers, each embedded, plus the CLIP-G pooled projection
-        projection_class_embeddings_input_dim=6 * time_embed_dim + _TEXT_HIDDEN,
-    )
-
-
-def _autoencoder_kl(**config: Any) -> torch.nn.Module:
-    """An 8x AutoencoderKL with the real four-level layout, far narrower than the real 128/256/512/512."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=1024,
-        **config,
-    )
-
-
-# FLUX.1 and Z-Image ship the same 16-channel VAE.
-_FLUX_VAE: dict[str, Any] = {
-    "latent_channels": 16,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-
-
-def _qwen_image_vae() -> torch.nn.Module:
-    """Keeps the real z_dim, 8x spatial factor and latent statistics; only the width shrinks."""
-    from diffusers import AutoencoderKLQwenImage
-
-    return AutoencoderKLQwenImage(base_dim=4, z_dim=16, num_res_blocks=1)
-
-
-def _flux2_vae() -> torch.nn.Module:
-    """32 latent channels, 2x2 patchified and batch-norm normalised by the pipeline."""
-    from diffusers import AutoencoderKLFlux2
-
-    return AutoencoderKLFlux2(
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=32,
-        sample_size=1024,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -974,9 +710,9 @@ def _write_qwen_image(root: Path, seed: int) -> None:
     _write_index_and_scheduler(root, "qwen-image")
     qv = _qwen_vocab(qwen3=False)
     _write_qwen25vl_tokenizer(root / "tokenizer", qv)
-    _save(_build(seed, "text_encoder", lambda: _qwen25_vl(qv)), root / "text_encoder", sharded=True)
-    _save(_build(seed, "transformer", _qwen_image_transformer), root / "transformer", sharded=True)
-    _save(_build(seed, "vae", _qwen_image_vae), root / "vae")
+    _save(_build(seed, "text_encoder", lambda: tc.qwen25_vl(len(qv), qv.added)), root / "text_encoder", sharded=True)
+    _save(_build(seed, "transformer", tc.qwen_image_transformer), root / "transformer", sharded=True)
+    _save(_build(seed, "vae", tc.qwen_image_vae), root / "vae")
 
 
 def _write_z_image(root: Path, seed: int) -> None:
@@ -985,9 +721,10 @@ def _write_z_image(root: Path, seed: int) -> None:
     qv = _qwen_vocab(qwen3=True)
     _write_qwen3_tokenizer(root / "tokenizer", qv)
     # The pipeline reads hidden_states[-2], so two layers are the minimum.
-    _save(_build(seed, "text_encoder", lambda: _qwen3_causal_lm(qv, layers=2)), root / "text_encoder", sharded=True)
-    _save(_build(seed, "transformer", _z_image_transformer), root / "transformer", sharded=True)
-    _save(_build(seed, "vae", lambda: _autoencoder_kl(**_FLUX_VAE)), root / "vae")
+    text_encoder = _build(seed, "text_encoder", lambda: tc.qwen3_text_encoder(len(qv), qv.added, layers=2))
+    _save(text_encoder, root / "text_encoder", sharded=True)
+    _save(_build(seed, "transformer", tc.z_image_transformer), root / "transformer", sharded=True)
+    _save(_build(seed, "vae", tc.flux_vae), root / "vae")
 
 
 def _write_flux1(root: Path, seed: int) -> None:
@@ -998,11 +735,10 @@ def _write_flux1(root: Path, seed: int) -> None:
     _write_index_and_scheduler(root, "flux1")
     clip_vocab = _write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
     t5_vocab = _write_t5_tokenizer(root / "tokenizer_2")
-    clip = _build(seed, "text_encoder", lambda: _clip_text(clip_vocab, "quick_gelu", with_projection=False))
-    _save(clip, root / "text_encoder")
-    _save(_build(seed, "text_encoder_2", lambda: _t5_encoder(t5_vocab)), root / "text_encoder_2", sharded=True)
-    _save(_build(seed, "transformer", _flux_transformer), root / "transformer", sharded=True)
-    _save(_build(seed, "vae", lambda: _autoencoder_kl(**_FLUX_VAE)), root / "vae")
+    _save(_build(seed, "text_encoder", lambda: tc.clip_text(clip_vocab)), root / "text_encoder")
+    _save(_build(seed, "text_encoder_2", lambda: tc.t5_encoder(t5_vocab)), root / "text_encoder_2", sharded=True)
+    _save(_build(seed, "transformer", tc.flux_transformer), root / "transformer", sharded=True)
+    _save(_build(seed, "vae", tc.flux_vae), root / "vae")
 
 
 def _write_flux2_klein(root: Path, seed: int) -> None:
@@ -1011,9 +747,10 @@ def _write_flux2_klein(root: Path, seed: int) -> None:
     qv = _qwen_vocab(qwen3=True)
     _write_qwen3_tokenizer(root / "tokenizer", qv)
     # The pipeline stacks hidden states 9, 18 and 27 by default, so it needs >= 27 layers.
-    _save(_build(seed, "text_encoder", lambda: _qwen3_causal_lm(qv, layers=28)), root / "text_encoder", sharded=True)
-    _save(_build(seed, "transformer", _flux2_transformer), root / "transformer", sharded=True)
-    _save(_build(seed, "vae", _flux2_vae), root / "vae")
+    text_encoder = _build(seed, "text_encoder", lambda: tc.qwen3_text_encoder(len(qv), qv.added, layers=28))
+    _save(text_encoder, root / "text_encoder", sharded=True)
+    _save(_build(seed, "transformer", tc.flux2_transformer), root / "transformer", sharded=True)
+    _save(_build(seed, "vae", tc.flux2_vae), root / "vae")
 
 
 def _write_sdxl(root: Path, seed: int) -> None:
@@ -1025,13 +762,11 @@ def _write_sdxl(root: Path, seed: int) -> None:
     _write_index_and_scheduler(root, "sdxl")
     vocab = _write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
     _write_clip_tokenizer(root / "tokenizer_2", pad_token="!")  # OpenCLIP pads with "!"
-    clip_l = _build(seed, "text_encoder", lambda: _clip_text(vocab, "quick_gelu", with_projection=False))
-    _save(clip_l, root / "text_encoder", fp16_variant=True)
-    clip_g = _build(seed, "text_encoder_2", lambda: _clip_text(vocab, "gelu", with_projection=True))
+    _save(_build(seed, "text_encoder", lambda: tc.clip_text(vocab)), root / "text_encoder", fp16_variant=True)
+    clip_g = _build(seed, "text_encoder_2", lambda: tc.clip_text(vocab, "gelu", with_projection=True))
     _save(clip_g, root / "text_encoder_2", fp16_variant=True)
-    _save(_build(seed, "unet", _sdxl_unet), root / "unet", fp16_variant=True)
-    vae = _build(seed, "vae", lambda: _autoencoder_kl(latent_channels=4, scaling_factor=0.13025, force_upcast=True))
-    _save(vae, root / "vae", fp16_variant=True)
+    _save(_build(seed, "unet", tc.sdxl_unet), root / "unet", fp16_variant=True)
+    _save(_build(seed, "vae", tc.sdxl_vae), root / "vae", fp16_variant=True)
 
 
 _WRITERS: dict[str, Callable[[Path, int], None]] = {

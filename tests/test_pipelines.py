@@ -16,15 +16,13 @@ from engine.settings import (
     settings_for,
     vram_config_for,
 )
-from model_registry.tiny_repos import TINY_DEFAULTS, write_tiny_repo
-
-FAMILIES = ("z-image", "qwen-image", "flux1", "flux2-klein", "sdxl")
+from model_registry.tiny_repos import TINY_DEFAULTS, TINY_FAMILIES, write_tiny_repo
 
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {family: write_tiny_repo(family, root / family) for family in FAMILIES}
+    return {family: write_tiny_repo(family, root / family) for family in TINY_FAMILIES}
 
 
 def cpu_config(fp8=False, disk=False):
@@ -85,7 +83,15 @@ def test_vae_memory_plan():
 
 
 # --- pipelines ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+def test_family_is_found_by_the_pipeline_class_and_unknown_classes_are_refused():
+    from engine.pipelines import family_for
+
+    assert family_for("StableDiffusionXLPipeline").denoiser == "unet"
+    with pytest.raises(ValueError, match=r"not supported; supported: .*QwenImagePipeline"):
+        family_for("StableDiffusionPipeline")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_family_end_to_end_with_stage_switching(repos, family):
     mp = build_pipeline(repos[family], cpu_config(), None)
     assert len({id(runtime_of(m).budget) for m in mp.components.values()}) == 1  # ONE budget

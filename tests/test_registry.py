@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import model_registry
 from engine.api_types import ModelChoice, UserFacingError
 from model_registry.catalog import DEFAULT_KEYS, LIMIT_KEYS
 from model_registry.completeness import repo_problems
-from model_registry.families import FAMILIES
+from model_registry.families import FAMILIES, STAGES, Family, family_for_pipeline
 from model_registry.sizes import load_component_configs, measure
 from model_registry.tiny_repos import TINY_DEFAULTS, write_tiny_repo
 
@@ -97,6 +98,29 @@ def test_entry_fields_are_sane(entry: model_registry.ModelEntry) -> None:
     json.dumps(as_dict)
     for key in ("id", "name", "hf_repo", "modelscope_repo", "components", "defaults", "limits", "licence", "gated"):
         assert key in as_dict
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
+def test_family_roles_are_components_of_its_layout(family: Family) -> None:
+    """One table holds the repo layout and the runtime roles, so the roles name weighted components."""
+    assert family.denoiser in family.weighted
+    assert set(family.text_encoders) <= set(family.weighted)
+    assert "vae" in family.weighted
+    assert {family.stage_of(name) for name in family.weighted} == set(STAGES)
+    assert family_for_pipeline(family.pipeline_class) is family
+
+
+def test_family_table_is_keyed_by_unique_names_and_classes() -> None:
+    assert all(name == family.name for name, family in FAMILIES.items())
+    assert len({family.pipeline_class for family in FAMILIES.values()}) == len(FAMILIES)
+    assert family_for_pipeline("StableDiffusionPipeline") is None
+
+
+def test_a_role_outside_the_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="not among its weighted components"):
+        dataclasses.replace(FAMILIES["flux1"], denoiser="unet")
+    with pytest.raises(ValueError, match="not among its weighted components"):
+        dataclasses.replace(FAMILIES["sdxl"], text_encoders=("text_encoder", "text_encoder_3"))
 
 
 def test_demo_entry() -> None:

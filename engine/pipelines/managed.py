@@ -35,7 +35,7 @@ from ..management import (
 )
 from ..runtime import VramRuntime
 from .cfg import CfgPairBatcher
-from .families import DECODE, DENOISE, ENCODE, PipelineFamily, family_for
+from .families import DECODE, DENOISE, ENCODE, Family, family_for
 from .loading import (
     component_classes,
     is_weighted,
@@ -118,7 +118,7 @@ class ManagedPipeline:
     def __init__(
         self,
         pipe: Any,
-        family: PipelineFamily,
+        family: Family,
         components: dict[str, nn.Module],
         budget: VramBudget,
         config: VramConfig,
