@@ -47,6 +47,18 @@ class DeviceBackend(ABC):
         """A pinned host buffer, or None where pinning is not available."""
         return None
 
+    def can_register(self) -> bool:
+        """Can this device pin existing host memory in place (`register`)?"""
+        return False
+
+    def register(self, buffer: torch.Tensor) -> bool:
+        """Pin an existing, page-aligned host buffer in place (no copy). False where the device
+        cannot; the caller then copies into `pin` buffers instead."""
+        return False
+
+    def unregister(self, buffer: torch.Tensor) -> None:
+        """Undo `register` (before the buffer's memory is freed)."""
+
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         """Can `tensor` be copied to the device asynchronously? (Always, on a synchronous device.)"""
         return True
@@ -123,6 +135,25 @@ class CudaBackend(DeviceBackend):
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         except RuntimeError:
             return None
+
+    def can_register(self) -> bool:
+        return True
+
+    def register(self, buffer: torch.Tensor) -> bool:
+        # cudaHostRegister page-locks the buffer where it is, as torch's own checkpoint stager does
+        # (torch.cuda._pin_memory_utils); flags 0 = cudaHostRegisterDefault
+        cudart = torch.cuda.cudart()
+        error = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0))
+        if error != 0:
+            # a failed runtime call is also the thread's "last error": clear it, or the next kernel
+            # launch check in torch would report it as its own
+            if hasattr(cudart, "cudaGetLastError"):
+                cudart.cudaGetLastError()
+            return False
+        return True
+
+    def unregister(self, buffer: torch.Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type != "cpu" or tensor.is_pinned()

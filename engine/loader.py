@@ -19,9 +19,11 @@ Steps, all validation first so a bad input leaves nothing loaded:
    `model.language_model.*`; converters that merge/split tensors cannot stay in the file);
    tied parameters are tied with `model.tie_weights` and read once; missing, unexpected and
    mis-shaped keys are reported all together.
-4. shard by shard, in file order, each tensor is read into a fresh tensor of the file's dtype and
-   stored at the offload place (`engine.stored.store`: a bf16 file stays that tensor, an FP8 place
-   quantizes it and drops the read), or becomes a `DiskStored` without reading anything.
+4. shard by shard, in file order, each tensor is read into its storage form at the offload place
+   (bitwise what `engine.stored.store` makes: a bf16 file is read as is, an FP8 place quantizes
+   rows a chunk at a time), inside one host arena sized from the headers beforehand
+   (engine.host_arena: a GPU scheduler pins it in place), or becomes a `DiskStored` without
+   reading anything.
 5. `enable_vram_management(..., master_factory=...)` hands those masters to the managed layers;
    disk offload gets a `DiskPrefetcher` (engine.prefetch) as the runtime's read-ahead.
 """
@@ -43,9 +45,10 @@ from torch import nn
 from .budget import VramBudget
 from .config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
 from .disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from .host_arena import HostArena, layout_bytes, release_free_heap
 from .management import _plan_wrappers, enable_vram_management, runtime_of
 from .prefetch import DiskPrefetcher
-from .stored import ScaledFp8Stored, StoredTensor, storage_dtype_for, store
+from .stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +201,11 @@ class KeyPlan:
 
 def _transformers_mapping(model: nn.Module, entries: Mapping[str, TensorEntry], names: dict[str, Any]) -> KeyPlan:
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        rename_source_key,
+    )
 
     mapping = get_model_conversion_mapping(model)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
@@ -273,19 +280,47 @@ class _Fp8Workspace:
         return self.raw, self.w32
 
 
-def read_stored(entry: TensorEntry, place: Place, compute_dtype: torch.dtype, workspace: _Fp8Workspace | None = None) -> StoredTensor:
+def _quantized(entry: TensorEntry, target: torch.dtype) -> bool:
+    """Does `store` keep this tensor as scaled FP8 (engine.fp8.should_quantize, from the header)?"""
+    return target in FP8_DTYPES and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
+
+
+def storage_layout(entry: TensorEntry, place: Place, compute_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) tensors `read_stored` makes of `entry` at `place`: known from the header
+    alone, so a host arena can be sized before anything is read."""
+    target = storage_dtype_for(entry.dtype, len(entry.shape), place.dtype, compute_dtype)
+    if _quantized(entry, target):
+        return [(entry.shape, target), ((entry.shape[0],) + (1,) * (len(entry.shape) - 1), torch.float32)]
+    return [(entry.shape, target)]
+
+
+def read_stored(
+    entry: TensorEntry,
+    place: Place,
+    compute_dtype: torch.dtype,
+    workspace: _Fp8Workspace | None = None,
+    arena: HostArena | None = None,
+) -> StoredTensor:
     """One checkpoint tensor in its storage form at a RAM `place`, bitwise what
     `engine.stored.store` makes of the whole tensor, without ever holding the whole tensor in
     the file's dtype when the place is FP8: rows are read and quantized a chunk at a time (the
-    scale is per row, so chunking by rows changes nothing), in reused buffers."""
+    scale is per row, so chunking by rows changes nothing), in reused buffers. With `arena`, the
+    stored tensors are views of it (`storage_layout` sized it)."""
     target = storage_dtype_for(entry.dtype, len(entry.shape), place.dtype, compute_dtype)
-    on_cpu = isinstance(place.device, torch.device) and place.device.type == "cpu"
-    numel = 1
-    for d in entry.shape:
-        numel *= d
-    if not (on_cpu and target in FP8_DTYPES and entry.dtype.is_floating_point and len(entry.shape) >= 2 and numel > 0):
-        return store(entry.file.read(entry), place, compute_dtype)
+    on_cpu = _on_cpu(place)
+    if arena is not None and not on_cpu:
+        raise ValueError(f"a host arena holds CPU tensors; the place is {place.device}")
+    if not (on_cpu and _quantized(entry, target)):
+        if arena is None:
+            return store(entry.file.read(entry), place, compute_dtype)
+        out = arena.take(entry.shape, target)
+        if target == entry.dtype:
+            entry.file.read_into(entry, out)
+        else:
+            out.copy_(entry.file.read(entry))
+        return PlainStored(out)
     workspace = workspace or _Fp8Workspace()
+    numel = entry.length // entry.dtype.itemsize
     rows = entry.shape[0]
     row_bytes = entry.length // rows
     row_elems = numel // rows
@@ -293,8 +328,10 @@ def read_stored(entry: TensorEntry, place: Place, compute_dtype: torch.dtype, wo
     raw, w32 = workspace.get(min(chunk_rows, rows) * row_elems, entry.dtype)
     fmax = torch.finfo(target).max
     reduce_dims = tuple(range(1, len(entry.shape)))
-    data = torch.empty(entry.shape, dtype=target)
-    scale = torch.empty((rows,) + (1,) * (len(entry.shape) - 1), dtype=torch.float32)
+    (data_shape, _), (scale_shape, _) = storage_layout(entry, place, compute_dtype)
+    new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    data = new(data_shape, target)
+    scale = new(scale_shape, torch.float32)
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         shape = (n,) + entry.shape[1:]
@@ -313,6 +350,10 @@ def read_stored(entry: TensorEntry, place: Place, compute_dtype: torch.dtype, wo
     return ScaledFp8Stored(data, scale)
 
 
+def _on_cpu(place: Place) -> bool:
+    return isinstance(place.device, torch.device) and place.device.type == "cpu"
+
+
 def auto_prefetch(config: VramConfig) -> bool:
     """Default for `prefetch`: read ahead when a core is free for it. With a GPU computing, the
     host threads mostly wait, so yes; with the CPU computing on every core (torch's OpenMP threads
@@ -323,18 +364,6 @@ def auto_prefetch(config: VramConfig) -> bool:
     if isinstance(device, torch.device) and device.type != "cpu":
         return True
     return (os.cpu_count() or 1) > torch.get_num_threads()
-
-
-def release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc keeps the holes that per-chunk temporaries
-    leave between long-lived storage tensors; without this RssAnon after an FP8 load reads ~2x
-    the stored bytes although nothing is alive there)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _run_converter(converter: Any, target: str, group: list[tuple[str, TensorEntry]], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -441,7 +470,7 @@ def load_model(
         ram_place = offload_place if not offload_place.on_disk else Place(torch.device("cpu"), comp_dtype)
 
         # --- 4. stream, shard by shard in file order
-        workspace = _Fp8Workspace()
+        to_read: list[tuple[int, TensorEntry]] = []  # managed parameters whose masters live in RAM
         for n, entry in _by_file_order(plan.direct.items()):
             if n in buffers:
                 old = buffers[n]
@@ -458,7 +487,14 @@ def load_model(
             if offload_place.on_disk:
                 masters[id(p)] = DiskStored(entry)
             else:
-                masters[id(p)] = read_stored(entry, offload_place, comp_dtype, workspace)
+                masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
+                to_read.append((id(p), entry))
+        arena = None
+        if to_read and _on_cpu(offload_place):
+            arena = HostArena(layout_bytes([part for _, e in to_read for part in storage_layout(e, offload_place, comp_dtype)]))
+        workspace = _Fp8Workspace()
+        for key, entry in to_read:
+            masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
         for target, (converter, group) in sorted(plan.converted.items()):
             for full, tensor in _run_converter(converter, target, group, model).items():
                 if full not in params:
@@ -483,7 +519,15 @@ def load_model(
             return stored
 
         enable_vram_management(
-            model, module_map, config, vram_limit, budget=budget, name=name, onload=onload, master_factory=master_factory
+            model,
+            module_map,
+            config,
+            vram_limit,
+            budget=budget,
+            name=name,
+            onload=onload,
+            master_factory=master_factory,
+            host_arena=arena,
         )
         masters.clear()
         if prefetch is None:

@@ -14,6 +14,9 @@ from torch import nn
 
 from .budget import VramBudget
 from .config import STATES, VramConfig, parse_vram_limit
+from .devices import backend_for
+from .entry import install_entry_points
+from .host_arena import HostArena
 from .layers import ManagedModule
 from .module_maps import (
     block_paths_for,
@@ -23,8 +26,6 @@ from .module_maps import (
     registered_map_for,
     wrapper_from_map,
 )
-from .devices import backend_for
-from .entry import install_entry_points
 from .runtime import LayerRecord, VramRuntime
 from .stored import PlainStored, StoredTensor, store
 
@@ -96,12 +97,14 @@ def enable_vram_management(
     name: str | None = None,
     onload: bool = True,
     master_factory: MasterFactory | None = None,
+    host_arena: HostArena | None = None,
 ) -> nn.Module:
     """Manage every weight-holding layer of `model` under `vram_config` within `vram_limit` GB.
 
     `budget` lets several components (a pipeline's) share one VRAM budget; `onload=False` leaves
     the component offloaded for a pipeline to onload when its stage comes. `master_factory` is the
-    loader's hook: it supplies each parameter's master copy (e.g. left in its .safetensors file).
+    loader's hook: it supplies each parameter's master copy (e.g. left in its .safetensors file);
+    `host_arena` is the loader's buffer those masters are views of (pinned in place on CUDA).
     The config, limit and map are validated before anything on the model changes.
     """
     config = VramConfig.from_dict(vram_config)
@@ -119,6 +122,7 @@ def enable_vram_management(
 
     budget = budget if budget is not None else VramBudget(limit_gb=limit)
     runtime = VramRuntime(model, config, budget, name or type(model).__name__)
+    runtime.host_arena = host_arena
     offload_place = config.place("offload")
     comp_dtype, comp_device = config.computation_dtype, config.computation_device
     block_paths = block_paths_for(model)

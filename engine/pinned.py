@@ -1,36 +1,37 @@
 """Pinned host memory: one exact-size arena per component, under a process-wide pinned budget.
 
 Per-tensor `pin_memory()` goes through the caching host allocator, which rounds every block up
-(users of diffusers' group offloading report ~2x host RAM). Here each component's streamed host
-tensors are packed, 256-byte aligned, into a single pinned buffer of exactly their size, and the
-stored copies are re-pointed at views of it. What does not fit under the pinned budget stays
-pageable and is staged by the scheduler's worker thread through small pinned staging buffers.
+(users of diffusers' group offloading report ~2x host RAM). Here a component loaded by
+`load_model` already has its masters in one exact-size host arena (engine.host_arena), which is
+registered with the device in place: pinning costs no copy and no second buffer. Masters of a
+model managed after it was built in RAM are packed, 256-byte aligned, into a single pinned buffer
+of exactly their size, and the stored copies are re-pointed at views of it. What does not fit
+under the pinned budget stays pageable and is staged by the scheduler's worker thread through
+small pinned staging buffers.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import psutil
 import torch
 from torch import nn
 
 from .devices import DeviceBackend
+from .host_arena import ALIGN, HostArena, aligned, next_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
 from .stored import StoredTensor
 
 if TYPE_CHECKING:
-    from .runtime import VramRuntime
+    from .runtime import LayerRecord, VramRuntime
 
-ALIGN = 256  # byte alignment of each tensor inside an arena, a slot or a staging buffer
 DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
-
-
-def aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+TRIM_EVERY_BYTES = 8 * 1024**2  # while moving masters: give freed heap back to the OS this often (~0.1 ms)
 
 
 class PinnedBudget:
@@ -67,83 +68,192 @@ PROCESS_PINNED_BUDGET = PinnedBudget()
 
 @dataclass
 class ArenaReport:
-    pinned_bytes: int
-    pageable_bytes: int
+    pinned_bytes: int  # pinned host bytes the component streams from
+    pageable_bytes: int  # left pageable (over the pinned budget): staged by the scheduler's worker
     tensors_pinned: int
+    in_place_bytes: int = 0  # of pinned_bytes: registered where they were (no pinned copy made)
+
+
+def _page_floor(n: int) -> int:
+    return n // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+Part = tuple[StoredTensor, str]  # a stored copy and the attribute holding one of its host tensors
 
 
 class PinnedArena:
-    """The pinned buffer of one component and what it holds."""
+    """The pinned memory of one component and what it holds.
+
+    Masters the loader read into a host arena (engine.host_arena) are pinned where they are, by
+    registering that arena with the device: as much of it as the budget allows, whole pages, no
+    tensor cut in two. Other host masters (a model managed after it was built in RAM) are moved,
+    one tensor at a time, into a new host arena of exactly their size, which is then registered;
+    each old tensor is freed as soon as it moved, so host RAM never holds the model twice. A device
+    that cannot register gets one exact-size pinned buffer instead (allocated, then filled).
+    """
 
     def __init__(self, runtime: "VramRuntime", backend: DeviceBackend, budget: PinnedBudget = PROCESS_PINNED_BUDGET):
         self.runtime = runtime
         self.backend = backend
         self.budget = budget
-        self.buffer: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # the pinned buffer of the fallback copy
+        self.packed: HostArena | None = None  # the arena masters built in RAM were moved into
+        self.registered: list[torch.Tensor] = []
         self.report = ArenaReport(0, 0, 0)
         self._finalizer: weakref.finalize | None = None
 
-    def build(self) -> ArenaReport:
-        """Pack the component's host masters (execution order first) into one pinned buffer."""
-        runtime = self.runtime
-        order = runtime.planning_order()
-        todo: list[tuple[StoredTensor, str, torch.Tensor]] = []
+    def _host_parts(self) -> list[Part]:
+        """Every host tensor the component streams from, execution order first, each once (kept by
+        reference to its stored copy, so moving a tensor frees the old one)."""
+        out: list[Part] = []
         seen: set[int] = set()
-        wanted = 0
-        for record in order:
+        for record in self.runtime.planning_order():
             for stored in record.masters.values():
                 if id(stored) in seen:
                     continue
                 seen.add(id(stored))
-                for part, tensor in stored.parts():
-                    if tensor.device.type != "cpu":
-                        continue
-                    todo.append((stored, part, tensor))
-                    wanted += aligned(tensor.numel() * tensor.element_size())
+                out.extend((stored, part) for part, tensor in stored.parts() if tensor.device.type == "cpu")
+        return out
+
+    def build(self) -> ArenaReport:
+        """Pin what the budget allows, without holding any master twice where the device can
+        register memory in place."""
+        todo = self._host_parts()
+        wanted = sum(aligned(_nbytes(getattr(s, p))) for s, p in todo)
+        in_place = count = 0
+        host = self.runtime.host_arena
+        if host is not None and host.nbytes:
+            inside = [getattr(s, p) for s, p in todo if host.contains(getattr(s, p))]
+            length = self._register(host, inside)
+            if length or not inside:  # registered (or nothing to register): the rest of it stays pageable
+                base = host.buffer.data_ptr()
+                in_place = length
+                count = sum(1 for t in inside if t.data_ptr() + _nbytes(t) - base <= length)
+                todo = [(s, p) for s, p in todo if not host.contains(getattr(s, p))]
+            del inside
+        copied = 0
+        if self.backend.can_register():
+            moved, moved_count = self._move_into_arena(todo)
+            in_place += moved
+        else:
+            copied, moved_count = self._copy_into_buffer(todo)
+        pinned = in_place + copied
+        self.report = ArenaReport(pinned, max(0, wanted - pinned), count + moved_count, in_place)
+        # the pinned bytes return to the budget when the arena goes, released or collected
+        self._finalizer = weakref.finalize(self, _release, self.backend, self.budget, list(self.registered), pinned)
+        return self.report
+
+    def _register(self, host: HostArena, inside: list[torch.Tensor]) -> int:
+        """Register the longest page-aligned prefix of `host` that the budget grants and that cuts
+        no tensor; returns its length (0 when the device cannot register)."""
+        granted = self.budget.take(host.nbytes)
+        length = host.nbytes if granted >= host.nbytes else _page_floor(granted)
+        base = host.buffer.data_ptr()
+        spans = [(t.data_ptr() - base, t.data_ptr() - base + _nbytes(t)) for t in inside]
+        while True:  # a tensor across the boundary would read half pinned: move the boundary below it
+            cut = [start for start, end in spans if start < length < end]
+            if not cut:
+                break
+            length = _page_floor(min(cut))
+        if length and self.backend.register(host.buffer[:length]):
+            self.registered.append(host.buffer[:length])
+        else:
+            length = 0
+        self.budget.give_back(granted - length)
+        return length
+
+    def _fitting(self, todo: list[Part], budget_bytes: int, advance: "Callable[[int, torch.Tensor], int]") -> tuple[list[Part], int]:
+        """The tensors of `todo`, in order, that fit in `budget_bytes` laid out by `advance(end,
+        tensor) -> new end`; and the bytes they take."""
+        chosen: list[Part] = []
+        end = 0
+        for stored, part in todo:
+            new_end = advance(end, getattr(stored, part))
+            if new_end <= budget_bytes:
+                chosen.append((stored, part))
+                end = new_end
+        return chosen, end
+
+    def _move_into_arena(self, todo: list[Part]) -> tuple[int, int]:
+        """Move host tensors into one new host arena (old ones freed as they go), register it."""
+        if not todo:
+            return 0, 0
+        _, wanted = self._fitting(todo, 1 << 62, next_end)
         granted = self.budget.take(wanted)
+        chosen, size = self._fitting(todo, granted, next_end)
+        self.budget.give_back(granted - size)
+        if not chosen:
+            return 0, 0
+        arena = HostArena(size)
+        self._relocate(chosen, lambda t: arena.take(t.shape, t.dtype))
+        self.packed = arena
+        if not self.backend.register(arena.buffer):
+            self.budget.give_back(size)  # moved but not pinned: staged like any pageable tensor
+            return 0, 0
+        self.registered.append(arena.buffer)
+        return size, len(chosen)
+
+    def _copy_into_buffer(self, todo: list[Part]) -> tuple[int, int]:
+        """Pack host tensors into one exact-size pinned buffer (a device that cannot register)."""
+        wanted = sum(aligned(_nbytes(getattr(s, p))) for s, p in todo)
+        granted = self.budget.take(wanted) if wanted else 0
         buffer = self.backend.pin(granted) if granted else None
         if buffer is None:
             self.budget.give_back(granted)
-            self.report = ArenaReport(0, wanted, 0)
-            return self.report
+            return 0, 0
+        chosen, size = self._fitting(todo, granted, lambda end, t: end + aligned(_nbytes(t)))
         offset = 0
-        pinned = 0
-        repointed: dict[int, torch.Tensor] = {}
-        for stored, part, tensor in todo:
-            nbytes = tensor.numel() * tensor.element_size()
-            if offset + aligned(nbytes) > granted:
-                continue  # stays pageable: staged by the scheduler's worker
-            view = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal offset
+            view = buffer[offset : offset + _nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
+            offset += aligned(_nbytes(tensor))
+            return view
+
+        self._relocate(chosen, take)
+        self.buffer = buffer
+        self.budget.give_back(granted - size)
+        return size, len(chosen)
+
+    def _relocate(self, parts: list[Part], take: "Callable[[torch.Tensor], torch.Tensor]") -> None:
+        """Copy each tensor to `take(tensor)` and re-point its stored copy and every parameter slot
+        that showed it, so nothing keeps the old tensor alive past its own move."""
+        slots: dict[int, list[tuple["LayerRecord", str]]] = {}
+        for record in self.runtime.layers:
+            for name, placeholder in record.placeholders.items():
+                if placeholder.device.type == "cpu":
+                    slots.setdefault(placeholder.untyped_storage().data_ptr(), []).append((record, name))
+        moved = 0
+        for stored, part in parts:
+            tensor = getattr(stored, part)
+            view = take(tensor)
             view.copy_(tensor)
             setattr(stored, part, view)
-            repointed[tensor.untyped_storage().data_ptr()] = view
-            offset += aligned(nbytes)
-            pinned += 1
-        self._repoint_placeholders(repointed)
-        self.buffer = buffer
-        self.report = ArenaReport(offset, wanted - offset, pinned)
-        if granted > offset:
-            self.budget.give_back(granted - offset)
-        # the pinned bytes return to the budget when the arena goes, released or collected
-        self._finalizer = weakref.finalize(self, self.budget.give_back, offset)
-        return self.report
-
-    def _repoint_placeholders(self, repointed: dict[int, torch.Tensor]) -> None:
-        """Parameter slots that showed a master (computation-dtype masters) now show its arena view,
-        so the old pageable copy is freed rather than kept alive by the module."""
-        for record in self.runtime.layers:
-            for name, placeholder in list(record.placeholders.items()):
-                if placeholder.device.type != "cpu":
-                    continue
-                view = repointed.get(placeholder.untyped_storage().data_ptr())
-                if view is None:
-                    continue
+            for record, name in slots.pop(tensor.untyped_storage().data_ptr(), ()):
                 new = nn.Parameter(view, requires_grad=False) if view.is_floating_point() else view
                 record.placeholders[name] = new
                 if not record.fast:
                     record.module._parameters[name] = new
+            moved += _nbytes(tensor)
+            del tensor
+            if moved >= TRIM_EVERY_BYTES:  # freed small tensors sit in the heap until trimmed
+                release_free_heap()
+                moved = 0
+        release_free_heap()
 
     def release(self) -> None:
-        if self.buffer is not None:
+        if self._finalizer is not None:
             self._finalizer()
-            self.buffer = None
+        self.buffer = None
+        self.registered = []
+
+
+def _release(backend: DeviceBackend, budget: PinnedBudget, registered: list[torch.Tensor], nbytes: int) -> None:
+    """Unregister what was pinned in place (its memory may be freed right after), return the bytes."""
+    for buffer in registered:
+        backend.unregister(buffer)
+    budget.give_back(nbytes)

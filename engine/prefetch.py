@@ -1,7 +1,11 @@
 """Read-ahead of disk-offloaded layers in execution order, on one background thread.
 
-The runtime calls one hook per streamed layer, `prefetcher.on_layer_start(record, source)`, just
-before it would materialize the layer's parameters:
+This serves the synchronous streaming path (the CPU, and layers a GPU schedule did not foresee).
+Layers the transfer scheduler streams (engine.scheduler) are read by its stager straight into
+pinned staging buffers instead; the prefetcher never reads those (`runtime.is_scheduled`).
+
+The runtime calls one hook per synchronously streamed layer, `prefetcher.on_layer_start(record,
+source)`, just before it would materialize the layer's parameters:
 
 * if the layer's bytes were read ahead, the hook waits for that read and returns the layer's
   computation parameters ({name: tensor}); otherwise it returns None and the runtime reads them
@@ -14,9 +18,8 @@ before it would materialize the layer's parameters:
 
 Reads are `DiskStored.read` (positional file reads into fresh CPU tensors; the GIL is released
 while the kernel copies), so they overlap the computation of the running layer. The class only
-depends on `record.masters`, `record.resident`, `record.onloaded`, `record.plan_resident` and
-`runtime.execution_order`, so a GPU scheduler can reuse the same hook (e.g. queueing the
-host-to-device copy after the read).
+depends on `record.masters`, `record.resident`, `record.onloaded`, `record.plan_resident`,
+`runtime.execution_order` and `runtime.is_scheduled`.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ class DiskPrefetcher:
         return sum(s.nbytes for s in record.masters.values() if isinstance(s, DiskStored))
 
     def streams_from_disk(self, record: "LayerRecord") -> bool:
-        """Will the layer's next forward read its masters (and at least one of them is on disk)?"""
+        """Will the layer's next synchronous forward read its masters (at least one on disk)?
+        Not when the transfer scheduler streams it: its stager reads it into staging buffers."""
         runtime = self.runtime
-        if record.resident is not None or record.fast:
+        if record.resident is not None or record.fast or runtime.is_scheduled(record):
             return False
         if runtime.active and (record.onloaded is not None or record.plan_resident):
             return False

@@ -121,11 +121,13 @@ class VramRuntime:
         self._transient_cache: dict[tuple[int, bool, bool], int] = {}
         # Optional read-ahead (engine.prefetch.DiskPrefetcher, set by engine.load_model for disk
         # offload): `on_layer_start(record, source)` returns the layer's computation parameters
-        # when it read them ahead (else None) and queues the next layers' reads.
+        # when it read them ahead (else None) and queues the next layers' reads. Only the
+        # synchronous path uses it: layers the scheduler streams are read by its stager.
         self.prefetcher: Any = None
         # Optional prefetching streamer (engine.scheduler.TransferScheduler): copy stream, slot ring.
         self.scheduler: Any = None
-        self.arena: Any = None
+        self.arena: Any = None  # engine.pinned.PinnedArena, while a scheduler streams
+        self.host_arena: Any = None  # engine.host_arena.HostArena the loader read the masters into
         self.stream_depth = 1
 
     # --- sizes -------------------------------------------------------------------------------
@@ -285,6 +287,8 @@ class VramRuntime:
             if self.execution_order is None:
                 return NotImplemented  # the first forward traces the order, streaming synchronously
             scheduler.build(self.stream_depth)
+            if self.prefetcher is not None:
+                self.prefetcher.clear()  # reads queued for layers the scheduler now streams itself
         out = scheduler.run(module, record, args, kwargs)
         if out is NotImplemented and scheduler.groups:
             self.stats.sync_fallbacks += 1
@@ -292,19 +296,27 @@ class VramRuntime:
 
     def use_scheduler(self, backend: Any, pinned_budget: Any = None) -> None:
         """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by
-        layer: host masters are packed into one pinned arena (under the pinned-RAM budget), and
-        what stays pageable is staged by a worker thread."""
+        layer: host masters are packed into one pinned arena (under the pinned-RAM budget); what
+        stays pageable, and masters left on disk, go through a worker thread's pinned staging
+        buffers (each the size of the largest group)."""
+        from .disk import DiskStored
         from .pinned import PROCESS_PINNED_BUDGET, PinnedArena
         from .scheduler import Stager, TransferScheduler, max_group_bytes
 
         self.close_scheduler()
         self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
         report = self.arena.build()
+        on_disk = any(isinstance(s, DiskStored) for r in self.layers for s in r.masters.values())
         stager = None
-        if report.pageable_bytes:
+        if report.pageable_bytes or on_disk:
             stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
         self.scheduler = TransferScheduler(self, backend, stager)
         self.budget.replan()
+
+    def is_scheduled(self, record: LayerRecord) -> bool:
+        """Will the transfer scheduler stream this layer's next forward (so nothing else reads it)?"""
+        scheduler = self.scheduler
+        return scheduler is not None and self.active and scheduler.ready and id(record) in scheduler.group_of
 
     def close_scheduler(self) -> None:
         if self.scheduler is not None:

@@ -7,6 +7,16 @@ runs, and a copy into a slot waits on the event recorded after that slot's previ
 finished. No host synchronisation per layer. Prefetch runs `depth` groups ahead (depth + 1
 slots), cyclically, so group 0 of step t+1 loads during the tail of step t.
 
+Sources that are not in pinned memory go through the `Stager`, a worker thread with two pinned
+staging buffers: pageable host tensors are copied into a staging buffer, and disk-offloaded
+parameters (`engine.disk.DiskStored`) are read with a positional read straight into one; the
+device copy is then enqueued from the staging view. A group with any such source is staged as a
+whole by the worker, so the thread launching compute never blocks on a read or a pageable copy,
+and host RAM stays at the two staging buffers however many steps run (a single tensor larger than
+a staging buffer is the exception: it is read into a fresh tensor and copied from there). A read
+error reaches the compute thread through the group's future, when the group is entered; the
+schedule is then dropped and laid out again at the next forward.
+
 Layers the schedule did not foresee (not traced, or the plan changed) still run through the
 synchronous path and are counted in `stats.sync_fallbacks`.
 """
@@ -25,6 +35,7 @@ import torch
 from torch import nn
 
 from .devices import DeviceBackend
+from .disk import DiskStored, TensorEntry
 from .fp8 import dequantize
 from .pinned import aligned
 from .planner import MAX_DEPTH
@@ -34,15 +45,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DISK_PART = "file"  # SliceSpec.part of a parameter read from its .safetensors file
 
 
 @dataclass
 class SliceSpec:
-    """One host tensor of one parameter, at `offset` in its group's slot."""
+    """One host tensor (or file entry) of one parameter, at `offset` in its group's slot."""
 
     record: "LayerRecord"
     param: str
-    part: str  # the stored copy's attribute (StoredTensor.parts): "tensor", or "data"/"scale" for FP8
+    # the stored copy's attribute (StoredTensor.parts): "tensor", or "data"/"scale" for FP8;
+    # DISK_PART for a DiskStored master (its bytes are read from the file)
+    part: str
     offset: int
     nbytes: int
     dtype: torch.dtype
@@ -57,6 +71,7 @@ class Group:
     slices: list[SliceSpec] = field(default_factory=list)
     nbytes: int = 0
     pageable: bool = False  # some source is not in pinned memory: staged by the worker
+    disk_bytes: int = 0  # bytes read from checkpoint files (always staged by the worker)
 
 
 @dataclass
@@ -81,14 +96,25 @@ def build_groups(order: list["LayerRecord"], source_of: Any) -> list[Group]:
             groups.append(group)
         group.records.append(record)
         for param, stored in source_of(record).items():
-            parts = stored.parts()
-            if not parts:
-                raise TypeError(f"{record.name}.{param} is not a host tensor")
-            for part, tensor in parts:
-                nbytes = tensor.numel() * tensor.element_size()
-                group.slices.append(SliceSpec(record, param, part, group.nbytes, nbytes, tensor.dtype, tensor.shape))
+            for part, nbytes, dtype, shape in slice_layout(stored):
+                group.slices.append(SliceSpec(record, param, part, group.nbytes, nbytes, dtype, shape))
                 group.nbytes += aligned(nbytes)
+                if part == DISK_PART:
+                    group.disk_bytes += nbytes
+                    group.pageable = True
     return groups
+
+
+def slice_layout(stored: Any) -> list[tuple[str, int, torch.dtype, torch.Size]]:
+    """(part, nbytes, dtype, shape) of each piece of a stored copy that crosses to the device:
+    its host tensors, or its file entry when it is a disk master."""
+    if isinstance(stored, DiskStored):
+        entry = stored.entry
+        return [(DISK_PART, entry.length, entry.dtype, torch.Size(entry.shape))]
+    parts = stored.parts()
+    if not parts:
+        raise TypeError(f"{stored!r} is neither a host tensor nor a file entry")
+    return [(part, t.numel() * t.element_size(), t.dtype, t.shape) for part, t in parts]
 
 
 def max_group_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int:
@@ -136,7 +162,7 @@ class TransferScheduler:
             self.groups = []  # sources that cannot be slot-copied stream synchronously
         self.group_of = {id(r): g.index for g in self.groups for r in g.records}
         for group in self.groups:
-            group.pageable = any(not self.backend.is_pinned(self._part(spec)) for spec in group.slices)
+            group.pageable = group.disk_bytes > 0 or any(not self.backend.is_pinned(self._part(spec)) for spec in group.slices)
         if not self.groups:
             self.ready = True
             return
@@ -150,11 +176,20 @@ class TransferScheduler:
         self.ready = True
 
     def reset(self) -> None:
-        """Drop the schedule and free the slots (after in-flight copies and computes finished)."""
+        """Drop the schedule and free the slots (after in-flight copies and computes finished).
+        Also after a failed staging job (a read error): then it waits for the whole copy stream,
+        since the failed group may have enqueued some of its copies."""
         for event in self.slot_free:
             self.backend.host_wait(event)
+        failed = False
         for loaded in self.loaded.values():
-            self.backend.host_wait(self._event(loaded))
+            event = loaded.event
+            if isinstance(event, Future) and event.exception() is not None:  # waits for the job
+                failed = True
+            else:
+                self.backend.host_wait(self._event(loaded))
+        if failed:
+            self.backend.host_wait(self.backend.record(self.backend.copy_stream()))
         if self.slots:
             self.runtime.budget.remove_slots(self.slot_bytes * len(self.slots))
         self.groups, self.group_of, self.slots = [], {}, []
@@ -185,20 +220,30 @@ class TransferScheduler:
         self.runtime.stats.streamed_bytes += self.groups[index].nbytes
 
     def _copy_group(self, index: int, slot: int, free_event: Any) -> Any:
-        """Enqueue the group's copies into `slot` on the copy stream; returns the copy-done event."""
+        """Enqueue the group's copies into `slot` on the copy stream; returns the copy-done event.
+        Runs on the stager's worker for pageable groups (disk reads included)."""
         backend = self.backend
         stream = backend.copy_stream()
         backend.wait(stream, free_event)  # the slot's previous consumer is done
         buffer = self.slots[slot]
-        for spec in self.groups[index].slices:
-            source = self._part(spec)
-            dst = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
-            if self.stager is not None and not backend.is_pinned(source):
-                source = self.stager.stage(source)
-            backend.copy(dst, source, stream)
-        event = backend.record(stream)
-        if self.stager is not None:
-            self.stager.staged_copies_issued(event)
+        stager = self.stager
+        try:
+            for spec in self.groups[index].slices:
+                dst = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+                if spec.part == DISK_PART:
+                    entry = self._entry(spec)
+                    source = stager.read(entry) if stager is not None else entry.file.read(entry)
+                else:
+                    source = self._part(spec)
+                    if stager is not None and not backend.is_pinned(source):
+                        source = stager.stage(source)
+                backend.copy(dst, source, stream)
+        finally:
+            # also after a read error: the staging buffers used so far are free once the copies
+            # already enqueued from them are done
+            event = backend.record(stream)
+            if stager is not None:
+                stager.staged_copies_issued(event)
         return event
 
     def _event(self, loaded: Loaded) -> Any:
@@ -207,6 +252,9 @@ class TransferScheduler:
 
     def _part(self, spec: SliceSpec) -> torch.Tensor:
         return getattr(self.runtime.stream_source(spec.record)[spec.param], spec.part)
+
+    def _entry(self, spec: SliceSpec) -> TensorEntry:
+        return self.runtime.stream_source(spec.record)[spec.param].entry
 
     def _prefetch_after(self, index: int) -> None:
         n = len(self.groups)
@@ -248,7 +296,13 @@ class TransferScheduler:
         if index is None:
             return NotImplemented
         if index != self.current:
-            self._enter(index)
+            try:
+                self._enter(index)
+            except Exception:
+                # a failed read (or copy): drop everything in flight, so the model stays usable
+                # and the next forward lays the schedule out again
+                self.reset()
+                raise
         buffer = self.slots[self.loaded[index].slot]
         runtime = self.runtime
         comp_dtype = runtime.comp_dtype
@@ -261,8 +315,8 @@ class TransferScheduler:
             view = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
             parts.setdefault(spec.param, {})[spec.part] = view
         for param, found in parts.items():
-            if "tensor" in found:
-                tensor = found["tensor"]
+            if "data" not in found:  # a plain tensor, from RAM or from its file
+                tensor = found["tensor"] if "tensor" in found else found[DISK_PART]
                 if tensor.is_floating_point() and tensor.dtype != comp_dtype:
                     tensor = tensor.to(comp_dtype)
                     transient += tensor.numel() * tensor.element_size()
@@ -294,11 +348,12 @@ class TransferScheduler:
 
 
 class Stager:
-    """Worker thread that copies pageable host tensors into pinned staging buffers and enqueues
-    their device copies, so the thread launching compute never blocks on a pageable copy.
+    """Worker thread that fills pinned staging buffers and enqueues the device copies from them,
+    so the thread launching compute never blocks on a pageable copy or a disk read.
 
-    Two staging buffers alternate; before one is refilled the worker waits (on its own thread)
-    for the device copy that read it last. Disk offload can feed the same path.
+    Pageable host tensors are copied in (`stage`); disk-offloaded parameters are read from their
+    file straight into the buffer (`read`). Two staging buffers alternate; before one is refilled
+    the worker waits (on its own thread) for the device copy that read it last.
     """
 
     def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2):
@@ -315,7 +370,9 @@ class Stager:
         self.thread = threading.Thread(target=_run_jobs, args=(self.jobs,), name="lowvram-stager", daemon=True)
         self.thread.start()
         self._stop = weakref.finalize(self, self.jobs.put, None)
-        self.staged_bytes = 0
+        self.staged_bytes = 0  # bytes that went through the staging buffers (copies and reads)
+        self.read_bytes = 0  # of which read from checkpoint files
+        self.fresh_reads = 0  # file tensors larger than a staging buffer, read into a fresh tensor
 
     @staticmethod
     def _staging_buffer(backend: DeviceBackend, nbytes: int) -> torch.Tensor:
@@ -336,15 +393,36 @@ class Stager:
         nbytes = source.numel() * source.element_size()
         if nbytes > self.buffer_bytes:
             return source  # larger than a staging buffer: copied from pageable memory directly
+        view = self._reserve(nbytes, source.dtype, source.shape)
+        view.copy_(source)
+        self.staged_bytes += nbytes
+        return view
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        """Read a file entry with a positional read straight into the current staging buffer.
+        A CheckpointError propagates (to the job's future)."""
+        if entry.length > self.buffer_bytes:
+            # larger than a staging buffer: a fresh tensor, freed once its copy is done
+            self.fresh_reads += 1
+            return entry.file.read(entry)
+        view = self._reserve(entry.length, entry.dtype, torch.Size(entry.shape))
+        entry.file.read_into(entry, view)
+        self.staged_bytes += entry.length
+        self.read_bytes += entry.length
+        return view
+
+    def _reserve(self, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """The next `nbytes` of staging memory, once no device copy still reads them."""
         if self.offset + nbytes > self.buffer_bytes:
             self._switch()
+            if self.current in self.used_in_group:
+                # the group outgrew both buffers: wait for the copies already enqueued from this one
+                self.backend.host_wait(self.backend.record(self.backend.copy_stream()))
         if self.current not in self.used_in_group:
             self.backend.host_wait(self.buffer_done[self.current])  # its last reader finished
             self.used_in_group.add(self.current)
-        view = self.buffers[self.current][self.offset : self.offset + nbytes].view(source.dtype).view(source.shape)
-        view.copy_(source)
+        view = self.buffers[self.current][self.offset : self.offset + nbytes].view(dtype).view(shape)
         self.offset += aligned(nbytes)
-        self.staged_bytes += nbytes
         return view
 
     def _switch(self) -> None:

@@ -70,3 +70,27 @@ def test_fp8_on_cuda_within_bound():
     for _ in range(3):
         out = model(x.bfloat16().cuda()).float().cpu()
     assert ((out - reference).norm() / reference.norm()).item() < 0.035
+
+
+def test_loaded_masters_are_pinned_in_place_on_cuda(tmp_path):
+    """load_model's host arena is registered with CUDA (cudaHostRegister): every master is
+    pinned where it was read, with no second buffer; unregistering leaves CUDA healthy."""
+    from engine import load_model
+
+    plain, inputs = tiny_model("QwenImageTransformer2DModel", torch.bfloat16)
+    plain.save_pretrained(tmp_path)
+    inputs = to_cuda(inputs)
+    expected = run_model(copy.deepcopy(plain).cuda(), inputs)
+    model = load_model(type(plain), tmp_path, vram_config=CUDA_BF16, vram_limit=0)
+    runtime = runtime_of(model)
+    report = runtime.arena.report
+    assert report.in_place_bytes == runtime.host_arena.nbytes and report.pageable_bytes == 0
+    assert runtime.arena.buffer is None  # nothing was copied into a second pinned buffer
+    masters = [t for r in runtime.layers for s in r.masters.values() for _, t in s.parts()]
+    assert all(t.is_pinned() for t in masters)
+    for _ in range(3):
+        assert torch.equal(run_model(model, inputs), expected)
+    runtime.close_scheduler()
+    assert not masters[0].is_pinned()
+    torch.cuda.synchronize()
+    assert torch.ones(4, device="cuda").sum().item() == 4  # no error left behind by the runtime calls
