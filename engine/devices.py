@@ -7,6 +7,7 @@ recording fake that checks ordering and slot reuse without a GPU.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -63,10 +64,12 @@ class DeviceBackend(ABC):
         """Can `tensor` be copied to the device asynchronously? (Always, on a synchronous device.)"""
         return True
 
-    def elapsed_seconds(self, start: Any, end: Any) -> float | None:
+    def timing_event(self, stream: Any) -> Any:
+        """A timestamp of `stream` at this point of its work (None: the device does not time)."""
         return None
 
-    def timing_event(self, stream: Any) -> Any:
+    def elapsed_seconds(self, start: Any, end: Any) -> float | None:
+        """Seconds between two `timing_event`s, or None while the device has not reached `end`."""
         return None
 
 
@@ -93,6 +96,12 @@ class CpuBackend(DeviceBackend):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
         dst.copy_(src)
+
+    def timing_event(self, stream: Any) -> Any:
+        return time.perf_counter()  # synchronous: the host clock is the device's
+
+    def elapsed_seconds(self, start: Any, end: Any) -> float | None:
+        return end - start
 
 
 class CudaBackend(DeviceBackend):

@@ -313,6 +313,12 @@ class VramRuntime:
         self.scheduler = TransferScheduler(self, backend, stager)
         self.budget.replan()
 
+    def collect_timings(self) -> None:
+        """Add the copy/compute times the device has finished measuring to `stats` (a scheduler
+        times on the streams, so its figures arrive when the device got there, not at launch)."""
+        if self.scheduler is not None:
+            self.scheduler.timer.collect(self.stats)
+
     def is_scheduled(self, record: LayerRecord) -> bool:
         """Will the transfer scheduler stream this layer's next forward (so nothing else reads it)?"""
         scheduler = self.scheduler

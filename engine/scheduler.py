@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -126,6 +127,35 @@ def max_group_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int
     return max((g.nbytes for g in groups), default=0)
 
 
+class StreamTimer:
+    """Copy and compute time measured on the streams themselves (CUDA timing events), not with
+    host clocks: the host runs ahead of the device, so a host clock around an asynchronous copy
+    measures only its launch. Event pairs are kept in stream order and turned into seconds once
+    the device has passed them (`collect`, at the end of each step), without waiting for them.
+    Pairs are appended by the compute thread and the stager's worker (deque: thread-safe)."""
+
+    def __init__(self, backend: DeviceBackend):
+        self.backend = backend
+        self.pending: dict[str, deque[tuple[Any, Any]]] = {"copy": deque(), "compute": deque()}
+
+    def start(self, stream: Any) -> Any:
+        return self.backend.timing_event(stream)
+
+    def stop(self, kind: str, start: Any, stream: Any) -> None:
+        if start is not None:
+            self.pending[kind].append((start, self.backend.timing_event(stream)))
+
+    def collect(self, stats: Any) -> None:
+        """Add every completed pair's seconds to `stats.copy_seconds` / `stats.compute_seconds`."""
+        for kind, pairs in self.pending.items():
+            while pairs:
+                seconds = self.backend.elapsed_seconds(*pairs[0])
+                if seconds is None:
+                    break  # the device has not got there yet; later pairs are later still
+                pairs.popleft()
+                setattr(stats, f"{kind}_seconds", getattr(stats, f"{kind}_seconds") + seconds)
+
+
 class TransferScheduler:
     """Prefetching streamer for one component. The runtime hands it every streamed layer."""
 
@@ -143,6 +173,8 @@ class TransferScheduler:
         self.depth = 0
         self.ready = False
         self.slot_bytes = 0
+        self.timer = StreamTimer(backend)
+        self._compute_start: Any = None
 
     # --- building and tearing down ----------------------------------------------------------
     def max_group_bytes(self, records: list["LayerRecord"]) -> int:
@@ -227,6 +259,7 @@ class TransferScheduler:
         backend.wait(stream, free_event)  # the slot's previous consumer is done
         buffer = self.slots[slot]
         stager = self.stager
+        started = self.timer.start(stream)
         try:
             for spec in self.groups[index].slices:
                 dst = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
@@ -241,6 +274,7 @@ class TransferScheduler:
         finally:
             # also after a read error: the staging buffers used so far are free once the copies
             # already enqueued from them are done
+            self.timer.stop("copy", started, stream)
             event = backend.record(stream)
             if stager is not None:
                 stager.staged_copies_issued(event)
@@ -271,7 +305,10 @@ class TransferScheduler:
         if self.current is None:
             return
         loaded = self.loaded.pop(self.current)
-        self.slot_free[loaded.slot] = self.backend.record(self.backend.compute_stream())
+        compute = self.backend.compute_stream()
+        self.timer.stop("compute", self._compute_start, compute)
+        self._compute_start = None
+        self.slot_free[loaded.slot] = self.backend.record(compute)
         self.slot_owner[loaded.slot] = None
         self.current = None
 
@@ -286,7 +323,9 @@ class TransferScheduler:
                 self.slot_owner[slot] = None
             self._issue(index, slot)
         self.current = index
-        self.backend.wait(self.backend.compute_stream(), self._event(self.loaded[index]))
+        compute = self.backend.compute_stream()
+        self.backend.wait(compute, self._event(self.loaded[index]))
+        self._compute_start = self.timer.start(compute)  # after the wait: compute time excludes stalls
         self._prefetch_after(index)
 
     def run(self, module: nn.Module, record: "LayerRecord", args: tuple, kwargs: dict) -> Any:
@@ -342,6 +381,7 @@ class TransferScheduler:
         last = self.current
         self._finish_current()
         self._prefetch_after(last)
+        self.timer.collect(self.runtime.stats)
 
     def slots_in_flight(self) -> int:
         return len(self.loaded)

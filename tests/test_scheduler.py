@@ -370,3 +370,75 @@ def test_dropped_component_returns_its_pinned_bytes_and_stops_its_worker():
     thread.join(timeout=5)
     assert pinned_budget.used == 0
     assert not thread.is_alive()
+
+
+class TimingBackend(RecordingBackend):
+    """Timing events are ticks of a fake clock (one per event); the 'device' has only reached the
+    events up to `reached`, as a GPU running behind the host would."""
+
+    def __init__(self):
+        super().__init__()
+        self.clock = 0.0
+        self.reached = float("inf")
+
+    def timing_event(self, stream):
+        self.clock += 1.0
+        return self.clock
+
+    def elapsed_seconds(self, start, end):
+        return None if end > self.reached else end - start
+
+
+def test_copy_and_compute_times_come_from_stream_events_once_the_device_got_there(monkeypatch):
+    plain = make_stack()
+    backend = TimingBackend()
+    backend.reached = 0.0  # nothing finished on the device yet
+    model = scheduled(plain, CPU, 0, backend, monkeypatch)
+    runtime = runtime_of(model)
+    assert torch.equal(model(X), plain(X))  # the traced forward streams synchronously (host clock)
+    traced = copy.copy(runtime.stats)
+    for _ in range(3):
+        assert torch.equal(model(X), plain(X))
+    timer = runtime.scheduler.timer
+    copies, computes = len(timer.pending["copy"]), len(timer.pending["compute"])
+    assert copies > 0 and computes > 0
+    assert (runtime.stats.copy_seconds, runtime.stats.compute_seconds) == (traced.copy_seconds, traced.compute_seconds)
+    backend.reached = float("inf")
+    runtime.collect_timings()
+    assert not timer.pending["copy"] and not timer.pending["compute"]
+    # start and end of each group's copies are adjacent ticks; compute brackets also hold the
+    # prefetch launches, so they span more
+    assert runtime.stats.copy_seconds - traced.copy_seconds == copies
+    assert runtime.stats.compute_seconds - traced.compute_seconds >= computes
+
+
+def test_device_timing_stops_at_the_first_unfinished_pair():
+    from engine.runtime import StreamStats
+    from engine.scheduler import StreamTimer
+
+    backend = TimingBackend()
+    timer = StreamTimer(backend)
+    for _ in range(3):
+        timer.stop("copy", timer.start("copy"), "copy")  # pairs (1,2), (3,4), (5,6)
+    stats = StreamStats()
+    backend.reached = 4.0  # the third pair ends at tick 6: not there yet
+    timer.collect(stats)
+    assert stats.copy_seconds == 2.0 and len(timer.pending["copy"]) == 1
+    backend.reached = 6.0
+    timer.collect(stats)
+    assert stats.copy_seconds == 3.0 and not timer.pending["copy"]
+
+
+def test_cpu_backend_times_the_schedule_with_the_host_clock():
+    from engine.devices import CpuBackend
+
+    plain = make_stack()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=CPU, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    runtime.use_scheduler(CpuBackend())
+    for _ in range(3):
+        assert torch.equal(model(X), plain(X))
+    assert runtime.stats.sync_fallbacks == 0
+    assert runtime.stats.copy_seconds > 0 and runtime.stats.compute_seconds > 0

@@ -191,7 +191,9 @@ class ManagedPipeline:
     def stream_totals(self) -> StepStats:
         out = StepStats()
         for model in self.components.values():
-            s = runtime_of(model).stats
+            runtime = runtime_of(model)
+            runtime.collect_timings()
+            s = runtime.stats
             out.streamed_bytes += s.streamed_bytes
             out.copy_seconds += s.copy_seconds
             out.compute_seconds += s.compute_seconds
