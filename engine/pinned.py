@@ -66,6 +66,19 @@ class PinnedBudget:
 PROCESS_PINNED_BUDGET = PinnedBudget()
 
 
+def exact_pinned(backend: DeviceBackend, nbytes: int) -> tuple[torch.Tensor, bool]:
+    """A host buffer of exactly `nbytes`, pinned where the device allows it: an anonymous mapping
+    registered in place (torch's pin_memory goes through a caching host allocator that rounds
+    sizes up to a power of two), else `backend.pin`, else pageable. Returns (buffer, registered);
+    a registered buffer must be `backend.unregister`ed before it is freed."""
+    if backend.can_register():
+        buffer = HostArena(nbytes).buffer
+        if backend.register(buffer):
+            return buffer, True
+    pinned = backend.pin(nbytes)
+    return (pinned if pinned is not None else torch.empty(nbytes, dtype=torch.uint8)), False
+
+
 @dataclass
 class ArenaReport:
     pinned_bytes: int  # pinned host bytes the component streams from

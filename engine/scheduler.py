@@ -38,7 +38,7 @@ from torch import nn
 from .devices import DeviceBackend
 from .disk import DiskStored, TensorEntry
 from .fp8 import dequantize
-from .pinned import aligned
+from .pinned import aligned, exact_pinned
 from .planner import MAX_DEPTH
 
 if TYPE_CHECKING:
@@ -399,8 +399,16 @@ class Stager:
     def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2):
         self.backend = backend
         self.buffer_bytes = buffer_bytes
-        self.buffers = [self._staging_buffer(backend, buffer_bytes) for _ in range(n_buffers)]
+        self.buffers: list[torch.Tensor] = []
+        registered: list[torch.Tensor] = []
+        for _ in range(n_buffers):
+            buffer, is_registered = exact_pinned(backend, buffer_bytes)
+            self.buffers.append(buffer)
+            if is_registered:
+                registered.append(buffer)
         self.buffer_done: list[Any] = [None] * n_buffers
+        # unpin after the last copies that read the buffers, on close or when the stager is dropped
+        self._unpin = weakref.finalize(self, _unpin_staging, backend, registered, self.buffer_done)
         self.current = 0
         self.offset = 0
         self.used_in_group: set[int] = set()
@@ -413,11 +421,6 @@ class Stager:
         self.staged_bytes = 0  # bytes that went through the staging buffers (copies and reads)
         self.read_bytes = 0  # of which read from checkpoint files
         self.fresh_reads = 0  # file tensors larger than a staging buffer, read into a fresh tensor
-
-    @staticmethod
-    def _staging_buffer(backend: DeviceBackend, nbytes: int) -> torch.Tensor:
-        pinned = backend.pin(nbytes)
-        return pinned if pinned is not None else torch.empty(nbytes, dtype=torch.uint8)
 
     def submit(self, job: "Callable[[], Any]") -> Future:
         future: Future = Future()
@@ -479,6 +482,14 @@ class Stager:
     def close(self) -> None:
         self._stop()
         self.thread.join(timeout=5)
+        self._unpin()
+
+
+def _unpin_staging(backend: DeviceBackend, registered: list[torch.Tensor], done: list[Any]) -> None:
+    for event in done:
+        backend.host_wait(event)
+    for buffer in registered:
+        backend.unregister(buffer)
 
 
 def _run_jobs(jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]") -> None:

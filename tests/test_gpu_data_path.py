@@ -94,3 +94,37 @@ def test_loaded_masters_are_pinned_in_place_on_cuda(tmp_path):
     assert not masters[0].is_pinned()
     torch.cuda.synchronize()
     assert torch.ones(4, device="cuda").sum().item() == 4  # no error left behind by the runtime calls
+
+
+def test_disk_offload_streams_through_pinned_staging_on_cuda(tmp_path):
+    """Disk masters are read by the stager into its registered staging buffers and copied on the
+    copy stream: bitwise equal to the model on the GPU, no synchronous fallback after tracing."""
+    from engine import load_model
+
+    plain, inputs = tiny_model("QwenImageTransformer2DModel", torch.bfloat16)
+    plain.save_pretrained(tmp_path)
+    inputs = to_cuda(inputs)
+    expected = run_model(copy.deepcopy(plain).cuda(), inputs)
+    config = dict(CUDA_BF16, offload_dtype="disk", offload_device="disk", onload_dtype="disk", onload_device="disk")
+    model = load_model(type(plain), tmp_path, vram_config=config, vram_limit=0)
+    runtime = runtime_of(model)
+    for _ in range(4):
+        assert torch.equal(run_model(model, inputs), expected)
+    stager = runtime.scheduler.stager
+    assert stager is not None and stager.read_bytes > 0 and stager.fresh_reads == 0
+    assert runtime.stats.sync_fallbacks == 0
+
+
+def test_copy_and_compute_times_are_cuda_event_times():
+    plain, inputs = tiny_model("QwenImageTransformer2DModel", torch.bfloat16)
+    inputs = to_cuda(inputs)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=CUDA_BF16, vram_limit=0)
+    run_model(model, inputs)  # traced, synchronous
+    runtime = runtime_of(model)
+    before = (runtime.stats.copy_seconds, runtime.stats.compute_seconds)
+    for _ in range(3):
+        run_model(model, inputs)
+    torch.cuda.synchronize()
+    runtime.collect_timings()
+    assert not runtime.scheduler.timer.pending["copy"] and not runtime.scheduler.timer.pending["compute"]
+    assert runtime.stats.copy_seconds > before[0] and runtime.stats.compute_seconds > before[1]

@@ -172,7 +172,7 @@ def test_a_smaller_budget_registers_a_page_aligned_prefix_that_cuts_no_tensor(st
     backend = RegisteringBackend()
     budget = PinnedBudget(limit_bytes=runtime.host_arena.nbytes // 2)
     runtime.use_scheduler(backend, budget)
-    (start, length), = backend.registered
+    start, length = backend.registered[0]  # then the two staging buffers
     assert start == runtime.host_arena.buffer.data_ptr()
     assert 0 < length <= runtime.host_arena.nbytes // 2 and length % mmap.PAGESIZE == 0
     for t in master_parts(runtime):  # each tensor is wholly inside or wholly outside
@@ -180,14 +180,16 @@ def test_a_smaller_budget_registers_a_page_aligned_prefix_that_cuts_no_tensor(st
         assert end <= length or begin >= length
     report = runtime.arena.report
     assert report.in_place_bytes == length == budget.used and report.pageable_bytes > 0
-    assert runtime.scheduler.stager is not None  # the rest is staged
+    stager = runtime.scheduler.stager
+    assert stager is not None  # the rest is staged, through staging buffers pinned in place too
+    assert [n for _, n in backend.registered[1:]] == [stager.buffer_bytes] * 2 and backend.pinned == []
     log_computes(backend, monkeypatch)
     for _ in range(3):
         assert torch.equal(model(x_for()), plain(x_for()))
     backend.check_ordering()
-    assert runtime.scheduler.stager.staged_bytes > 0
+    assert stager.staged_bytes > 0
     runtime.close_scheduler()
-    assert budget.used == 0
+    assert budget.used == 0 and backend.registered == []  # all unregistered
 
 
 def test_a_device_that_cannot_register_falls_back_to_one_packed_copy(stack_dir, monkeypatch):
