@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# re-exported: model_registry defines them (data flows ui -> engine -> model_registry)
+from model_registry.types import ModelChoice, UserFacingError  # noqa: F401
+
 Phase = Literal["queued", "downloading", "loading", "encoding", "denoising", "decoding", "done", "cancelled", "error"]
 
 LAYER_STATES: tuple[str, ...] = ("offload", "onload", "preparing", "computation")
-
-
-class UserFacingError(ValueError):
-    """An error whose message is written for the person using the app: it says what to do."""
 
 
 @dataclass(frozen=True)
@@ -97,19 +96,6 @@ class MemoryEstimate:
     fits: bool
     warnings: tuple[str, ...] = ()
     smallest_feasible_vram_limit_gb: float | None = None
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """One entry of the UI's model dropdown."""
-
-    id: str
-    name: str
-    size_gb: float  # bytes of all components in bf16, in GB
-    downloaded: bool
-    is_demo: bool = False
-    defaults: dict[str, Any] = field(default_factory=dict)  # steps, guidance, width, height
-    limits: dict[str, Any] = field(default_factory=dict)  # min/max width/height/steps/guidance
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ is_downloaded(id, models_dir=None) -> bool
 local_path(id, models_dir=None) -> Path | None
 register_local(path, model_id=None, models_dir=None) -> str
 default_model_id(models_dir=None) -> str
-model_choices(models_dir=None) -> list[engine.api_types.ModelChoice]
+model_choices(models_dir=None) -> list[ModelChoice]     (model_registry.types)
 load_options(id, path) -> dict             extra from_pretrained kwargs (variant)
 model_dirs(models_dir=None) -> list[Path]  LOWVRAM_MODEL_DIR or ./models
 """

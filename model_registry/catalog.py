@@ -12,9 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from engine.api_types import UserFacingError
-
 from .families import FAMILIES, Family
+from .types import UserFacingError
 
 MODELS_FILE = Path(__file__).with_name("models.json")
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from engine.api_types import UserFacingError
-
 from .catalog import ModelEntry
+from .types import UserFacingError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

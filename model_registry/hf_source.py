@@ -25,14 +25,13 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, get_token
 
-from engine.api_types import UserFacingError
-
 from . import errors
 from .catalog import ModelEntry
 from .completeness import is_complete, repo_problems
 from .network import unreachable_reason
 from .paths import hf_cache_dir
 from .progress import Reporter, hf_tqdm_class
+from .types import UserFacingError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _TRUE = ("1", "true", "yes", "on")

@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.api_types import UserFacingError
-
 from . import errors
 from .catalog import ModelEntry, get_model, list_models
 from .completeness import is_complete, repo_problems
 from .families import family_for_pipeline
 from .paths import model_dirs, primary_model_dir, resolve_inside_model_dirs
 from .sizes import load_component_configs
+from .types import UserFacingError
 
 REGISTRATIONS_FILE = "local_models.json"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.api_types import UserFacingError
+from .types import UserFacingError
 
 MODEL_DIR_ENV = "LOWVRAM_MODEL_DIR"
 DEFAULT_MODEL_DIR = "./models"

@@ -6,14 +6,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.api_types import ModelChoice, UserFacingError
-
 from . import hf_source, modelscope_source
 from .catalog import ModelEntry, get_model, list_models
 from .completeness import weight_variant
 from .demo import ensure_demo
 from .local import local_copy, register_local
 from .progress import ProgressCallback, Reporter
+from .types import ModelChoice, UserFacingError
 
 SOURCES = ("hf", "modelscope")
 LOCAL_PREFIX = "local:"
