@@ -95,6 +95,12 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Which memory a tensor shows: parameters may be views into one shared storage (a model loaded
+    from a mapped file), so the storage alone does not tell them apart."""
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
 Part = tuple[StoredTensor, str]  # a stored copy and the attribute holding one of its host tensors
 
 
@@ -235,18 +241,18 @@ class PinnedArena:
     def _relocate(self, parts: list[Part], take: "Callable[[torch.Tensor], torch.Tensor]") -> None:
         """Copy each tensor to `take(tensor)` and re-point its stored copy and every parameter slot
         that showed it, so nothing keeps the old tensor alive past its own move."""
-        slots: dict[int, list[tuple["LayerRecord", str]]] = {}
+        slots: dict[tuple, list[tuple["LayerRecord", str]]] = {}
         for record in self.runtime.layers:
             for name, placeholder in record.placeholders.items():
                 if placeholder.device.type == "cpu":
-                    slots.setdefault(placeholder.untyped_storage().data_ptr(), []).append((record, name))
+                    slots.setdefault(_identity(placeholder), []).append((record, name))
         moved = 0
         for stored, part in parts:
             tensor = getattr(stored, part)
             view = take(tensor)
             view.copy_(tensor)
             setattr(stored, part, view)
-            for record, name in slots.pop(tensor.untyped_storage().data_ptr(), ()):
+            for record, name in slots.pop(_identity(tensor), ()):
                 new = nn.Parameter(view, requires_grad=False) if view.is_floating_point() else view
                 record.placeholders[name] = new
                 if not record.fast:

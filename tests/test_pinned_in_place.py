@@ -255,3 +255,34 @@ def test_pinning_never_holds_the_masters_twice(tmp_path):
     expected = plain(x)
     for model in (loaded, in_ram, copied_model):
         assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("registers", [True, False], ids=["moved", "copied"])
+def test_parameters_that_are_views_of_one_storage_are_relocated_one_by_one(registers, monkeypatch):
+    """A model whose parameters all live in one flat storage (as from a mapped checkpoint file):
+    each parameter slot must end up showing its own tensor's new home, not a neighbour's."""
+    torch.manual_seed(0)
+    plain = LinearStack(dim=64, depth=3).to(torch.bfloat16).eval()
+    flat = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+    shared = copy.deepcopy(plain)
+    offset = 0
+    for module in shared.modules():
+        for name, param in list(module._parameters.items()):
+            n = param.numel()
+            module._parameters[name] = nn.Parameter(flat[offset : offset + n].view(param.shape), requires_grad=False)
+            offset += n
+    assert len({p.untyped_storage().data_ptr() for p in shared.parameters()}) == 1
+    model = enable_vram_management(shared, vram_config=CPU_BF16, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    backend = RegisteringBackend(registers=registers)
+    runtime.use_scheduler(backend, PinnedBudget(limit_bytes=10 * GB))
+    assert runtime.arena.report.pageable_bytes == 0
+    for record in runtime.layers:  # slots show the masters' new homes
+        for name, placeholder in record.placeholders.items():
+            assert placeholder.data_ptr() == record.masters[name].tensor.data_ptr()
+            assert backend.is_pinned(placeholder)
+    log_computes(backend, monkeypatch)
+    for _ in range(3):
+        assert torch.equal(model(x_for()), plain(x_for()))
+    assert torch.equal(model.state_dict()["blocks.1.fc2.weight"], plain.state_dict()["blocks.1.fc2.weight"])
