@@ -12,11 +12,38 @@ load_options(id, path) -> dict             extra from_pretrained kwargs (variant
 model_dirs(models_dir=None) -> list[Path]  LOWVRAM_MODEL_DIR or ./models
 """
 
-from .catalog import Component, ModelEntry, get_model, list_models
-from .families import FAMILIES, Family
-from .local import register_local
-from .paths import model_dirs
-from .registry import default_model_id, download, is_downloaded, load_options, local_path, model_choices
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562), so importing one light submodule (model_registry.types,
+# model_registry.tiny_components) does not pull the download stack (huggingface_hub 2.x, httpx2,
+# modelscope): the GPU image runs the engine's tests without those.
+_EXPORTS = {
+    "Component": ".catalog",
+    "ModelEntry": ".catalog",
+    "get_model": ".catalog",
+    "list_models": ".catalog",
+    "FAMILIES": ".families",
+    "Family": ".families",
+    "register_local": ".local",
+    "model_dirs": ".paths",
+    "default_model_id": ".registry",
+    "download": ".registry",
+    "is_downloaded": ".registry",
+    "load_options": ".registry",
+    "local_path": ".registry",
+    "model_choices": ".registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FAMILIES",
