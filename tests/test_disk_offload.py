@@ -20,8 +20,8 @@ from engine import DiskStored, load_model, runtime_of
 from engine.config import Place
 from engine.disk import SafetensorsFile
 from engine.stored import ScaledFp8Stored, store
-from tests.test_loader import DISK, RAM, save_sharded, tiny_checkpoints  # noqa: F401 (fixture)
-from tests.fixtures.tiny_models import run_model
+from tests.fixtures.tiny_models import random_bf16_model, run_model
+from tests.test_loader import DISK, RAM
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -132,13 +132,7 @@ print("RESULT " + json.dumps(out))
 def mid_checkpoint(tmp_path_factory):
     from diffusers import QwenImageTransformer2DModel
 
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**MID_CONFIG)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=g)
+    model = random_bf16_model(QwenImageTransformer2DModel, MID_CONFIG)
     directory = tmp_path_factory.mktemp("mid_qwen_image")
     model.save_pretrained(directory, max_shard_size="100MB")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())

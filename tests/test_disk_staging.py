@@ -25,8 +25,8 @@ from engine.layers import ManagedLinear, ManagedModule
 from engine.pinned import PinnedBudget
 from engine.scheduler import DISK_PART, Stager
 from engine.stored import PlainStored
-from tests.fixtures.tiny_models import run_model, tiny_model
-from tests.test_loader import DISK, save_sharded
+from tests.fixtures.tiny_models import random_bf16_model, run_model, save_sharded, tiny_model
+from tests.test_loader import DISK
 from tests.test_scheduler import PinningBackend, RecordingBackend
 
 GB = 1024**3
@@ -209,14 +209,9 @@ def mid_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
     """A ~45 MB Qwen-Image DiT in the diffusers sharded layout, with inputs for it."""
     from diffusers import QwenImageTransformer2DModel
 
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**MID_CONFIG)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=g)
+    model = random_bf16_model(QwenImageTransformer2DModel, MID_CONFIG)
     directory = save_sharded(model, tmp_path_factory.mktemp("mid_qwen_image"))
+    g = torch.Generator().manual_seed(1)
     side = 4
     inputs = {
         "hidden_states": torch.randn(1, side * side, 64, generator=g).bfloat16(),

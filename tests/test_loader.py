@@ -21,7 +21,7 @@ from engine.config import Place
 from engine.disk import SafetensorsFile
 from engine.loader import read_stored
 from engine.stored import ScaledFp8Stored, store
-from tests.fixtures.tiny_models import run_model, tiny_model
+from tests.fixtures.tiny_models import run_model, save_sharded, tiny_model
 
 RAM = {"offload_dtype": torch.bfloat16, "offload_device": "cpu", "computation_dtype": torch.bfloat16, "computation_device": "cpu"}
 DISK = {"offload_dtype": "disk", "offload_device": "disk", "computation_dtype": torch.bfloat16, "computation_device": "cpu"}
@@ -47,14 +47,6 @@ def _is_diffusers(model) -> bool:
     return isinstance(model, ModelMixin)
 
 
-def save_sharded(model, directory: Path, shards: int = 3) -> Path:
-    """save_pretrained into ~`shards` shards (index json included)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    size_kb = max(1, total // shards // 1024 + 1)
-    model.save_pretrained(directory, max_shard_size=f"{size_kb}KB")
-    return directory
-
-
 def from_pretrained_bf16(cls, directory):
     kw = {"torch_dtype": torch.bfloat16} if hasattr(cls, "load_config") else {"dtype": torch.bfloat16}
     return cls.from_pretrained(directory, **kw)
@@ -64,18 +56,6 @@ def shard_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            model, inputs = tiny_model(name, torch.bfloat16)
-            directory = save_sharded(model, tmp_path_factory.mktemp(name))
-            cache[name] = (type(model), directory, inputs)
-        return cache[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", MODELS)

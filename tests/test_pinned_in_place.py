@@ -28,26 +28,16 @@ from engine.host_arena import release_free_heap
 from engine.loader import read_stored
 from engine.pinned import PinnedBudget
 from engine.stored import ScaledFp8Stored
-from tests.test_scheduler import PinningBackend, log_computes, name_blocks
+from tests.test_scheduler import Block, PinningBackend, Stack, log_computes, name_blocks
 
 GB = 1024**3
 CPU_BF16 = {"offload_dtype": torch.bfloat16, "offload_device": "cpu", "computation_dtype": torch.bfloat16, "computation_device": "cpu"}
 CPU_FP8 = dict(CPU_BF16, offload_dtype="float8_e4m3fn")
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        return self.norm(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
-
-
 class LinearStack(ModelMixin, ConfigMixin):
-    """A diffusers model class (so load_model can build it from config.json) of `depth` blocks."""
+    """tests.test_scheduler's Stack as a diffusers model class, so load_model can build it from
+    its config.json."""
 
     @register_to_config
     def __init__(self, dim: int = 64, depth: int = 6):
@@ -56,11 +46,7 @@ class LinearStack(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
         self.proj_out = nn.Linear(dim, dim)
 
-    def forward(self, x):
-        x = self.proj_in(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.proj_out(x)
+    forward = Stack.forward
 
 
 class RegisteringBackend(PinningBackend):
