@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=Path("models"), help="where models are stored (default ./models)")
     p.add_argument("--outputs-dir", type=Path, default=Path("outputs"), help="where PNGs are saved (default ./outputs)")
     p.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="download hub (default hf)")
+    p.add_argument("--pinned-ram-gb", default=None, metavar="GB",
+                   help="host RAM the engine may pin for fast GPU copies (default: half the available RAM, "
+                        "or $LOWVRAM_PINNED_RAM_GB)")
     return p
 
 
@@ -69,6 +72,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--auth: {exc}")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error("--port must be between 1 and 65535")
+    from engine.pinned import PINNED_RAM_ENV, parse_pinned_ram_gb
+
+    try:
+        if args.pinned_ram_gb is not None:
+            args.pinned_ram_gb = parse_pinned_ram_gb(args.pinned_ram_gb, "--pinned-ram-gb")
+        elif os.environ.get(PINNED_RAM_ENV):
+            parse_pinned_ram_gb(os.environ[PINNED_RAM_ENV])  # a bad value fails here, not mid-generation
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -99,6 +111,10 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
 
     import ui
 
+    if args.pinned_ram_gb is not None:  # read by engine.pinned when the first GPU component streams
+        from engine.pinned import PINNED_RAM_ENV
+
+        os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
     args.model_dir.mkdir(parents=True, exist_ok=True)
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
     studio = studio_factory(args.model_dir, args.outputs_dir, source=args.source)

@@ -34,8 +34,24 @@ DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
 TRIM_EVERY_BYTES = 8 * 1024**2  # while moving masters: give freed heap back to the OS this often (~0.1 ms)
 
 
+PINNED_RAM_ENV = "LOWVRAM_PINNED_RAM_GB"
+
+
+def parse_pinned_ram_gb(text: str, where: str = PINNED_RAM_ENV) -> float:
+    """GB of host RAM that may be pinned, from a flag or the environment: a number, 0 or more
+    (0 pins nothing: every streamed weight goes through the staging buffers)."""
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):
+        raise ValueError(f"{where}={text!r}: give the GB of host RAM that may be pinned, a number 0 or more (e.g. 16)")
+    return gb
+
+
 class PinnedBudget:
-    """How much host RAM all arenas together may pin (env LOWVRAM_PINNED_RAM_GB overrides)."""
+    """How much host RAM all arenas together may pin: `limit_bytes`, else $LOWVRAM_PINNED_RAM_GB,
+    else a share of the RAM available when first asked."""
 
     def __init__(self, limit_bytes: int | None = None):
         self._limit = limit_bytes
@@ -45,9 +61,9 @@ class PinnedBudget:
     @property
     def limit_bytes(self) -> int:
         if self._limit is None:
-            env = os.environ.get("LOWVRAM_PINNED_RAM_GB")
+            env = os.environ.get(PINNED_RAM_ENV)
             if env:
-                self._limit = int(float(env) * 1024**3)
+                self._limit = int(parse_pinned_ram_gb(env) * 1024**3)
             else:
                 self._limit = int(psutil.virtual_memory().available * DEFAULT_PINNED_SHARE)
         return self._limit

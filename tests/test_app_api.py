@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,41 @@ def test_auth_inline_and_file(tmp_path):
     assert app.parse_args(["--auth", str(f)]).auth == [("alice", "wonder"), ("bob", "builder")]
 
 
-@pytest.mark.parametrize("argv", [["--auth", "nopassword"], ["--auth", ":x"], ["--source", "s3"], ["--port", "0"], ["--port", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--auth", "nopassword"], ["--auth", ":x"], ["--source", "s3"], ["--port", "0"], ["--port", "x"],
+     ["--pinned-ram-gb", "lots"], ["--pinned-ram-gb", "-1"], ["--pinned-ram-gb", "inf"]],
+)
 def test_bad_flags_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         app.parse_args(argv)
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_pinned_ram_flag_and_environment(monkeypatch, tmp_path, capsys):
+    from engine.pinned import PINNED_RAM_ENV, PinnedBudget
+
+    monkeypatch.delenv(PINNED_RAM_ENV, raising=False)
+    assert app.parse_args([]).pinned_ram_gb is None
+    assert app.parse_args(["--pinned-ram-gb", "12.5"]).pinned_ram_gb == 12.5
+    monkeypatch.setenv(PINNED_RAM_ENV, "half")  # a bad environment value stops the start, with its name
+    with pytest.raises(SystemExit):
+        app.parse_args([])
+    assert PINNED_RAM_ENV in capsys.readouterr().err
+    with pytest.raises(ValueError, match=PINNED_RAM_ENV):
+        PinnedBudget().limit_bytes
+    monkeypatch.delenv(PINNED_RAM_ENV)
+
+    class Started(Exception):
+        pass
+
+    def studio_factory(*args, **kwargs):
+        raise Started(os.environ.get(PINNED_RAM_ENV))
+
+    with pytest.raises(Started, match="3.0"):  # the flag reaches the engine before the Studio exists
+        app.main(["--pinned-ram-gb", "3", "--model-dir", str(tmp_path / "m"), "--outputs-dir", str(tmp_path / "o")], studio_factory)
+    assert PinnedBudget().limit_bytes == 3 * 1024**3
 
 
 def test_parse_auth_rejects_empty_file(tmp_path):
