@@ -519,8 +519,11 @@ def job_ours(child: Child, spec: dict[str, Any]) -> dict[str, Any]:
     setup_s = time.perf_counter() - t_setup
     runtime = engine.runtime_of(model)
     arena = getattr(runtime, "arena", None)
-    if arena is not None and arena.report.pageable_bytes:
-        notes.append(f"{arena.report.pageable_bytes / GiB:.1f} GiB left pageable (pinned budget), staged by the worker")
+    if arena is not None:
+        report = arena.report
+        notes.append(f"{report.pinned_bytes / GiB:.1f} GiB pinned ({report.in_place_bytes / GiB:.1f} GiB registered in place)")
+        if report.pageable_bytes:
+            notes.append(f"{report.pageable_bytes / GiB:.1f} GiB left pageable (pinned budget), staged by the worker")
     inputs = child.diffusers_inputs()
     rows = []
     for i, limit in enumerate(limits):
