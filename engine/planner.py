@@ -57,6 +57,13 @@ def streaming_reserve(budget: "VramBudget") -> int:
     return _reserve(_candidates(budget), resident=False)
 
 
+def smallest_feasible_limit(budget: "VramBudget") -> int:
+    """The smallest vram_limit (bytes) the active components run within: what the planner pays
+    before any residency (fixed bytes, the activation reserve, the streaming reserve). A limit
+    below it still runs, streaming everything, but may use up to this much."""
+    return budget.fixed_bytes + budget.activation_reserve_bytes + streaming_reserve(budget)
+
+
 def _candidates(budget: "VramBudget") -> list[tuple["VramRuntime", "LayerRecord"]]:
     return [(m, r) for m in budget.members if m.active for r in m.planning_order()]
 

@@ -267,8 +267,17 @@ class Studio:
         return ResolvedRequest(request, entry, entry.id, prompt, negative, width, height, steps, guidance, seed, settings)
 
     # --- estimate ---------------------------------------------------------------------------------
+    def _measured_floor(self, build_key: tuple[Any, ...], activations: int) -> int | None:
+        """The current pipeline's smallest feasible limit, if it is the build `build_key` asks for."""
+        pipe = self._pipeline
+        if pipe is None or self._pipeline_key != build_key:
+            return None
+        return pipe.smallest_feasible_limit_bytes(activations)
+
     def estimate(self, request: GenerateRequest) -> MemoryEstimate:
-        """What `request` needs, from the registry's sizes and the planner's rules (nothing loads)."""
+        """What `request` needs, from the registry's sizes and the planner's rules (nothing loads).
+        Once the requested build has run every stage, the smallest feasible limit is the planner's
+        own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
         entry, s, hw = r.entry, r.settings, self.hardware()
         fam = FAMILIES[entry.family]
@@ -291,6 +300,9 @@ class Studio:
         batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
         act = activation_bytes(r.width, r.height, 2 if batched else 1)
         smallest = act + 2 * largest  # activations + the streaming reserve (a streamed layer, source + computation form)
+        exact = self._measured_floor(r.build_key, act)
+        if exact is not None:  # this build already ran every stage: the planner's own figure
+            smallest = exact
         limit = s.vram_limit
         warnings: list[str] = []
         if limit is None:

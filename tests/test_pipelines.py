@@ -317,3 +317,32 @@ def test_components_streaming_through_the_scheduler_give_the_same_images(repos, 
     held = {name: runtime_of(m).scheduler.slot_bytes * len(runtime_of(m).scheduler.slots) for name, m in mp.components.items()}
     assert all(held[name] == 0 for name, m in mp.components.items() if not runtime_of(m).active)
     assert mp.budget.snapshot().slot_bytes == sum(held.values())
+
+
+def test_smallest_feasible_limit_is_the_planners_and_is_kept(repos, monkeypatch):
+    """Each stage's floor is what the planner pays before residency (fixed bytes + streaming
+    reserve, with the scheduler's slots where one streams); running at exactly that limit keeps
+    the ledger's peak within it."""
+    from engine.pinned import PinnedBudget
+    from engine.planner import smallest_feasible_limit
+    from tests.test_scheduler import PinningBackend
+
+    mp = build_pipeline(repos["flux1"], cpu_config(), None)
+    for model in mp.components.values():  # as on a GPU: the scheduler's slots count in the floor
+        runtime_of(model).use_scheduler(PinningBackend(), PinnedBudget(limit_bytes=1024**3))
+    assert mp.smallest_feasible_limit_bytes(0) is None  # no stage has run yet
+    run(mp, "flux1")
+    floors = dict(mp.stage_floor_bytes)
+    assert set(floors) == {ENCODE, DENOISE, DECODE} and all(f > 0 for f in floors.values())
+    mp.switch(DENOISE)
+    assert floors[DENOISE] == smallest_feasible_limit(mp.budget) - mp.budget.activation_reserve_bytes
+    denoiser = runtime_of(mp.components["transformer"])
+    assert floors[DENOISE] > 2 * denoiser.scheduler.max_group_bytes(denoiser.layers)  # two slots in it
+    smallest = mp.smallest_feasible_limit_bytes(0)
+    assert smallest == max(floors.values())
+    assert mp.smallest_feasible_limit_bytes(1000) == smallest + 1000
+    mp.set_vram_limit(smallest / 1024**3)
+    mp.budget.peak_bytes = 0
+    reference = run(build_pipeline(repos["flux1"], cpu_config(), None), "flux1")
+    assert np.array_equal(run(mp, "flux1"), reference)
+    assert 0 < mp.budget.peak_bytes <= smallest

@@ -369,6 +369,34 @@ def test_estimate(studio):
     assert "" not in (studio.estimate(GenerateRequest("", model="qwen-image")).warnings or ("x",))  # empty prompt is fine for an estimate
 
 
+def test_estimate_uses_the_planners_floor_once_the_build_has_run(tmp_path, registry, monkeypatch):
+    import math
+
+    from engine.pipelines.managed import ManagedPipeline
+
+    studio = Studio(tmp_path / "models", tmp_path / "outputs", registry=registry)
+    request = GenerateRequest("x", seed=1, vram_limit=0)
+    by_formula = studio.estimate(request).smallest_feasible_vram_limit_gb
+    collect(studio, request)
+    floor = studio.pipeline.smallest_feasible_limit_bytes(0)
+    assert floor is not None and floor > 0
+    # a floor that differs from the formula's shows which one the estimate reports
+    monkeypatch.setattr(ManagedPipeline, "smallest_feasible_limit_bytes", lambda self, act: 7 * 1024**3 + act)
+    measured = studio.estimate(request)
+    assert measured.smallest_feasible_vram_limit_gb > 7 and not measured.fits
+    assert measured.smallest_feasible_vram_limit_gb == math.ceil((7 * 1024**3 + _activations(studio, request)) / 1024**3 * 10) / 10
+    other_build = studio.estimate(dataclasses.replace(request, fp8=True))  # not the pipeline that ran
+    assert other_build.smallest_feasible_vram_limit_gb < 7
+    assert by_formula < 7
+
+
+def _activations(studio, request):
+    from engine.pipelines.managed import activation_bytes
+
+    r = studio.resolve(request)
+    return activation_bytes(r.width, r.height, 1)
+
+
 def test_no_network_through_the_real_registry(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
     studio = Studio(tmp_path / "models", tmp_path / "outputs")

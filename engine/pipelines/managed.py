@@ -33,6 +33,7 @@ from ..management import (
     runtime_of,
     set_vram_limit,
 )
+from ..planner import smallest_feasible_limit
 from ..runtime import VramRuntime
 from .cfg import CfgPairBatcher
 from .families import DECODE, DENOISE, ENCODE, Family, family_for
@@ -142,6 +143,7 @@ class ManagedPipeline:
         pipe.set_progress_bar_config(disable=True)
         self.vae_tiling = False
         self._step_mark = StepStats()
+        self.stage_floor_bytes: dict[str, int] = {}
         self.last_step = StepStats()
 
     # --- stages -------------------------------------------------------------------------------
@@ -156,6 +158,8 @@ class ManagedPipeline:
                     offload_model(model)
             for name in names:
                 onload_model(self.components[name])
+            # the planner's own floor for this stage, activations aside (they follow the resolution)
+            self.stage_floor_bytes[stage] = smallest_feasible_limit(self.budget) - self.budget.activation_reserve_bytes
             self.stage = stage
             if stage == DENOISE:
                 self._step_mark = self.stream_totals()
@@ -223,6 +227,14 @@ class ManagedPipeline:
 
     def denoiser_forwards(self) -> int:
         return runtime_of(self.components[self.family.denoiser]).stats.forwards
+
+    def smallest_feasible_limit_bytes(self, activation_bytes: int) -> int | None:
+        """The smallest vram_limit every stage runs within, from the planner's reserves measured
+        when each stage was onloaded, plus `activation_bytes`; None until every stage has run."""
+        stages = {self.family.stage_of(name) for name in self.components}
+        if not stages <= self.stage_floor_bytes.keys():
+            return None
+        return max(self.stage_floor_bytes[stage] for stage in stages) + activation_bytes
 
     def reserve_activations(self, width: int, height: int, batch: int = 1) -> None:
         """On a GPU the VRAM limit covers activations too: the planner keeps room for them. (On the
