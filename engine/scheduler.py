@@ -359,6 +359,12 @@ class TransferScheduler:
                 if tensor.is_floating_point() and tensor.dtype != comp_dtype:
                     tensor = tensor.to(comp_dtype)
                     transient += tensor.numel() * tensor.element_size()
+                elif not record.is_leaf:
+                    # a container's forward runs children of other groups, and entering one hands
+                    # this slot to the next prefetch while the container still reads its weights
+                    # (Z-Image's pad tokens): it computes from its own copy, made in stream order
+                    tensor = tensor.clone()
+                    transient += tensor.numel() * tensor.element_size()
                 params[param] = tensor
             else:  # FP8 bytes crossed; upcast here, on the computation device
                 tensor = dequantize(found["data"], found["scale"], comp_dtype)
