@@ -7,11 +7,14 @@ recording fake that checks ordering and slot reuse without a GPU.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DeviceBackend(ABC):
@@ -104,6 +107,53 @@ class CpuBackend(DeviceBackend):
         return end - start
 
 
+class RegisteredRanges:
+    """Host memory this process registered in place, by address range.
+
+    torch's `Tensor.is_pinned()` asks the driver about the start of the tensor's *storage*, so every
+    view into a buffer whose prefix is registered reports pinned, the unregistered tail included;
+    copying such a tail "asynchronously" would silently run as a blocking pageable copy on the
+    thread that launches compute. So registered memory is judged by range here."""
+
+    def __init__(self) -> None:
+        self.ranges: dict[int, int] = {}  # start address -> bytes
+        self.storages: set[int] = set()  # storages with a registered part
+
+    def add(self, buffer: torch.Tensor) -> None:
+        self.ranges[buffer.data_ptr()] = buffer.numel() * buffer.element_size()
+        self.storages.add(buffer.untyped_storage().data_ptr())
+
+    def remove(self, buffer: torch.Tensor) -> None:
+        self.ranges.pop(buffer.data_ptr(), None)
+        self.storages.discard(buffer.untyped_storage().data_ptr())
+
+    def covers(self, tensor: torch.Tensor) -> bool | None:
+        """True: wholly inside a registered range; False: in a storage registered only in part,
+        outside it; None: not memory registered here (ask torch)."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if any(base <= start and end <= base + n for base, n in self.ranges.items()):
+            return True
+        if tensor.untyped_storage().data_ptr() in self.storages:
+            return False
+        return None
+
+
+def _clear_cuda_error() -> None:
+    """Reset the thread's CUDA "last error" after a failed runtime call, which torch's next kernel
+    launch check would otherwise report as its own (its cudart binding has no cudaGetLastError,
+    so call it in the libcudart the process loaded)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except OSError:  # pragma: no cover - best effort
+        log.debug("could not clear the CUDA error state", exc_info=True)
+
+
 class CudaBackend(DeviceBackend):
     """A copy stream beside the compute stream; events order them, the host never syncs per layer."""
 
@@ -112,6 +162,7 @@ class CudaBackend(DeviceBackend):
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._copy_stream = torch.cuda.Stream(device=self.device)
+        self._registered = RegisteredRanges()
 
     def compute_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
@@ -129,7 +180,11 @@ class CudaBackend(DeviceBackend):
             stream.wait_event(event)
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        slot = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        # written on the copy stream: when the slot is freed, the allocator must not hand its
+        # memory out again before the copies pending then are done
+        slot.record_stream(self._copy_stream)
+        return slot
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
         with torch.cuda.stream(stream):
@@ -150,22 +205,30 @@ class CudaBackend(DeviceBackend):
 
     def register(self, buffer: torch.Tensor) -> bool:
         # cudaHostRegister page-locks the buffer where it is, as torch's own checkpoint stager does
-        # (torch.cuda._pin_memory_utils); flags 0 = cudaHostRegisterDefault
-        cudart = torch.cuda.cudart()
-        error = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0))
+        # (torch.cuda._pin_memory_utils); flags 1 = cudaHostRegisterPortable: pinned for every
+        # context, whichever device is current on this thread
+        with torch.cuda.device(self.device):
+            error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 1))
         if error != 0:
-            # a failed runtime call is also the thread's "last error": clear it, or the next kernel
-            # launch check in torch would report it as its own
-            if hasattr(cudart, "cudaGetLastError"):
-                cudart.cudaGetLastError()
+            _clear_cuda_error()
+            log.warning("cudaHostRegister of %d bytes failed (cudaError %d): that memory stays pageable", buffer.numel(), error)
             return False
+        self._registered.add(buffer)
         return True
 
     def unregister(self, buffer: torch.Tensor) -> None:
-        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        self._registered.remove(buffer)
+        with torch.cuda.device(self.device):
+            error = int(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
+        if error != 0:
+            _clear_cuda_error()
+            log.warning("cudaHostUnregister failed (cudaError %d)", error)
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type != "cpu" or tensor.is_pinned()
+        if tensor.device.type != "cpu":
+            return True
+        covered = self._registered.covers(tensor)
+        return tensor.is_pinned() if covered is None else covered
 
     def timing_event(self, stream: Any) -> Any:
         event = torch.cuda.Event(enable_timing=True)

@@ -161,14 +161,14 @@ class PinnedArena:
         wanted = sum(aligned(_nbytes(getattr(s, p))) for s, p in todo)
         in_place = count = 0
         host = self.runtime.host_arena
-        if host is not None and host.nbytes:
+        if host is not None and host.nbytes and self.backend.can_register():
             inside = [getattr(s, p) for s, p in todo if host.contains(getattr(s, p))]
-            length = self._register(host, inside)
-            if length or not inside:  # registered (or nothing to register): the rest of it stays pageable
-                base = host.buffer.data_ptr()
-                in_place = length
-                count = sum(1 for t in inside if t.data_ptr() + _nbytes(t) - base <= length)
-                todo = [(s, p) for s, p in todo if not host.contains(getattr(s, p))]
+            in_place = self._register(host, inside)
+            base = host.buffer.data_ptr()
+            count = sum(1 for t in inside if t.data_ptr() + _nbytes(t) - base <= in_place)
+            # what it could not register stays pageable where it is (the stager copies it):
+            # moving it into another buffer would hold it twice, the loader's arena lives on
+            todo = [(s, p) for s, p in todo if not host.contains(getattr(s, p))]
             del inside
         copied = 0
         if self.backend.can_register():
@@ -288,7 +288,10 @@ class PinnedArena:
 
 
 def _release(backend: DeviceBackend, budget: PinnedBudget, registered: list[torch.Tensor], nbytes: int) -> None:
-    """Unregister what was pinned in place (its memory may be freed right after), return the bytes."""
+    """Unregister what was pinned in place (its memory may be freed right after), once the copies
+    already enqueued from it are done, and return the bytes."""
+    if registered:
+        backend.host_wait(backend.record(backend.copy_stream()))
     for buffer in registered:
         backend.unregister(buffer)
     budget.give_back(nbytes)

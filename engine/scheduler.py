@@ -239,13 +239,12 @@ class TransferScheduler:
 
     def _issue(self, index: int, slot: int) -> None:
         free_event = self.slot_free[slot]
-        if self.stager is not None and self.groups[index].pageable:
-            # pageable sources: the worker thread stages them; it is then the copy stream's only
-            # producer until it drains, so copies stay in issue order
+        if self.stager is not None:
+            # with a worker, every group's copies go through it, pinned ones too: it is the copy
+            # stream's only producer, so copies keep their issue order, and the thread launching
+            # compute never waits for a read or a pageable copy still queued before it
             event: Any = self.stager.submit(lambda: self._copy_group(index, slot, free_event))
         else:
-            if self.stager is not None:
-                self.stager.drain()
             event = self._copy_group(index, slot, free_event)
         self.loaded[index] = Loaded(slot, event)
         self.slot_owner[slot] = index
@@ -487,7 +486,13 @@ class Stager:
 
     def close(self) -> None:
         self._stop()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            # still reading (a slow disk): it may yet copy from the staging buffers, so they stay
+            # pinned (and allocated) rather than be unregistered under it
+            log.warning("the staging worker did not stop within 30 s; its pinned buffers are left in place")
+            self._unpin.detach()
+            return
         self._unpin()
 
 

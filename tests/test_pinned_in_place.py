@@ -24,6 +24,7 @@ from torch import nn
 
 from engine import enable_vram_management, load_model, runtime_of
 from engine.config import Place
+from engine.devices import RegisteredRanges
 from engine.host_arena import release_free_heap
 from engine.loader import read_stored
 from engine.pinned import PinnedBudget
@@ -50,13 +51,18 @@ class LinearStack(ModelMixin, ConfigMixin):
 
 
 class RegisteringBackend(PinningBackend):
-    """Also pins existing buffers in place, by address range (what cudaHostRegister does)."""
+    """Also pins existing buffers in place and judges them by address range, with the CUDA
+    backend's own bookkeeping (engine.devices.RegisteredRanges), as cudaHostRegister does."""
 
     def __init__(self, registers: bool = True):
         super().__init__()
         self.registers = registers
-        self.registered: list[tuple[int, int]] = []
+        self.ranges = RegisteredRanges()
         self.unregistered: list[int] = []
+
+    @property
+    def registered(self) -> list[tuple[int, int]]:
+        return list(self.ranges.ranges.items())
 
     def can_register(self):
         return self.registers
@@ -67,18 +73,16 @@ class RegisteringBackend(PinningBackend):
     def register(self, buffer):
         if not self.registers:
             return False
-        self.registered.append((buffer.data_ptr(), buffer.numel()))
+        self.ranges.add(buffer)
         return True
 
     def unregister(self, buffer):
         self.unregistered.append(buffer.data_ptr())
-        self.registered = [r for r in self.registered if r[0] != buffer.data_ptr()]
+        self.ranges.remove(buffer)
 
     def is_pinned(self, tensor):
-        ptr, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
-        if any(start <= ptr and end <= start + n for start, n in self.registered):
-            return True
-        return super().is_pinned(tensor)
+        covered = self.ranges.covers(tensor)
+        return super().is_pinned(tensor) if covered is None else covered
 
 
 def save_stack(directory: Path, dim: int = 64, depth: int = 6, seed: int = 0) -> tuple[LinearStack, Path]:
@@ -176,6 +180,38 @@ def test_a_smaller_budget_registers_a_page_aligned_prefix_that_cuts_no_tensor(st
     assert stager.staged_bytes > 0
     runtime.close_scheduler()
     assert budget.used == 0 and backend.registered == []  # all unregistered
+
+
+def test_registered_ranges_judge_a_partly_registered_buffer_by_address():
+    """torch's is_pinned looks at the storage's start only; the tail of a buffer registered in
+    part must read as pageable, so the stager copies it instead of a blocking 'async' copy."""
+    from engine.host_arena import HostArena
+
+    arena = HostArena(4 * mmap.PAGESIZE)
+    head, tail = arena.take((mmap.PAGESIZE,), torch.uint8), arena.take((mmap.PAGESIZE,), torch.uint8)
+    ranges = RegisteredRanges()
+    ranges.add(arena.buffer[: mmap.PAGESIZE])
+    assert ranges.covers(head) is True and ranges.covers(tail) is False
+    assert ranges.covers(torch.empty(8)) is None  # not ours: torch decides
+    ranges.remove(arena.buffer[: mmap.PAGESIZE])
+    assert ranges.covers(head) is None
+
+
+def test_a_budget_below_the_first_tensor_leaves_the_loader_arena_pageable_not_copied(stack_dir, monkeypatch):
+    plain, directory = stack_dir
+    model = load_model(LinearStack, directory, vram_config=CPU_BF16, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    backend = RegisteringBackend()
+    runtime.use_scheduler(backend, PinnedBudget(limit_bytes=256))
+    report = runtime.arena.report
+    assert report.pinned_bytes == 0 and report.pageable_bytes > 0
+    assert runtime.arena.packed is None and runtime.arena.buffer is None  # no second copy anywhere
+    assert all(runtime.host_arena.contains(t) for t in master_parts(runtime))
+    log_computes(backend, monkeypatch)
+    for _ in range(2):
+        assert torch.equal(model(x_for()), plain(x_for()))
+    backend.check_ordering()
 
 
 def test_a_device_that_cannot_register_falls_back_to_one_packed_copy(stack_dir, monkeypatch):
