@@ -305,10 +305,17 @@ class VramRuntime:
 
         self.close_scheduler()
         self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
-        report = self.arena.build()
-        on_disk = any(isinstance(s, DiskStored) for r in self.layers for s in r.masters.values())
+        self.arena.build()
+        masters = [s for r in self.layers for s in r.masters.values()]
+        # a worker is needed for what cannot be copied asynchronously as it is: disk masters,
+        # host tensors left pageable, and onload copies (made in pageable RAM at each onload)
+        needs_staging = (
+            any(isinstance(s, DiskStored) for s in masters)
+            or any(not backend.is_pinned(t) for s in masters for _, t in s.parts())
+            or (self.onload_place != self.offload_place and not self.onload_is_resident)
+        )
         stager = None
-        if report.pageable_bytes or on_disk:
+        if needs_staging:
             stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
         self.scheduler = TransferScheduler(self, backend, stager)
         self.budget.replan()
