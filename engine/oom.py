@@ -19,8 +19,16 @@ class VramExhaustedError(RuntimeError):
     """The computation device ran out of memory even after lowering residency."""
 
 
+# How library kernels report a failed allocation of their own workspace (cuBLAS handle or
+# workspace, cuDNN), besides torch's OutOfMemoryError and the driver's "out of memory".
+OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in OOM_MARKERS)
 
 
 def recover(runtime: "VramRuntime") -> int:

@@ -460,3 +460,19 @@ def test_real_models_through_the_cpu_scheduler_are_bitwise_equal(name):
     for _ in range(3):  # traced, then scheduled with wrap-around prefetch
         assert torch.equal(run_model(model, inputs), expected)
     assert runtime.stats.sync_fallbacks == 0 and runtime.scheduler.groups
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_what_counts_as_out_of_memory(error, expected):
+    from engine.oom import is_oom
+
+    assert is_oom(error) is expected
