@@ -296,9 +296,9 @@ class VramRuntime:
 
     def use_scheduler(self, backend: Any, pinned_budget: Any = None) -> None:
         """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by
-        layer: host masters are packed into one pinned arena (under the pinned-RAM budget); what
-        stays pageable, and masters left on disk, go through a worker thread's pinned staging
-        buffers (each the size of the largest group)."""
+        layer: host masters are pinned (in place where the device can register memory) under the
+        pinned-RAM budget (engine.pinned); what stays pageable, and masters left on disk, go
+        through a worker thread's pinned staging buffers (each the size of the largest group)."""
         from .disk import DiskStored
         from .pinned import PROCESS_PINNED_BUDGET, PinnedArena
         from .scheduler import Stager, TransferScheduler, max_group_bytes
