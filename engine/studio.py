@@ -142,13 +142,17 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 # --- size estimates -------------------------------------------------------------------------------
 @lru_cache(maxsize=32)
-def _largest_layer_bytes(library: str, class_name: str, config_id: str) -> int | None:
-    """Bytes (bf16) of the largest single managed layer of a component, built on the meta device."""
+def _stream_unit_bytes(library: str, class_name: str, config_id: str) -> tuple[int, int] | None:
+    """Bytes (bf16) of the largest single managed layer and of the largest block (the unit the
+    GPU scheduler streams per slot, by the shipped module map) of a component, built on meta."""
     try:
         from model_registry.sizes import build_on_meta, load_component_configs
 
+        from .module_maps import block_paths_for
+
         config = load_component_configs()[config_id]
         model = build_on_meta(library, class_name, config)
+        paths = block_paths_for(model)
     except Exception:  # pragma: no cover - estimate only
         log.debug("meta build of %s failed", class_name, exc_info=True)
         return None
@@ -156,7 +160,11 @@ def _largest_layer_bytes(library: str, class_name: str, config_id: str) -> int |
     for module in model.modules():
         n = sum(p.numel() for p in module.parameters(recurse=False))
         largest = max(largest, 2 * n)
-    return largest
+    block = largest
+    for path in paths:
+        for child in model.get_submodule(path).children():
+            block = max(block, 2 * sum(p.numel() for p in child.parameters()))
+    return largest, block
 
 
 class Studio:
@@ -293,13 +301,15 @@ class Studio:
         weights_peak = max(stage_bytes.values())
         denoiser = stored.get(fam.denoiser, 0)
         comp = entry.components.get(fam.denoiser)
-        largest = None
-        if comp is not None and comp.config_id:
-            largest = _largest_layer_bytes(comp.library, comp.class_name, comp.config_id)
-        largest = int((largest if largest is not None else 0.03 * denoiser) * factor)
+        units = _stream_unit_bytes(comp.library, comp.class_name, comp.config_id) if comp is not None and comp.config_id else None
+        largest, block = units if units is not None else (0.03 * denoiser / factor, 0.03 * denoiser / factor)
+        largest, block = int(largest * factor), int(block * factor)
         batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
         act = activation_bytes(r.width, r.height, 2 if batched else 1)
-        smallest = act + 2 * largest  # activations + the streaming reserve (a streamed layer, source + computation form)
+        # activations + the streaming reserve: a streamed layer (source + computation form), and on
+        # a GPU the scheduler's two slots of the largest block
+        slots = 2 * block if s.device.type != "cpu" else 0
+        smallest = act + 2 * largest + slots
         exact = self._measured_floor(r.build_key, act)
         if exact is not None:  # this build already ran every stage: the planner's own figure
             smallest = exact
@@ -310,13 +320,13 @@ class Studio:
             streamed = 0
         else:
             budget = int(limit * GB)
-            room = max(0, budget - act - 2 * largest)
+            room = max(0, budget - smallest)
             vram = min(budget, weights_peak + act)
             streamed = max(0, denoiser - room) if budget < weights_peak + act else 0
             if budget < smallest:
                 warnings.append(
                     f"A VRAM limit of {limit:g} GB is below the smallest that works for this size "
-                    f"(about {math.ceil(smallest / GB * 10) / 10:g} GB): activations would not fit."
+                    f"(about {math.ceil(smallest / GB * 10) / 10:g} GB): activations and the streaming reserve would not fit."
                 )
         total_stored = sum(stored.values())
         if s.disk_offload:

@@ -369,6 +369,17 @@ def test_estimate(studio):
     assert "" not in (studio.estimate(GenerateRequest("", model="qwen-image")).warnings or ("x",))  # empty prompt is fine for an estimate
 
 
+def test_estimate_counts_the_gpu_schedulers_slots(tmp_path):
+    """On a GPU the smallest workable limit includes two slots of the largest block (Qwen-Image:
+    one of 60 transformer blocks, ~0.65 GiB in bf16), measured on a meta-device build."""
+    request = GenerateRequest("x", model="qwen-image", width=1024, height=1024, vram_limit=0.5)
+    cpu = Studio(tmp_path / "m", tmp_path / "o", device="cpu").estimate(request)
+    gpu = Studio(tmp_path / "m", tmp_path / "o", device="cuda").estimate(request)
+    assert 1.2 <= gpu.smallest_feasible_vram_limit_gb - cpu.smallest_feasible_vram_limit_gb <= 1.4
+    fp8 = Studio(tmp_path / "m", tmp_path / "o", device="cuda").estimate(dataclasses.replace(request, fp8=True))
+    assert fp8.smallest_feasible_vram_limit_gb < gpu.smallest_feasible_vram_limit_gb  # FP8 slots are half
+
+
 def test_estimate_uses_the_planners_floor_once_the_build_has_run(tmp_path, registry, monkeypatch):
     import math
 
