@@ -302,7 +302,9 @@ class Studio:
         denoiser = stored.get(fam.denoiser, 0)
         comp = entry.components.get(fam.denoiser)
         units = _stream_unit_bytes(comp.library, comp.class_name, comp.config_id) if comp is not None and comp.config_id else None
-        largest, block = units if units is not None else (0.03 * denoiser / factor, 0.03 * denoiser / factor)
+        if units is None:  # no catalogued config: a layer (and a block) as ~3% of the denoiser
+            units = (0.03 * sizes.get(fam.denoiser, 0),) * 2
+        largest, block = units
         largest, block = int(largest * factor), int(block * factor)
         batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
         act = activation_bytes(r.width, r.height, 2 if batched else 1)
