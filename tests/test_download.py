@@ -82,7 +82,28 @@ def closed_port() -> int:
 # --------------------------------------------------------------------------- fake hub
 
 
-class FakeHub:
+class QuietHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) answering with `handler`, until close()."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeHub(LoopbackServer):
     """Serves repos over the hub's HTTP API and records what it served."""
 
     def __init__(self, repos: dict[str, dict[str, bytes]], gated: frozenset[str] = frozenset()):
@@ -96,26 +117,14 @@ class FakeHub:
         self.lock = threading.Lock()
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_HEAD(self) -> None:
                 hub.handle(self, head=True)
 
             def do_GET(self) -> None:
                 hub.handle(self, head=False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
     def total_bytes(self) -> int:
         return sum(self.bytes_served.values())
@@ -384,19 +393,14 @@ def test_unknown_repo_on_the_hub(tiny_repo: Path, monkeypatch: pytest.MonkeyPatc
         server.close()
 
 
-class FakeModelScope:
+class FakeModelScope(LoopbackServer):
     """The two ModelScope calls a snapshot download makes: list the repo, fetch one file."""
 
     def __init__(self, repo: str, files: dict[str, bytes]):
         self.fetched: list[str] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 query = dict(p.split("=", 1) for p in url.query.split("&") if "=" in p)
@@ -424,14 +428,7 @@ class FakeModelScope:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def test_modelscope_download_fetches_only_what_the_pipeline_needs(
