@@ -404,7 +404,7 @@ def _version_of(pkg: str) -> str | None:
 
 
 def _param_bytes(model: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    return sum(p.nbytes for p in model.parameters() if p.device.type != "meta")
 
 
 def _param_count(model: Any) -> int:

@@ -120,7 +120,7 @@ class RegisteredRanges:
         self.storages: set[int] = set()  # storages with a registered part
 
     def add(self, buffer: torch.Tensor) -> None:
-        self.ranges[buffer.data_ptr()] = buffer.numel() * buffer.element_size()
+        self.ranges[buffer.data_ptr()] = buffer.nbytes
         self.storages.add(buffer.untyped_storage().data_ptr())
 
     def remove(self, buffer: torch.Tensor) -> None:
@@ -131,7 +131,7 @@ class RegisteredRanges:
         """True: wholly inside a registered range; False: in a storage registered only in part,
         outside it; None: not memory registered here (ask torch)."""
         start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
+        end = start + tensor.nbytes
         if any(base <= start and end <= base + n for base, n in self.ranges.items()):
             return True
         if tensor.untyped_storage().data_ptr() in self.storages:
@@ -208,7 +208,7 @@ class CudaBackend(DeviceBackend):
         # (torch.cuda._pin_memory_utils); flags 1 = cudaHostRegisterPortable: pinned for every
         # context, whichever device is current on this thread
         with torch.cuda.device(self.device):
-            error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 1))
+            error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.nbytes, 1))
         if error != 0:
             _clear_cuda_error()
             log.warning("cudaHostRegister of %d bytes failed (cudaError %d): that memory stays pageable", buffer.numel(), error)

@@ -135,7 +135,7 @@ class SafetensorsFile:
 
     def read_into(self, entry: TensorEntry, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Fill `out` (a contiguous CPU tensor) with the entry's bytes from byte `start` on."""
-        length = out.numel() * out.element_size()
+        length = out.nbytes
         if start < 0 or start + length > entry.length:
             raise ValueError(f"{entry.key}: read of {length} bytes at {start} is outside its {entry.length} bytes")
         if length == 0:

@@ -29,25 +29,19 @@ def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _start(offset: int, nbytes: int) -> int:
-    """Where a tensor of `nbytes` goes at `offset`: 256-byte aligned, and page-aligned from a page
-    up, so page boundaries fall between large tensors and a pinned prefix can end at one."""
+def place_end(end: int, nbytes: int) -> int:
+    """Where the arena ends after placing `nbytes` at `end`: each tensor starts 256-byte aligned,
+    and page-aligned from a page up, so page boundaries fall between large tensors and a pinned
+    prefix can end at one."""
     align = mmap.PAGESIZE if nbytes >= mmap.PAGESIZE else ALIGN
-    return (offset + align - 1) // align * align
-
-
-def next_end(end: int, tensor: torch.Tensor) -> int:
-    """Where the arena ends after placing `tensor` at `end`."""
-    nbytes = tensor.numel() * tensor.element_size()
-    return _start(end, nbytes) + nbytes
+    return (end + align - 1) // align * align + nbytes
 
 
 def layout_bytes(layout: Layout) -> int:
     """Bytes `HostArena.take` uses for these (shape, dtype) tensors, alignment included."""
     end = 0
     for shape, dtype in layout:
-        nbytes = math.prod(shape) * dtype.itemsize
-        end = _start(end, nbytes) + nbytes
+        end = place_end(end, math.prod(shape) * dtype.itemsize)
     return end
 
 
@@ -78,11 +72,11 @@ class HostArena:
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """The next free tensor of `shape` and `dtype` in the arena (aligned as `layout_bytes` says)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        start = _start(self.offset, nbytes)
-        if start + nbytes > self.nbytes:
+        end = place_end(self.offset, nbytes)
+        if end > self.nbytes:
             raise RuntimeError(f"host arena of {self.nbytes} bytes is full at {self.offset}: the layout missed a tensor")
-        self.offset = start + nbytes
-        return self.buffer[start : self.offset].view(dtype).view(tuple(shape))
+        self.offset = end
+        return self.buffer[end - nbytes : end].view(dtype).view(tuple(shape))
 
     def contains(self, tensor: torch.Tensor) -> bool:
         """Is `tensor`'s memory inside this arena?"""
@@ -90,7 +84,7 @@ class HostArena:
             return False
         start = self.buffer.data_ptr()
         ptr = tensor.data_ptr()
-        return start <= ptr and ptr + tensor.numel() * tensor.element_size() <= start + self.nbytes
+        return start <= ptr and ptr + tensor.nbytes <= start + self.nbytes
 
     def __repr__(self) -> str:
         return f"HostArena({self.offset}/{self.nbytes} bytes used)"

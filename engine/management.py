@@ -190,7 +190,7 @@ def _place_unmanaged(model: nn.Module, config: VramConfig) -> int:
                 continue
             if buf.device != device and buf.device.type != "meta":
                 module._buffers[bname] = buf.to(device)
-            fixed += buf.numel() * buf.element_size()
+            fixed += buf.nbytes
         if isinstance(module, ManagedModule):
             continue
         for pname, param in module._parameters.items():
@@ -200,7 +200,7 @@ def _place_unmanaged(model: nn.Module, config: VramConfig) -> int:
             dtype = config.computation_dtype if param.is_floating_point() else param.dtype
             moved = param.detach().to(device=device, dtype=dtype)
             module._parameters[pname] = nn.Parameter(moved, requires_grad=False) if moved.is_floating_point() else moved
-            fixed += moved.numel() * moved.element_size()
+            fixed += moved.nbytes
     if leftovers:
         log.warning(
             "module_map leaves %d parameter(s) unmanaged; they stay on %s: %s",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .devices import DeviceBackend
-from .host_arena import ALIGN, HostArena, aligned, next_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
+from .host_arena import ALIGN, HostArena, aligned, layout_bytes, place_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
 from .stored import StoredTensor
 
 if TYPE_CHECKING:
@@ -107,10 +107,6 @@ def _page_floor(n: int) -> int:
     return n // mmap.PAGESIZE * mmap.PAGESIZE
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _identity(tensor: torch.Tensor) -> tuple:
     """Which memory a tensor shows: parameters may be views into one shared storage (a model loaded
     from a mapped file), so the storage alone does not tell them apart."""
@@ -158,14 +154,14 @@ class PinnedArena:
         """Pin what the budget allows, without holding any master twice where the device can
         register memory in place."""
         todo = self._host_parts()
-        wanted = sum(aligned(_nbytes(getattr(s, p))) for s, p in todo)
+        wanted = sum(aligned(getattr(s, p).nbytes) for s, p in todo)
         in_place = count = 0
         host = self.runtime.host_arena
         if host is not None and host.nbytes and self.backend.can_register():
             inside = [getattr(s, p) for s, p in todo if host.contains(getattr(s, p))]
             in_place = self._register(host, inside)
             base = host.buffer.data_ptr()
-            count = sum(1 for t in inside if t.data_ptr() + _nbytes(t) - base <= in_place)
+            count = sum(1 for t in inside if t.data_ptr() + t.nbytes - base <= in_place)
             # what it could not register stays pageable where it is (the stager copies it):
             # moving it into another buffer would hold it twice, the loader's arena lives on
             todo = [(s, p) for s, p in todo if not host.contains(getattr(s, p))]
@@ -188,7 +184,7 @@ class PinnedArena:
         granted = self.budget.take(host.nbytes)
         length = host.nbytes if granted >= host.nbytes else _page_floor(granted)
         base = host.buffer.data_ptr()
-        spans = [(t.data_ptr() - base, t.data_ptr() - base + _nbytes(t)) for t in inside]
+        spans = [(t.data_ptr() - base, t.data_ptr() - base + t.nbytes) for t in inside]
         while True:  # a tensor across the boundary would read half pinned: move the boundary below it
             cut = [start for start, end in spans if start < length < end]
             if not cut:
@@ -217,9 +213,8 @@ class PinnedArena:
         """Move host tensors into one new host arena (old ones freed as they go), register it."""
         if not todo:
             return 0, 0
-        _, wanted = self._fitting(todo, 1 << 62, next_end)
-        granted = self.budget.take(wanted)
-        chosen, size = self._fitting(todo, granted, next_end)
+        granted = self.budget.take(layout_bytes([(getattr(s, p).shape, getattr(s, p).dtype) for s, p in todo]))
+        chosen, size = self._fitting(todo, granted, lambda end, t: place_end(end, t.nbytes))
         self.budget.give_back(granted - size)
         if not chosen:
             return 0, 0
@@ -234,19 +229,19 @@ class PinnedArena:
 
     def _copy_into_buffer(self, todo: list[Part]) -> tuple[int, int]:
         """Pack host tensors into one exact-size pinned buffer (a device that cannot register)."""
-        wanted = sum(aligned(_nbytes(getattr(s, p))) for s, p in todo)
+        wanted = sum(aligned(getattr(s, p).nbytes) for s, p in todo)
         granted = self.budget.take(wanted) if wanted else 0
         buffer = self.backend.pin(granted) if granted else None
         if buffer is None:
             self.budget.give_back(granted)
             return 0, 0
-        chosen, size = self._fitting(todo, granted, lambda end, t: end + aligned(_nbytes(t)))
+        chosen, size = self._fitting(todo, granted, lambda end, t: end + aligned(t.nbytes))
         offset = 0
 
         def take(tensor: torch.Tensor) -> torch.Tensor:
             nonlocal offset
-            view = buffer[offset : offset + _nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
-            offset += aligned(_nbytes(tensor))
+            view = buffer[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+            offset += aligned(tensor.nbytes)
             return view
 
         self._relocate(chosen, take)
@@ -273,7 +268,7 @@ class PinnedArena:
                 record.placeholders[name] = new
                 if not record.fast:
                     record.module._parameters[name] = new
-            moved += _nbytes(tensor)
+            moved += tensor.nbytes
             del tensor
             if moved >= TRIM_EVERY_BYTES:  # freed small tensors sit in the heap until trimmed
                 release_free_heap()

@@ -115,7 +115,7 @@ def slice_layout(stored: Any) -> list[tuple[str, int, torch.dtype, torch.Size]]:
     parts = stored.parts()
     if not parts:
         raise TypeError(f"{stored!r} is neither a host tensor nor a file entry")
-    return [(part, t.numel() * t.element_size(), t.dtype, t.shape) for part, t in parts]
+    return [(part, t.nbytes, t.dtype, t.shape) for part, t in parts]
 
 
 def max_group_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int:
@@ -357,17 +357,17 @@ class TransferScheduler:
                 tensor = found["tensor"] if "tensor" in found else found[DISK_PART]
                 if tensor.is_floating_point() and tensor.dtype != comp_dtype:
                     tensor = tensor.to(comp_dtype)
-                    transient += tensor.numel() * tensor.element_size()
+                    transient += tensor.nbytes
                 elif not record.is_leaf:
                     # a container's forward runs children of other groups, and entering one hands
                     # this slot to the next prefetch while the container still reads its weights
                     # (Z-Image's pad tokens): it computes from its own copy, made in stream order
                     tensor = tensor.clone()
-                    transient += tensor.numel() * tensor.element_size()
+                    transient += tensor.nbytes
                 params[param] = tensor
             else:  # FP8 bytes crossed; upcast here, on the computation device
                 tensor = dequantize(found["data"], found["scale"], comp_dtype)
-                transient += tensor.numel() * tensor.element_size()
+                transient += tensor.nbytes
                 params[param] = tensor
         runtime.budget.add_transient(transient)
         record.state = "computation"
@@ -438,7 +438,7 @@ class Stager:
 
     def stage(self, source: torch.Tensor) -> torch.Tensor:
         """Copy `source` into the current staging buffer (switching buffers when full)."""
-        nbytes = source.numel() * source.element_size()
+        nbytes = source.nbytes
         if nbytes > self.buffer_bytes:
             return source  # larger than a staging buffer: copied from pageable memory directly
         view = self._reserve(nbytes, source.dtype, source.shape)

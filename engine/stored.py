@@ -64,7 +64,7 @@ class PlainStored(StoredTensor):
 
     @property
     def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
+        return self.tensor.nbytes
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +101,7 @@ class ScaledFp8Stored(StoredTensor):
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+        return self.data.nbytes + self.scale.nbytes
 
     @property
     def device(self) -> torch.device:

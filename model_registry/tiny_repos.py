@@ -549,7 +549,7 @@ def _save(model: Any, directory: Path, *, sharded: bool = False, fp16_variant: b
     """
     kwargs: dict[str, Any] = {}
     if sharded:
-        total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        total = sum(t.nbytes for t in model.state_dict().values())
         kwargs["max_shard_size"] = math.ceil(total / 2)
     if fp16_variant:
         fp16 = torch.nn.Module.to(copy.deepcopy(model), torch.float16)

@@ -135,7 +135,7 @@ def mid_checkpoint(tmp_path_factory):
     model = random_bf16_model(QwenImageTransformer2DModel, MID_CONFIG)
     directory = tmp_path_factory.mktemp("mid_qwen_image")
     model.save_pretrained(directory, max_shard_size="100MB")
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    nbytes = sum(p.nbytes for p in model.parameters())
     del model
     return directory, nbytes
 

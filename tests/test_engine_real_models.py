@@ -37,7 +37,7 @@ def test_no_parameter_left_unmanaged(name):
         id(p) for m in model.modules() if isinstance(m, ManagedModule) for p in m._vram.masters.values()
     }
     assert len(managed_params) == len({id(s) for r in runtime_of(model).layers for s in r.masters.values()})
-    assert vram_budget(model).fixed_bytes == sum(b.numel() * b.element_size() for b in model.buffers())
+    assert vram_budget(model).fixed_bytes == sum(b.nbytes for b in model.buffers())
     # every parameter slot belongs to a managed layer
     for module in model.modules():
         if any(p is not None for p in module._parameters.values()):

@@ -166,7 +166,7 @@ def test_a_smaller_budget_registers_a_page_aligned_prefix_that_cuts_no_tensor(st
     assert start == runtime.host_arena.buffer.data_ptr()
     assert 0 < length <= runtime.host_arena.nbytes // 2 and length % mmap.PAGESIZE == 0
     for t in master_parts(runtime):  # each tensor is wholly inside or wholly outside
-        begin, end = t.data_ptr() - start, t.data_ptr() - start + t.numel() * t.element_size()
+        begin, end = t.data_ptr() - start, t.data_ptr() - start + t.nbytes
         assert end <= length or begin >= length
     report = runtime.arena.report
     assert report.in_place_bytes == length == budget.used and report.pageable_bytes > 0
@@ -254,7 +254,7 @@ def test_pinning_never_holds_the_masters_twice(tmp_path):
     goes (a few MiB extra); only a device that cannot register pays ~1x for a pinned copy."""
     dim, depth = 1024, 8
     plain, directory = save_stack(tmp_path / "mid", dim=dim, depth=depth)
-    model_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
+    model_bytes = sum(p.nbytes for p in plain.parameters())
 
     def start_streaming(model, backend):
         return lambda: runtime_of(model).use_scheduler(backend, PinnedBudget(limit_bytes=10 * GB))

@@ -301,7 +301,7 @@ class PinningBackend(RecordingBackend):
 def host_bytes_aligned(model) -> int:
     from engine.pinned import aligned
 
-    return sum(aligned(p.numel() * p.element_size()) for p in model.parameters())
+    return sum(aligned(p.nbytes) for p in model.parameters())
 
 
 def test_pinned_arena_is_one_exact_buffer_and_repoints_masters(monkeypatch):
