@@ -29,5 +29,7 @@ run: setup
 test: setup-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# the CPU benchmarks the README's tables come from (bench/bench_gpu.py needs a GPU: docs/gpu_bench.md)
 bench: setup
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.bench_engine
+	$(BIN)/python bench/bench_loader.py
