@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--auth: {exc}")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error("--port must be between 1 and 65535")
-    from engine.pinned import PINNED_RAM_ENV, parse_pinned_ram_gb
+    from engine.transfer.pinned import PINNED_RAM_ENV, parse_pinned_ram_gb
 
     try:
         if args.pinned_ram_gb is not None:
@@ -107,12 +107,12 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
     except ImportError:
         pass
     if studio_factory is None:
-        from engine.studio import Studio as studio_factory  # noqa: N813
+        from engine.generation.studio import Studio as studio_factory  # noqa: N813
 
     import ui
 
     if args.pinned_ram_gb is not None:  # read by engine.pinned when the first GPU component streams
-        from engine.pinned import PINNED_RAM_ENV
+        from engine.transfer.pinned import PINNED_RAM_ENV
 
         os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
     args.model_dir.mkdir(parents=True, exist_ok=True)

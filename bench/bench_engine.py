@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from engine import enable_vram_management
-from engine.fp8 import plain_cast_roundtrip
+from engine.storage.fp8 import plain_cast_roundtrip
 
 
 def small_layer_model(layers: int, width: int) -> nn.Module:

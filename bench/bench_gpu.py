@@ -496,7 +496,7 @@ def job_ours(child: Child, spec: dict[str, Any]) -> dict[str, Any]:
     torch = child.torch
     import engine
     from engine.config import Place
-    from engine.stored import store
+    from engine.storage.stored import store
 
     fp8 = spec["dtype"] == "fp8"
     config = dict(FP8_CONFIG if fp8 else BF16_CONFIG)

@@ -6,12 +6,12 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
     from engine import ManagedLinear, ManagedModule
 """
 
-from .budget import VramBudget
-from .config import DISK, STATES, VramConfig, parse_vram_limit
-from .disk import CheckpointError, DiskStored
-from .layers import ManagedLinear, ManagedModule
-from .loader import load_model
-from .management import (
+from engine.planning.budget import VramBudget
+from engine.config import DISK, STATES, VramConfig, parse_vram_limit
+from engine.storage.disk import CheckpointError, DiskStored
+from engine.layers.managed import ManagedLinear, ManagedModule
+from engine.loading.loader import load_model
+from engine.management import (
     enable_vram_management,
     is_managed,
     layer_state_bytes,

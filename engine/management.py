@@ -12,13 +12,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .budget import VramBudget
-from .config import STATES, VramConfig, parse_vram_limit
-from .devices import backend_for
-from .entry import install_entry_points
-from .host_arena import HostArena
-from .layers import ManagedModule
-from .module_maps import (
+from engine.planning.budget import VramBudget
+from engine.config import STATES, VramConfig, parse_vram_limit
+from engine.transfer.devices import backend_for
+from engine.runtime.entry import install_entry_points
+from engine.transfer.host_arena import HostArena
+from engine.layers.managed import ManagedModule
+from engine.layers.module_maps import (
     block_paths_for,
     default_wrapper_for,
     has_direct_parameters,
@@ -26,8 +26,8 @@ from .module_maps import (
     registered_map_for,
     wrapper_from_map,
 )
-from .runtime import LayerRecord, VramRuntime
-from .stored import PlainStored, StoredTensor, store
+from engine.runtime.component import LayerRecord, VramRuntime
+from engine.storage.stored import PlainStored, StoredTensor, store
 
 log = logging.getLogger(__name__)
 

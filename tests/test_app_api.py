@@ -69,7 +69,7 @@ def test_bad_flags_exit_with_usage(argv, capsys):
 
 
 def test_pinned_ram_flag_and_environment(monkeypatch, tmp_path, capsys):
-    from engine.pinned import PINNED_RAM_ENV, PinnedBudget
+    from engine.transfer.pinned import PINNED_RAM_ENV, PinnedBudget
 
     monkeypatch.delenv(PINNED_RAM_ENV, raising=False)
     assert app.parse_args([]).pinned_ram_gb is None

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from engine.api_types import GenerationEvent, MemoryEstimate, ModelChoice, TelemetrySnapshot
+from engine.generation.types import GenerationEvent, MemoryEstimate, ModelChoice, TelemetrySnapshot
 from tests.browser.fake_studio import FakeStudio
 from ui import build_demo, formatting
 from ui.handlers import Handlers, history_frame
@@ -215,7 +215,7 @@ class RecordingProgress:
 
 
 def test_progress_bar_follows_downloads_and_steps(handlers, monkeypatch):
-    from engine.api_types import GenerationResult
+    from engine.generation.types import GenerationResult
 
     events = [
         GenerationEvent(phase="downloading", download_fraction=0.0),

@@ -18,8 +18,8 @@ import torch
 
 from engine import DiskStored, load_model, runtime_of
 from engine.config import Place
-from engine.disk import SafetensorsFile
-from engine.stored import ScaledFp8Stored, store
+from engine.storage.disk import SafetensorsFile
+from engine.storage.stored import ScaledFp8Stored, store
 from tests.fixtures.tiny_models import random_bf16_model, run_model
 from tests.test_loader import DISK, RAM
 
@@ -37,7 +37,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from diffusers import QwenImageTransformer2DModel
 from engine import load_model, runtime_of
-from engine import disk
+from engine.storage import disk
 
 def rss(field="RssAnon:"):
     with open("/proc/self/status") as f:
@@ -243,7 +243,7 @@ def test_prefetcher_follows_execution_order(tiny_checkpoints):
     # no prefetcher: same output
     plain = load_model(cls, directory, vram_config=DISK, vram_limit=0, prefetch=False)
     assert runtime_of(plain).prefetcher is None
-    from engine.loader import auto_prefetch
+    from engine.loading.loader import auto_prefetch
     from engine.config import VramConfig
 
     assert auto_prefetch(VramConfig.from_dict(DISK)) == ((os.cpu_count() or 1) > torch.get_num_threads())

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from engine import DiskStored, load_model, runtime_of
-from engine.devices import CpuBackend
-from engine.disk import CheckpointError, SafetensorsFile
-from engine.layers import ManagedLinear, ManagedModule
-from engine.pinned import PinnedBudget
-from engine.scheduler import DISK_PART, Stager
-from engine.stored import PlainStored
+from engine.transfer.devices import CpuBackend
+from engine.storage.disk import CheckpointError, SafetensorsFile
+from engine.layers.managed import ManagedLinear, ManagedModule
+from engine.transfer.pinned import PinnedBudget
+from engine.transfer.scheduler import DISK_PART, Stager
+from engine.storage.stored import PlainStored
 from tests.fixtures.tiny_models import random_bf16_model, run_model, save_sharded, tiny_model
 from tests.test_loader import DISK
 from tests.test_scheduler import PinningBackend, RecordingBackend

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 import model_registry
-from engine.api_types import UserFacingError
+from engine.generation.types import UserFacingError
 from model_registry import hf_source
 from model_registry.tiny_repos import write_tiny_repo
 

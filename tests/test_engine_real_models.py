@@ -14,8 +14,8 @@ from engine import (
     set_vram_limit,
     vram_budget,
 )
-from engine.module_maps import MODEL_MODULE_MAPS, import_object, normalize_module_map
-from engine.planner import streaming_reserve
+from engine.layers.module_maps import MODEL_MODULE_MAPS, import_object, normalize_module_map
+from engine.planning.planner import streaming_reserve
 from tests.fixtures.tiny_models import TINY_MODEL_NAMES, run_model, tiny_model
 
 GB = 1024**3

@@ -19,7 +19,7 @@ from engine import (
     set_vram_limit,
     vram_budget,
 )
-from engine.planner import streaming_reserve
+from engine.planning.planner import streaming_reserve
 
 CPU = {"computation_device": "cpu", "computation_dtype": "bfloat16"}
 # fp32 masters force a real conversion on every streamed forward

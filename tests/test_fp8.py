@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine import enable_vram_management, layer_state_counts
-from engine.fp8 import dequantize, plain_cast_roundtrip, quantize_per_channel
+from engine.storage.fp8 import dequantize, plain_cast_roundtrip, quantize_per_channel
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import enable_vram_management, layer_state_counts, runtime_of, vram_budget
-from engine.planner import streaming_reserve
+from engine.planning.planner import streaming_reserve
 from tests.fixtures.tiny_models import run_model, tiny_model
 
 pytestmark = pytest.mark.gpu

@@ -18,9 +18,9 @@ import torch
 
 from engine import CheckpointError, DiskStored, enable_vram_management, load_model, runtime_of
 from engine.config import Place
-from engine.disk import SafetensorsFile
-from engine.loader import read_stored
-from engine.stored import ScaledFp8Stored, store
+from engine.storage.disk import SafetensorsFile
+from engine.loading.loader import read_stored
+from engine.storage.stored import ScaledFp8Stored, store
 from tests.fixtures.tiny_models import run_model, save_sharded, tiny_model
 
 RAM = {"offload_dtype": torch.bfloat16, "offload_device": "cpu", "computation_dtype": torch.bfloat16, "computation_device": "cpu"}
@@ -127,7 +127,7 @@ def test_fp8_is_bitwise_what_enable_vram_management_makes(tiny_checkpoints):
 def test_chunked_fp8_read_is_bitwise_store(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    import engine.loader as loader
+    import engine.loading.loader as loader
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -336,7 +336,7 @@ def test_failure_while_streaming_drops_everything(qwen_copy, monkeypatch):
     import gc
     import weakref
 
-    from engine import disk
+    from engine.storage import disk
 
     cls, directory = qwen_copy
     made: list[weakref.ref] = []

@@ -24,11 +24,11 @@ from torch import nn
 
 from engine import enable_vram_management, load_model, runtime_of
 from engine.config import Place
-from engine.devices import RegisteredRanges
-from engine.host_arena import release_free_heap
-from engine.loader import read_stored
-from engine.pinned import PinnedBudget
-from engine.stored import ScaledFp8Stored
+from engine.transfer.devices import RegisteredRanges
+from engine.transfer.host_arena import release_free_heap
+from engine.loading.loader import read_stored
+from engine.transfer.pinned import PinnedBudget
+from engine.storage.stored import ScaledFp8Stored
 from tests.test_scheduler import Block, PinningBackend, Stack, log_computes, name_blocks
 
 GB = 1024**3
@@ -118,7 +118,7 @@ def test_masters_are_views_of_one_exact_size_arena(stack_dir, config):
         assert any(isinstance(s, ScaledFp8Stored) for r in runtime.layers for s in r.masters.values())
         # bitwise what the loader makes without an arena
         place = Place(torch.device("cpu"), torch.float8_e4m3fn)
-        from engine.disk import SafetensorsFile
+        from engine.storage.disk import SafetensorsFile
 
         shard = SafetensorsFile(next(directory.glob("*.safetensors")))
         entry = shard.entries["blocks.0.fc1.weight"]
@@ -185,7 +185,7 @@ def test_a_smaller_budget_registers_a_page_aligned_prefix_that_cuts_no_tensor(st
 def test_registered_ranges_judge_a_partly_registered_buffer_by_address():
     """torch's is_pinned looks at the storage's start only; the tail of a buffer registered in
     part must read as pageable, so the stager copies it instead of a blocking 'async' copy."""
-    from engine.host_arena import HostArena
+    from engine.transfer.host_arena import HostArena
 
     arena = HostArena(4 * mmap.PAGESIZE)
     head, tail = arena.take((mmap.PAGESIZE,), torch.uint8), arena.take((mmap.PAGESIZE,), torch.uint8)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.api_types import GenerateRequest, HardwareInfo, UserFacingError
+from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
 from engine.config import VramConfig
 from engine.management import runtime_of
-from engine.pipelines import DECODE, DENOISE, ENCODE, build_pipeline, vae_memory_plan
-from engine.settings import (
+from engine.generation.pipelines import DECODE, DENOISE, ENCODE, build_pipeline, vae_memory_plan
+from engine.generation.settings import (
     auto_vram_limit_gb,
     resolve_vram_limit,
     settings_for,
@@ -84,7 +84,7 @@ def test_vae_memory_plan():
 
 # --- pipelines ------------------------------------------------------------------------------------
 def test_family_is_found_by_the_pipeline_class_and_unknown_classes_are_refused():
-    from engine.pipelines import family_for
+    from engine.generation.pipelines import family_for
 
     assert family_for("StableDiffusionXLPipeline").denoiser == "unet"
     with pytest.raises(ValueError, match=r"not supported; supported: .*QwenImagePipeline"):
@@ -189,8 +189,8 @@ def _forbid_weight_reads(monkeypatch):
     import safetensors
     import safetensors.torch
 
-    import engine.disk
-    from engine.pipelines import loading
+    import engine.storage.disk
+    from engine.generation.pipelines import loading
 
     def no_reads(*a, **k):
         raise AssertionError("a re-plan must not read weights")
@@ -219,7 +219,7 @@ def test_set_vram_limit_replans_without_reading_files(repos, monkeypatch):
 
 
 def test_cancel_between_steps_skips_decode(repos):
-    from engine.pipelines import GenerationCancelled
+    from engine.generation.pipelines import GenerationCancelled
 
     mp = build_pipeline(repos["z-image"], cpu_config(), None)
     stages = []
@@ -246,7 +246,7 @@ def test_gpu_end_to_end_cpu_and_disk_offload(repos):
 
 
 def test_checkpoint_files_pick_one_variant(tmp_path):
-    from engine.pipelines.loading import checkpoint_files
+    from engine.generation.pipelines.components import checkpoint_files
 
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -266,7 +266,7 @@ def test_checkpoint_files_pick_one_variant(tmp_path):
 
 def test_from_pretrained_fallback_matches_streaming_loader(repos, monkeypatch):
     """Without engine.load_model, components come from from_pretrained + enable_vram_management."""
-    from engine.pipelines import loading
+    from engine.generation.pipelines import loading
 
     streamed = run(build_pipeline(repos["z-image"], cpu_config(), 0), "z-image")
     monkeypatch.setattr(loading, "engine_loader", lambda: None)
@@ -277,7 +277,7 @@ def test_from_pretrained_fallback_matches_streaming_loader(repos, monkeypatch):
 
 
 def test_activation_reserve_only_on_a_gpu(repos):
-    from engine.pipelines import activation_bytes
+    from engine.generation.pipelines import activation_bytes
 
     mp = build_pipeline(repos["z-image"], cpu_config(), 0.001)
     mp.reserve_activations(1024, 1024)
@@ -294,7 +294,7 @@ def test_components_streaming_through_the_scheduler_give_the_same_images(repos, 
     share the compute stream on a GPU too): across stage switches (onload/offload re-plan and drop
     the schedules) and two generations the images are bitwise those of the synchronous path,
     every copy precedes its consumer, and only an onloaded component holds device slots."""
-    from engine.pinned import PinnedBudget
+    from engine.transfer.pinned import PinnedBudget
     from tests.test_scheduler import PinningBackend, log_computes
 
     reference = run(build_pipeline(repos["qwen-image"], cpu_config(disk=disk), 0), "qwen-image", guidance=4.0)
@@ -323,8 +323,8 @@ def test_smallest_feasible_limit_is_the_planners_and_is_kept(repos, monkeypatch)
     """Each stage's floor is what the planner pays before residency (fixed bytes + streaming
     reserve, with the scheduler's slots where one streams); running at exactly that limit keeps
     the ledger's peak within it."""
-    from engine.pinned import PinnedBudget
-    from engine.planner import smallest_feasible_limit
+    from engine.transfer.pinned import PinnedBudget
+    from engine.planning.planner import smallest_feasible_limit
     from tests.test_scheduler import PinningBackend
 
     mp = build_pipeline(repos["flux1"], cpu_config(), None)

@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 import model_registry
-from engine.api_types import ModelChoice, UserFacingError
+from engine.generation.types import ModelChoice, UserFacingError
 from model_registry.catalog import DEFAULT_KEYS, LIMIT_KEYS
 from model_registry.completeness import repo_problems
 from model_registry.families import FAMILIES, STAGES, Family, family_for_pipeline

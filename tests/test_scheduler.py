@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from engine import enable_vram_management, layer_state_counts, runtime_of, set_vram_limit, vram_budget
-from engine.devices import DeviceBackend
-from engine.layers import ManagedModule
-from engine.oom import VramExhaustedError
-from engine.planner import streaming_reserve
+from engine.transfer.devices import DeviceBackend
+from engine.layers.managed import ManagedModule
+from engine.runtime.oom import VramExhaustedError
+from engine.planning.planner import streaming_reserve
 
 GB = 1024**3
 
@@ -299,13 +299,13 @@ class PinningBackend(RecordingBackend):
 
 
 def host_bytes_aligned(model) -> int:
-    from engine.pinned import aligned
+    from engine.transfer.pinned import aligned
 
     return sum(aligned(p.nbytes) for p in model.parameters())
 
 
 def test_pinned_arena_is_one_exact_buffer_and_repoints_masters(monkeypatch):
-    from engine.pinned import PinnedBudget
+    from engine.transfer.pinned import PinnedBudget
 
     plain = make_stack()
     backend = PinningBackend()
@@ -327,7 +327,7 @@ def test_pinned_arena_is_one_exact_buffer_and_repoints_masters(monkeypatch):
 
 
 def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
-    from engine.pinned import PinnedBudget
+    from engine.transfer.pinned import PinnedBudget
 
     plain = make_stack()
     backend = PinningBackend()
@@ -356,7 +356,7 @@ def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
 def test_dropped_component_returns_its_pinned_bytes_and_stops_its_worker():
     import gc
 
-    from engine.pinned import PinnedBudget
+    from engine.transfer.pinned import PinnedBudget
 
     plain = make_stack()
     model = copy.deepcopy(plain)
@@ -413,8 +413,8 @@ def test_copy_and_compute_times_come_from_stream_events_once_the_device_got_ther
 
 
 def test_device_timing_stops_at_the_first_unfinished_pair():
-    from engine.runtime import StreamStats
-    from engine.scheduler import StreamTimer
+    from engine.runtime.component import StreamStats
+    from engine.transfer.scheduler import StreamTimer
 
     backend = TimingBackend()
     timer = StreamTimer(backend)
@@ -430,7 +430,7 @@ def test_device_timing_stops_at_the_first_unfinished_pair():
 
 
 def test_cpu_backend_times_the_schedule_with_the_host_clock():
-    from engine.devices import CpuBackend
+    from engine.transfer.devices import CpuBackend
 
     plain = make_stack()
     model = copy.deepcopy(plain)
@@ -449,7 +449,7 @@ def test_real_models_through_the_cpu_scheduler_are_bitwise_equal(name):
     """The synchronous CpuBackend copies into the slot ring for real, so a layer that reads a slot
     after it was handed to the next group reads other weights here too. Z-Image's root holds pad
     tokens it reads after its children (other groups) ran: the case that made this test."""
-    from engine.devices import CpuBackend
+    from engine.transfer.devices import CpuBackend
     from tests.fixtures.tiny_models import run_model, tiny_model
 
     plain, inputs = tiny_model(name, torch.bfloat16)
@@ -473,6 +473,6 @@ def test_real_models_through_the_cpu_scheduler_are_bitwise_equal(name):
     ],
 )
 def test_what_counts_as_out_of_memory(error, expected):
-    from engine.oom import is_oom
+    from engine.runtime.oom import is_oom
 
     assert is_oom(error) is expected

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 import model_registry
-from engine.api_types import (
+from engine.generation.types import (
     GenerateRequest,
     GenerationResult,
     MemoryEstimate,
     TelemetrySnapshot,
     UserFacingError,
 )
-from engine.studio import Studio, parse_infotext
+from engine.generation.studio import Studio, parse_infotext
 from model_registry.tiny_repos import write_tiny_repo
 
 
@@ -151,9 +151,9 @@ def test_vram_limit_change_replans_other_settings_rebuild(studio, registry, monk
     def no_reads(*a, **k):
         raise AssertionError("changing the VRAM limit must not read weights or rebuild")
 
-    import engine.disk
-    import engine.studio as studio_mod
-    from engine.pipelines import loading
+    import engine.storage.disk
+    import engine.generation.studio as studio_mod
+    from engine.generation.pipelines import loading
 
     with monkeypatch.context() as m:
         m.setattr(engine.disk.SafetensorsFile, "read", no_reads)
@@ -295,7 +295,7 @@ def test_one_generation_at_a_time(studio):
     ],
 )
 def test_bad_input_is_rejected_before_any_work(studio, monkeypatch, request_, message):
-    import engine.studio as studio_mod
+    import engine.generation.studio as studio_mod
 
     def no_work(*a, **k):
         raise AssertionError("heavy work started for a bad request")
@@ -383,7 +383,7 @@ def test_estimate_counts_the_gpu_schedulers_slots(tmp_path):
 def test_estimate_uses_the_planners_floor_once_the_build_has_run(tmp_path, registry, monkeypatch):
     import math
 
-    from engine.pipelines.managed import ManagedPipeline
+    from engine.generation.pipelines.managed import ManagedPipeline
 
     studio = Studio(tmp_path / "models", tmp_path / "outputs", registry=registry)
     request = GenerateRequest("x", seed=1, vram_limit=0)
@@ -402,7 +402,7 @@ def test_estimate_uses_the_planners_floor_once_the_build_has_run(tmp_path, regis
 
 
 def _activations(studio, request):
-    from engine.pipelines.managed import activation_bytes
+    from engine.generation.pipelines.managed import activation_bytes
 
     r = studio.resolve(request)
     return activation_bytes(r.width, r.height, 1)
@@ -422,7 +422,7 @@ def test_no_network_through_the_real_registry(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_becomes_a_user_facing_error(studio, monkeypatch):
-    from engine.oom import VramExhaustedError
+    from engine.runtime.oom import VramExhaustedError
 
     collect(studio, GenerateRequest("a cat", seed=1))
     pipe = studio.pipeline

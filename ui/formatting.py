@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable, Sequence
 
-from engine.api_types import (
+from engine.generation.types import (
     LAYER_STATES,
     GenerationEvent,
     HardwareInfo,

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
-from engine.api_types import (
+from engine.generation.types import (
     GenerateRequest,
     GenerationEvent,
     GenerationResult,

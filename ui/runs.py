@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.api_types import GenerationEvent, TelemetrySnapshot
+from engine.generation.types import GenerationEvent, TelemetrySnapshot
 
 MAX_SAMPLES = 2400  # 20 minutes at 2 samples a second
 MIN_SAMPLE_INTERVAL = 0.2  # seconds between two history samples

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from engine.api_types import (
+from engine.generation.types import (
     GenerateRequest,
     GenerationEvent,
     GenerationResult,

@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .config import FP8_DTYPES, Place
-from .fp8 import dequantize, quantize_per_channel, should_quantize
+from engine.config import FP8_DTYPES, Place
+from engine.storage.fp8 import dequantize, quantize_per_channel, should_quantize
 
 
 class StoredTensor(ABC):

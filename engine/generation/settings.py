@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .api_types import GenerateRequest, HardwareInfo, UserFacingError
-from .config import DISK, VramConfig, parse_vram_limit
+from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
+from engine.config import DISK, VramConfig, parse_vram_limit
 
 GB = 1024**3
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .budget import VramBudget
-    from .runtime import LayerRecord, VramRuntime
+    from engine.planning.budget import VramBudget
+    from engine.runtime.component import LayerRecord, VramRuntime
 
 
 MIN_SLOTS = 2  # the group computing and at least one group in flight

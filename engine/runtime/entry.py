@@ -12,10 +12,10 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from .oom import VramExhaustedError, is_oom, recover
+from engine.runtime.oom import VramExhaustedError, is_oom, recover
 
 if TYPE_CHECKING:
-    from .runtime import VramRuntime
+    from engine.runtime.component import VramRuntime
 
 log = logging.getLogger(__name__)
 

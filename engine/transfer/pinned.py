@@ -23,12 +23,12 @@ import psutil
 import torch
 from torch import nn
 
-from .devices import DeviceBackend
-from .host_arena import ALIGN, HostArena, aligned, layout_bytes, place_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
-from .stored import StoredTensor
+from engine.transfer.devices import DeviceBackend
+from engine.transfer.host_arena import ALIGN, HostArena, aligned, layout_bytes, place_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
+from engine.storage.stored import StoredTensor
 
 if TYPE_CHECKING:
-    from .runtime import LayerRecord, VramRuntime
+    from engine.runtime.component import LayerRecord, VramRuntime
 
 DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
 TRIM_EVERY_BYTES = 8 * 1024**2  # while moving masters: give freed heap back to the OS this often (~0.1 ms)

@@ -42,13 +42,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .budget import VramBudget
-from .config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
-from .disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
-from .host_arena import HostArena, layout_bytes, release_free_heap
-from .management import _plan_wrappers, enable_vram_management, runtime_of
-from .prefetch import DiskPrefetcher
-from .stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store
+from engine.planning.budget import VramBudget
+from engine.config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
+from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
+from engine.management import _plan_wrappers, enable_vram_management, runtime_of
+from engine.loading.prefetch import DiskPrefetcher
+from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from .runtime import LayerRecord
+    from engine.runtime.component import LayerRecord
 
 _WRAPPED_CLASSES: dict[tuple[type, type], type] = {}
 

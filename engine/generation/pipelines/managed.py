@@ -24,20 +24,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import VramBudget
-from ..config import VramConfig
-from ..management import (
+from engine.planning.budget import VramBudget
+from engine.config import VramConfig
+from engine.management import (
     layer_state_counts,
     offload_model,
     onload_model,
     runtime_of,
     set_vram_limit,
 )
-from ..planner import smallest_feasible_limit
-from ..runtime import VramRuntime
-from .cfg import CfgPairBatcher
-from .families import DECODE, DENOISE, ENCODE, Family, family_for
-from .loading import (
+from engine.planning.planner import smallest_feasible_limit
+from engine.runtime.component import VramRuntime
+from engine.generation.pipelines.cfg import CfgPairBatcher
+from engine.generation.pipelines.families import DECODE, DENOISE, ENCODE, Family, family_for
+from engine.generation.pipelines.components import (
     component_classes,
     is_weighted,
     load_aux_component,
@@ -370,7 +370,7 @@ def build_pipeline(
     under `vram_config`, all sharing one budget of `vram_limit` GB; everything starts offloaded."""
     import diffusers
 
-    from ..config import parse_vram_limit
+    from engine.config import parse_vram_limit
 
     path = Path(path)
     config = VramConfig.from_dict(vram_config)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Place
-from .stored import StoredTensor, store
+from engine.config import Place
+from engine.storage.stored import StoredTensor, store
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import FP8_DTYPES
+from engine.config import FP8_DTYPES
 
 
 def should_quantize(tensor: torch.Tensor) -> bool:

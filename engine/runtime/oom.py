@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .runtime import VramRuntime
+    from engine.runtime.component import VramRuntime
 
 
 class VramExhaustedError(RuntimeError):

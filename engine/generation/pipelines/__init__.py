@@ -1,7 +1,7 @@
 """Diffusers pipelines built on the memory engine (see engine.pipelines.managed)."""
 
-from .cfg import CfgPairBatcher
-from .families import (
+from engine.generation.pipelines.cfg import CfgPairBatcher
+from engine.generation.pipelines.families import (
     DECODE,
     DENOISE,
     ENCODE,
@@ -10,7 +10,7 @@ from .families import (
     Family,
     family_for,
 )
-from .managed import (
+from engine.generation.pipelines.managed import (
     GenerationCancelled,
     ManagedPipeline,
     StepStats,

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .api_types import (
+from engine.generation.types import (
     GenerateRequest,
     GenerationEvent,
     GenerationResult,
@@ -50,7 +50,7 @@ from .api_types import (
     TelemetrySnapshot,
     UserFacingError,
 )
-from .pipelines import (
+from engine.generation.pipelines import (
     FAMILIES,
     GenerationCancelled,
     ManagedPipeline,
@@ -58,7 +58,7 @@ from .pipelines import (
     activation_bytes,
     build_pipeline,
 )
-from .settings import EngineSettings, detect_hardware, settings_for
+from engine.generation.settings import EngineSettings, detect_hardware, settings_for
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ResolvedRequest:
 
 def _is_vram_exhausted(exc: BaseException) -> bool:
     try:
-        from .oom import VramExhaustedError, is_oom
+        from engine.runtime.oom import VramExhaustedError, is_oom
     except ImportError:  # pragma: no cover
         return isinstance(exc, torch.OutOfMemoryError)
     return isinstance(exc, VramExhaustedError) or is_oom(exc)
@@ -148,7 +148,7 @@ def _stream_unit_bytes(library: str, class_name: str, config_id: str) -> tuple[i
     try:
         from model_registry.sizes import build_on_meta, load_component_configs
 
-        from .module_maps import block_paths_for
+        from engine.layers.module_maps import block_paths_for
 
         config = load_component_configs()[config_id]
         model = build_on_meta(library, class_name, config)
@@ -268,7 +268,7 @@ class Studio:
             raise UserFacingError(f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed; got {seed!r}.")
         settings = settings_for(request, self.hardware(), self._device)
         if settings.disk_offload:
-            from .pipelines.loading import engine_loader
+            from engine.generation.pipelines.components import engine_loader
 
             if engine_loader() is None:
                 raise UserFacingError("Disk offload is not available in this build; untick it.")

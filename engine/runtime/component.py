@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import VramBudget
-from .config import STATES, Place, VramConfig
-from .stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for
+from engine.planning.budget import VramBudget
+from engine.config import STATES, Place, VramConfig
+from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for
 
 
 @dataclass
@@ -299,9 +299,9 @@ class VramRuntime:
         layer: host masters are pinned (in place where the device can register memory) under the
         pinned-RAM budget (engine.pinned); what stays pageable, and masters left on disk, go
         through a worker thread's pinned staging buffers (each the size of the largest group)."""
-        from .disk import DiskStored
-        from .pinned import PROCESS_PINNED_BUDGET, PinnedArena
-        from .scheduler import Stager, TransferScheduler, max_group_bytes
+        from engine.storage.disk import DiskStored
+        from engine.transfer.pinned import PROCESS_PINNED_BUDGET, PinnedArena
+        from engine.transfer.scheduler import Stager, TransferScheduler, max_group_bytes
 
         self.close_scheduler()
         self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)

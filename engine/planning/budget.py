@@ -11,10 +11,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from .config import limit_to_bytes, parse_vram_limit
+from engine.config import limit_to_bytes, parse_vram_limit
 
 if TYPE_CHECKING:
-    from .runtime import VramRuntime
+    from engine.runtime.component import VramRuntime
 
 
 @dataclass
@@ -122,6 +122,6 @@ class VramBudget:
     # --- planning across components --------------------------------------------------------------
     def replan(self) -> None:
         """Re-choose the resident set of every active member within the limit (see engine.planner)."""
-        from .planner import plan_residency
+        from engine.planning.planner import plan_residency
 
         plan_residency(self)

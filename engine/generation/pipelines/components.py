@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import VramBudget
-from ..config import VramConfig
-from ..management import enable_vram_management
+from engine.planning.budget import VramBudget
+from engine.config import VramConfig
+from engine.management import enable_vram_management
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def engine_loader() -> Callable[..., nn.Module] | None:
     fn = getattr(engine, "load_model", None)
     if fn is None:
         try:
-            from engine.loader import load_model as fn  # type: ignore[no-redef]
+            from engine.loading.loader import load_model as fn  # type: ignore[no-redef]
         except ImportError:
             return None
     return fn

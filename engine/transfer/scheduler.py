@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from .devices import DeviceBackend
-from .disk import DiskStored, TensorEntry
-from .fp8 import dequantize
-from .pinned import aligned, exact_pinned
-from .planner import MAX_DEPTH
+from engine.transfer.devices import DeviceBackend
+from engine.storage.disk import DiskStored, TensorEntry
+from engine.storage.fp8 import dequantize
+from engine.transfer.pinned import aligned, exact_pinned
+from engine.planning.planner import MAX_DEPTH
 
 if TYPE_CHECKING:
-    from .runtime import LayerRecord, VramRuntime
+    from engine.runtime.component import LayerRecord, VramRuntime
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .layers import ManagedLinear, ManagedModule, is_plain_linear
+from engine.layers.managed import ManagedLinear, ManagedModule, is_plain_linear
 
-_ML = "engine.layers.ManagedLinear"
-_MM = "engine.layers.ManagedModule"
+_ML = "engine.layers.managed.ManagedLinear"
+_MM = "engine.layers.managed.ManagedModule"
 
 # model class -> {"layers": {layer class -> managed class}, "blocks": [block list attribute paths]}
 MODEL_MODULE_MAPS: dict[str, dict[str, Any]] = {

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .disk import DiskStored
+from engine.storage.disk import DiskStored
 
 if TYPE_CHECKING:
-    from .runtime import LayerRecord, VramRuntime
-    from .stored import StoredTensor
+    from engine.runtime.component import LayerRecord, VramRuntime
+    from engine.storage.stored import StoredTensor
 
 
 class DiskPrefetcher:

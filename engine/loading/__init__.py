@@ -1,0 +1,1 @@
+"""Loading from .safetensors checkpoints straight into the storage form, and disk read-ahead."""

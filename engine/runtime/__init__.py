@@ -1,0 +1,1 @@
+"""One managed component at run time: its layers, the streamed forward, step entry points, OOM recovery."""

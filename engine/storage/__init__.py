@@ -1,0 +1,1 @@
+"""How one tensor is stored: plain, scaled FP8, or left in its .safetensors file."""
