@@ -3,44 +3,53 @@
 Never imports Gradio. Public API (names kept stable for users' scripts):
 
     from engine import enable_vram_management, layer_state_counts, layer_state_bytes, set_vram_limit
-    from engine import ManagedLinear, ManagedModule
+    from engine import ManagedLinear, ManagedModule, load_model, disable_vram_management
+
+Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
+UI needs) imports without torch. The sub-packages and their one-way import order are described
+in docs/engine.md and checked by tests/test_layering.py.
 """
 
-from engine.planning.budget import VramBudget
-from engine.config import DISK, STATES, VramConfig, parse_vram_limit
-from engine.storage.disk import CheckpointError, DiskStored
-from engine.layers.managed import ManagedLinear, ManagedModule
-from engine.loading.loader import load_model
-from engine.management import (
-    enable_vram_management,
-    is_managed,
-    layer_state_bytes,
-    layer_state_counts,
-    offload_model,
-    onload_model,
-    runtime_of,
-    set_vram_limit,
-    vram_budget,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DISK",
-    "CheckpointError",
-    "DiskStored",
-    "STATES",
-    "ManagedLinear",
-    "ManagedModule",
-    "VramBudget",
-    "VramConfig",
-    "enable_vram_management",
-    "is_managed",
-    "layer_state_bytes",
-    "layer_state_counts",
-    "load_model",
-    "offload_model",
-    "onload_model",
-    "parse_vram_limit",
-    "runtime_of",
-    "set_vram_limit",
-    "vram_budget",
-]
+_EXPORTS = {
+    "DISK": "engine.config",
+    "VramConfig": "engine.config",
+    "parse_vram_limit": "engine.config",
+    "STATES": "engine.layers.state",
+    "LayerState": "engine.layers.state",
+    "CheckpointError": "engine.storage.disk",
+    "DiskStored": "engine.storage.disk",
+    "ManagedLinear": "engine.layers.managed",
+    "ManagedModule": "engine.layers.managed",
+    "MemoryPool": "engine.runtime.pool",
+    "load_model": "engine.loading.loader",
+    "VramBudget": "engine.management",
+    "disable_vram_management": "engine.management",
+    "enable_vram_management": "engine.management",
+    "is_managed": "engine.management",
+    "layer_state_bytes": "engine.management",
+    "layer_state_counts": "engine.management",
+    "offload_model": "engine.management",
+    "onload_model": "engine.management",
+    "runtime_of": "engine.management",
+    "set_vram_limit": "engine.management",
+    "vram_budget": "engine.management",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

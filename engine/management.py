@@ -1,4 +1,4 @@
-"""Public entry points: enable_vram_management, set_vram_limit, state counts and bytes.
+"""Public entry points: enable / disable_vram_management, set_vram_limit, state counts and bytes.
 
 The shape follows DiffSynth's `enable_vram_management(model, module_map, vram_config,
 vram_limit)`, so scripts written for it work here.
@@ -12,12 +12,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from engine.planning.budget import VramBudget
-from engine.config import STATES, VramConfig, parse_vram_limit
-from engine.transfer.devices import backend_for
-from engine.runtime.entry import install_entry_points
-from engine.transfer.host_arena import HostArena
+from engine.config import VramConfig, parse_vram_limit
+from engine.layers.hooks import register_hook, remove_hook
 from engine.layers.managed import ManagedModule
+from engine.layers.state import STATES, ManagedLayer
 from engine.layers.module_maps import (
     block_paths_for,
     default_wrapper_for,
@@ -26,8 +24,14 @@ from engine.layers.module_maps import (
     registered_map_for,
     wrapper_from_map,
 )
-from engine.runtime.component import LayerRecord, VramRuntime
+from engine.runtime.component import VramRuntime
+from engine.runtime.entry import ENTRY_HOOK, StepEntryHook
+from engine.runtime.pool import MemoryPool
 from engine.storage.stored import PlainStored, StoredTensor, store
+from engine.transfer.devices import backend_for
+from engine.transfer.host_arena import HostArena
+
+VramBudget = MemoryPool  # the public name users' scripts share between components
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def enable_vram_management(
     vram_config: Mapping[str, Any] | VramConfig | None = None,
     vram_limit: float | None = None,
     *,
-    budget: VramBudget | None = None,
+    budget: MemoryPool | None = None,
     name: str | None = None,
     onload: bool = True,
     master_factory: MasterFactory | None = None,
@@ -101,11 +105,12 @@ def enable_vram_management(
 ) -> nn.Module:
     """Manage every weight-holding layer of `model` under `vram_config` within `vram_limit` GB.
 
-    `budget` lets several components (a pipeline's) share one VRAM budget; `onload=False` leaves
-    the component offloaded for a pipeline to onload when its stage comes. `master_factory` is the
-    loader's hook: it supplies each parameter's master copy (e.g. left in its .safetensors file);
-    `host_arena` is the loader's buffer those masters are views of (pinned in place on CUDA).
-    The config, limit and map are validated before anything on the model changes.
+    `budget` (a MemoryPool, public name VramBudget) lets several components (a pipeline's) share
+    one VRAM budget; `onload=False` leaves the component offloaded for a pipeline to onload when
+    its stage comes. `master_factory` is the loader's hook: it supplies each parameter's master
+    copy (e.g. left in its .safetensors file); `host_arena` is the loader's buffer those masters
+    are views of (pinned in place on CUDA). The config, limit and map are validated before
+    anything on the model changes. `disable_vram_management(model)` undoes it.
     """
     config = VramConfig.from_dict(vram_config)
     limit = parse_vram_limit(vram_limit)
@@ -120,22 +125,21 @@ def enable_vram_management(
         raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
     plan = _plan_wrappers(model, module_map)
 
-    budget = budget if budget is not None else VramBudget(limit_gb=limit)
-    runtime = VramRuntime(model, config, budget, name or type(model).__name__)
+    pool = budget if budget is not None else MemoryPool(limit_gb=limit)
+    runtime = VramRuntime(model, config, pool, name or type(model).__name__)
     runtime.host_arena = host_arena
     offload_place = config.place("offload")
-    comp_dtype, comp_device = config.computation_dtype, config.computation_device
+    comp_dtype = config.computation_dtype
     block_paths = block_paths_for(model)
     masters_by_param: dict[int, StoredTensor] = {}
     placeholders_by_param: dict[int, torch.Tensor] = {}
-    undo: list[tuple[nn.Module, type, dict[str, Any]]] = []
+    undo: list[tuple[ManagedLayer, dict[str, Any]]] = []
     try:
         for layer_name, module, wrapper in plan:
             masters: dict[str, StoredTensor] = {}
             owned: set[str] = set()
             placeholders: dict[str, torch.Tensor] = {}
-            original_params = dict(module._parameters)
-            for pname, param in original_params.items():
+            for pname, param in module._parameters.items():
                 if param is None:
                     continue
                 key = id(param)
@@ -147,35 +151,56 @@ def enable_vram_management(
                     owned.add(pname)
                 masters[pname] = masters_by_param[key]
                 placeholders[pname] = placeholders_by_param[key]
-            undo.append((module, type(module), original_params))
-            record = LayerRecord(layer_name, module, runtime, masters, owned)
-            record.placeholders = placeholders
-            record.block = _block_of(layer_name, block_paths)
-            module._parameters.update(placeholders)
+            layer = ManagedLayer(layer_name, module, runtime, masters, owned, placeholders, _block_of(layer_name, block_paths))
+            runtime.layers.append(layer)
+            undo.append((layer, layer.install()))
             wrapper.wrap(module)
-            module._vram = record
-            runtime.layers.append(record)
+            module._vram = layer
         runtime.fixed_bytes = _place_unmanaged(model, config)
     except BaseException:
-        for module, cls, params in reversed(undo):
-            module.__class__ = cls
-            module._parameters.update(params)
-            module.__dict__.pop("_vram", None)
+        for layer, originals in reversed(undo):
+            layer.uninstall(originals)
+            ManagedModule.unwrap(layer.module)
         raise
+    del undo  # the original parameters must not outlive enable (their memory may move)
 
-    budget.add_fixed(runtime.fixed_bytes)
-    budget.members.append(runtime)
+    pool.join(runtime)
     model._vram_runtime = runtime
-    install_entry_points(runtime)
-    if comp_device.type == "cuda":
-        runtime.use_scheduler(backend_for(comp_device))
+    register_hook(model, StepEntryHook(runtime))
+    if config.computation_device.type == "cuda":
+        runtime.use_scheduler(backend_for(config.computation_device))
     if onload:
         runtime.onload()
     else:
-        for record in runtime.layers:
-            record.set_rest_state("offload")
-        budget.replan()
+        pool.replan()
     return model
+
+
+def disable_vram_management(model: nn.Module) -> nn.Module:
+    """Give back the plain model: every managed layer gets its own class and real parameters
+    again, the engine's hooks come off, its streams, slots and pinned memory are released and the
+    component leaves its budget. A plain master (not FP8, not on disk) becomes the parameter as it
+    is stored (its offload dtype: the very tensor when nothing converted it); FP8 and disk masters
+    are rebuilt in the computation dtype on the offload device (the CPU for disk offload), so a
+    20B disk-offloaded model needs its size in RAM here."""
+    runtime = runtime_of(model)
+    runtime.offload()
+    runtime.close()
+    remove_hook(model, ENTRY_HOOK)
+    device = runtime.offload_place.device if not runtime.offload_place.on_disk else torch.device("cpu")
+    for layer in runtime.layers:
+        layer.uninstall({name: _plain(stored, device, runtime.comp_dtype) for name, stored in layer.masters.items()})
+        ManagedModule.unwrap(layer.module)
+    runtime.pool.leave(runtime)
+    del model._vram_runtime
+    return model
+
+
+def _plain(stored: StoredTensor, device: torch.device, comp_dtype: torch.dtype) -> torch.Tensor:
+    """A parameter rebuilt from its master: the master's own tensor when it is a plain copy."""
+    if isinstance(stored, PlainStored):
+        return stored.tensor
+    return stored.materialize(device, comp_dtype)
 
 
 def _place_unmanaged(model: nn.Module, config: VramConfig) -> int:
@@ -211,17 +236,17 @@ def _place_unmanaged(model: nn.Module, config: VramConfig) -> int:
     return fixed
 
 
-def _budget_of(target: nn.Module | VramBudget) -> VramBudget:
-    return target if isinstance(target, VramBudget) else runtime_of(target).budget
+def _pool_of(target: nn.Module | MemoryPool) -> MemoryPool:
+    return target if isinstance(target, MemoryPool) else runtime_of(target).pool
 
 
-def set_vram_limit(target: nn.Module | VramBudget, vram_limit: float | None) -> None:
+def set_vram_limit(target: nn.Module | MemoryPool, vram_limit: float | None) -> None:
     """Re-plan residency on a live model (or a pipeline's shared budget) under a new limit in GB.
     Copies that lose residency are dropped at once; new resident copies are filled at their
     layer's next forward from the copy it streams anyway, so nothing is read again."""
-    budget = _budget_of(target)
-    budget.set_limit(vram_limit)
-    budget.replan()
+    pool = _pool_of(target)
+    pool.set_limit(vram_limit)
+    pool.replan()
 
 
 def onload_model(model: nn.Module) -> None:
@@ -245,12 +270,15 @@ def layer_state_bytes(model: nn.Module) -> dict[str, int]:
     return runtime_of(model).state_bytes()
 
 
-def vram_budget(model: nn.Module) -> VramBudget:
-    return runtime_of(model).budget
+def vram_budget(model: nn.Module) -> MemoryPool:
+    """The memory pool (public name VramBudget) the model's component draws on."""
+    return runtime_of(model).pool
 
 
 __all__ = [
     "STATES",
+    "VramBudget",
+    "disable_vram_management",
     "enable_vram_management",
     "set_vram_limit",
     "layer_state_counts",

@@ -273,5 +273,5 @@ def test_disk_offload_with_onload_to_ram(tiny_checkpoints):
     model = load_model(cls, directory, vram_config=config, vram_limit=0)
     records = runtime_of(model).layers
     assert all(isinstance(s, DiskStored) for r in records for s in r.masters.values())
-    assert all(r.onloaded is not None and not isinstance(next(iter(r.onloaded.values())), DiskStored) for r in records)
+    assert all(r.onload_copy is not None and not isinstance(next(iter(r.onload_copy.values())), DiskStored) for r in records)
     assert torch.equal(run_model(model, inputs), reference)

@@ -15,7 +15,6 @@ from engine import (
     vram_budget,
 )
 from engine.layers.module_maps import MODEL_MODULE_MAPS, import_object, normalize_module_map
-from engine.planning.planner import streaming_reserve
 from tests.fixtures.tiny_models import TINY_MODEL_NAMES, run_model, tiny_model
 
 GB = 1024**3
@@ -50,7 +49,7 @@ def test_bitwise_equal_at_none_zero_and_partial(name):
     plain, inputs = tiny_model(name, torch.bfloat16)
     expected = run_model(plain, inputs)
     probe = enable_vram_management(copy.deepcopy(plain), vram_config=FP32_MASTERS, vram_limit=0)
-    reserve = streaming_reserve(vram_budget(probe))
+    reserve = vram_budget(probe).streaming_reserve()
     partial = (reserve + total_bf16_bytes(plain) // 2) / GB
     for limit in (None, 0, partial):
         model = copy.deepcopy(plain)

@@ -19,7 +19,6 @@ from engine import (
     set_vram_limit,
     vram_budget,
 )
-from engine.planning.planner import streaming_reserve
 
 CPU = {"computation_device": "cpu", "computation_dtype": "bfloat16"}
 # fp32 masters force a real conversion on every streamed forward
@@ -86,7 +85,10 @@ def test_every_parameter_holder_is_wrapped_and_keys_unchanged():
     assert isinstance(net.blocks[0][0], ManagedLinear) and isinstance(net.blocks[0][0], nn.Linear)
     assert isinstance(net.blocks[0][3], nn.LayerNorm)
     assert list(net.state_dict()) == list(plain.state_dict())
-    assert type(net.blocks[0][0]).__name__ == "Linear"
+    # the class shows the engine is in the call (tracebacks, repr), and what it manages
+    assert type(net.blocks[0][0]).__name__ == "ManagedLinear[Linear]"
+    assert type(net.blocks[0][3]).__name__ == "ManagedModule[LayerNorm]"
+    assert repr(net.blocks[0][0]).startswith("ManagedLinear[Linear](in_features=")
 
 
 def test_state_transitions():
@@ -131,7 +133,7 @@ def test_bitwise_equal_at_every_limit(config, limit_fraction):
 def test_budget_is_never_exceeded_and_counts_its_bytes():
     plain = make_net()
     probe = managed(plain, vram_config=CPU_FP32_MASTERS, vram_limit=0)
-    reserve = streaming_reserve(vram_budget(probe))
+    reserve = vram_budget(probe).streaming_reserve()
     for fraction in (0.2, 0.45):
         total = sum(p.numel() * 2 for p in plain.parameters())
         limit_bytes = reserve + int(fraction * total)
@@ -155,7 +157,7 @@ def test_vram_limit_zero_keeps_nothing_resident():
     assert layer_state_counts(net)["preparing"] == 0
     assert budget.peak_resident_bytes == 0
     # the only bytes ever on the computation device were one layer's transient copies at a time
-    assert 0 < budget.peak_bytes <= streaming_reserve(budget)
+    assert 0 < budget.peak_bytes <= budget.streaming_reserve()
 
 
 def test_replan_without_reload():
@@ -182,7 +184,7 @@ def test_replan_shrinks_resident_set_immediately():
     net = managed(plain, vram_config=CPU_FP32_MASTERS, vram_limit=None)
     net(X)
     big = vram_budget(net).resident_bytes
-    reserve = streaming_reserve(vram_budget(net))
+    reserve = vram_budget(net).streaming_reserve()
     set_vram_limit(net, (reserve + total // 3) / GB)
     assert vram_budget(net).resident_bytes <= (reserve + total // 3)
     assert vram_budget(net).resident_bytes < big
@@ -197,7 +199,7 @@ def test_planner_is_deterministic_and_follows_execution_order():
     for _ in range(2):
         net = managed(plain, vram_config=CPU_FP32_MASTERS, vram_limit=None)
         net(X)  # trace the execution order
-        reserve = streaming_reserve(vram_budget(net))
+        reserve = vram_budget(net).streaming_reserve()
         set_vram_limit(net, (reserve + total // 2) / GB)
         net(X)
         runtime = runtime_of(net)

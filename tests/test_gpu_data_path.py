@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from engine import enable_vram_management, layer_state_counts, runtime_of, vram_budget
-from engine.planning.planner import streaming_reserve
 from tests.fixtures.tiny_models import run_model, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +28,7 @@ def test_bitwise_equal_on_cuda_at_every_limit(name):
     inputs = to_cuda(inputs)
     expected = run_model(copy.deepcopy(plain).cuda(), inputs)
     probe = enable_vram_management(copy.deepcopy(plain), vram_config=CUDA_BF16, vram_limit=0)
-    reserve = streaming_reserve(vram_budget(probe))
+    reserve = vram_budget(probe).streaming_reserve()
     total = sum(p.numel() * 2 for p in plain.parameters())
     for limit in (0, (reserve + total // 2) / GB, None):
         model = enable_vram_management(copy.deepcopy(plain), vram_config=CUDA_BF16, vram_limit=limit)
@@ -45,7 +44,7 @@ def test_peak_cuda_memory_within_limit():
     inputs = to_cuda(inputs)
     total = sum(p.numel() * 2 for p in plain.parameters())
     probe = enable_vram_management(copy.deepcopy(plain), vram_config=CUDA_BF16, vram_limit=0)
-    reserve = streaming_reserve(vram_budget(probe))
+    reserve = vram_budget(probe).streaming_reserve()
     limit_bytes = reserve + total // 3
     model = enable_vram_management(copy.deepcopy(plain), vram_config=CUDA_BF16, vram_limit=limit_bytes / GB)
     run_model(model, inputs)

@@ -190,15 +190,15 @@ def _forbid_weight_reads(monkeypatch):
     import safetensors.torch
 
     import engine.storage.disk
-    from engine.generation.pipelines import loading
+    from engine.generation.pipelines import components as loading
 
     def no_reads(*a, **k):
         raise AssertionError("a re-plan must not read weights")
 
     monkeypatch.setattr(safetensors, "safe_open", no_reads)
     monkeypatch.setattr(safetensors.torch, "load_file", no_reads)
-    monkeypatch.setattr(engine.disk.SafetensorsFile, "read", no_reads)
-    monkeypatch.setattr(engine.disk.SafetensorsFile, "read_into", no_reads)
+    monkeypatch.setattr(engine.storage.disk.SafetensorsFile, "read", no_reads)
+    monkeypatch.setattr(engine.storage.disk.SafetensorsFile, "read_into", no_reads)
     monkeypatch.setattr(loading, "load_component", no_reads)
 
 
@@ -266,7 +266,7 @@ def test_checkpoint_files_pick_one_variant(tmp_path):
 
 def test_from_pretrained_fallback_matches_streaming_loader(repos, monkeypatch):
     """Without engine.load_model, components come from from_pretrained + enable_vram_management."""
-    from engine.generation.pipelines import loading
+    from engine.generation.pipelines import components as loading
 
     streamed = run(build_pipeline(repos["z-image"], cpu_config(), 0), "z-image")
     monkeypatch.setattr(loading, "engine_loader", lambda: None)
@@ -324,7 +324,6 @@ def test_smallest_feasible_limit_is_the_planners_and_is_kept(repos, monkeypatch)
     reserve, with the scheduler's slots where one streams); running at exactly that limit keeps
     the ledger's peak within it."""
     from engine.transfer.pinned import PinnedBudget
-    from engine.planning.planner import smallest_feasible_limit
     from tests.test_scheduler import PinningBackend
 
     mp = build_pipeline(repos["flux1"], cpu_config(), None)
@@ -335,14 +334,14 @@ def test_smallest_feasible_limit_is_the_planners_and_is_kept(repos, monkeypatch)
     floors = dict(mp.stage_floor_bytes)
     assert set(floors) == {ENCODE, DENOISE, DECODE} and all(f > 0 for f in floors.values())
     mp.switch(DENOISE)
-    assert floors[DENOISE] == smallest_feasible_limit(mp.budget) - mp.budget.activation_reserve_bytes
+    assert floors[DENOISE] == mp.budget.smallest_feasible_limit() - mp.budget.activation_reserve_bytes
     denoiser = runtime_of(mp.components["transformer"])
     assert floors[DENOISE] > 2 * denoiser.scheduler.max_group_bytes(denoiser.layers)  # two slots in it
     smallest = mp.smallest_feasible_limit_bytes(0)
     assert smallest == max(floors.values())
     assert mp.smallest_feasible_limit_bytes(1000) == smallest + 1000
     mp.set_vram_limit(smallest / 1024**3)
-    mp.budget.peak_bytes = 0
+    mp.budget.ledger.peak_bytes = 0
     reference = run(build_pipeline(repos["flux1"], cpu_config(), None), "flux1")
     assert np.array_equal(run(mp, "flux1"), reference)
     assert 0 < mp.budget.peak_bytes <= smallest

@@ -401,12 +401,12 @@ def test_load_options_pick_the_fp16_variant_when_present(tmp_path: Path) -> None
 
 def test_light_submodules_do_not_pull_the_download_stack():
     """The GPU image has huggingface_hub 1.x and no httpx2: the engine's GPU tests import the tiny
-    model configs and engine.api_types, which must not import the download code."""
+    model configs and engine.generation.types, which must not import the download code."""
     import subprocess
     import sys
 
     code = (
-        "import sys, engine, engine.api_types, model_registry.tiny_components, tests.fixtures.tiny_models\n"
+        "import sys, engine, engine.generation.types, model_registry.tiny_components, tests.fixtures.tiny_models\n"
         "print(sorted(m for m in ('httpx2', 'model_registry.hf_source', 'model_registry.registry', 'modelscope') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])

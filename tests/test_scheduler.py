@@ -20,7 +20,6 @@ from engine import enable_vram_management, layer_state_counts, runtime_of, set_v
 from engine.transfer.devices import DeviceBackend
 from engine.layers.managed import ManagedModule
 from engine.runtime.oom import VramExhaustedError
-from engine.planning.planner import streaming_reserve
 
 GB = 1024**3
 
@@ -193,7 +192,7 @@ def test_prefetch_depth_follows_budget_and_wraps_around(monkeypatch):
     plain = make_stack()
     probe = copy.deepcopy(plain)
     enable_vram_management(probe, vram_config=CPU, vram_limit=0)
-    reserve = streaming_reserve(vram_budget(probe))
+    reserve = vram_budget(probe).streaming_reserve()
     backend = RecordingBackend()
     # room for the streaming reserve plus a few groups more, but not for everything resident
     model = scheduled(plain, CPU, None, backend, monkeypatch)

@@ -153,11 +153,11 @@ def test_vram_limit_change_replans_other_settings_rebuild(studio, registry, monk
 
     import engine.storage.disk
     import engine.generation.studio as studio_mod
-    from engine.generation.pipelines import loading
+    from engine.generation.pipelines import components as loading
 
     with monkeypatch.context() as m:
-        m.setattr(engine.disk.SafetensorsFile, "read", no_reads)
-        m.setattr(engine.disk.SafetensorsFile, "read_into", no_reads)
+        m.setattr(engine.storage.disk.SafetensorsFile, "read", no_reads)
+        m.setattr(engine.storage.disk.SafetensorsFile, "read_into", no_reads)
         m.setattr(loading, "load_component", no_reads)
         m.setattr(studio_mod, "build_pipeline", no_reads)
         for limit in (0, 0.0005, 2, None):

@@ -1,12 +1,15 @@
 """The managed layer classes, values of a `module_map` as in DiffSynth's developer guide.
 
 Wrapping does not nest the layer inside another module: `ManagedModule.wrap(layer)` gives the
-layer a subclass of its own class that mixes in the managed forward. State-dict keys, isinstance
-checks and attribute access stay as they were, so checkpoint keys map 1:1 onto managed layers and
-model code that reads `self.proj.weight.dtype` keeps working.
+layer a subclass of its own class that mixes in the managed forward, named after both (an
+`nn.Linear` becomes a `ManagedLinear[Linear]`, so a traceback or a repr shows that the engine is
+in the call). State-dict keys, isinstance checks and attribute access stay as they were, so
+checkpoint keys map 1:1 onto managed layers and model code that reads `self.proj.weight.dtype`
+keeps working. `unwrap` gives the layer its own class back.
 
 A managed layer manages its *direct* parameters only (recurse=False), so wrapping a container
-with its own parameters (Z-Image's pad tokens) composes with wrapping its children.
+with its own parameters (Z-Image's pad tokens) composes with wrapping its children. Its state
+and parameter slots belong to its `ManagedLayer` (engine.layers.state), held as `_vram`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from engine.runtime.component import LayerRecord
+    from engine.layers.state import ManagedLayer
 
 _WRAPPED_CLASSES: dict[tuple[type, type], type] = {}
 
@@ -26,7 +29,7 @@ _WRAPPED_CLASSES: dict[tuple[type, type], type] = {}
 class ManagedModule(nn.Module):
     """Mixin for any layer with weights: its forward runs with computation-form parameters."""
 
-    _vram: "LayerRecord"
+    _vram: "ManagedLayer"
 
     @classmethod
     def wrap(cls, module: nn.Module) -> nn.Module:
@@ -36,12 +39,20 @@ class ManagedModule(nn.Module):
         original = type(module)
         key = (cls, original)
         if key not in _WRAPPED_CLASSES:
+            name = f"{cls.__name__}[{original.__name__}]"
             _WRAPPED_CLASSES[key] = type(
-                original.__name__,
+                name,
                 (cls, original),
-                {"__module__": original.__module__, "__qualname__": original.__qualname__, "_vram_original_class": original},
+                {"__module__": cls.__module__, "__qualname__": name, "_vram_original_class": original},
             )
         module.__class__ = _WRAPPED_CLASSES[key]
+        return module
+
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Module:
+        """Give a managed layer its own class back (its `_vram` record is dropped)."""
+        module.__class__ = ManagedModule.unwrap_class(module)
+        module.__dict__.pop("_vram", None)
         return module
 
     @classmethod
@@ -49,29 +60,28 @@ class ManagedModule(nn.Module):
         return getattr(type(module), "_vram_original_class", type(module))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        record = self._vram
-        if record.fast:
+        layer = self._vram
+        if layer._in_slots:
             # Resident in computation form: the parameters in place are the ones to compute with.
-            runtime = record.runtime
-            if runtime.trace is not None:
-                runtime.trace.append(record)
-            record.state = "computation"
+            # (Inline rather than through the component: this is the all-resident hot path.)
+            component = layer.component
+            if component.trace is not None:
+                component.trace.append(layer)
+            layer._computing += 1
             try:
                 return super().forward(*args, **kwargs)
             finally:
-                record.state = record.rest_state
-        return record.runtime.run_streamed(self, record, args, kwargs)
+                layer._computing -= 1
+        return layer.component.forward_layer(layer, args, kwargs)
+
+    def _vram_run_in_place(self, args: tuple, kwargs: dict) -> Any:
+        """The layer's own forward on whatever its slots show (the component calls this)."""
+        return super().forward(*args, **kwargs)
 
     def _vram_compute(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-        """Run the layer's own forward with `params` swapped in for its direct parameters."""
-        slots = self._parameters
-        saved = {name: slots[name] for name in params}
-        try:
-            for name, tensor in params.items():
-                slots[name] = nn.Parameter(tensor, requires_grad=False) if tensor.is_floating_point() else tensor
+        """Run the layer's own forward with `params` (computation copies) in its slots."""
+        with self._vram.parameters_swapped(params):
             return super().forward(*args, **kwargs)
-        finally:
-            slots.update(saved)
 
 
 class ManagedLinear(ManagedModule):

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from engine.planning.budget import VramBudget
+from engine.runtime.pool import MemoryPool
 from engine.config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
@@ -383,7 +383,7 @@ def load_model(
     vram_config: Mapping[str, Any] | VramConfig | None = None,
     vram_limit: float | None = None,
     *,
-    budget: VramBudget | None = None,
+    budget: MemoryPool | None = None,
     name: str | None = None,
     onload: bool = True,
     disk_fallback: str = "error",

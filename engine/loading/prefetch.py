@@ -18,7 +18,7 @@ source)`, just before it would materialize the layer's parameters:
 
 Reads are `DiskStored.read` (positional file reads into fresh CPU tensors; the GIL is released
 while the kernel copies), so they overlap the computation of the running layer. The class only
-depends on `record.masters`, `record.resident`, `record.onloaded`, `record.plan_resident`,
+depends on `layer.masters`, `layer.resident`, `layer.onload_copy`, `runtime.wants_resident(layer)`,
 `runtime.execution_order` and `runtime.is_scheduled`.
 """
 
@@ -33,7 +33,8 @@ import torch
 from engine.storage.disk import DiskStored
 
 if TYPE_CHECKING:
-    from engine.runtime.component import LayerRecord, VramRuntime
+    from engine.layers.state import ManagedLayer as LayerRecord
+    from engine.runtime.component import VramRuntime
     from engine.storage.stored import StoredTensor
 
 
@@ -62,7 +63,7 @@ class DiskPrefetcher:
         runtime = self.runtime
         if record.resident is not None or record.fast or runtime.is_scheduled(record):
             return False
-        if runtime.active and (record.onloaded is not None or record.plan_resident):
+        if runtime.active and (record.onload_copy is not None or runtime.wants_resident(record)):
             return False
         return self.disk_bytes(record) > 0
 

@@ -1,5 +1,9 @@
 """Residency planning: which layers stay on the computation device (state "preparing").
 
+A pure function of plain data: per-layer costs and the limits in, a `Plan` out. It imports
+nothing from the runtime or the transfer path, so its policy is tested with tables
+(tests/test_planner.py) and the memory pool (engine.runtime.pool) applies what it returns.
+
 The policy is deterministic:
 1. Only layers of onloaded components are candidates, in component onload order, each
    component's layers in traced execution order (registration order before the first forward).
@@ -18,99 +22,126 @@ vram_limit=0 keeps nothing resident and streams every layer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.planning.budget import VramBudget
-    from engine.runtime.component import LayerRecord, VramRuntime
-
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 MIN_SLOTS = 2  # the group computing and at least one group in flight
 PREFERRED_DEPTH = 2
 MAX_DEPTH = 4
 
 
-def _group_bytes(candidates: list[tuple["VramRuntime", "LayerRecord"]]) -> dict["VramRuntime", int]:
-    """Slot size of each scheduler-driven member, as if all its candidates were streamed."""
-    records: dict["VramRuntime", list["LayerRecord"]] = {}
-    for runtime, record in candidates:
-        if runtime.scheduler is not None:
-            records.setdefault(runtime, []).append(record)
-    return {runtime: runtime.scheduler.max_group_bytes(rs) for runtime, rs in records.items()}
+@dataclass(frozen=True)
+class LayerCost:
+    """What one layer costs on the computation device."""
+
+    key: int
+    resident_bytes: int  # its resident copy (the preparing form)
+    transient_resident: int = 0  # bytes its forward adds beside a resident copy
+    transient_streamed: int = 0  # bytes its forward adds when streamed (source form + computation form)
+    is_leaf: bool = True  # a container's own weights stay materialized around its children
 
 
-def _reserve(candidates: list[tuple["VramRuntime", "LayerRecord"]], resident: bool) -> int:
-    leaf = 0
-    containers = 0
-    for runtime, record in candidates:
-        cost = runtime.transient_cost(record, resident)
-        if record.is_leaf:
+@dataclass(frozen=True)
+class MemberCost:
+    """One onloaded component: its layers in planning order, and the largest slot its transfer
+    scheduler would need if every one of them streamed (None: no scheduler)."""
+
+    key: Hashable
+    layers: tuple[LayerCost, ...]
+    group_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    limit_bytes: int | None  # None: unlimited
+    fixed_bytes: int = 0
+    activation_reserve_bytes: int = 0
+    residency_cap_bytes: int | None = None  # set by OOM recovery: residency stays under it
+
+
+@dataclass(frozen=True)
+class Plan:
+    resident: frozenset[int]  # keys of the layers to keep resident
+    depth: Mapping[Hashable, int] = field(default_factory=dict)  # prefetch depth per scheduled member
+    smallest_feasible_limit: int = 0  # bytes: the least limit these members run within
+
+
+def _layers(members: Sequence[MemberCost]) -> list[LayerCost]:
+    return [layer for member in members for layer in member.layers]
+
+
+def _scheduled(members: Sequence[MemberCost]) -> list[MemberCost]:
+    return [m for m in members if m.group_bytes is not None]
+
+
+def _reserve(members: Sequence[MemberCost], resident: bool) -> int:
+    leaf = containers = 0
+    for layer in _layers(members):
+        cost = layer.transient_resident if resident else layer.transient_streamed
+        if layer.is_leaf:
             leaf = max(leaf, cost)
         else:
             containers += cost
-    slots = 0 if resident else MIN_SLOTS * sum(_group_bytes(candidates).values())
+    slots = 0 if resident else MIN_SLOTS * sum(m.group_bytes or 0 for m in _scheduled(members))
     return leaf + containers + slots
 
 
-def streaming_reserve(budget: "VramBudget") -> int:
-    """Bytes a fully streamed run of the active components needs at its worst moment."""
-    return _reserve(_candidates(budget), resident=False)
+def streaming_reserve(members: Sequence[MemberCost]) -> int:
+    """Bytes a fully streamed run of these members needs at its worst moment."""
+    return _reserve(members, resident=False)
 
 
-def smallest_feasible_limit(budget: "VramBudget") -> int:
-    """The smallest vram_limit (bytes) the active components run within: what the planner pays
-    before any residency (fixed bytes, the activation reserve, the streaming reserve). A limit
-    below it still runs, streaming everything, but may use up to this much."""
-    return budget.fixed_bytes + budget.activation_reserve_bytes + streaming_reserve(budget)
+def smallest_feasible_limit(members: Sequence[MemberCost], limits: Limits) -> int:
+    """The smallest vram_limit (bytes) the members run within: what the planner pays before any
+    residency (fixed bytes, the activation reserve, the streaming reserve). A limit below it
+    still runs, streaming everything, but may use up to this much."""
+    return limits.fixed_bytes + limits.activation_reserve_bytes + streaming_reserve(members)
 
 
-def _candidates(budget: "VramBudget") -> list[tuple["VramRuntime", "LayerRecord"]]:
-    return [(m, r) for m in budget.members if m.active for r in m.planning_order()]
-
-
-def choose_resident(budget: "VramBudget") -> set[int]:
-    candidates = _candidates(budget)
-    limit = budget.limit_bytes
-    cap = budget.residency_cap_bytes
-    if limit is None and cap is None:
-        return {id(r) for _, r in candidates}
-    if limit is None:
-        return _first_fit(candidates, cap)
-    available = limit - budget.fixed_bytes - budget.activation_reserve_bytes
-    total = sum(m.resident_cost(r) for m, r in candidates)
-    if total + _reserve(candidates, resident=True) <= available and (cap is None or total <= cap):
-        return {id(r) for _, r in candidates}
-    room = available - _reserve(candidates, resident=False)
-    if cap is not None:
-        room = min(room, cap)
-    group_bytes = _group_bytes(candidates)
-    # A second group in flight absorbs jitter in copy times: it comes before residency.
-    preferred = {m: min(PREFERRED_DEPTH - 1, max(0, room) // gb) if gb else 0 for m, gb in group_bytes.items()}
-    room -= sum(n * group_bytes[m] for m, n in preferred.items())
-    chosen = _first_fit(candidates, room)
-    used = sum(m.resident_cost(r) for m, r in candidates if id(r) in chosen)
-    leftover = max(0, room - used)
-    for member, gb in group_bytes.items():
-        # whatever residency could not use deepens prefetch, one slot per group-size of bytes
-        extra = min(MAX_DEPTH - 1 - preferred[member], leftover // gb) if gb else 0
-        member.stream_depth = 1 + preferred[member] + extra
-        leftover -= extra * gb
-    return chosen
-
-
-def _first_fit(candidates: list[tuple["VramRuntime", "LayerRecord"]], room: int) -> set[int]:
+def _first_fit(layers: Sequence[LayerCost], room: int) -> frozenset[int]:
     chosen: set[int] = set()
     used = 0
-    for runtime, record in candidates:
-        cost = runtime.resident_cost(record)
-        if used + cost <= room:
-            chosen.add(id(record))
-            used += cost
-    return chosen
+    for layer in layers:
+        if used + layer.resident_bytes <= room:
+            chosen.add(layer.key)
+            used += layer.resident_bytes
+    return frozenset(chosen)
 
 
-def plan_residency(budget: "VramBudget") -> None:
-    """Re-plan every member: drops copies that lost residency now, fills new ones lazily."""
-    chosen = choose_resident(budget)
-    for member in budget.members:
-        member.apply_plan(chosen)
+def plan(members: Sequence[MemberCost], limits: Limits) -> Plan:
+    """Choose the resident layers and each scheduled member's prefetch depth."""
+    layers = _layers(members)
+    floor = smallest_feasible_limit(members, limits)
+    nothing_streams = {m.key: 1 for m in _scheduled(members)}
+    everything = frozenset(layer.key for layer in layers)
+    limit, cap = limits.limit_bytes, limits.residency_cap_bytes
+    if limit is None and cap is None:
+        return Plan(everything, nothing_streams, floor)
+    if limit is None:  # unlimited, but OOM recovery capped residency: one group in flight
+        return Plan(_first_fit(layers, cap), nothing_streams, floor)  # type: ignore[arg-type]
+    available = limit - limits.fixed_bytes - limits.activation_reserve_bytes
+    total = sum(layer.resident_bytes for layer in layers)
+    if total + _reserve(members, resident=True) <= available and (cap is None or total <= cap):
+        return Plan(everything, nothing_streams, floor)
+    room = available - _reserve(members, resident=False)
+    if cap is not None:
+        room = min(room, cap)
+    return _streamed_plan(members, room, floor)
+
+
+def _streamed_plan(members: Sequence[MemberCost], room: int, floor: int) -> Plan:
+    scheduled = _scheduled(members)
+    # A second group in flight absorbs jitter in copy times: it comes before residency.
+    preferred = {m.key: min(PREFERRED_DEPTH - 1, max(0, room) // m.group_bytes) if m.group_bytes else 0 for m in scheduled}
+    room -= sum(preferred[m.key] * (m.group_bytes or 0) for m in scheduled)
+    chosen = _first_fit(_layers(members), room)
+    used = sum(layer.resident_bytes for layer in _layers(members) if layer.key in chosen)
+    leftover = max(0, room - used)
+    depth: dict[Hashable, int] = {}
+    for member in scheduled:
+        gb = member.group_bytes or 0
+        # whatever residency could not use deepens prefetch, one slot per group-size of bytes
+        extra = min(MAX_DEPTH - 1 - preferred[member.key], leftover // gb) if gb else 0
+        depth[member.key] = 1 + preferred[member.key] + extra
+        leftover -= extra * gb
+    return Plan(chosen, depth, floor)

@@ -1,81 +1,55 @@
-"""Per-component runtime: the layers of one model, their four states, and the streamed forward.
+"""One managed component at run time: its layers, how they move, and the streamed forward.
 
-States (DiffSynth's model): offload and onload are set by whoever owns the component (the
-pipeline, through `offload()` / `onload()`); preparing (a resident copy on the computation device)
-is chosen by the planner within the budget and filled lazily at the layer's next forward, from
-the copy that forward streams anyway (so a re-plan never reads weights); computation is
-transient, only inside forward.
+States (DiffSynth's model, engine.layers.state): offload and onload are set by whoever owns the
+component (the pipeline, through `offload()` / `onload()`); preparing (a resident copy on the
+computation device) is chosen by the planner within the budget and filled lazily at the layer's
+next forward, from the copy that forward streams anyway (so a re-plan never reads weights);
+computation is transient, only inside forward.
+
+A layer's forward takes one of four routes (`forward_layer`): in place (resident in
+computation form, handled by the layer class itself), from its resident copy, through the
+transfer scheduler's slots, or synchronously from the copy it streams from.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from engine.planning.budget import VramBudget
-from engine.config import STATES, Place, VramConfig
+from engine.config import Place, VramConfig
+from engine.layers.state import STATES, LayerState, ManagedLayer
+from engine.planning.ledger import VramLedger
+from engine.planning.planner import LayerCost, MemberCost
+from engine.storage.disk import DiskStored
 from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for
+from engine.transfer.devices import DeviceBackend
+from engine.transfer.host_arena import HostArena
+from engine.transfer.pinned import PinnedArena, PinnedBudget
+from engine.transfer.scheduler import Stager, StreamStats, TransferScheduler, max_group_bytes
+
+if TYPE_CHECKING:
+    from engine.runtime.pool import MemoryPool
+
+log = logging.getLogger(__name__)
+
+# Kept for users' scripts and older tests: a layer's record is its ManagedLayer.
+LayerRecord = ManagedLayer
 
 
-@dataclass
-class StreamStats:
-    """Counters the telemetry panel reads."""
+class ReadAhead(Protocol):
+    """Read-ahead for the synchronous path (engine.loading.prefetch.DiskPrefetcher)."""
 
-    streamed_bytes: int = 0
-    streamed_layers: int = 0
-    copy_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    forwards: int = 0
-    sync_fallbacks: int = 0  # streamed layers the traced schedule did not foresee
-    oom_retries: int = 0
+    def on_layer_start(self, layer: ManagedLayer, source: dict[str, StoredTensor]) -> dict[str, torch.Tensor] | None:
+        """The layer's computation parameters when they were read ahead (else None); queues the
+        next layers' reads."""
 
+    def clear(self) -> None: ...
 
-class LayerRecord:
-    """Book-keeping of one managed layer (the module holds it as `_vram`)."""
-
-    __slots__ = (
-        "name",
-        "module",
-        "runtime",
-        "state",
-        "rest_state",
-        "masters",
-        "owned",
-        "onloaded",
-        "resident",
-        "resident_bytes",
-        "plan_resident",
-        "fast",
-        "placeholders",
-        "is_leaf",
-        "block",
-    )
-
-    def __init__(self, name: str, module: nn.Module, runtime: "VramRuntime", masters: dict[str, StoredTensor], owned: set[str]):
-        self.name = name
-        self.module = module
-        self.runtime = runtime
-        self.state = "offload"
-        self.rest_state = "offload"
-        self.masters = masters
-        self.owned = frozenset(owned)
-        self.onloaded: dict[str, StoredTensor] | None = None
-        self.resident: dict[str, StoredTensor] | None = None
-        self.resident_bytes = 0
-        self.plan_resident = False
-        self.fast = False
-        self.placeholders: dict[str, torch.Tensor] = {}
-        self.is_leaf = next(module.children(), None) is None
-        self.block: str | None = None
-
-    def set_rest_state(self, state: str) -> None:
-        self.rest_state = state
-        if self.state != "computation":
-            self.state = state
+    def close(self) -> None: ...
 
 
 def bytes_at(shapes: dict[str, tuple[torch.Size, torch.dtype]], place: Place, compute_dtype: torch.dtype) -> int:
@@ -97,15 +71,15 @@ def bytes_at(shapes: dict[str, tuple[torch.Size, torch.dtype]], place: Place, co
 class VramRuntime:
     """The managed layers of one model (a pipeline component) and how they move."""
 
-    def __init__(self, model: nn.Module, config: VramConfig, budget: VramBudget, name: str):
+    def __init__(self, model: nn.Module, config: VramConfig, pool: "MemoryPool", name: str):
         self.model = model
         self.config = config
-        self.budget = budget
+        self.pool = pool
         self.name = name
-        self.layers: list[LayerRecord] = []
+        self.layers: list[ManagedLayer] = []
         self.active = False  # onloaded by the pipeline
-        self.execution_order: list[LayerRecord] | None = None
-        self.trace: list[LayerRecord] | None = None
+        self.execution_order: list[ManagedLayer] | None = None
+        self.trace: list[ManagedLayer] | None = None
         self.stats = StreamStats()
         self.fixed_bytes = 0
         self.comp_device = config.computation_device
@@ -119,61 +93,88 @@ class VramRuntime:
         )
         self._shapes: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         self._transient_cache: dict[tuple[int, bool, bool], int] = {}
-        # Optional read-ahead (engine.prefetch.DiskPrefetcher, set by engine.load_model for disk
-        # offload): `on_layer_start(record, source)` returns the layer's computation parameters
-        # when it read them ahead (else None) and queues the next layers' reads. Only the
-        # synchronous path uses it: layers the scheduler streams are read by its stager.
-        self.prefetcher: Any = None
-        # Optional prefetching streamer (engine.scheduler.TransferScheduler): copy stream, slot ring.
-        self.scheduler: Any = None
-        self.arena: Any = None  # engine.pinned.PinnedArena, while a scheduler streams
-        self.host_arena: Any = None  # engine.host_arena.HostArena the loader read the masters into
-        self.stream_depth = 1
+        # Optional read-ahead, set by engine.load_model for disk offload. Only the synchronous
+        # path uses it: layers the scheduler streams are read by its stager.
+        self.prefetcher: ReadAhead | None = None
+        # Optional prefetching streamer (engine.transfer.scheduler): copy stream, slot ring.
+        self.scheduler: TransferScheduler | None = None
+        self.backend: DeviceBackend | None = None
+        self.arena: PinnedArena | None = None  # pinned host memory, while a scheduler streams
+        self.host_arena: HostArena | None = None  # the buffer the loader read the masters into
+        self.pinned_budget: PinnedBudget | None = None  # None: the pool's
+        self.pin_priority = 1  # lower pins first (the pipeline gives its denoiser 0)
+        self.stream_depth = 1  # prefetch depth the last plan gave
+        self.resident_plan: frozenset[int] = frozenset()  # ids of the layers the last plan keeps resident
+        self._planned_active = False  # whether the last plan saw the component onloaded
+
+    @property
+    def budget(self) -> "MemoryPool":
+        return self.pool
+
+    @property
+    def ledger(self) -> VramLedger:
+        return self.pool.ledger
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(
+            f"{self.name}: a model under VRAM management cannot be deep-copied: call "
+            "engine.disable_vram_management(model) first, copy the plain model, then manage each copy"
+        )
 
     # --- sizes -------------------------------------------------------------------------------
-    def shapes(self, record: LayerRecord) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        key = id(record)
+    def shapes(self, layer: ManagedLayer) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        key = id(layer)
         if key not in self._shapes:
-            self._shapes[key] = {name: (s.shape, _logical_dtype(s)) for name, s in record.masters.items()}
+            self._shapes[key] = {name: (s.shape, _logical_dtype(s)) for name, s in layer.masters.items()}
         return self._shapes[key]
 
-    def resident_cost(self, record: LayerRecord) -> int:
-        return bytes_at(self.shapes(record), self.preparing_place, self.comp_dtype)
+    def resident_cost(self, layer: ManagedLayer) -> int:
+        return bytes_at(self.shapes(layer), self.preparing_place, self.comp_dtype)
 
-    def computation_bytes(self, record: LayerRecord) -> int:
-        return bytes_at(self.shapes(record), Place(self.comp_device, self.comp_dtype), self.comp_dtype)
+    def computation_bytes(self, layer: ManagedLayer) -> int:
+        return bytes_at(self.shapes(layer), Place(self.comp_device, self.comp_dtype), self.comp_dtype)
 
     def resident_is_computation_form(self) -> bool:
         return self.preparing_place.device == self.comp_device and self.preparing_place.dtype == self.comp_dtype
 
-    def transient_cost(self, record: LayerRecord, resident: bool) -> int:
+    def transient_cost(self, layer: ManagedLayer, resident: bool) -> int:
         """Bytes a forward of this layer adds on the computation device beyond resident copies."""
-        key = (id(record), resident, self.active)
+        key = (id(layer), resident, self.active)
         cost = self._transient_cache.get(key)
         if cost is None:
-            cost = self._transient_cache[key] = self._transient_cost(record, resident)
+            cost = self._transient_cache[key] = self._transient_cost(layer, resident)
         return cost
 
-    def _transient_cost(self, record: LayerRecord, resident: bool) -> int:
+    def _transient_cost(self, layer: ManagedLayer, resident: bool) -> int:
         if resident:
-            return 0 if self.resident_is_computation_form() else self.computation_bytes(record)
+            return 0 if self.resident_is_computation_form() else self.computation_bytes(layer)
         source = self.stream_source_place()
-        comp = self.computation_bytes(record)
+        comp = self.computation_bytes(layer)
         if source.on_disk:
             return comp
         if source.dtype != self.comp_dtype:  # the source form lands first, then converts
-            return comp + bytes_at(self.shapes(record), Place(self.comp_device, source.dtype), self.comp_dtype)
+            return comp + bytes_at(self.shapes(layer), Place(self.comp_device, source.dtype), self.comp_dtype)
         return comp
 
-    def stream_source(self, record: LayerRecord) -> dict[str, StoredTensor]:
+    def stream_source(self, layer: ManagedLayer) -> dict[str, StoredTensor]:
         """The copy a non-resident layer streams from: its onload copy while the component is
         onloaded and has one, else its master."""
-        if self.active and record.onloaded is not None:
-            return record.onloaded
-        return record.masters
+        if self.active and layer.onload_copy is not None:
+            return layer.onload_copy
+        return layer.masters
 
     def stream_source_place(self) -> Place:
         return self.onload_place if self.active and not self.onload_is_resident else self.offload_place
+
+    def costs(self) -> MemberCost:
+        """What the planner needs to know of this component (plain data)."""
+        order = self.planning_order()
+        layers = tuple(
+            LayerCost(id(layer), self.resident_cost(layer), self.transient_cost(layer, True), self.transient_cost(layer, False), layer.is_leaf)
+            for layer in order
+        )
+        group_bytes = max_group_bytes(self, order) if self.scheduler is not None else None
+        return MemberCost(id(self), layers, group_bytes)
 
     # --- component states (the pipeline's switch) ------------------------------------------------
     def onload(self) -> None:
@@ -181,98 +182,86 @@ class VramRuntime:
         if self.active:
             return
         self.active = True
-        if self.onload_place != self.offload_place and not self.onload_is_resident:
-            for record in self.layers:
-                record.onloaded = {n: s.to_place(self.onload_place, self.comp_dtype) for n, s in record.masters.items()}
-        for record in self.layers:
-            record.set_rest_state("onload")
-        self.budget.replan()
+        separate_copy = self.onload_place != self.offload_place and not self.onload_is_resident
+        for layer in self.layers:
+            layer.onload({n: s.to_place(self.onload_place, self.comp_dtype) for n, s in layer.masters.items()} if separate_copy else None)
+        if self.needs_pinning():
+            self.pool.assign_pinned()
+        self.pool.replan()
 
     def offload(self) -> None:
         """The component will not run soon: drop every copy but the master."""
-        if not self.active and all(r.resident is None for r in self.layers):
+        if not self.active and all(layer.resident is None for layer in self.layers):
             return
         self.active = False
         if self.prefetcher is not None:
             self.prefetcher.clear()
-        for record in self.layers:
-            self.drop_resident(record)
-            record.plan_resident = False
-            record.onloaded = None
-            record.set_rest_state("offload")
-        self.budget.replan()
+        for layer in self.layers:
+            self.ledger.remove_resident(layer.offload())
+        self.pool.replan()
 
     # --- residency ----------------------------------------------------------------------------
-    def apply_plan(self, chosen: set[int]) -> None:
-        if self.scheduler is not None:
-            self.scheduler.reset()  # the streamed set may change: lay the groups out again
-        for record in self.layers:
-            want = id(record) in chosen
-            record.plan_resident = want
-            if not want and record.resident is not None:
-                self.drop_resident(record)
+    def apply_plan(self, resident: frozenset[int], depth: int) -> None:
+        """Take this component's part of a plan. The schedule is laid out again only when the
+        set of streamed layers or the prefetch depth changed."""
+        mine = frozenset(resident.intersection(id(layer) for layer in self.layers))
+        # an onload or offload changes what streams from where, and frees or needs the slots
+        changed = mine != self.resident_plan or depth != self.stream_depth or self.active != self._planned_active
+        self.resident_plan, self.stream_depth, self._planned_active = mine, depth, self.active
+        if changed:
+            self.drop_schedule()
+        for layer in self.layers:
+            if layer.resident is not None and id(layer) not in mine:
+                self.ledger.remove_resident(layer.drop_resident())
 
-    def drop_resident(self, record: LayerRecord) -> None:
-        if record.resident is None:
-            return
-        slots = record.module._parameters
-        for name, placeholder in record.placeholders.items():
-            slots[name] = placeholder
-        record.resident = None
-        record.fast = False
-        self.budget.remove_resident(record.resident_bytes)
-        record.resident_bytes = 0
-        record.set_rest_state("onload" if self.active else "offload")
+    def wants_resident(self, layer: ManagedLayer) -> bool:
+        return self.active and id(layer) in self.resident_plan
 
-    def _fill_resident(self, record: LayerRecord, source: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
-        resident = {name: stored.to_place(self.preparing_place, self.comp_dtype) for name, stored in source.items()}
-        record.resident = resident
-        record.resident_bytes = self.resident_cost(record)
-        self.budget.add_resident(record.resident_bytes)
-        if self.resident_is_computation_form():
-            slots = record.module._parameters
-            for name, stored in resident.items():
-                tensor = stored.tensor  # type: ignore[attr-defined]
-                slots[name] = nn.Parameter(tensor, requires_grad=False) if tensor.is_floating_point() else tensor
-            record.fast = True
-        record.set_rest_state("preparing")
-        return resident
+    def _fill_resident(self, layer: ManagedLayer) -> None:
+        """The plan keeps this layer resident: its copy is made from the one it streams anyway."""
+        copies = {name: stored.to_place(self.preparing_place, self.comp_dtype) for name, stored in self.stream_source(layer).items()}
+        nbytes = self.resident_cost(layer)
+        layer.make_resident(copies, nbytes, self.resident_is_computation_form())
+        self.ledger.add_resident(nbytes)
 
     # --- the streamed forward -----------------------------------------------------------------
-    def run_streamed(self, module: nn.Module, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
-        if not self.active and self.budget.on_demand is not None:
-            self.budget.on_demand(self)
-            if record.fast:
-                return module.forward(*args, **kwargs)
+    def forward_layer(self, layer: ManagedLayer, args: tuple, kwargs: dict) -> Any:
+        """A layer's forward when it is not resident in computation form (the class's fast path)."""
+        if not self.active:
+            self.pool.bring_up(self)
         if self.trace is not None:
-            self.trace.append(record)
-        source = record.resident
-        resident = source is not None
-        if source is None:
-            source = self.stream_source(record)
-            if record.plan_resident and self.active:
-                source = self._fill_resident(record, source)
-                resident = True
-                if record.fast:  # now resident in computation form
-                    return module.forward(*args, **kwargs)
-            elif self.scheduler is not None and self.active:
-                out = self._run_scheduled(module, record, args, kwargs)
-                if out is not NotImplemented:
-                    return out
-        transient = self.transient_cost(record, resident)
-        self.budget.add_transient(transient)
-        record.state = "computation"
+            self.trace.append(layer)
+        if layer.resident is None and self.wants_resident(layer):
+            self._fill_resident(layer)
+        if layer.fast:
+            return self._run_in_place(layer, args, kwargs)
+        if layer.resident is not None:
+            return self._run_from(layer, layer.resident, True, args, kwargs)
+        if self._scheduled(layer):
+            return self.scheduler.compute(layer, args, kwargs)  # type: ignore[union-attr]
+        return self._run_from(layer, self.stream_source(layer), False, args, kwargs)
+
+    def _run_in_place(self, layer: ManagedLayer, args: tuple, kwargs: dict) -> Any:
+        with layer.computing():
+            return layer.module._vram_run_in_place(args, kwargs)
+
+    def _run_from(self, layer: ManagedLayer, source: dict[str, StoredTensor], resident: bool, args: tuple, kwargs: dict) -> Any:
+        """Materialize computation copies from `source` (a resident copy or the streamed one)."""
+        transient = self.transient_cost(layer, resident)
+        ledger = self.ledger
+        ledger.add_transient(transient)
+        layer.enter_computation()
         try:
             t0 = time.perf_counter()
-            params = self.prefetcher.on_layer_start(record, source) if self.prefetcher is not None else None
+            params = self.prefetcher.on_layer_start(layer, source) if self.prefetcher is not None else None
             if params is None:
                 params = {name: stored.materialize(self.comp_device, self.comp_dtype) for name, stored in source.items()}
             t1 = time.perf_counter()
-            out = module._vram_compute(params, args, kwargs)
+            out = layer.module._vram_compute(params, args, kwargs)
             t2 = time.perf_counter()
         finally:
-            record.state = record.rest_state
-            self.budget.remove_transient(transient)
+            layer.exit_computation()
+            ledger.remove_transient(transient)
         stats = self.stats
         stats.copy_seconds += t1 - t0
         stats.compute_seconds += t2 - t1
@@ -281,32 +270,54 @@ class VramRuntime:
             stats.streamed_bytes += sum(s.nbytes for s in source.values())
         return out
 
-    def _run_scheduled(self, module: nn.Module, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
+    def _scheduled(self, layer: ManagedLayer) -> bool:
+        """Does the transfer scheduler stream this layer? Lays the schedule out when the order is
+        known (the first forward traces it, streaming synchronously)."""
         scheduler = self.scheduler
+        if scheduler is None or not self.active:
+            return False
         if not scheduler.ready:
             if self.execution_order is None:
-                return NotImplemented  # the first forward traces the order, streaming synchronously
+                return False
             scheduler.build(self.stream_depth)
             if self.prefetcher is not None:
                 self.prefetcher.clear()  # reads queued for layers the scheduler now streams itself
-        out = scheduler.run(module, record, args, kwargs)
-        if out is NotImplemented and scheduler.groups:
+        if scheduler.has(layer):
+            return True
+        if scheduler.groups:
             self.stats.sync_fallbacks += 1
-        return out
+        return False
 
-    def use_scheduler(self, backend: Any, pinned_budget: Any = None) -> None:
-        """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by
-        layer: host masters are pinned (in place where the device can register memory) under the
-        pinned-RAM budget (engine.pinned); what stays pageable, and masters left on disk, go
-        through a worker thread's pinned staging buffers (each the size of the largest group)."""
-        from engine.storage.disk import DiskStored
-        from engine.transfer.pinned import PROCESS_PINNED_BUDGET, PinnedArena
-        from engine.transfer.scheduler import Stager, TransferScheduler, max_group_bytes
+    def is_scheduled(self, layer: ManagedLayer) -> bool:
+        """Will the transfer scheduler stream this layer's next forward (so nothing else reads it)?"""
+        scheduler = self.scheduler
+        return scheduler is not None and self.active and scheduler.ready and scheduler.has(layer)
 
+    # --- the transfer path ------------------------------------------------------------------------
+    def use_scheduler(self, backend: DeviceBackend, pinned_budget: PinnedBudget | None = None) -> None:
+        """Stream through a TransferScheduler on `backend` (engine.transfer.devices) instead of
+        layer by layer. Host masters are pinned (in place where the device can register memory)
+        when the pool assigns pinned RAM, by priority, once the component is onloaded; what stays
+        pageable, and masters left on disk, go through a worker thread's pinned staging buffers."""
         self.close_scheduler()
-        self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
+        self.backend = backend
+        self.pinned_budget = pinned_budget
+        self.scheduler = TransferScheduler(self, backend, None)
+        if self.active:
+            self.pool.assign_pinned()
+        self.pool.replan()
+
+    def needs_pinning(self) -> bool:
+        return self.scheduler is not None and self.arena is None
+
+    def pin_masters(self) -> None:
+        """Pin what the budget grants (engine.transfer.pinned), then give the scheduler a staging
+        worker if anything it streams cannot be copied asynchronously as it is."""
+        backend = self.backend
+        assert backend is not None and self.scheduler is not None
+        self.arena = PinnedArena(self, backend, self.pinned_budget or self.pool.pinned)
         self.arena.build()
-        masters = [s for r in self.layers for s in r.masters.values()]
+        masters = [s for layer in self.layers for s in layer.masters.values()]
         # a worker is needed for what cannot be copied asynchronously as it is: disk masters,
         # host tensors left pageable, and onload copies (made in pageable RAM at each onload)
         needs_staging = (
@@ -314,22 +325,19 @@ class VramRuntime:
             or any(not backend.is_pinned(t) for s in masters for _, t in s.parts())
             or (self.onload_place != self.offload_place and not self.onload_is_resident)
         )
-        stager = None
         if needs_staging:
-            stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
-        self.scheduler = TransferScheduler(self, backend, stager)
-        self.budget.replan()
+            self.scheduler.stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
+
+    def drop_schedule(self) -> None:
+        """Free the scheduler's slots; it lays its groups out again at the next forward."""
+        if self.scheduler is not None:
+            self.scheduler.reset()
 
     def collect_timings(self) -> None:
         """Add the copy/compute times the device has finished measuring to `stats` (a scheduler
         times on the streams, so its figures arrive when the device got there, not at launch)."""
         if self.scheduler is not None:
             self.scheduler.timer.collect(self.stats)
-
-    def is_scheduled(self, record: LayerRecord) -> bool:
-        """Will the transfer scheduler stream this layer's next forward (so nothing else reads it)?"""
-        scheduler = self.scheduler
-        return scheduler is not None and self.active and scheduler.ready and id(record) in scheduler.group_of
 
     def close_scheduler(self) -> None:
         if self.scheduler is not None:
@@ -341,9 +349,15 @@ class VramRuntime:
             self.arena.release()
             self.arena = None
 
+    def close(self) -> None:
+        """Stop streaming for good: the scheduler, its pinned memory and the read-ahead go."""
+        self.close_scheduler()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
     # --- execution order tracing ----------------------------------------------------------------
     def begin_step(self) -> None:
-        """Called by the component's entry point (engine.entry) before a forward/encode/decode."""
+        """Called by the component's entry hook (engine.runtime.entry) before a forward/encode/decode."""
         self.stats.forwards += 1
         if self.execution_order is None and self.trace is None:
             self.trace = []
@@ -352,41 +366,45 @@ class VramRuntime:
         if self.trace is not None:
             seen: set[int] = set()
             order = []
-            for record in self.trace:
-                if id(record) not in seen:
-                    seen.add(id(record))
-                    order.append(record)
+            for layer in self.trace:
+                if id(layer) not in seen:
+                    seen.add(id(layer))
+                    order.append(layer)
             self.execution_order = order
             self.trace = None
         if self.scheduler is not None:
             self.scheduler.end_forward()
 
-    def planning_order(self) -> list[LayerRecord]:
+    def abandon_trace(self) -> None:
+        """A step failed: what it traced is no execution order."""
+        self.trace = None
+
+    def planning_order(self) -> list[ManagedLayer]:
         """Traced execution order, then any layer the trace did not see, in registration order."""
         if self.execution_order is None:
             return list(self.layers)
-        seen = {id(r) for r in self.execution_order}
-        return list(self.execution_order) + [r for r in self.layers if id(r) not in seen]
+        seen = {id(layer) for layer in self.execution_order}
+        return list(self.execution_order) + [layer for layer in self.layers if id(layer) not in seen]
 
     # --- reporting ------------------------------------------------------------------------------
     def state_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
-        for record in self.layers:
-            counts[record.state] += 1
+        for layer in self.layers:
+            counts[layer.state.value] += 1
         return counts
 
     def state_bytes(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
-        for record in self.layers:
-            state = record.state
-            if state == "preparing" and record.resident is not None:
-                out[state] += record.resident_bytes
-            elif state == "computation":
-                out[state] += self.resident_cost(record) if record.fast else self.computation_bytes(record)
-            elif state == "onload" and record.onloaded is not None:
-                out[state] += sum(s.nbytes for n, s in record.onloaded.items() if n in record.owned)
+        for layer in self.layers:
+            state = layer.state
+            if state is LayerState.PREPARING:
+                out[state.value] += layer.resident_bytes
+            elif state is LayerState.COMPUTATION:
+                out[state.value] += self.resident_cost(layer) if layer.fast else self.computation_bytes(layer)
+            elif state is LayerState.ONLOAD and layer.onload_copy is not None:
+                out[state.value] += sum(s.nbytes for n, s in layer.onload_copy.items() if n in layer.owned)
             else:
-                out[state] += sum(s.nbytes for n, s in record.masters.items() if n in record.owned)
+                out[state.value] += sum(s.nbytes for n, s in layer.masters.items() if n in layer.owned)
         return out
 
 

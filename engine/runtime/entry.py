@@ -1,17 +1,19 @@
 """Entry points of a managed component: where a step starts and ends.
 
 A component is entered through `forward` (denoisers, text encoders) or `encode`/`decode` (VAEs,
-which pipelines never call through forward). The outermost entry is one step: it starts the
-execution-order trace on the first call, tells the scheduler the step ended (so it prefetches the
-next step's first groups), and retries once after an out-of-memory error (engine.oom).
+which pipelines never call through forward). `StepEntryHook` (a named hook, engine.layers.hooks)
+makes the outermost entry one step: it starts the execution-order trace on the first call,
+tells the component the step ended (so its scheduler prefetches the next step's first groups),
+and retries once after an out-of-memory error (engine.runtime.oom).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from engine.layers.hooks import ModelHook
 from engine.runtime.oom import VramExhaustedError, is_oom, recover
 
 if TYPE_CHECKING:
@@ -19,30 +21,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENTRY_METHODS = ("forward", "encode", "decode")
+ENTRY_HOOK = "lowvram.step"
 
 
-def install_entry_points(runtime: "VramRuntime") -> None:
-    model = runtime.model
-    depth = [0]  # nested entries (AutoencoderKL.forward calls encode and decode) are one step
-    for name in ENTRY_METHODS:
-        method = getattr(model, name, None)
-        if callable(method):
-            setattr(model, name, _wrap(runtime, method, depth))
+class StepEntryHook(ModelHook):
+    """The outermost forward/encode/decode of a component is one step."""
 
+    name = ENTRY_HOOK
+    methods = ("forward", "encode", "decode")
 
-def _wrap(runtime: "VramRuntime", method: Callable[..., Any], depth: list[int]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def entry(*args: Any, **kwargs: Any) -> Any:
-        if depth[0]:
-            return method(*args, **kwargs)
-        depth[0] += 1
+    def __init__(self, runtime: "VramRuntime"):
+        self.runtime = runtime
+        self.depth = 0  # nested entries (AutoencoderKL.forward calls encode and decode) are one step
+
+    def call(self, method: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.depth:
+            return inner(*args, **kwargs)
+        self.depth += 1
         try:
-            return _run_step(runtime, method, args, kwargs)
+            return _run_step(self.runtime, inner, args, kwargs)
         finally:
-            depth[0] -= 1
-
-    return entry
+            self.depth -= 1
 
 
 def _run_step(runtime: "VramRuntime", method: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -71,7 +70,7 @@ def _traced(runtime: "VramRuntime", method: Callable[..., Any], args: tuple, kwa
     try:
         out = method(*args, **kwargs)
     except BaseException:
-        runtime.trace = None  # a partial trace is no execution order
+        runtime.abandon_trace()  # a partial trace is no execution order
         raise
     runtime.end_step()
     return out

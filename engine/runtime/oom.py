@@ -1,4 +1,4 @@
-"""Out-of-memory recovery for one step (one entry of a managed component, see engine.entry).
+"""Out-of-memory recovery for one step (one entry of a managed component, see engine.runtime.entry).
 
 On an OOM the step's partial work is dropped, the streaming slots are freed, residency is halved
 and the step runs once more. If it fails again the caller gets a clear error, and the model is
@@ -33,14 +33,12 @@ def is_oom(exc: BaseException) -> bool:
 
 def recover(runtime: "VramRuntime") -> int:
     """Free what the failed step held and halve residency. Returns the new residency cap in bytes."""
-    budget = runtime.budget
-    for member in budget.members:
-        if member.scheduler is not None:
-            member.scheduler.reset()
-        member.trace = None
-    cap = budget.resident_bytes // 2
-    budget.residency_cap_bytes = cap
-    budget.replan()
+    pool = runtime.pool
+    for member in pool.members:
+        member.drop_schedule()
+        member.abandon_trace()
+    cap = pool.ledger.resident_bytes // 2
+    pool.cap_residency(cap)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return cap

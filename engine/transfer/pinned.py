@@ -17,18 +17,17 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 import torch
-from torch import nn
 
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import ALIGN, HostArena, aligned, layout_bytes, place_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
 from engine.storage.stored import StoredTensor
 
 if TYPE_CHECKING:
-    from engine.runtime.component import LayerRecord, VramRuntime
+    from engine.transfer.scheduler import StreamedComponent
 
 DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
 TRIM_EVERY_BYTES = 8 * 1024**2  # while moving masters: give freed heap back to the OS this often (~0.1 ms)
@@ -127,7 +126,7 @@ class PinnedArena:
     that cannot register gets one exact-size pinned buffer instead (allocated, then filled).
     """
 
-    def __init__(self, runtime: "VramRuntime", backend: DeviceBackend, budget: PinnedBudget = PROCESS_PINNED_BUDGET):
+    def __init__(self, runtime: "StreamedComponent", backend: DeviceBackend, budget: PinnedBudget = PROCESS_PINNED_BUDGET):
         self.runtime = runtime
         self.backend = backend
         self.budget = budget
@@ -252,7 +251,7 @@ class PinnedArena:
     def _relocate(self, parts: list[Part], take: "Callable[[torch.Tensor], torch.Tensor]") -> None:
         """Copy each tensor to `take(tensor)` and re-point its stored copy and every parameter slot
         that showed it, so nothing keeps the old tensor alive past its own move."""
-        slots: dict[tuple, list[tuple["LayerRecord", str]]] = {}
+        slots: dict[tuple, list[tuple[Any, str]]] = {}
         for record in self.runtime.layers:
             for name, placeholder in record.placeholders.items():
                 if placeholder.device.type == "cpu":
@@ -264,10 +263,7 @@ class PinnedArena:
             view.copy_(tensor)
             setattr(stored, part, view)
             for record, name in slots.pop(_identity(tensor), ()):
-                new = nn.Parameter(view, requires_grad=False) if view.is_floating_point() else view
-                record.placeholders[name] = new
-                if not record.fast:
-                    record.module._parameters[name] = new
+                record.repoint(name, view)
             moved += tensor.nbytes
             del tensor
             if moved >= TRIM_EVERY_BYTES:  # freed small tensors sit in the heap until trimmed

@@ -30,10 +30,9 @@ import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
-from torch import nn
 
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
@@ -41,10 +40,43 @@ from engine.storage.fp8 import dequantize
 from engine.transfer.pinned import aligned, exact_pinned
 from engine.planning.planner import MAX_DEPTH
 
-if TYPE_CHECKING:
-    from engine.runtime.component import LayerRecord, VramRuntime
+from engine.layers.state import ManagedLayer as LayerRecord
+from engine.planning.ledger import VramLedger
+from engine.storage.stored import StoredTensor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamStats:
+    """Counters of one component's streaming, which the telemetry panel reads."""
+
+    streamed_bytes: int = 0
+    streamed_layers: int = 0
+    copy_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    forwards: int = 0
+    sync_fallbacks: int = 0  # streamed layers the traced schedule did not foresee
+    oom_retries: int = 0
+
+
+class StreamedComponent(Protocol):
+    """What the transfer path needs of the component it streams (engine.runtime.component.VramRuntime)."""
+
+    comp_dtype: torch.dtype
+    stats: StreamStats
+    execution_order: list[LayerRecord] | None
+    layers: list[LayerRecord]
+    host_arena: Any
+
+    @property
+    def ledger(self) -> VramLedger: ...
+
+    def stream_source(self, layer: LayerRecord) -> dict[str, StoredTensor]: ...
+
+    def wants_resident(self, layer: LayerRecord) -> bool: ...
+
+    def planning_order(self) -> list[LayerRecord]: ...
 
 DISK_PART = "file"  # SliceSpec.part of a parameter read from its .safetensors file
 
@@ -53,7 +85,7 @@ DISK_PART = "file"  # SliceSpec.part of a parameter read from its .safetensors f
 class SliceSpec:
     """One host tensor (or file entry) of one parameter, at `offset` in its group's slot."""
 
-    record: "LayerRecord"
+    record: LayerRecord
     param: str
     # the stored copy's attribute (StoredTensor.parts): "tensor", or "data"/"scale" for FP8;
     # DISK_PART for a DiskStored master (its bytes are read from the file)
@@ -68,7 +100,7 @@ class SliceSpec:
 class Group:
     index: int
     name: str
-    records: list["LayerRecord"]
+    records: list[LayerRecord]
     slices: list[SliceSpec] = field(default_factory=list)
     nbytes: int = 0
     pageable: bool = False  # some source is not in pinned memory: staged by the worker
@@ -81,11 +113,11 @@ class Loaded:
     event: Any  # copy-done event on the copy stream
 
 
-def group_key(record: "LayerRecord") -> str:
+def group_key(record: LayerRecord) -> str:
     return record.block or record.name
 
 
-def build_groups(order: list["LayerRecord"], source_of: Any) -> list[Group]:
+def build_groups(order: list[LayerRecord], source_of: Any) -> list[Group]:
     """Consecutive streamed layers of one block form a group; layout each group's slot image."""
     groups: list[Group] = []
     for record in order:
@@ -118,7 +150,7 @@ def slice_layout(stored: Any) -> list[tuple[str, int, torch.dtype, torch.Size]]:
     return [(part, t.nbytes, t.dtype, t.shape) for part, t in parts]
 
 
-def max_group_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int:
+def max_group_bytes(runtime: StreamedComponent, records: list[LayerRecord]) -> int:
     """The largest group's slot bytes if `records` were all streamed (0 if they cannot be slot-copied)."""
     try:
         groups = build_groups(records, runtime.stream_source)
@@ -159,7 +191,7 @@ class StreamTimer:
 class TransferScheduler:
     """Prefetching streamer for one component. The runtime hands it every streamed layer."""
 
-    def __init__(self, runtime: "VramRuntime", backend: DeviceBackend, stager: "Stager | None" = None):
+    def __init__(self, runtime: StreamedComponent, backend: DeviceBackend, stager: "Stager | None" = None):
         self.runtime = runtime
         self.backend = backend
         self.stager = stager
@@ -177,7 +209,7 @@ class TransferScheduler:
         self._compute_start: Any = None
 
     # --- building and tearing down ----------------------------------------------------------
-    def max_group_bytes(self, records: list["LayerRecord"]) -> int:
+    def max_group_bytes(self, records: list[LayerRecord]) -> int:
         """Slot size needed if `records` were all streamed (used by the planner's reserve)."""
         return max_group_bytes(self.runtime, records)
 
@@ -187,7 +219,7 @@ class TransferScheduler:
         runtime = self.runtime
         # only traced layers are scheduled; a layer the trace never saw streams synchronously
         traced = runtime.execution_order or []
-        streamed = [r for r in traced if not r.plan_resident and r.resident is None]
+        streamed = [r for r in traced if not runtime.wants_resident(r) and r.resident is None]
         try:
             self.groups = build_groups(streamed, self.runtime.stream_source)
         except TypeError:
@@ -204,7 +236,7 @@ class TransferScheduler:
         self.slots = [self.backend.allocate(self.slot_bytes) for _ in range(n_slots)]
         self.slot_owner = [None] * n_slots
         self.slot_free = [None] * n_slots
-        runtime.budget.add_slots(self.slot_bytes * n_slots)
+        runtime.ledger.add_slots(self.slot_bytes * n_slots)
         self.ready = True
 
     def reset(self) -> None:
@@ -223,7 +255,7 @@ class TransferScheduler:
         if failed:
             self.backend.host_wait(self.backend.record(self.backend.copy_stream()))
         if self.slots:
-            self.runtime.budget.remove_slots(self.slot_bytes * len(self.slots))
+            self.runtime.ledger.remove_slots(self.slot_bytes * len(self.slots))
         self.groups, self.group_of, self.slots = [], {}, []
         self.slot_owner, self.slot_free, self.loaded = [], [], {}
         self.current = None
@@ -327,12 +359,13 @@ class TransferScheduler:
         self._compute_start = self.timer.start(compute)  # after the wait: compute time excludes stalls
         self._prefetch_after(index)
 
-    def run(self, module: nn.Module, record: "LayerRecord", args: tuple, kwargs: dict) -> Any:
-        """Compute a streamed layer from its group's slot. Returns NotImplemented when the layer is
-        not in the schedule (the caller then streams it synchronously)."""
-        index = self.group_of.get(id(record))
-        if index is None:
-            return NotImplemented
+    def has(self, record: LayerRecord) -> bool:
+        """Is this layer in the schedule? (Else the component streams it synchronously.)"""
+        return id(record) in self.group_of
+
+    def compute(self, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
+        """Compute a scheduled layer from its group's slot."""
+        index = self.group_of[id(record)]
         if index != self.current:
             try:
                 self._enter(index)
@@ -369,13 +402,14 @@ class TransferScheduler:
                 tensor = dequantize(found["data"], found["scale"], comp_dtype)
                 transient += tensor.nbytes
                 params[param] = tensor
-        runtime.budget.add_transient(transient)
-        record.state = "computation"
+        ledger = runtime.ledger
+        ledger.add_transient(transient)
+        record.enter_computation()
         try:
-            return module._vram_compute(params, args, kwargs)
+            return record.module._vram_compute(params, args, kwargs)
         finally:
-            record.state = record.rest_state
-            runtime.budget.remove_transient(transient)
+            record.exit_computation()
+            ledger.remove_transient(transient)
             runtime.stats.streamed_layers += 1
 
     def end_forward(self) -> None:

@@ -2,8 +2,9 @@
 
 Qwen-Image's pipeline runs true CFG as two transformer calls per step (cond, then uncond with the
 negative prompt). With streamed weights that moves every streamed byte over the bus twice per step.
-`CfgPairBatcher` is installed as the transformer's `forward` (an instance attribute, so the
-module's hooks and the engine's managed layers are untouched). It is primed with the cond and
+`CfgPairBatcher` is a named hook on the transformer's `forward` (engine.layers.hooks; outside the
+engine's step hook, so the batched forward is one step; `remove_hook(model, CFG_HOOK)` takes it
+off). It is primed with the cond and
 uncond text embeddings the pipeline will be called with; when the cond call comes, it pads both
 prompt embeddings to a common length (masks mark the padding, which the Qwen-Image attention
 masks out as keys), runs one forward with batch [cond, uncond], returns the cond half and keeps
@@ -17,11 +18,14 @@ images are identical across strategies.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from engine.layers.hooks import ModelHook, get_hook, register_hook
+
+CFG_HOOK = "lowvram.cfg_pair_batcher"
 
 
 def _bool_mask(mask: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
@@ -55,15 +59,17 @@ def _same(a: torch.Tensor | None, a_mask: torch.Tensor | None, b: torch.Tensor, 
     return torch.equal(_bool_mask(a_mask, a), _bool_mask(b_mask, b).to(a.device))
 
 
-class CfgPairBatcher:
+class CfgPairBatcher(ModelHook):
     """Batches a Qwen-Image transformer's cond/uncond call pair into one forward."""
+
+    name = CFG_HOOK
+    methods = ("forward",)
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.original: Callable[..., Any] = model.forward
-        functools.update_wrapper(self, self.original)  # inspect.signature keeps working
         self.primed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+        self._inner: Callable[..., Any] | None = None
         self.real_forwards = 0  # forwards that ran the network
         self.batched_forwards = 0  # of them, batched cond+uncond
         self.served_from_batch = 0  # uncond calls answered from a batched forward
@@ -71,11 +77,11 @@ class CfgPairBatcher:
     # --- installation -------------------------------------------------------------------------
     @classmethod
     def install(cls, model: torch.nn.Module) -> CfgPairBatcher:
-        existing = model.__dict__.get("forward")
+        existing = get_hook(model, CFG_HOOK)
         if isinstance(existing, CfgPairBatcher):
             return existing
         batcher = cls(model)
-        model.forward = batcher  # instance attribute: nn.Module.__call__ runs hooks, then this
+        register_hook(model, batcher)
         return batcher
 
     def prime(self, cond: torch.Tensor, cond_mask: torch.Tensor | None, uncond: torch.Tensor, uncond_mask: torch.Tensor | None) -> None:
@@ -89,9 +95,17 @@ class CfgPairBatcher:
     # --- the call -----------------------------------------------------------------------------
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         self.real_forwards += 1
-        return self.original(*args, **kwargs)
+        assert self._inner is not None
+        return self._inner(*args, **kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def call(self, method: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._inner = inner
+        try:
+            return self._batched(*args, **kwargs)
+        finally:
+            self._inner = None
+
+    def _batched(self, *args: Any, **kwargs: Any) -> Any:
         if self.primed is None or args:
             return self._run(*args, **kwargs)
         cond, cond_mask, uncond, uncond_mask = self.primed

@@ -1,7 +1,7 @@
 """Load a diffusers repo's components: weighted ones managed by the engine, the rest as usual.
 
 Every nn.Module component (text encoders, transformer/UNet, VAE) is built under the request's
-vram_config and joins the pipeline's ONE shared VramBudget, offloaded (the stage switch onloads
+vram_config and joins the pipeline's ONE shared MemoryPool, offloaded (the stage switch onloads
 it when its stage comes). With the engine's streaming loader (`engine.load_model`) weights go
 straight from their files to their offload place (and disk offload leaves them there); without
 it, components come from `from_pretrained` and are then managed with `enable_vram_management`.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.planning.budget import VramBudget
+from engine.runtime.pool import MemoryPool
 from engine.config import VramConfig
 from engine.management import enable_vram_management
 
@@ -58,16 +58,10 @@ def is_weighted(cls: type) -> bool:
 
 
 def engine_loader() -> Callable[..., nn.Module] | None:
-    """The engine's streaming loader, once it exists."""
-    import engine
+    """The engine's streaming loader (a test may return None: then from_pretrained + management)."""
+    from engine.loading.loader import load_model
 
-    fn = getattr(engine, "load_model", None)
-    if fn is None:
-        try:
-            from engine.loading.loader import load_model as fn  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    return fn
+    return load_model
 
 
 def _variant(folder: Path) -> str | None:
@@ -132,7 +126,7 @@ def pin_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def load_component(
-    name: str, cls: type, root: Path, config: VramConfig, budget: VramBudget, variant: str | None = None
+    name: str, cls: type, root: Path, config: VramConfig, budget: MemoryPool, variant: str | None = None
 ) -> nn.Module:
     """One weighted component, managed under `config` in `budget`, left offloaded."""
     folder = Path(root) / name

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.planning.budget import VramBudget
 from engine.config import VramConfig
 from engine.management import (
     layer_state_counts,
@@ -33,8 +32,8 @@ from engine.management import (
     runtime_of,
     set_vram_limit,
 )
-from engine.planning.planner import smallest_feasible_limit
 from engine.runtime.component import VramRuntime
+from engine.runtime.pool import MemoryPool
 from engine.generation.pipelines.cfg import CfgPairBatcher
 from engine.generation.pipelines.families import DECODE, DENOISE, ENCODE, Family, family_for
 from engine.generation.pipelines.components import (
@@ -121,7 +120,7 @@ class ManagedPipeline:
         pipe: Any,
         family: Family,
         components: dict[str, nn.Module],
-        budget: VramBudget,
+        budget: MemoryPool,
         config: VramConfig,
         path: Path,
     ):
@@ -140,6 +139,8 @@ class ManagedPipeline:
         if family.pair_batched_cfg:
             self.batcher = CfgPairBatcher.install(components[family.denoiser])
         budget.on_demand = self._on_demand
+        # the denoiser streams every step: it gets the pinned RAM first (engine.runtime.pool)
+        runtime_of(components[family.denoiser]).pin_priority = 0
         pipe.set_progress_bar_config(disable=True)
         self.vae_tiling = False
         self._step_mark = StepStats()
@@ -159,7 +160,7 @@ class ManagedPipeline:
             for name in names:
                 onload_model(self.components[name])
             # the planner's own floor for this stage, activations aside (they follow the resolution)
-            self.stage_floor_bytes[stage] = smallest_feasible_limit(self.budget) - self.budget.activation_reserve_bytes
+            self.stage_floor_bytes[stage] = self.budget.smallest_feasible_limit() - self.budget.activation_reserve_bytes
             self.stage = stage
             if stage == DENOISE:
                 self._step_mark = self.stream_totals()
@@ -349,14 +350,10 @@ class ManagedPipeline:
         finally:
             self.budget.on_demand = None
             for model in self.components.values():
-                runtime = runtime_of(model)
-                prefetcher = getattr(runtime, "prefetcher", None)
-                for close in (getattr(runtime, "close_scheduler", None), getattr(prefetcher, "close", None)):
-                    if callable(close):
-                        try:
-                            close()
-                        except Exception:  # pragma: no cover - best effort
-                            log.debug("closing a streamer failed", exc_info=True)
+                try:
+                    runtime_of(model).close()
+                except Exception:  # pragma: no cover - best effort
+                    log.debug("closing a streamer failed", exc_info=True)
 
 
 def build_pipeline(
@@ -374,7 +371,7 @@ def build_pipeline(
 
     path = Path(path)
     config = VramConfig.from_dict(vram_config)
-    budget = VramBudget(limit_gb=parse_vram_limit(vram_limit))
+    budget = MemoryPool(limit_gb=parse_vram_limit(vram_limit))
     index = read_model_index(path)
     family = family_for(index["_class_name"])
     classes = component_classes(index)

@@ -1,0 +1,127 @@
+"""The memory pool: the one coordinator of a pipeline's memory.
+
+Every component of one pipeline draws on the same VRAM, so they share one pool. It owns the
+members, the ledger (engine.planning.ledger) and the limits; `replan` hands the planner
+(engine.planning.planner, a pure function) the members' costs and gives each member the part of
+the plan that concerns it, which applies only what changed. It also hands out the pinned-RAM
+budget by priority: the component streamed every step (the denoiser) is pinned first, after
+loading, not whichever component happened to load first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from engine.config import limit_to_bytes, parse_vram_limit
+from engine.planning import planner
+from engine.planning.ledger import LedgerSnapshot, VramLedger
+from engine.transfer.pinned import PROCESS_PINNED_BUDGET, PinnedBudget
+
+if TYPE_CHECKING:
+    from engine.runtime.component import VramRuntime
+
+
+class MemoryPool:
+    """Shared by every component of one pipeline (public name: `engine.VramBudget`)."""
+
+    def __init__(self, limit_gb: float | None = None, pinned: PinnedBudget | None = None):
+        self.limit_gb = parse_vram_limit(limit_gb)
+        self.ledger = VramLedger()
+        self.members: list["VramRuntime"] = []
+        self._activation_reserve_bytes = 0
+        # Set by OOM recovery: resident bytes stay under this even when the limit would allow more.
+        self.residency_cap_bytes: int | None = None
+        # Called when a layer of a component that is not onloaded runs: a pipeline sets it to switch
+        # stages (onload that component, offload the others). None: stream from the offload place.
+        self.on_demand: Callable[["VramRuntime"], None] | None = None
+        self.pinned = pinned if pinned is not None else PROCESS_PINNED_BUDGET
+        self.last_plan: planner.Plan | None = None
+
+    def __repr__(self) -> str:
+        return f"MemoryPool(limit_gb={self.limit_gb}, members={[m.name for m in self.members]})"
+
+    # --- limits -----------------------------------------------------------------------------------
+    @property
+    def limit_bytes(self) -> int | None:
+        return limit_to_bytes(self.limit_gb)
+
+    def set_limit(self, limit_gb: float | None) -> None:
+        self.limit_gb = parse_vram_limit(limit_gb)
+        self.residency_cap_bytes = None  # a new limit is a fresh start
+
+    @property
+    def activation_reserve_bytes(self) -> int:
+        return self._activation_reserve_bytes
+
+    @activation_reserve_bytes.setter
+    def activation_reserve_bytes(self, nbytes: int) -> None:
+        self._activation_reserve_bytes = int(nbytes)
+
+    def cap_residency(self, cap_bytes: int) -> None:
+        """OOM recovery: keep resident bytes under `cap_bytes` until the limit is set again."""
+        self.residency_cap_bytes = cap_bytes
+        self.replan()
+
+    def limits(self) -> planner.Limits:
+        return planner.Limits(self.limit_bytes, self.ledger.fixed_bytes, self._activation_reserve_bytes, self.residency_cap_bytes)
+
+    # --- the ledger, read-only ----------------------------------------------------------------------
+    resident_bytes = property(lambda self: self.ledger.resident_bytes)
+    transient_bytes = property(lambda self: self.ledger.transient_bytes)
+    fixed_bytes = property(lambda self: self.ledger.fixed_bytes)
+    slot_bytes = property(lambda self: self.ledger.slot_bytes)
+    peak_bytes = property(lambda self: self.ledger.peak_bytes)
+    peak_resident_bytes = property(lambda self: self.ledger.peak_resident_bytes)
+
+    def snapshot(self) -> LedgerSnapshot:
+        return self.ledger.snapshot(self.limit_bytes)
+
+    def reset_peak(self) -> None:
+        self.ledger.reset_peak()
+
+    # --- members ----------------------------------------------------------------------------------
+    def join(self, member: "VramRuntime") -> None:
+        self.members.append(member)
+        self.ledger.add_fixed(member.fixed_bytes)
+
+    def leave(self, member: "VramRuntime") -> None:
+        """A member leaves management (engine.disable_vram_management)."""
+        self.members.remove(member)
+        self.ledger.remove_fixed(member.fixed_bytes)
+        self.replan()
+
+    def bring_up(self, member: "VramRuntime") -> None:
+        """A layer of `member` runs while it is offloaded: the pipeline's stage switch decides."""
+        if self.on_demand is not None:
+            self.on_demand(member)
+
+    # --- planning ---------------------------------------------------------------------------------
+    def member_costs(self) -> list[planner.MemberCost]:
+        """The planner's input: the onloaded members, in order."""
+        return [m.costs() for m in self.members if m.active]
+
+    def replan(self) -> planner.Plan:
+        """Re-choose the resident set of every active member within the limit; each member drops
+        copies that lost residency now and fills new ones lazily, at their next forward."""
+        plan = planner.plan(self.member_costs(), self.limits())
+        for member in self.members:
+            member.apply_plan(plan.resident if member.active else frozenset(), plan.depth.get(id(member), 1))
+        self.last_plan = plan
+        return plan
+
+    def streaming_reserve(self) -> int:
+        return planner.streaming_reserve(self.member_costs())
+
+    def smallest_feasible_limit(self) -> int:
+        """The smallest vram_limit (bytes) the onloaded members run within (engine.planning.planner)."""
+        return planner.smallest_feasible_limit(self.member_costs(), self.limits())
+
+    # --- pinned host memory -------------------------------------------------------------------------
+    def assign_pinned(self) -> None:
+        """Pin the host masters of every member that streams through a scheduler and has no pinned
+        arena yet, by priority: the component streamed every step first (its `pin_priority` is
+        lowest), so a text encoder loaded first cannot take the pinned RAM the denoiser needs."""
+        waiting = [m for m in self.members if m.needs_pinning()]
+        for member in sorted(waiting, key=lambda m: m.pin_priority):
+            member.pin_masters()
