@@ -16,10 +16,10 @@ import model_registry
 from engine.generation.types import ModelChoice, UserFacingError
 from model_registry.catalog import DEFAULT_KEYS, LIMIT_KEYS
 from model_registry.completeness import repo_problems
-from model_registry import tiny_components as tc
+from tests.fixtures import tiny_components as tc
 from model_registry.families import FAMILIES, FAMILY_MODULES, STAGES, Family, family_for_pipeline
 from model_registry.sizes import load_component_configs, measure
-from model_registry.tiny_repos import TINY_DEFAULTS, write_tiny_repo
+from tests.fixtures.tiny_repos import TINY_DEFAULTS, write_tiny_repo
 
 REQUIRED = {
     "qwen-image": ("Qwen/Qwen-Image", "Qwen/Qwen-Image", "apache-2.0", False),
@@ -452,13 +452,46 @@ def test_load_options_pick_the_fp16_variant_when_present(tmp_path: Path) -> None
 
 def test_light_submodules_do_not_pull_the_download_stack():
     """The GPU image has huggingface_hub 1.x and no httpx2: the engine's GPU tests import the tiny
-    model configs and engine.api_types, which must not import the download code."""
+    model configs and engine.generation.types, which must not import the download code."""
     import subprocess
     import sys
 
     code = (
-        "import sys, engine, engine.api_types, model_registry.tiny_components, tests.fixtures.tiny_models\n"
+        "import sys, engine, engine.generation.types, model_registry.demo.components\n"
+        "import tests.fixtures.tiny_components, tests.fixtures.tiny_models\n"
         "print(sorted(m for m in ('httpx2', 'model_registry.hf_source', 'model_registry.registry', 'modelscope') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def _imported_top_packages(package: str) -> dict[str, set[str]]:
+    """file -> the top-level packages its import statements name (relative imports excluded)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((Path(__file__).parents[1] / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition(".")[0])
+        found[path.relative_to(Path(__file__).parents[1]).as_posix()] = names
+    return found
+
+
+def test_the_product_never_imports_the_tests_and_the_registry_never_imports_the_engine() -> None:
+    """Data flows ui -> engine -> model_registry; test fixtures and dev tools stay out of the
+    product (the demo model's code ships in model_registry/demo/, the fixtures import it)."""
+    bad = {
+        path: sorted(names & forbidden)
+        for package, forbidden in (
+            ("model_registry", {"engine", "ui", "tests", "tools"}),
+            ("engine", {"ui", "tests", "tools"}),
+            ("ui", {"tests", "tools"}),
+        )
+        for path, names in _imported_top_packages(package).items()
+        if names & forbidden
+    }
+    assert bad == {}
