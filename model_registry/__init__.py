@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 # Resolved on first use (PEP 562), so importing one light submodule (model_registry.types,
-# model_registry.tiny_components) does not pull the download stack (huggingface_hub 2.x, httpx2,
+# model_registry.demo.components) does not pull the download stack (huggingface_hub 2.x, httpx2,
 # modelscope): the GPU image runs the engine's tests without those.
 _EXPORTS = {
     "Component": ".catalog",

@@ -140,7 +140,7 @@ def _entry(raw: dict[str, Any]) -> ModelEntry:
 
 
 def read_catalogue_file(path: Path = MODELS_FILE) -> dict[str, Any]:
-    """The raw JSON document (measure_sizes.py rewrites it)."""
+    """The raw JSON document (tools/measure_sizes.py rewrites it)."""
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -2,7 +2,7 @@
 
 Building a component from its published config under `torch.device("meta")` allocates no
 memory, so even a 20B transformer can be counted on a laptop in seconds. The numbers are
-what the weights really are, not what a model card rounds them to; `measure_sizes.py`
+what the weights really are, not what a model card rounds them to; `tools/measure_sizes.py`
 stores them in models.json and the tests rebuild a few to keep the stored numbers honest.
 """
 

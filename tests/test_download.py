@@ -27,7 +27,7 @@ import pytest
 import model_registry
 from engine.generation.types import UserFacingError
 from model_registry import hf_source
-from model_registry.tiny_repos import write_tiny_repo
+from tests.fixtures.tiny_repos import write_tiny_repo
 
 REPO = "Tongyi-MAI/Z-Image-Turbo"
 MODEL = "z-image-turbo"

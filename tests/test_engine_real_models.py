@@ -14,7 +14,7 @@ from engine import (
     set_vram_limit,
     vram_budget,
 )
-from engine.layers.module_maps import MODEL_MODULE_MAPS, import_object, normalize_module_map
+from engine.layers.module_maps import import_object, normalize_module_map, shipped_module_maps
 from tests.fixtures.tiny_models import TINY_MODEL_NAMES, run_model, tiny_model
 
 GB = 1024**3
@@ -96,9 +96,9 @@ def test_replan_on_live_model_without_reload(name):
     assert [id(s) for r in runtime_of(model).layers for s in r.masters.values()] == masters
 
 
-@pytest.mark.parametrize("model_path", sorted(MODEL_MODULE_MAPS))
+@pytest.mark.parametrize("model_path", sorted(shipped_module_maps()))
 def test_shipped_module_maps_match_the_real_classes(model_path):
-    entry = MODEL_MODULE_MAPS[model_path]
+    entry = shipped_module_maps()[model_path]
     model_cls = import_object(model_path)
     assert isinstance(model_cls, type)
     mapping = normalize_module_map(entry["layers"])

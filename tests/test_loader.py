@@ -358,12 +358,12 @@ def test_failure_while_streaming_drops_everything(qwen_copy, monkeypatch):
 
 
 def test_real_layout_tiny_repo_components(tmp_path):
-    """The qwen-image tiny repo (model_registry.tiny_repos: the real repo's file layout, sharded
+    """The qwen-image tiny repo (tests.fixtures.tiny_repos: the real repo's file layout, sharded
     with index json): text encoder (transformers, renamed keys) and DiT from their subfolders."""
     from diffusers import QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from model_registry.tiny_repos import write_tiny_repo
+    from tests.fixtures.tiny_repos import write_tiny_repo
 
     repo = write_tiny_repo("qwen-image", tmp_path / "qwen-image")
     g = torch.Generator().manual_seed(0)

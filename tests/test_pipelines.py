@@ -16,7 +16,7 @@ from engine.generation.settings import (
     settings_for,
     vram_config_for,
 )
-from model_registry.tiny_repos import TINY_DEFAULTS, TINY_FAMILIES, write_tiny_repo
+from tests.fixtures.tiny_repos import TINY_DEFAULTS, TINY_FAMILIES, write_tiny_repo
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import model_registry
 from engine.generation.types import ModelChoice, UserFacingError
 from model_registry.catalog import DEFAULT_KEYS, LIMIT_KEYS
 from model_registry.completeness import repo_problems
-from model_registry.families import FAMILIES, STAGES, Family, family_for_pipeline
+from tests.fixtures import tiny_components as tc
+from model_registry.families import FAMILIES, FAMILY_MODULES, STAGES, Family, family_for_pipeline
 from model_registry.sizes import load_component_configs, measure
-from model_registry.tiny_repos import TINY_DEFAULTS, write_tiny_repo
+from tests.fixtures.tiny_repos import TINY_DEFAULTS, write_tiny_repo
 
 REQUIRED = {
     "qwen-image": ("Qwen/Qwen-Image", "Qwen/Qwen-Image", "apache-2.0", False),
@@ -114,6 +115,56 @@ def test_family_table_is_keyed_by_unique_names_and_classes() -> None:
     assert all(name == family.name for name, family in FAMILIES.items())
     assert len({family.pipeline_class for family in FAMILIES.values()}) == len(FAMILIES)
     assert family_for_pipeline("StableDiffusionPipeline") is None
+
+
+def test_the_table_collects_every_family_file() -> None:
+    import pkgutil
+
+    import model_registry.families as families
+
+    files = {info.name for info in pkgutil.iter_modules(families.__path__)} - {"spec"}
+    assert files == {module.__name__.rpartition(".")[2] for module in FAMILY_MODULES}
+    assert list(FAMILIES.values()) == [module.FAMILY for module in FAMILY_MODULES]
+
+
+# The tiny stand-in of each family's denoiser (tiny_components).
+_TINY_DENOISERS = {
+    "qwen-image": tc.qwen_image_transformer,
+    "z-image": tc.z_image_transformer,
+    "flux1": tc.flux_transformer,
+    "flux2-klein": tc.flux2_transformer,
+    "sdxl": tc.sdxl_unet,
+}
+
+
+@pytest.mark.parametrize("module", FAMILY_MODULES, ids=lambda m: m.__name__.rpartition(".")[2])
+def test_each_family_file_defines_one_family_whose_layer_map_fits_its_denoiser(module) -> None:
+    """One spec per file; its layer map names the denoiser class of every catalogue model of the
+    family, its layer and managed classes import, its block lists exist, and the engine finds it."""
+    from engine.layers.managed import ManagedModule
+    from engine.layers.module_maps import block_paths_for, import_object, normalize_module_map, registered_map_for
+
+    specs = [value for value in vars(module).values() if isinstance(value, Family)]
+    assert specs == [module.FAMILY]
+    family = module.FAMILY
+    denoiser = _TINY_DENOISERS[family.name]()
+    catalogue = {
+        (entry.components[family.denoiser].library, entry.components[family.denoiser].class_name)
+        for entry in model_registry.list_models()
+        if entry.family == family.name
+    }
+    assert catalogue == {(type(denoiser).__module__.partition(".")[0], type(denoiser).__name__)}
+    layer_map = family.layer_map
+    if layer_map is None:  # the engine's default rule, no blocks
+        assert registered_map_for(denoiser) is None and block_paths_for(denoiser) == []
+        return
+    assert import_object(layer_map.model_class) is type(denoiser)
+    mapping = normalize_module_map(layer_map.layers)
+    assert mapping and all(issubclass(wrapper, ManagedModule) for wrapper in mapping.values())
+    assert registered_map_for(denoiser) == {"layers": dict(layer_map.layers), "blocks": list(layer_map.blocks)}
+    assert block_paths_for(denoiser) == list(layer_map.blocks)
+    for path in layer_map.blocks:
+        assert len(denoiser.get_submodule(path)) >= 1, path
 
 
 def test_a_role_outside_the_layout_is_refused() -> None:
@@ -406,8 +457,41 @@ def test_light_submodules_do_not_pull_the_download_stack():
     import sys
 
     code = (
-        "import sys, engine, engine.generation.types, model_registry.tiny_components, tests.fixtures.tiny_models\n"
+        "import sys, engine, engine.generation.types, model_registry.demo.components\n"
+        "import tests.fixtures.tiny_components, tests.fixtures.tiny_models\n"
         "print(sorted(m for m in ('httpx2', 'model_registry.hf_source', 'model_registry.registry', 'modelscope') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def _imported_top_packages(package: str) -> dict[str, set[str]]:
+    """file -> the top-level packages its import statements name (relative imports excluded)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((Path(__file__).parents[1] / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition(".")[0])
+        found[path.relative_to(Path(__file__).parents[1]).as_posix()] = names
+    return found
+
+
+def test_the_product_never_imports_the_tests_and_the_registry_never_imports_the_engine() -> None:
+    """Data flows ui -> engine -> model_registry; test fixtures and dev tools stay out of the
+    product (the demo model's code ships in model_registry/demo/, the fixtures import it)."""
+    bad = {
+        path: sorted(names & forbidden)
+        for package, forbidden in (
+            ("model_registry", {"engine", "ui", "tests", "tools"}),
+            ("engine", {"ui", "tests", "tools"}),
+            ("ui", {"tests", "tools"}),
+        )
+        for path, names in _imported_top_packages(package).items()
+        if names & forbidden
+    }
+    assert bad == {}

@@ -19,7 +19,7 @@ from engine.generation.types import (
     UserFacingError,
 )
 from engine.generation.studio import Studio, parse_infotext
-from model_registry.tiny_repos import write_tiny_repo
+from tests.fixtures.tiny_repos import write_tiny_repo
 
 
 class TinyRegistry:

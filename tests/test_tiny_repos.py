@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_registry.tiny_repos import (
+from tests.fixtures.tiny_repos import (
     TINY_DEFAULTS,
     TINY_FAMILIES,
     TINY_SOURCE_REPOS,

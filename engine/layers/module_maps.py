@@ -2,13 +2,15 @@
 
 `module_map=None` wraps every module that holds parameters of its own (Linear, Conv*, Embedding,
 norms with affine weights, RMSNorm variants, containers with direct parameters such as pad
-tokens), so no parameter is left unmanaged. Per-model maps below are declarative data in the
+tokens), so no parameter is left unmanaged. The per-model maps are declarative data in the
 DiffSynth style (dotted class paths), plus the names of the block lists that group layers for
-streaming; tests check each map against the real classes.
+streaming; each family's spec (model_registry.families) holds its denoiser's map, and tests
+check each map against the real classes.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Mapping
 
@@ -16,46 +18,18 @@ from torch import nn
 
 from engine.layers.managed import ManagedLinear, ManagedModule, is_plain_linear
 
-_ML = "engine.layers.managed.ManagedLinear"
-_MM = "engine.layers.managed.ManagedModule"
 
-# model class -> {"layers": {layer class -> managed class}, "blocks": [block list attribute paths]}
-MODEL_MODULE_MAPS: dict[str, dict[str, Any]] = {
-    "diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel": {
-        "layers": {
-            "torch.nn.Linear": _ML,
-            "diffusers.models.normalization.RMSNorm": _MM,
-        },
-        "blocks": ["transformer_blocks"],
-    },
-    "diffusers.models.transformers.transformer_flux.FluxTransformer2DModel": {
-        "layers": {
-            "torch.nn.Linear": _ML,
-            "diffusers.models.normalization.RMSNorm": _MM,
-            "torch.nn.RMSNorm": _MM,
-        },
-        "blocks": ["transformer_blocks", "single_transformer_blocks"],
-    },
-    "diffusers.models.transformers.transformer_flux2.Flux2Transformer2DModel": {
-        "layers": {
-            "torch.nn.Linear": _ML,
-            "diffusers.models.normalization.RMSNorm": _MM,
-            "torch.nn.RMSNorm": _MM,
-        },
-        "blocks": ["transformer_blocks", "single_transformer_blocks"],
-    },
-    "diffusers.models.transformers.transformer_z_image.ZImageTransformer2DModel": {
-        "layers": {
-            "torch.nn.Linear": _ML,
-            "torch.nn.RMSNorm": _MM,
-            "diffusers.models.normalization.RMSNorm": _MM,
-            "torch.nn.LayerNorm": _MM,
-            # pad tokens are direct parameters of the model itself
-            "diffusers.models.transformers.transformer_z_image.ZImageTransformer2DModel": _MM,
-        },
-        "blocks": ["noise_refiner", "context_refiner", "layers"],
-    },
-}
+@functools.cache
+def shipped_module_maps() -> dict[str, dict[str, Any]]:
+    """Denoiser class (dotted path) -> {"layers": {layer class -> managed class}, "blocks": [block
+    list attribute paths]}, read from the family specs (model_registry.families) on first use."""
+    from model_registry.families import FAMILIES
+
+    return {
+        spec.model_class: {"layers": dict(spec.layers), "blocks": list(spec.blocks)}
+        for spec in (family.layer_map for family in FAMILIES.values())
+        if spec is not None
+    }
 
 
 def import_object(path: str) -> Any:
@@ -96,7 +70,7 @@ def registered_map_for(model: nn.Module) -> dict[str, Any] | None:
     """The declarative map for this model's class, if we ship one."""
     cls = ManagedModule.unwrap_class(model)
     for klass in cls.__mro__:
-        entry = MODEL_MODULE_MAPS.get(f"{klass.__module__}.{klass.__qualname__}")
+        entry = shipped_module_maps().get(f"{klass.__module__}.{klass.__qualname__}")
         if entry is not None:
             return entry
     return None

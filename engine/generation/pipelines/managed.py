@@ -313,8 +313,10 @@ class ManagedPipeline:
         self.switch(ENCODE)
         cfg = fam.does_cfg(guidance, negative_prompt)
         try:
-            if fam.name == "qwen-image":
-                kwargs.update(self._qwen_embeddings(prompt, negative_prompt, cfg))
+            if fam.encode_prompts is not None:
+                embeds = fam.encode_prompts(pipe, prompt, negative_prompt, cfg, self.device)
+                kwargs.update(embeds)
+                self._prime_cfg_pair(embeds)
             else:
                 kwargs["prompt"] = prompt
                 if fam.uses_negative_prompt and negative_prompt.strip():
@@ -325,23 +327,15 @@ class ManagedPipeline:
                 self.batcher.clear()
         return out.images[0]
 
-    def _qwen_embeddings(self, prompt: str, negative_prompt: str, cfg: bool) -> dict[str, Any]:
-        """Encode here (the encode stage), so the denoiser's cond/uncond pair can be batched."""
-        pipe = self.pipe
-        with torch.no_grad():
-            pe, pm = pipe.encode_prompt(prompt=prompt, device=self.device)
-            if pm is None:
-                pm = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
-            out: dict[str, Any] = {"prompt_embeds": pe, "prompt_embeds_mask": pm}
-            if cfg:
-                # Qwen-Image's own pipeline uses " " for "no negative prompt".
-                ne, nm = pipe.encode_prompt(prompt=negative_prompt if negative_prompt.strip() else " ", device=self.device)
-                if nm is None:
-                    nm = torch.ones(ne.shape[:2], dtype=torch.long, device=ne.device)
-                out.update(negative_prompt_embeds=ne, negative_prompt_embeds_mask=nm)
-                if self.batcher is not None:
-                    self.batcher.prime(pe, pm, ne, nm)
-        return out
+    def _prime_cfg_pair(self, embeds: dict[str, Any]) -> None:
+        """Hand the batcher the cond/uncond embeddings the family's hook encoded (encode stage)."""
+        if self.batcher is not None and "negative_prompt_embeds" in embeds:
+            self.batcher.prime(
+                embeds["prompt_embeds"],
+                embeds["prompt_embeds_mask"],
+                embeds["negative_prompt_embeds"],
+                embeds["negative_prompt_embeds_mask"],
+            )
 
     def close(self) -> None:
         """Drop every copy the engine holds (the object is unusable afterwards)."""

@@ -1,7 +1,10 @@
 """The built-in demo model: a tiny Z-Image pipeline written on first use, no network.
 
 It lets the app (and its tests) run end to end on a machine that has never downloaded
-anything. Its weights are random, so its images are noise, and its name says so.
+anything. Its weights are random, so its images are noise, and its name says so. Everything
+it needs ships with the app: its tiny configs (`components`), its locally trained tokenizer
+(`tokenizer`) and the repo writing (`repo`); the tests' tiny repos of the other families
+reuse them.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from . import errors
-from .catalog import ModelEntry
-from .completeness import is_complete
-from .paths import primary_model_dir
+from .. import errors
+from ..catalog import ModelEntry
+from ..completeness import is_complete
+from ..paths import primary_model_dir
 
 DEMO_ID = "demo"
 DEMO_SEED = 0
@@ -33,11 +36,13 @@ def ensure_demo(entry: ModelEntry, models_dir: str | os.PathLike[str] | None = N
     target = demo_path(models_dir)
     if is_complete(target, entry.adapter):
         return target
-    from .tiny_repos import write_tiny_repo
+    if entry.family != "z-image":
+        raise ValueError(f"the demo model is a tiny Z-Image; the catalogue's demo entry says {entry.family!r}")
+    from .repo import write_demo_repo
 
     staging = target.with_name(f".{DEMO_ID}-{os.getpid()}.partial")
     try:
-        write_tiny_repo(entry.family, staging, seed=DEMO_SEED)
+        write_demo_repo(staging, seed=DEMO_SEED)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

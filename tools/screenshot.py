@@ -1,7 +1,7 @@
 """Write assets/screenshot.png: the page after a generation with the demo model.
 
-    python -m ui.screenshot                      # starts `app.py` offline on a free port, temp dirs
-    python -m ui.screenshot --url http://127.0.0.1:7860/ --out /tmp/shot.png
+    python -m tools.screenshot                   # starts `app.py` offline on a free port, temp dirs
+    python -m tools.screenshot --url http://127.0.0.1:7860/ --out /tmp/shot.png
 
 Needs Playwright (the test extra) and Debian's Chromium at /usr/bin/chromium.
 """

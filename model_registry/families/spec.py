@@ -1,19 +1,22 @@
-"""The pipeline families: one table for the registry (repo layout) and the engine (runtime roles).
+"""What a family spec is: the `Family` dataclass every family file fills in, and its layer map.
 
 The catalogue (models.json) says *what* a model is; its family says how a pipeline of that
 kind is laid out on disk, so downloads fetch only what `from_pretrained` reads and the
-completeness check knows what "whole" means, and which component plays which part at run time,
-so the engine knows what to onload for each stage and how the pipeline does guidance.
+completeness check knows what "whole" means, which component plays which part at run time,
+so the engine knows what to onload for each stage and how the pipeline does guidance, which
+managed class each layer of its denoiser gets, and, where the engine encodes the prompts
+itself, how.
 
-Data flows ui -> engine -> model_registry, so the table lives here and the engine imports it
-(engine.pipelines.families only adds its lookup by pipeline class).
+Data flows ui -> engine -> model_registry, so the specs live here and the engine reads them;
+nothing here imports the engine (the layer maps name its classes by dotted path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from typing import Any
 
 # Files no diffusers pipeline in this app reads: duplicate PyTorch/Flax/ONNX/OpenVINO
 # exports of the same weights, and GGUF/ckpt single files.
@@ -26,6 +29,29 @@ _OTHER_VARIANTS = ("fp16", "bf16", "fp32")
 ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
 STAGES: tuple[str, ...] = (ENCODE, DENOISE, DECODE)
 
+# The engine's managed layer classes, the values of a layer map (DiffSynth-style dotted paths).
+MANAGED_LINEAR = "engine.layers.managed.ManagedLinear"
+MANAGED_MODULE = "engine.layers.managed.ManagedModule"
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which managed class each layer class of a denoiser gets, and its block lists.
+
+    `model_class` is the denoiser class's dotted path (the engine looks maps up by it, along
+    the model's MRO), `layers` maps layer classes to MANAGED_LINEAR / MANAGED_MODULE (dotted
+    paths on both sides), `blocks` names the block-list attributes that group layers for
+    streaming. tests/test_registry.py checks each map against the real classes.
+    """
+
+    model_class: str
+    layers: Mapping[str, str] = field(hash=False)
+    blocks: tuple[str, ...] = ()
+
+
+#: encode_prompts(pipe, prompt, negative_prompt, cfg, device) -> the pipeline call's embedding kwargs.
+PromptEncoder = Callable[[Any, str, str, bool, Any], dict[str, Any]]
+
 
 @dataclass(frozen=True, kw_only=True)
 class Family:
@@ -37,7 +63,8 @@ class Family:
     repo offers several precisions (SDXL: fp16 instead of fp32, half the download).
 
     Roles: `denoiser` (the transformer / UNet) and `text_encoders` are weighted components;
-    the rest says how the pipeline's __call__ does classifier-free guidance (CFG).
+    the rest says how the pipeline's __call__ does classifier-free guidance (CFG), how the
+    denoiser's layers are managed (`layer_map`) and who encodes the prompts (`encode_prompts`).
     """
 
     name: str
@@ -58,6 +85,14 @@ class Family:
     # Guidance at or below this does no classifier-free guidance (one pass per step).
     cfg_threshold: float = 1.0
     sampler: str = "Euler (flow matching)"  # the name written into the image's infotext
+    # The denoiser's layer map (None: the engine's default rule, every module with parameters
+    # of its own is managed, and no block lists).
+    layer_map: LayerMap | None = None
+    # Prompt encoding the engine runs itself in the encode stage (None: the pipeline encodes
+    # the prompt in its own __call__). A family whose CFG pair the engine batches returns
+    # prompt_embeds, prompt_embeds_mask and, with CFG, negative_prompt_embeds and
+    # negative_prompt_embeds_mask, which prime the batcher.
+    encode_prompts: PromptEncoder | None = None
 
     def __post_init__(self) -> None:
         """A role must name a component the repo has, or stage switching would miss it."""
@@ -107,70 +142,3 @@ class Family:
         """Repo paths never to fetch, even when an allow pattern matches them."""
         others = [v for v in _OTHER_VARIANTS if v != self.variant]
         return list(_NEVER) + [f"*.{v}.safetensors" for v in others] + [f"*.safetensors.index.{v}.json" for v in others]
-
-
-#: Every supported family, keyed by name (the "family" of a models.json entry).
-FAMILIES: dict[str, Family] = {
-    family.name: family
-    for family in (
-        Family(
-            name="qwen-image",
-            pipeline_class="QwenImagePipeline",
-            weighted=("text_encoder", "transformer", "vae"),
-            tokenizers=("tokenizer",),
-            denoiser="transformer",
-            text_encoders=("text_encoder",),
-            guidance_arg="true_cfg_scale",
-            pair_batched_cfg=True,
-        ),
-        Family(
-            name="z-image",
-            pipeline_class="ZImagePipeline",
-            weighted=("text_encoder", "transformer", "vae"),
-            tokenizers=("tokenizer",),
-            denoiser="transformer",
-            text_encoders=("text_encoder",),
-            native_batched_cfg=True,
-            cfg_threshold=0.0,
-        ),
-        # FLUX.1 [schnell/dev] is guidance-distilled: one pass per step, no negative prompt.
-        Family(
-            name="flux1",
-            pipeline_class="FluxPipeline",
-            weighted=("text_encoder", "text_encoder_2", "transformer", "vae"),
-            tokenizers=("tokenizer", "tokenizer_2"),
-            denoiser="transformer",
-            text_encoders=("text_encoder", "text_encoder_2"),
-            uses_negative_prompt=False,
-        ),
-        # FLUX.2 [klein] distilled: one pass per step, no negative prompt.
-        Family(
-            name="flux2-klein",
-            pipeline_class="Flux2KleinPipeline",
-            weighted=("text_encoder", "transformer", "vae"),
-            tokenizers=("tokenizer",),
-            denoiser="transformer",
-            text_encoders=("text_encoder",),
-            uses_negative_prompt=False,
-        ),
-        Family(
-            name="sdxl",
-            pipeline_class="StableDiffusionXLPipeline",
-            weighted=("text_encoder", "text_encoder_2", "unet", "vae"),
-            tokenizers=("tokenizer", "tokenizer_2"),
-            variant="fp16",
-            denoiser="unet",
-            text_encoders=("text_encoder", "text_encoder_2"),
-            native_batched_cfg=True,
-            sampler="Euler",
-        ),
-    )
-}
-
-
-def family_for_pipeline(pipeline_class: str) -> Family | None:
-    """The family whose pipeline class a model_index.json names, if any."""
-    for family in FAMILIES.values():
-        if family.pipeline_class == pipeline_class:
-            return family
-    return None

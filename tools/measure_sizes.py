@@ -1,11 +1,11 @@
 """Maintenance script: recompute component sizes and store them in models.json.
 
-    python -m model_registry.measure_sizes          # rewrite models.json
-    python -m model_registry.measure_sizes --check  # exit 1 if the stored numbers differ
+    python -m tools.measure_sizes          # rewrite models.json
+    python -m tools.measure_sizes --check  # exit 1 if the stored numbers differ
 
 Real components are built from component_configs.json on the meta device (no download,
 no memory); the demo's components are counted from the safetensors headers of a freshly
-written tiny repo. Run it after adding a model or changing a config.
+written demo repo (model_registry.demo). Run it after adding a model or changing a config.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .catalog import MODELS_FILE, read_catalogue_file
-from .families import FAMILIES
-from .sizes import ComponentSize, load_component_configs, measure
+from model_registry.catalog import MODELS_FILE, read_catalogue_file
+from model_registry.families import FAMILIES
+from model_registry.sizes import ComponentSize, load_component_configs, measure
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -47,11 +47,11 @@ def count_safetensors_folder(folder: Path) -> ComponentSize:
 
 
 def _measure_demo(model: dict[str, Any]) -> dict[str, ComponentSize]:
-    from .tiny_repos import write_tiny_repo
+    from model_registry.demo.repo import write_demo_repo
 
     family = FAMILIES[model["family"]]
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_tiny_repo(model["family"], Path(tmp) / "demo")
+        root = write_demo_repo(Path(tmp) / "demo")
         return {name: count_safetensors_folder(root / name) for name in family.weighted}
 
 
