@@ -156,26 +156,36 @@ def test_qwen_true_cfg_is_one_batched_forward_per_step(repos):
     steps = 3
     mp = build_pipeline(repos["qwen-image"], cpu_config(), 0)
     blocks = count_forwards(mp.components["transformer"].transformer_blocks[0])
-    ours = run(mp, "qwen-image", steps=steps, guidance=4.0, negative="blurry, low quality").astype(int)
+    ours = run(mp, "qwen-image", steps=steps, guidance=4.0, negative="blurry, low quality").astype(float) / 255
     assert blocks["n"] == steps  # cond + uncond in ONE forward per step
     assert mp.batcher.batched_forwards == steps and mp.batcher.served_from_batch == steps
     assert mp.batcher.real_forwards == steps
 
-    ref_pipe = QwenImagePipeline.from_pretrained(repos["qwen-image"], dtype=torch.bfloat16)
-    ref_pipe.set_progress_bar_config(disable=True)
-    ref_blocks = count_forwards(ref_pipe.transformer.transformer_blocks[0])
-    ref = ref_pipe(
-        "a cat on a chair",
-        negative_prompt="blurry, low quality",
-        width=64,
-        height=64,
-        num_inference_steps=steps,
-        true_cfg_scale=4.0,
-        generator=torch.Generator("cpu").manual_seed(1),
-    ).images[0]
-    assert ref_blocks["n"] == 2 * steps  # diffusers: two passes per step
-    diff = np.abs(np.asarray(ref).astype(int) - ours)
-    assert diff.mean() < 1.0 and diff.max() <= 8
+    counters: list[dict] = []  # forwards of the reference pipelines' first block
+
+    def diffusers_image(dtype, negative):
+        pipe = QwenImagePipeline.from_pretrained(repos["qwen-image"], dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        counters.append(count_forwards(pipe.transformer.transformer_blocks[0]))
+        image = pipe(
+            "a cat on a chair", negative_prompt=negative, width=64, height=64, num_inference_steps=steps,
+            true_cfg_scale=4.0, generator=torch.Generator("cpu").manual_seed(1), output_type="np",
+        ).images[0]
+        return np.asarray(image)
+
+    # The batch pads the shorter prompt (masked keys): in bf16 the longer softmax rounds
+    # differently, so the image is not bitwise diffusers' two-pass one; it must be as close to the
+    # float32 result as diffusers' own bf16 image is (measured: mean 0.0031 both, max 0.040 ours
+    # against 0.049 diffusers').
+    exact = diffusers_image(torch.float32, "blurry, low quality")
+    theirs = diffusers_image(torch.bfloat16, "blurry, low quality")
+    assert counters[-1]["n"] == 2 * steps  # diffusers: two passes per step
+    ours_err, theirs_err = np.abs(ours - exact), np.abs(theirs - exact)
+    assert ours_err.mean() <= 1.1 * theirs_err.mean() and ours_err.max() <= 1.25 * theirs_err.max()
+    # prompts of one token length need no padding: then the batch is bitwise the two passes
+    same_length = run(build_pipeline(repos["qwen-image"], cpu_config(), 0), "qwen-image", steps=steps, guidance=4.0, negative="a dog on a chair")
+    reference = diffusers_image(torch.bfloat16, "a dog on a chair")
+    assert np.array_equal(same_length, np.round(reference * 255).astype(np.uint8))
 
 
 def test_qwen_without_cfg_runs_one_plain_forward_per_step(repos):
