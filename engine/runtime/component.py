@@ -75,6 +75,7 @@ class VramRuntime:
         self.model = model
         self.config = config
         self.pool = pool
+        self.ledger: VramLedger = pool.ledger  # the pool's, which counts for every member
         self.name = name
         self.layers: list[ManagedLayer] = []
         self.active = False  # onloaded by the pipeline
@@ -111,9 +112,6 @@ class VramRuntime:
     def budget(self) -> "MemoryPool":
         return self.pool
 
-    @property
-    def ledger(self) -> VramLedger:
-        return self.pool.ledger
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
@@ -231,14 +229,16 @@ class VramRuntime:
             self.pool.bring_up(self)
         if self.trace is not None:
             self.trace.append(layer)
-        if layer.resident is None and self.wants_resident(layer):
+        resident = layer.resident
+        if resident is None and self.active and id(layer) in self.resident_plan:
             self._fill_resident(layer)
-        if layer.fast:
-            return self._run_in_place(layer, args, kwargs)
-        if layer.resident is not None:
-            return self._run_from(layer, layer.resident, True, args, kwargs)
-        if self._scheduled(layer):
-            return self.scheduler.compute(layer, args, kwargs)  # type: ignore[union-attr]
+            if layer.fast:
+                return self._run_in_place(layer, args, kwargs)
+            resident = layer.resident
+        if resident is not None:
+            return self._run_from(layer, resident, True, args, kwargs)
+        if self.scheduler is not None and self._scheduled(layer):
+            return self.scheduler.compute(layer, args, kwargs)
         return self._run_from(layer, self.stream_source(layer), False, args, kwargs)
 
     def _run_in_place(self, layer: ManagedLayer, args: tuple, kwargs: dict) -> Any:
