@@ -1,4 +1,4 @@
-"""The Gradio app. Never moves tensors: it talks to the engine only through `engine.studio.Studio`.
+"""The Gradio app. Never moves tensors: it talks to the engine only through `engine.generation.studio.Studio`.
 
     from ui import build_demo, launch
     launch(build_demo(studio), server_name="127.0.0.1", server_port=7860)

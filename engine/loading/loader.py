@@ -11,7 +11,7 @@ file for disk offload), then manage it with `enable_vram_management`.
 Steps, all validation first so a bad input leaves nothing loaded:
 1. files: a directory (config.json + shards, with or without an index json) or a list of shards;
    only .safetensors are accepted (pickle formats are never opened); every header is parsed
-   (engine.disk) and checked against the file size and the index.
+   (engine.storage.disk) and checked against the file size and the index.
 2. the model is built under accelerate's `init_empty_weights(include_buffers=False)`: parameters
    on meta, buffers real (rope tables computed in __init__ stay valid).
 3. checkpoint keys are mapped onto parameter names with the library's own mechanism
@@ -20,12 +20,12 @@ Steps, all validation first so a bad input leaves nothing loaded:
    tied parameters are tied with `model.tie_weights` and read once; missing, unexpected and
    mis-shaped keys are reported all together.
 4. shard by shard, in file order, each tensor is read into its storage form at the offload place
-   (bitwise what `engine.stored.store` makes: a bf16 file is read as is, an FP8 place quantizes
+   (bitwise what `engine.storage.stored.store` makes: a bf16 file is read as is, an FP8 place quantizes
    rows a chunk at a time), inside one host arena sized from the headers beforehand
-   (engine.host_arena: a GPU scheduler pins it in place), or becomes a `DiskStored` without
+   (engine.transfer.host_arena: a GPU scheduler pins it in place), or becomes a `DiskStored` without
    reading anything.
 5. `enable_vram_management(..., master_factory=...)` hands those masters to the managed layers;
-   disk offload gets a `DiskPrefetcher` (engine.prefetch) as the runtime's read-ahead.
+   disk offload gets a `DiskPrefetcher` (engine.loading.prefetch) as the runtime's read-ahead.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ class _Fp8Workspace:
 
 
 def _quantized(entry: TensorEntry, target: torch.dtype) -> bool:
-    """Does `store` keep this tensor as scaled FP8 (engine.fp8.should_quantize, from the header)?"""
+    """Does `store` keep this tensor as scaled FP8 (engine.storage.fp8.should_quantize, from the header)?"""
     return target in FP8_DTYPES and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
 
 
@@ -302,7 +302,7 @@ def read_stored(
     arena: HostArena | None = None,
 ) -> StoredTensor:
     """One checkpoint tensor in its storage form at a RAM `place`, bitwise what
-    `engine.stored.store` makes of the whole tensor, without ever holding the whole tensor in
+    `engine.storage.stored.store` makes of the whole tensor, without ever holding the whole tensor in
     the file's dtype when the place is FP8: rows are read and quantized a chunk at a time (the
     scale is per row, so chunking by rows changes nothing), in reused buffers. With `arena`, the
     stored tensors are views of it (`storage_layout` sized it)."""

@@ -1,7 +1,7 @@
 """Read-ahead of disk-offloaded layers in execution order, on one background thread.
 
 This serves the synchronous streaming path (the CPU, and layers a GPU schedule did not foresee).
-Layers the transfer scheduler streams (engine.scheduler) are read by its stager straight into
+Layers the transfer scheduler streams (engine.transfer.scheduler) are read by its stager straight into
 pinned staging buffers instead; the prefetcher never reads those (`runtime.is_scheduled`).
 
 The runtime calls one hook per synchronously streamed layer, `prefetcher.on_layer_start(record,

@@ -191,7 +191,7 @@ class DiskStored(StoredTensor):
     """A master copy that stays in its .safetensors file.
 
     `materialize` reads the bytes (positional read into a fresh tensor) and converts on the target
-    device; `to_place` makes a RAM/VRAM copy (quantized with engine.fp8 when the place is FP8).
+    device; `to_place` makes a RAM/VRAM copy (quantized with engine.storage.fp8 when the place is FP8).
     `nbytes` is the size in the file: what a streamed forward reads.
     """
 

@@ -1,4 +1,4 @@
-"""How one parameter is held in one place: plain, scaled FP8, or (see engine.disk) left in its file.
+"""How one parameter is held in one place: plain, scaled FP8, or (see engine.storage.disk) left in its file.
 
 A managed layer keeps a master copy of each parameter at the offload place and may hold more
 copies (onload, resident on the computation device). These classes know their byte size and how

@@ -5,7 +5,7 @@ process holds the model twice (about 76 GB for a 20B DiT in bf16). `load_model` 
 tensor's storage size from the checkpoint headers before it reads a byte, so it lays the masters
 out in one page-aligned anonymous mapping of exactly their size and reads (or quantizes) each
 tensor into its place. When a scheduler later wants pinned memory, the device registers that
-mapping in place (cudaHostRegister): no copy, no second buffer (engine.pinned).
+mapping in place (cudaHostRegister): no copy, no second buffer (engine.transfer.pinned).
 
 The mapping is `mmap`ed, not taken from the heap, so its pages are touched only as tensors are
 written and return to the OS as a whole when the last view of it dies.

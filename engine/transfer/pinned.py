@@ -2,7 +2,7 @@
 
 Per-tensor `pin_memory()` goes through the caching host allocator, which rounds every block up
 (users of diffusers' group offloading report ~2x host RAM). Here a component loaded by
-`load_model` already has its masters in one exact-size host arena (engine.host_arena), which is
+`load_model` already has its masters in one exact-size host arena (engine.transfer.host_arena), which is
 registered with the device in place: pinning costs no copy and no second buffer. Masters of a
 model managed after it was built in RAM are packed, 256-byte aligned, into a single pinned buffer
 of exactly their size, and the stored copies are re-pointed at views of it. What does not fit
@@ -118,7 +118,7 @@ Part = tuple[StoredTensor, str]  # a stored copy and the attribute holding one o
 class PinnedArena:
     """The pinned memory of one component and what it holds.
 
-    Masters the loader read into a host arena (engine.host_arena) are pinned where they are, by
+    Masters the loader read into a host arena (engine.transfer.host_arena) are pinned where they are, by
     registering that arena with the device: as much of it as the budget allows, whole pages, no
     tensor cut in two. Other host masters (a model managed after it was built in RAM) are moved,
     one tensor at a time, into a new host arena of exactly their size, which is then registered;

@@ -9,7 +9,7 @@ slots), cyclically, so group 0 of step t+1 loads during the tail of step t.
 
 Sources that are not in pinned memory go through the `Stager`, a worker thread with two pinned
 staging buffers: pageable host tensors are copied into a staging buffer, and disk-offloaded
-parameters (`engine.disk.DiskStored`) are read with a positional read straight into one; the
+parameters (`engine.storage.disk.DiskStored`) are read with a positional read straight into one; the
 device copy is then enqueued from the staging view. A group with any such source is staged as a
 whole by the worker, so the thread launching compute never blocks on a read or a pageable copy,
 and host RAM stays at the two staging buffers however many steps run (a single tensor larger than
