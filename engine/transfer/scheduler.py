@@ -35,6 +35,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from engine.transfer.devices import DeviceBackend
+from engine.transfer.host_arena import HostArena
 from engine.storage.disk import DiskStored, TensorEntry
 from engine.storage.fp8 import dequantize
 from engine.transfer.pinned import aligned, exact_pinned
@@ -67,7 +68,7 @@ class StreamedComponent(Protocol):
     stats: StreamStats
     execution_order: list[LayerRecord] | None
     layers: list[LayerRecord]
-    host_arena: Any
+    host_arena: HostArena | None
 
     @property
     def ledger(self) -> VramLedger: ...
@@ -117,7 +118,7 @@ def group_key(record: LayerRecord) -> str:
     return record.block or record.name
 
 
-def build_groups(order: list[LayerRecord], source_of: Any) -> list[Group]:
+def build_groups(order: list[LayerRecord], source_of: Callable[[LayerRecord], dict[str, StoredTensor]]) -> list[Group]:
     """Consecutive streamed layers of one block form a group; layout each group's slot image."""
     groups: list[Group] = []
     for record in order:
@@ -138,7 +139,7 @@ def build_groups(order: list[LayerRecord], source_of: Any) -> list[Group]:
     return groups
 
 
-def slice_layout(stored: Any) -> list[tuple[str, int, torch.dtype, torch.Size]]:
+def slice_layout(stored: StoredTensor) -> list[tuple[str, int, torch.dtype, torch.Size]]:
     """(part, nbytes, dtype, shape) of each piece of a stored copy that crosses to the device:
     its host tensors, or its file entry when it is a disk master."""
     if isinstance(stored, DiskStored):
@@ -177,7 +178,7 @@ class StreamTimer:
         if start is not None:
             self.pending[kind].append((start, self.backend.timing_event(stream)))
 
-    def collect(self, stats: Any) -> None:
+    def collect(self, stats: StreamStats) -> None:
         """Add every completed pair's seconds to `stats.copy_seconds` / `stats.compute_seconds`."""
         for kind, pairs in self.pending.items():
             while pairs:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import VramConfig
+from engine.config import VramConfig, parse_vram_limit
 from engine.management import (
     layer_state_counts,
     offload_model,
@@ -360,8 +360,6 @@ def build_pipeline(
     """Build the pipeline in the diffusers repo at `path` with every weighted component managed
     under `vram_config`, all sharing one budget of `vram_limit` GB; everything starts offloaded."""
     import diffusers
-
-    from engine.config import parse_vram_limit
 
     path = Path(path)
     config = VramConfig.from_dict(vram_config)
