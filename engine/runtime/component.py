@@ -29,7 +29,8 @@ from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, st
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import HostArena
 from engine.transfer.pinned import PinnedArena, PinnedBudget
-from engine.transfer.scheduler import Stager, StreamStats, TransferScheduler, max_group_bytes
+from engine.transfer.scheduler import Stager, TransferScheduler, max_group_bytes
+from engine.transfer.streamed import StreamStats
 
 if TYPE_CHECKING:
     from engine.runtime.pool import MemoryPool

@@ -11,15 +11,30 @@ loading, not whichever component happened to load first.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from engine.config import limit_to_bytes, parse_vram_limit
 from engine.planning import planner
 from engine.planning.ledger import LedgerSnapshot, VramLedger
 from engine.transfer.pinned import PROCESS_PINNED_BUDGET, PinnedBudget
 
-if TYPE_CHECKING:
-    from engine.runtime.component import VramRuntime
+
+
+class PoolMember(Protocol):
+    """What the pool needs of a member (engine.runtime.component.VramRuntime)."""
+
+    name: str
+    active: bool
+    fixed_bytes: int
+    pin_priority: int
+
+    def costs(self) -> planner.MemberCost: ...
+
+    def apply_plan(self, resident: frozenset[int], depth: int) -> None: ...
+
+    def needs_pinning(self) -> bool: ...
+
+    def pin_masters(self) -> None: ...
 
 
 class MemoryPool:
@@ -28,13 +43,13 @@ class MemoryPool:
     def __init__(self, limit_gb: float | None = None, pinned: PinnedBudget | None = None):
         self.limit_gb = parse_vram_limit(limit_gb)
         self.ledger = VramLedger()
-        self.members: list["VramRuntime"] = []
+        self.members: list[PoolMember] = []
         self._activation_reserve_bytes = 0
         # Set by OOM recovery: resident bytes stay under this even when the limit would allow more.
         self.residency_cap_bytes: int | None = None
         # Called when a layer of a component that is not onloaded runs: a pipeline sets it to switch
         # stages (onload that component, offload the others). None: stream from the offload place.
-        self.on_demand: Callable[["VramRuntime"], None] | None = None
+        self.on_demand: Callable[[PoolMember], None] | None = None
         self.pinned = pinned if pinned is not None else PROCESS_PINNED_BUDGET
         self.last_plan: planner.Plan | None = None
 
@@ -81,17 +96,17 @@ class MemoryPool:
         self.ledger.reset_peak()
 
     # --- members ----------------------------------------------------------------------------------
-    def join(self, member: "VramRuntime") -> None:
+    def join(self, member: PoolMember) -> None:
         self.members.append(member)
         self.ledger.add_fixed(member.fixed_bytes)
 
-    def leave(self, member: "VramRuntime") -> None:
+    def leave(self, member: PoolMember) -> None:
         """A member leaves management (engine.disable_vram_management)."""
         self.members.remove(member)
         self.ledger.remove_fixed(member.fixed_bytes)
         self.replan()
 
-    def bring_up(self, member: "VramRuntime") -> None:
+    def bring_up(self, member: PoolMember) -> None:
         """A layer of `member` runs while it is offloaded: the pipeline's stage switch decides."""
         if self.on_demand is not None:
             self.on_demand(member)

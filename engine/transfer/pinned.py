@@ -27,7 +27,7 @@ from engine.transfer.host_arena import ALIGN, HostArena, aligned, layout_bytes, 
 from engine.storage.stored import StoredTensor
 
 if TYPE_CHECKING:
-    from engine.transfer.scheduler import StreamedComponent
+    from engine.transfer.streamed import StreamedComponent
 
 DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
 TRIM_EVERY_BYTES = 8 * 1024**2  # while moving masters: give freed heap back to the OS this often (~0.1 ms)

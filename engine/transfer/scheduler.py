@@ -30,54 +30,22 @@ import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
 from engine.transfer.devices import DeviceBackend
-from engine.transfer.host_arena import HostArena
 from engine.storage.disk import DiskStored, TensorEntry
 from engine.storage.fp8 import dequantize
 from engine.transfer.pinned import aligned, exact_pinned
+from engine.transfer.streamed import StreamedComponent, StreamStats
 from engine.planning.planner import MAX_DEPTH
 
 from engine.layers.state import ManagedLayer as LayerRecord
-from engine.planning.ledger import VramLedger
 from engine.storage.stored import StoredTensor
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class StreamStats:
-    """Counters of one component's streaming, which the telemetry panel reads."""
-
-    streamed_bytes: int = 0
-    streamed_layers: int = 0
-    copy_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    forwards: int = 0
-    sync_fallbacks: int = 0  # streamed layers the traced schedule did not foresee
-    oom_retries: int = 0
-
-
-class StreamedComponent(Protocol):
-    """What the transfer path needs of the component it streams (engine.runtime.component.VramRuntime)."""
-
-    comp_dtype: torch.dtype
-    stats: StreamStats
-    execution_order: list[LayerRecord] | None
-    layers: list[LayerRecord]
-    host_arena: HostArena | None
-
-    @property
-    def ledger(self) -> VramLedger: ...
-
-    def stream_source(self, layer: LayerRecord) -> dict[str, StoredTensor]: ...
-
-    def wants_resident(self, layer: LayerRecord) -> bool: ...
-
-    def planning_order(self) -> list[LayerRecord]: ...
 
 DISK_PART = "file"  # SliceSpec.part of a parameter read from its .safetensors file
 
