@@ -113,7 +113,6 @@ class VramRuntime:
     def budget(self) -> "MemoryPool":
         return self.pool
 
-
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
             f"{self.name}: a model under VRAM management cannot be deep-copied: call "
@@ -201,8 +200,9 @@ class VramRuntime:
 
     # --- residency ----------------------------------------------------------------------------
     def apply_plan(self, resident: frozenset[int], depth: int) -> None:
-        """Take this component's part of a plan. The schedule is laid out again only when the
-        set of streamed layers or the prefetch depth changed."""
+        """Take this component's part of a plan: copies that lost residency are dropped now. The
+        schedule is laid out again only when the streamed set, the prefetch depth or the onload
+        state changed (a re-plan for another component leaves this one's slots alone)."""
         mine = frozenset(resident.intersection(id(layer) for layer in self.layers))
         # an onload or offload changes what streams from where, and frees or needs the slots
         changed = mine != self.resident_plan or depth != self.stream_depth or self.active != self._planned_active
