@@ -128,3 +128,21 @@ def test_copy_and_compute_times_are_cuda_event_times():
     runtime.collect_timings()
     assert not runtime.scheduler.timer.pending["copy"] and not runtime.scheduler.timer.pending["compute"]
     assert runtime.stats.copy_seconds > before[0] and runtime.stats.compute_seconds > before[1]
+
+
+def test_host_wait_on_a_copy_event_sleeps_instead_of_spinning():
+    """`CudaBackend.record` makes blocking-sync events: waiting on one behind a long kernel costs
+    the host thread little CPU time (a default event spins a core for the whole wait)."""
+    import time
+
+    from engine.transfer.devices import CudaBackend
+
+    backend = CudaBackend("cuda")
+    stream = backend.copy_stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
+    event = backend.record(stream)
+    wall, cpu = time.perf_counter(), time.process_time()
+    backend.host_wait(event)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert wall > 0.1 and cpu < 0.5 * wall, (wall, cpu)

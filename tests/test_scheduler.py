@@ -476,3 +476,25 @@ def test_what_counts_as_out_of_memory(error, expected):
     from engine.runtime.oom import is_oom
 
     assert is_oom(error) is expected
+
+
+# --- the CUDA backend's host-side details, without a GPU ----------------------------------------
+def test_events_the_host_waits_on_block_and_timing_events_stay_apart(monkeypatch):
+    """A default CUDA event spins a core in `synchronize()`; the stager's worker waits on the copy
+    events every group, so those are blocking-sync events. Timing events are only queried."""
+    from engine.transfer.devices import CudaBackend
+
+    made: list[dict] = []
+
+    class FakeEvent:
+        def __init__(self, **flags):
+            made.append(flags)
+
+        def record(self, stream):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    backend = object.__new__(CudaBackend)  # no device: only the event flags are checked
+    backend.record("copy")
+    backend.timing_event("copy")
+    assert made == [{"blocking": True}, {"enable_timing": True}]

@@ -171,7 +171,9 @@ class CudaBackend(DeviceBackend):
         return self._copy_stream
 
     def record(self, stream: Any) -> Any:
-        event = torch.cuda.Event()
+        # the host waits on these (slot teardown, the stager's buffers): a blocking-sync event
+        # sleeps in the driver, where a default one spins a core; timing events stay apart
+        event = torch.cuda.Event(blocking=True)
         event.record(stream)
         return event
 
