@@ -498,3 +498,52 @@ def test_events_the_host_waits_on_block_and_timing_events_stay_apart(monkeypatch
     backend.record("copy")
     backend.timing_event("copy")
     assert made == [{"blocking": True}, {"enable_timing": True}]
+
+
+@pytest.mark.parametrize(
+    ("binding", "mapped", "loadable", "cleared_by"),
+    [
+        (True, ["/opt/cuda/libcudart.so.12.4"], {"/opt/cuda/libcudart.so.12.4", "libcudart.so"}, "torch"),
+        (False, ["/opt/cuda/libcudart.so.12.4"], {"/opt/cuda/libcudart.so.12.4", "libcudart.so"}, "/opt/cuda/libcudart.so.12.4"),
+        (False, [], {"libcudart.so.12", "libcudart.so.13"}, "libcudart.so.12"),
+        (False, ["/gone/libcudart.so.12"], {"libcudart.so.13"}, "libcudart.so.13"),
+        (False, [], set(), None),
+    ],
+    ids=["torch-binding", "mapped-libcudart", "by-name", "mapped-but-unloadable", "none"],
+)
+def test_a_failed_registration_clears_the_cuda_error_with_whatever_runtime_is_there(binding, mapped, loadable, cleared_by, monkeypatch, tmp_path, caplog):
+    """torch's cudart binding first (when it has cudaGetLastError), then the libcudart the process
+    mapped, then the usual library names; nothing found is a no-op with a debug line."""
+    import ctypes
+    import logging
+    import types
+
+    from engine.transfer import devices
+
+    cleared: list[str] = []
+
+    def clearer(name):
+        return lambda: cleared.append(name) or 0
+
+    binding_module = types.SimpleNamespace(cudaGetLastError=clearer("torch")) if binding else types.SimpleNamespace()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: binding_module)
+    maps = tmp_path / "maps"
+    maps.write_text("".join(f"7f00-7f01 r-xp 00000000 08:01 42 {path}\n" for path in mapped) + "7f02-7f03 r--p 0 08:01 7 /usr/lib/libc.so.6\n")
+    monkeypatch.setattr(devices, "MAPS", str(maps))
+    opened: list[str] = []
+
+    def cdll(name):
+        opened.append(name)
+        if name not in loadable:
+            raise OSError(f"{name}: cannot open shared object file")
+        return types.SimpleNamespace(cudaGetLastError=clearer(name))
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    with caplog.at_level(logging.DEBUG, logger=devices.__name__):
+        devices._clear_cuda_error()
+    assert cleared == ([cleared_by] if cleared_by else [])
+    if cleared_by == "torch":
+        assert opened == []
+    if cleared_by is None:
+        assert opened == mapped + list(devices.CUDART_NAMES)
+        assert "no cudaGetLastError found" in caplog.text
