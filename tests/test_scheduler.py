@@ -547,3 +547,53 @@ def test_a_failed_registration_clears_the_cuda_error_with_whatever_runtime_is_th
     if cleared_by is None:
         assert opened == mapped + list(devices.CUDART_NAMES)
         assert "no cudaGetLastError found" in caplog.text
+
+
+# --- the end of a run -----------------------------------------------------------------------------
+def test_no_prefetch_past_the_last_forward_and_streamed_bytes_are_the_groups_consumed(monkeypatch):
+    """Wrap-around prefetch loads the next step's first groups; after the last step (the owner
+    says so with `forwards_left`) there is none, so nothing is copied (or read from disk) for it.
+    Streamed bytes count groups a forward entered, not copies issued ahead."""
+    plain = make_stack()
+    backend = RecordingBackend()
+    model = scheduled(plain, CPU, 0, backend, monkeypatch)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    model(X)  # traced, synchronous
+    before = runtime.stats.streamed_bytes
+    model(X)  # the first scheduled forward: its wrap-around prefetch is the next forward's
+    scheduler = runtime.scheduler
+    per_forward = sum(g.nbytes for g in scheduler.groups)
+    assert runtime.stats.streamed_bytes - before == per_forward
+    assert scheduler.groups[0].index in scheduler.loaded  # the next step's first group is in flight
+    runtime.forwards_left = 2  # two more forwards (say cond and uncond of the last step)
+    model(X)
+    assert scheduler.groups[0].index in scheduler.loaded and runtime.forwards_left == 1
+    copies = len(backend.streams["copy"])
+    assert torch.equal(model(X), plain(X))
+    assert scheduler.loaded == {} and runtime.forwards_left == 0
+    assert runtime.stats.streamed_bytes - before == 3 * per_forward
+    # the last forward copied its groups but the ones already in flight, and no group beyond
+    copied = sum(op[0] == "copy" for op in backend.streams["copy"][copies:])
+    prefetched_slices = len(scheduler.groups[0].slices)
+    assert copied == sum(len(g.slices) for g in scheduler.groups) - prefetched_slices
+    backend.check_ordering()
+
+
+def test_a_cancelled_staging_job_is_skipped_and_the_worker_lives_on():
+    """A dropped schedule cancels the jobs still queued on the worker (reads nobody will use);
+    the worker skips them instead of running them and dying on the cancelled future."""
+    import threading
+
+    from engine.transfer.scheduler import Stager
+
+    stager = Stager(PinningBackend(), 1024)
+    gate = threading.Event()
+    ran: list[str] = []
+    first = stager.submit(lambda: gate.wait(5) and ran.append("first"))
+    second = stager.submit(lambda: ran.append("second"))
+    assert second.cancel()
+    gate.set()
+    stager.submit(lambda: ran.append("third")).result(timeout=5)
+    assert first.done() and ran == ["first", "third"]
+    stager.close()

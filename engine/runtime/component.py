@@ -129,6 +129,9 @@ class VramRuntime:
         self.arena: Any = None  # engine.pinned.PinnedArena, while a scheduler streams
         self.host_arena: Any = None  # engine.host_arena.HostArena the loader read the masters into
         self.stream_depth = 1
+        # forwards the owner still expects, the running one included (None: unknown); at 1 the
+        # scheduler does not prefetch into a next forward that will not come (engine.scheduler)
+        self.forwards_left: int | None = None
 
     # --- sizes -------------------------------------------------------------------------------
     def shapes(self, record: LayerRecord) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -360,6 +363,8 @@ class VramRuntime:
             self.trace = None
         if self.scheduler is not None:
             self.scheduler.end_forward()
+        if self.forwards_left:
+            self.forwards_left -= 1
 
     def planning_order(self) -> list[LayerRecord]:
         """Traced execution order, then any layer the trace did not see, in registration order."""

@@ -216,6 +216,8 @@ class TransferScheduler:
         failed = False
         for loaded in self.loaded.values():
             event = loaded.event
+            if isinstance(event, Future) and event.cancel():
+                continue  # still queued on the worker: it never reads or copies anything
             if isinstance(event, Future) and event.exception() is not None:  # waits for the job
                 failed = True
             else:
@@ -248,7 +250,6 @@ class TransferScheduler:
             event = self._copy_group(index, slot, free_event)
         self.loaded[index] = Loaded(slot, event)
         self.slot_owner[slot] = index
-        self.runtime.stats.streamed_bytes += self.groups[index].nbytes
 
     def _copy_group(self, index: int, slot: int, free_event: Any) -> Any:
         """Enqueue the group's copies into `slot` on the copy stream; returns the copy-done event.
@@ -292,7 +293,11 @@ class TransferScheduler:
     def _prefetch_after(self, index: int) -> None:
         n = len(self.groups)
         for k in range(1, self.depth + 1):
-            ahead = (index + k) % n  # wraps into the next step
+            ahead = index + k
+            if ahead >= n:
+                if not self._next_forward_expected():
+                    return
+                ahead %= n  # wraps into the next step
             if ahead in self.loaded:
                 continue
             slot = self._free_slot()
@@ -322,6 +327,7 @@ class TransferScheduler:
                 self.slot_owner[slot] = None
             self._issue(index, slot)
         self.current = index
+        self.runtime.stats.streamed_bytes += self.groups[index].nbytes  # consumed, not just issued
         compute = self.backend.compute_stream()
         self.backend.wait(compute, self._event(self.loaded[index]))
         self._compute_start = self.timer.start(compute)  # after the wait: compute time excludes stalls
@@ -380,13 +386,21 @@ class TransferScheduler:
 
     def end_forward(self) -> None:
         """The component's forward returned: free the last group's slot and keep prefetching
-        from the top of the order, so the next step starts with its first groups loaded."""
+        from the top of the order, so the next step starts with its first groups loaded (unless
+        the owner said no forward follows)."""
         if not self.groups or self.current is None:
             return
         last = self.current
         self._finish_current()
         self._prefetch_after(last)
         self.timer.collect(self.runtime.stats)
+
+    def _next_forward_expected(self) -> bool:
+        """Does another forward follow this one, so that prefetch may wrap into it? The owner says
+        so when it knows (`runtime.forwards_left`: forwards still to run, this one included; a
+        pipeline sets it before its last step); not knowing means yes."""
+        left = getattr(self.runtime, "forwards_left", None)
+        return left is None or left > 1
 
     def slots_in_flight(self) -> int:
         return len(self.loaded)
@@ -504,12 +518,15 @@ def _unpin_staging(backend: DeviceBackend, registered: list[torch.Tensor], done:
 
 
 def _run_jobs(jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]") -> None:
-    """The stager's worker loop: run each job, hand its result (or error) to its future."""
+    """The stager's worker loop: run each job, hand its result (or error) to its future; a job
+    whose future was cancelled while it waited (a schedule dropped) is skipped."""
     while True:
         item = jobs.get()
         if item is None:
             return
         job, future = item
+        if not future.set_running_or_notify_cancel():
+            continue
         try:
             future.set_result(job())
         except BaseException as exc:  # surfaced to the compute thread through the future
