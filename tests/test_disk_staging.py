@@ -127,6 +127,25 @@ def test_disk_layers_stream_through_staging_buffers(qwen_checkpoint, monkeypatch
     assert runtime.budget.transient_bytes == 0
 
 
+def test_staging_buffers_are_counted_in_the_pinned_budget(qwen_checkpoint):
+    """Disk offload pins little but its staging buffers (two of the largest group: ~3-4 GB for
+    Qwen-Image): they are taken from the pinned-RAM budget and returned on close."""
+    from diffusers import QwenImageTransformer2DModel
+
+    _, directory, inputs = qwen_checkpoint
+    model = load_model(QwenImageTransformer2DModel, directory, vram_config=DISK, vram_limit=0, prefetch=False)
+    runtime = runtime_of(model)
+    budget = PinnedBudget(limit_bytes=GB)
+    runtime.use_scheduler(PinningBackend(), budget)
+    stager = runtime.scheduler.stager
+    assert stager.pinned_bytes == 2 * stager.buffer_bytes > 0
+    assert budget.used == runtime.arena.report.pinned_bytes + stager.pinned_bytes
+    for _ in range(2):
+        forward(model, inputs)
+    runtime.close_scheduler()
+    assert budget.used == 0
+
+
 def test_mixed_layers_and_oversize_tensors(qwen_checkpoint, monkeypatch):
     cls, directory, inputs = qwen_checkpoint
     reference = run_model(load_model(cls, directory, vram_config=DISK, vram_limit=0, prefetch=False), inputs)

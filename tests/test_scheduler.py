@@ -340,9 +340,11 @@ def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
     runtime.use_scheduler(backend, pinned_budget)
     report = runtime.arena.report
     assert 0 < report.pinned_bytes <= half and report.pageable_bytes > 0
-    assert pinned_budget.used == report.pinned_bytes
     stager = runtime.scheduler.stager
     assert stager is not None
+    # the staging buffers are pinned within the budget too, held back from the masters first
+    assert stager.pinned_bytes == 2 * stager.buffer_bytes and all(backend.is_pinned(b) for b in stager.buffers)
+    assert pinned_budget.used == report.pinned_bytes + stager.pinned_bytes <= half
     log_computes(backend, monkeypatch)
     for _ in range(4):
         assert torch.equal(model(X), plain(X))
@@ -596,4 +598,56 @@ def test_a_cancelled_staging_job_is_skipped_and_the_worker_lives_on():
     gate.set()
     stager.submit(lambda: ran.append("third")).result(timeout=5)
     assert first.done() and ran == ["first", "third"]
+    stager.close()
+
+
+# --- staging buffers: sized for every form a group streams from, pinned within the budget ---------
+FP8_OFFLOAD_BF16_ONLOAD = dict(CPU, offload_dtype="float8_e4m3fn", onload_dtype="bfloat16", preparing_dtype="bfloat16")
+
+
+def test_staging_buffers_fit_the_onload_copies_of_an_fp8_offload(monkeypatch):
+    """On a GPU the scheduler starts before onload, when a layer streams from its FP8 master;
+    onloaded it streams from its bf16 onload copy, twice the size. Staging buffers sized from the
+    masters made every group outgrow its buffer (and wait for the copy stream midway)."""
+    from engine.transfer.pinned import PinnedBudget
+
+    plain = make_stack()
+    reference = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0, onload=False)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    backend = PinningBackend()
+    runtime.use_scheduler(backend, PinnedBudget(limit_bytes=10 * GB))
+    stager = runtime.scheduler.stager
+    runtime.onload()
+    log_computes(backend, monkeypatch)
+    for _ in range(4):
+        assert torch.equal(model(X), reference(X))
+    backend.check_ordering()
+    scheduler = runtime.scheduler
+    assert all(g.pageable for g in scheduler.groups) and stager.staged_bytes > 0
+    assert stager.overflows == 0 and runtime.stats.sync_fallbacks == 0
+    assert stager.buffer_bytes == max(g.nbytes for g in scheduler.groups)  # the bf16 form, exactly
+
+
+def test_staging_buffers_the_budget_has_no_room_for_stay_pageable_and_say_so(caplog):
+    import logging
+
+    from engine.transfer.devices import CpuBackend
+    from engine.transfer.pinned import PinnedBudget
+    from engine.transfer.scheduler import Stager
+
+    backend = PinningBackend()
+    budget = PinnedBudget(limit_bytes=1500)
+    with caplog.at_level(logging.WARNING, logger="engine.transfer.scheduler"):
+        stager = Stager(backend, 1024, budget=budget)
+    assert stager.pinned_bytes == budget.used == 1024  # taken before pinning
+    assert backend.is_pinned(stager.buffers[0]) and not backend.is_pinned(stager.buffers[1])
+    assert "1 of 2 staging buffers (0.0 MB each) are pageable" in caplog.text
+    stager.close()
+    assert budget.used == 0  # given back on close
+    # a device that pins nothing keeps nothing of the budget (and has nothing to say)
+    caplog.clear()
+    stager = Stager(CpuBackend(), 1024, budget=budget)
+    assert stager.pinned_bytes == budget.used == 0 and "pageable" not in caplog.text
     stager.close()

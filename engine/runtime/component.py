@@ -301,25 +301,13 @@ class VramRuntime:
         """Stream through a TransferScheduler on `backend` (engine.devices) instead of layer by
         layer: host masters are pinned (in place where the device can register memory) under the
         pinned-RAM budget (engine.pinned); what stays pageable, and masters left on disk, go
-        through a worker thread's pinned staging buffers (each the size of the largest group)."""
-        from engine.storage.disk import DiskStored
-        from engine.transfer.pinned import PROCESS_PINNED_BUDGET, PinnedArena
-        from engine.transfer.scheduler import Stager, TransferScheduler, max_group_bytes
+        through a worker thread's staging buffers (each the size of the largest group in any form
+        it streams from), pinned under the same budget (engine.scheduler.pin_and_stage)."""
+        from engine.transfer.pinned import PROCESS_PINNED_BUDGET
+        from engine.transfer.scheduler import TransferScheduler, pin_and_stage
 
         self.close_scheduler()
-        self.arena = PinnedArena(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
-        self.arena.build()
-        masters = [s for r in self.layers for s in r.masters.values()]
-        # a worker is needed for what cannot be copied asynchronously as it is: disk masters,
-        # host tensors left pageable, and onload copies (made in pageable RAM at each onload)
-        needs_staging = (
-            any(isinstance(s, DiskStored) for s in masters)
-            or any(not backend.is_pinned(t) for s in masters for _, t in s.parts())
-            or (self.onload_place != self.offload_place and not self.onload_is_resident)
-        )
-        stager = None
-        if needs_staging:
-            stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
+        self.arena, stager = pin_and_stage(self, backend, pinned_budget or PROCESS_PINNED_BUDGET)
         self.scheduler = TransferScheduler(self, backend, stager)
         self.budget.replan()
 

@@ -24,6 +24,7 @@ synchronous path and are counted in `stats.sync_fallbacks`.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import weakref
@@ -37,8 +38,10 @@ from torch import nn
 
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
+from engine.config import FP8_DTYPES
 from engine.storage.fp8 import dequantize
-from engine.transfer.pinned import aligned, exact_pinned
+from engine.storage.stored import storage_dtype_for
+from engine.transfer.pinned import PINNED_RAM_ENV, PROCESS_PINNED_BUDGET, PinnedArena, PinnedBudget, aligned, budgeted_pinned
 from engine.planning.planner import MAX_DEPTH
 
 if TYPE_CHECKING:
@@ -121,10 +124,59 @@ def slice_layout(stored: Any) -> list[tuple[str, int, torch.dtype, torch.Size]]:
 def max_group_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int:
     """The largest group's slot bytes if `records` were all streamed (0 if they cannot be slot-copied)."""
     try:
-        groups = build_groups(records, runtime.stream_source)
+        return _largest_group(records, lambda r: _stored_bytes(runtime.stream_source(r)))
     except TypeError:
         return 0
-    return max((g.nbytes for g in groups), default=0)
+
+
+def staging_bytes(runtime: "VramRuntime", records: list["LayerRecord"]) -> int:
+    """Bytes of one staging buffer: the largest group in any form the component streams it from,
+    its masters or, once onloaded, its onload copies (FP8 offload with bf16 onload: about twice
+    the masters'). Sized from the masters alone, every group of onload copies would outgrow a
+    buffer, and the worker would wait for the copy stream in the middle of each."""
+    try:
+        largest = _largest_group(records, lambda r: _stored_bytes(r.masters))
+    except TypeError:
+        largest = 0
+    if makes_onload_copies(runtime):
+        largest = max(largest, _largest_group(records, lambda r: _onload_copy_bytes(runtime, r)))
+    return largest
+
+
+def makes_onload_copies(runtime: "VramRuntime") -> bool:
+    """Does onloading the component make a separate copy of each layer (VramRuntime.onload)?"""
+    return runtime.onload_place != runtime.offload_place and not runtime.onload_is_resident
+
+
+def _largest_group(records: list["LayerRecord"], bytes_of: "Callable[[LayerRecord], list[int]]") -> int:
+    """The largest slot image of consecutive layers of one block (laid out as `build_groups`
+    does: each piece 256-byte aligned), given the bytes of each layer's pieces."""
+    largest = size = 0
+    key = None
+    for record in records:
+        if group_key(record) != key:
+            key, size = group_key(record), 0
+        size += sum(aligned(n) for n in bytes_of(record))
+        largest = max(largest, size)
+    return largest
+
+
+def _stored_bytes(source: dict[str, Any]) -> list[int]:
+    return [nbytes for stored in source.values() for _, nbytes, _, _ in slice_layout(stored)]
+
+
+def _onload_copy_bytes(runtime: "VramRuntime", record: "LayerRecord") -> list[int]:
+    """Bytes of each piece of a layer's onload copy, from its shapes: the copy is made at each
+    onload (StoredTensor.to_place), so it may not exist yet. FP8 matrices carry a float32 scale
+    per output channel."""
+    out: list[int] = []
+    place = runtime.onload_place
+    for shape, dtype in runtime.shapes(record).values():
+        target = storage_dtype_for(dtype, len(shape), place.dtype, runtime.comp_dtype)
+        out.append(math.prod(shape) * target.itemsize)
+        if target in FP8_DTYPES and len(shape) >= 2:
+            out.append(shape[0] * 4)
+    return out
 
 
 class StreamTimer:
@@ -412,22 +464,32 @@ class Stager:
 
     Pageable host tensors are copied in (`stage`); disk-offloaded parameters are read from their
     file straight into the buffer (`read`). Two staging buffers alternate; before one is refilled
-    the worker waits (on its own thread) for the device copy that read it last.
+    the worker waits (on its own thread) for the device copy that read it last. The buffers are
+    pinned within the pinned-RAM budget; a buffer the budget has no room for stays pageable.
     """
 
-    def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2):
+    def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2, budget: PinnedBudget = PROCESS_PINNED_BUDGET):
         self.backend = backend
         self.buffer_bytes = buffer_bytes
         self.buffers: list[torch.Tensor] = []
         registered: list[torch.Tensor] = []
+        self.pinned_bytes = 0  # of the buffers, taken from `budget` until close
+        refused = 0
         for _ in range(n_buffers):
-            buffer, is_registered = exact_pinned(backend, buffer_bytes)
+            buffer, how = budgeted_pinned(backend, buffer_bytes, budget)
             self.buffers.append(buffer)
-            if is_registered:
-                registered.append(buffer)
+            registered += [buffer] if how == "registered" else []
+            self.pinned_bytes += buffer_bytes if how in ("registered", "pinned") else 0
+            refused += how == "refused"
+        if refused:
+            log.warning(
+                "%d of %d staging buffers (%.1f MB each) are pageable: the pinned-RAM budget has %.1f of %.1f GB left "
+                "(%s sets it); copies through them are synchronous and slower",
+                refused, n_buffers, buffer_bytes / 1024**2, budget.room / 1024**3, budget.limit_bytes / 1024**3, PINNED_RAM_ENV,
+            )
         self.buffer_done: list[Any] = [None] * n_buffers
         # unpin after the last copies that read the buffers, on close or when the stager is dropped
-        self._unpin = weakref.finalize(self, _unpin_staging, backend, registered, self.buffer_done)
+        self._unpin = weakref.finalize(self, _unpin_staging, backend, registered, self.buffer_done, budget, self.pinned_bytes)
         self.current = 0
         self.offset = 0
         self.used_in_group: set[int] = set()
@@ -440,6 +502,8 @@ class Stager:
         self.staged_bytes = 0  # bytes that went through the staging buffers (copies and reads)
         self.read_bytes = 0  # of which read from checkpoint files
         self.fresh_reads = 0  # file tensors larger than a staging buffer, read into a fresh tensor
+        self.overflows = 0  # groups that outgrew a staging buffer (the worker then waits for copies)
+        self._overflowed = False  # the current group did
 
     def submit(self, job: "Callable[[], Any]") -> Future:
         future: Future = Future()
@@ -476,6 +540,8 @@ class Stager:
     def _reserve(self, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
         """The next `nbytes` of staging memory, once no device copy still reads them."""
         if self.offset + nbytes > self.buffer_bytes:
+            self.overflows += not self._overflowed
+            self._overflowed = True
             self._switch()
             if self.current in self.used_in_group:
                 # the group outgrew both buffers: wait for the copies already enqueued from this one
@@ -496,6 +562,7 @@ class Stager:
         for index in self.used_in_group:
             self.buffer_done[index] = event
         self.used_in_group = set()
+        self._overflowed = False
         self._switch()
 
     def close(self) -> None:
@@ -510,11 +577,48 @@ class Stager:
         self._unpin()
 
 
-def _unpin_staging(backend: DeviceBackend, registered: list[torch.Tensor], done: list[Any]) -> None:
+def _unpin_staging(backend: DeviceBackend, registered: list[torch.Tensor], done: list[Any], budget: PinnedBudget, pinned_bytes: int) -> None:
     for event in done:
         backend.host_wait(event)
     for buffer in registered:
         backend.unregister(buffer)
+    budget.give_back(pinned_bytes)
+
+
+def pin_and_stage(runtime: "VramRuntime", backend: DeviceBackend, budget: PinnedBudget) -> tuple[PinnedArena, "Stager | None"]:
+    """Pin the component's host masters under `budget` and start a staging worker for what cannot
+    be copied asynchronously as it is: disk masters, masters left pageable, and onload copies
+    (made in pageable RAM at each onload). When staging is certain, the staging buffers' bytes
+    are held back while the masters are pinned: every pageable byte crosses through them, so
+    they are worth more pinned than two more groups of masters."""
+    size = max(1, staging_bytes(runtime, runtime.planning_order()))
+    held = budget.take(2 * size) if _staging_certain(runtime, budget) else 0
+    try:
+        arena = PinnedArena(runtime, backend, budget)
+        arena.build()
+    finally:
+        budget.give_back(held)
+    stager = Stager(backend, size, budget=budget) if _needs_staging(runtime, backend) else None
+    return arena, stager
+
+
+def _host_tensors(runtime: "VramRuntime") -> list[torch.Tensor]:
+    return [t for r in runtime.layers for s in r.masters.values() for _, t in s.parts() if t.device.type == "cpu"]
+
+
+def _has_disk_masters(runtime: "VramRuntime") -> bool:
+    return any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values())
+
+
+def _staging_certain(runtime: "VramRuntime", budget: PinnedBudget) -> bool:
+    """Will the component need staging buffers whatever is pinned: masters on disk, onload
+    copies, or more host masters than the pinned budget has room for?"""
+    return _has_disk_masters(runtime) or makes_onload_copies(runtime) or sum(t.nbytes for t in _host_tensors(runtime)) > budget.room
+
+
+def _needs_staging(runtime: "VramRuntime", backend: DeviceBackend) -> bool:
+    """Once the masters are pinned: is anything left that the device cannot copy asynchronously?"""
+    return _has_disk_masters(runtime) or makes_onload_copies(runtime) or any(not backend.is_pinned(t) for t in _host_tensors(runtime))
 
 
 def _run_jobs(jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]") -> None:
