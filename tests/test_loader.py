@@ -357,6 +357,46 @@ def test_failure_while_streaming_drops_everything(qwen_copy, monkeypatch):
     assert calls["n"] == 20 and sum(ref() is not None for ref in made) == 0
 
 
+@pytest.mark.parametrize("config", [RAM, dict(RAM, offload_dtype=torch.float8_e4m3fn)], ids=["bf16", "fp8"])
+def test_a_failed_load_releases_its_host_arena_while_the_error_is_held(qwen_copy, monkeypatch, config):
+    """The caller (the UI, a log handler, `sys.last_traceback`) may keep the exception, and with it
+    the traceback's frames: the partly filled host arena and its views in those frames are
+    released all the same."""
+    import gc
+    import weakref
+
+    from engine.loading import loader
+    from engine.storage import disk
+
+    cls, directory = qwen_copy
+    arenas: list[weakref.ref] = []
+    views: list[weakref.ref] = []
+
+    class TrackedArena(loader.HostArena):
+        def __init__(self, nbytes):
+            super().__init__(nbytes)
+            arenas.append(weakref.ref(self))
+
+    original_read_into = disk.SafetensorsFile.read_into
+    calls = {"n": 0}
+
+    def failing_read_into(self, entry, out, start=0):
+        calls["n"] += 1
+        views.append(weakref.ref(out))
+        if calls["n"] == 12:
+            raise disk.CheckpointError(f"{self.path}: reading tensor {entry.key!r} failed (injected)")
+        return original_read_into(self, entry, out, start)
+
+    monkeypatch.setattr(loader, "HostArena", TrackedArena)
+    monkeypatch.setattr(disk.SafetensorsFile, "read_into", failing_read_into)
+    with pytest.raises(CheckpointError, match="injected") as excinfo:
+        load_model(cls, directory, vram_config=config)
+    gc.collect()
+    assert excinfo.value.__traceback__ is not None and calls["n"] == 12
+    assert len(arenas) == 1 and arenas[0]() is None
+    assert views and all(ref() is None for ref in views)
+
+
 def test_real_layout_tiny_repo_components(tmp_path):
     """The qwen-image tiny repo (model_registry.tiny_repos: the real repo's file layout, sharded
     with index json): text encoder (transformers, renamed keys) and DiT from their subfolders."""
