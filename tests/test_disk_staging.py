@@ -146,6 +146,16 @@ def test_staging_buffers_are_counted_in_the_pinned_budget(qwen_checkpoint):
     assert budget.used == 0
 
 
+def test_a_profile_shows_the_workers_disk_reads(qwen_checkpoint):
+    from tests.test_scheduler import profiled_names
+
+    _, directory, inputs = qwen_checkpoint
+    model = disk_model(directory, PinningBackend(), prefetch=False)
+    run_model(model, inputs)  # traced, synchronous
+    names = profiled_names(lambda: forward(model, inputs))
+    assert {"lowvram.read", "lowvram.copy_group", "lowvram.enter_group"} <= names, names
+
+
 def test_mixed_layers_and_oversize_tensors(qwen_checkpoint, monkeypatch):
     cls, directory, inputs = qwen_checkpoint
     reference = run_model(load_model(cls, directory, vram_config=DISK, vram_limit=0, prefetch=False), inputs)

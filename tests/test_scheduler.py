@@ -651,3 +651,54 @@ def test_staging_buffers_the_budget_has_no_room_for_stay_pageable_and_say_so(cap
     stager = Stager(CpuBackend(), 1024, budget=budget)
     assert stager.pinned_bytes == budget.used == 0 and "pageable" not in caplog.text
     stager.close()
+
+
+# --- a readable profile, and torch.compile stays out of the transfer path --------------------------
+def profiled_names(action) -> set[str]:
+    """Names of the "lowvram.*" ranges a torch.profiler CPU profile of `action()` shows, the
+    staging worker's thread included."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
+        action()
+    return {e.name for e in prof.events() if e.name.startswith("lowvram.")}
+
+
+def test_a_profile_of_a_scheduled_forward_names_the_transfer_work(monkeypatch):
+    from engine.transfer.pinned import PinnedBudget
+
+    plain = make_stack()
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=FP8, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    runtime.use_scheduler(PinningBackend(), PinnedBudget(limit_bytes=host_bytes_aligned(plain) // 3))  # some staged
+    model(X)  # traced, synchronous
+
+    def two_forwards():
+        model(X)
+        model(X)
+        runtime.scheduler.stager.drain()
+
+    names = profiled_names(two_forwards)
+    expected = {"lowvram.build_schedule", "lowvram.enter_group", "lowvram.prefetch", "lowvram.copy_group", "lowvram.stage", "lowvram.dequantize"}
+    assert expected <= names, names
+    assert profiled_names(lambda: None) == set()
+
+
+def test_the_transfer_path_is_outside_torch_compile(monkeypatch):
+    """Entry points from model code are `torch.compiler.disable`d: a compiled model runs the
+    scheduler as it is (its copies, events and slot ring are no graph), with the same results."""
+    from engine.runtime.component import VramRuntime
+    from engine.transfer.scheduler import TransferScheduler
+
+    for entry in (VramRuntime.run_streamed, TransferScheduler.run, TransferScheduler.end_forward, TransferScheduler.build):
+        assert getattr(entry, "_torchdynamo_disable", False), entry
+    plain = make_stack()
+    backend = RecordingBackend()
+    model = scheduled(plain, CPU, 0, backend, monkeypatch)
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(3):
+        assert torch.equal(compiled(X), plain(X))
+    assert runtime_of(model).stats.sync_fallbacks == 0 and runtime_of(model).scheduler.groups
+    backend.check_ordering()

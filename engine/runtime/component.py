@@ -242,6 +242,7 @@ class VramRuntime:
         return resident
 
     # --- the streamed forward -----------------------------------------------------------------
+    @torch.compiler.disable  # the transfer path's entry from model code: torch.compile runs it as it is
     def run_streamed(self, module: nn.Module, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
         if not self.active and self.budget.on_demand is not None:
             self.budget.on_demand(self)
