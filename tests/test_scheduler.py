@@ -702,3 +702,33 @@ def test_the_transfer_path_is_outside_torch_compile(monkeypatch):
         assert torch.equal(compiled(X), plain(X))
     assert runtime_of(model).stats.sync_fallbacks == 0 and runtime_of(model).scheduler.groups
     backend.check_ordering()
+
+
+def test_a_schedule_with_larger_groups_grows_the_staging_buffers(monkeypatch):
+    """Staging buffers sized for smaller groups (another order, another plan) are grown, within
+    the budget, when a schedule is laid out: no group outgrows them."""
+    from engine.transfer.pinned import PinnedBudget
+    from engine.transfer.scheduler import Stager
+
+    plain = make_stack()
+    reference = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    backend = PinningBackend()
+    budget = PinnedBudget(limit_bytes=10 * GB)
+    runtime.use_scheduler(backend, budget)
+    scheduler = runtime.scheduler
+    scheduler.stager.close()
+    scheduler.stager = small = Stager(backend, 1024, budget=budget)
+    model(X)  # traced
+    log_computes(backend, monkeypatch)
+    for _ in range(3):
+        assert torch.equal(model(X), reference(X))
+    largest = max(g.nbytes for g in scheduler.groups)
+    assert small.buffer_bytes == largest and small.overflows == 0
+    assert small.pinned_bytes == 2 * largest and budget.used == runtime.arena.report.pinned_bytes + 2 * largest
+    assert all(backend.is_pinned(b) for b in small.buffers)
+    backend.check_ordering()
+    runtime.close_scheduler()
+    assert budget.used == 0

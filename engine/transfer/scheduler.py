@@ -284,6 +284,8 @@ class TransferScheduler:
             return
         self.depth = max(1, min(depth, MAX_DEPTH, len(self.groups)))
         self.slot_bytes = max(g.nbytes for g in self.groups)
+        if self.stager is not None:
+            self.stager.fit(max((g.nbytes for g in self.groups if g.pageable), default=0))
         n_slots = self.depth + 1
         self.slots = [self.backend.allocate(self.slot_bytes) for _ in range(n_slots)]
         self.slot_owner = [None] * n_slots
@@ -508,6 +510,24 @@ class Stager:
 
     def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2, budget: PinnedBudget = PROCESS_PINNED_BUDGET):
         self.backend = backend
+        self.budget = budget
+        self.n_buffers = n_buffers
+        self._pin_buffers(buffer_bytes)
+        self.jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]" = queue.Queue()
+        # the thread holds the queue, not the stager, so a dropped stager is collected and its
+        # finalizer stops the thread
+        self.thread = threading.Thread(target=_run_jobs, args=(self.jobs,), name="lowvram-stager", daemon=True)
+        self.thread.start()
+        self._stop = weakref.finalize(self, self.jobs.put, None)
+        self.staged_bytes = 0  # bytes that went through the staging buffers (copies and reads)
+        self.read_bytes = 0  # of which read from checkpoint files
+        self.fresh_reads = 0  # file tensors larger than a staging buffer, read into a fresh tensor
+        self.overflows = 0  # groups that outgrew a staging buffer (the worker then waits for copies)
+        self._overflowed = False  # the current group did
+
+    def _pin_buffers(self, buffer_bytes: int) -> None:
+        """Allocate the staging buffers, pinned as far as the budget allows."""
+        backend, budget, n_buffers = self.backend, self.budget, self.n_buffers
         self.buffer_bytes = buffer_bytes
         self.buffers: list[torch.Tensor] = []
         registered: list[torch.Tensor] = []
@@ -531,17 +551,16 @@ class Stager:
         self.current = 0
         self.offset = 0
         self.used_in_group: set[int] = set()
-        self.jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]" = queue.Queue()
-        # the thread holds the queue, not the stager, so a dropped stager is collected and its
-        # finalizer stops the thread
-        self.thread = threading.Thread(target=_run_jobs, args=(self.jobs,), name="lowvram-stager", daemon=True)
-        self.thread.start()
-        self._stop = weakref.finalize(self, self.jobs.put, None)
-        self.staged_bytes = 0  # bytes that went through the staging buffers (copies and reads)
-        self.read_bytes = 0  # of which read from checkpoint files
-        self.fresh_reads = 0  # file tensors larger than a staging buffer, read into a fresh tensor
-        self.overflows = 0  # groups that outgrew a staging buffer (the worker then waits for copies)
-        self._overflowed = False  # the current group did
+
+    def fit(self, group_bytes: int) -> None:
+        """Grow the staging buffers to hold a group of `group_bytes` (a schedule whose groups came
+        out larger than the ones the buffers were sized for): else every such group would wait for
+        the copy stream midway. Only between schedules; waits for the jobs still queued."""
+        if group_bytes <= self.buffer_bytes:
+            return
+        self.drain()
+        self._unpin()  # after the copies that read the old buffers; their budget is given back
+        self._pin_buffers(group_bytes)
 
     def submit(self, job: "Callable[[], Any]") -> Future:
         future: Future = Future()
