@@ -127,6 +127,35 @@ def test_disk_layers_stream_through_staging_buffers(qwen_checkpoint, monkeypatch
     assert runtime.budget.transient_bytes == 0
 
 
+def test_staging_buffers_are_counted_in_the_pinned_budget(qwen_checkpoint):
+    """Disk offload pins little but its staging buffers (two of the largest group: ~3-4 GB for
+    Qwen-Image): they are taken from the pinned-RAM budget and returned on close."""
+    from diffusers import QwenImageTransformer2DModel
+
+    _, directory, inputs = qwen_checkpoint
+    model = load_model(QwenImageTransformer2DModel, directory, vram_config=DISK, vram_limit=0, prefetch=False)
+    runtime = runtime_of(model)
+    budget = PinnedBudget(limit_bytes=GB)
+    runtime.use_scheduler(PinningBackend(), budget)
+    stager = runtime.scheduler.stager
+    assert stager.pinned_bytes == 2 * stager.buffer_bytes > 0
+    assert budget.used == runtime.arena.report.pinned_bytes + stager.pinned_bytes
+    for _ in range(2):
+        forward(model, inputs)
+    runtime.close_scheduler()
+    assert budget.used == 0
+
+
+def test_a_profile_shows_the_workers_disk_reads(qwen_checkpoint):
+    from tests.test_scheduler import profiled_names
+
+    _, directory, inputs = qwen_checkpoint
+    model = disk_model(directory, PinningBackend(), prefetch=False)
+    run_model(model, inputs)  # traced, synchronous
+    names = profiled_names(lambda: forward(model, inputs))
+    assert {"lowvram.read", "lowvram.copy_group", "lowvram.enter_group"} <= names, names
+
+
 def test_mixed_layers_and_oversize_tensors(qwen_checkpoint, monkeypatch):
     cls, directory, inputs = qwen_checkpoint
     reference = run_model(load_model(cls, directory, vram_config=DISK, vram_limit=0, prefetch=False), inputs)
@@ -143,6 +172,7 @@ def test_mixed_layers_and_oversize_tensors(qwen_checkpoint, monkeypatch):
     assert runtime.arena.report.pinned_bytes > 0 and runtime.scheduler.stager is not None
     log_all_computes(backend, monkeypatch)
     run_model(model, inputs)
+    forward(model, inputs)  # lays the schedule out (which fits the staging buffers to its groups)
     # staging buffers smaller than the largest weights: those are read into fresh tensors
     largest = max(s.nbytes for r in runtime.layers for s in r.masters.values() if isinstance(s, DiskStored))
     scheduler = runtime.scheduler

@@ -127,3 +127,46 @@ def test_copy_and_compute_times_are_cuda_event_times():
     runtime.collect_timings()
     assert not runtime.scheduler.timer.pending["copy"] and not runtime.scheduler.timer.pending["compute"]
     assert runtime.stats.copy_seconds > before[0] and runtime.stats.compute_seconds > before[1]
+
+
+def test_host_wait_on_a_copy_event_sleeps_instead_of_spinning():
+    """`CudaBackend.record` makes blocking-sync events: waiting on one behind a long kernel costs
+    the host thread little CPU time (a default event spins a core for the whole wait)."""
+    import time
+
+    from engine.transfer.devices import CudaBackend
+
+    backend = CudaBackend("cuda")
+    stream = backend.copy_stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
+    event = backend.record(stream)
+    wall, cpu = time.perf_counter(), time.process_time()
+    backend.host_wait(event)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert wall > 0.1 and cpu < 0.5 * wall, (wall, cpu)
+
+
+def test_fp8_offload_with_bf16_onload_streams_without_overflow_and_profiles_readably():
+    """On CUDA the scheduler starts before onload (engine.management), from FP8 masters; onloaded,
+    groups stream from bf16 onload copies through staging buffers sized for them. A profile of a
+    scheduled forward shows the named transfer ranges, the staging worker's included."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    plain, inputs = tiny_model("QwenImageTransformer2DModel", torch.bfloat16)
+    inputs = to_cuda(inputs)
+    config = dict(CUDA_BF16, offload_dtype="float8_e4m3fn", onload_dtype="bfloat16", preparing_dtype="bfloat16")
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=config, vram_limit=0)
+    runtime = runtime_of(model)
+    for _ in range(3):
+        run_model(model, inputs)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
+        run_model(model, inputs)
+        runtime.scheduler.stager.drain()
+        torch.cuda.synchronize()
+    stager = runtime.scheduler.stager
+    assert stager.overflows == 0 and stager.staged_bytes > 0 and runtime.stats.sync_fallbacks == 0
+    names = {e.name for e in prof.events()}
+    assert {"lowvram.enter_group", "lowvram.copy_group", "lowvram.stage"} <= names, sorted(n for n in names if "lowvram" in n)

@@ -188,6 +188,23 @@ def test_qwen_true_cfg_is_one_batched_forward_per_step(repos):
     assert np.array_equal(same_length, np.round(reference * 255).astype(np.uint8))
 
 
+@pytest.mark.parametrize(("family", "guidance", "steps"), [("qwen-image", 4.0, 3), ("qwen-image", 1.0, 2), ("z-image", None, 3)])
+def test_the_last_step_tells_the_denoiser_no_forward_follows(repos, family, guidance, steps):
+    """Before the last step the pipeline sets the denoiser's `forwards_left` (its scheduler then
+    prefetches no step after it), counted by the forwards of the step before; after the run it is
+    unknown again. (A one-step run has no step before: nothing is said.)"""
+    mp = build_pipeline(repos[family], cpu_config(), 0)
+    runtime = runtime_of(mp.components[mp.family.denoiser])
+    seen: list[int | None] = []
+    real_begin = runtime.begin_step
+    runtime.begin_step = lambda: (seen.append(runtime.forwards_left), real_begin())[1]
+    run(mp, family, steps=steps, guidance=guidance)
+    per_step = len(seen) // steps
+    assert seen[-per_step:] == list(range(per_step, 0, -1))  # the last step's forwards count down
+    assert set(seen[:-per_step]) <= {None}
+    assert runtime.forwards_left is None
+
+
 def test_qwen_without_cfg_runs_one_plain_forward_per_step(repos):
     mp = build_pipeline(repos["qwen-image"], cpu_config(), None)
     blocks = count_forwards(mp.components["transformer"].transformer_blocks[0])

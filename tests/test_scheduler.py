@@ -339,9 +339,11 @@ def test_pinned_budget_overflow_is_staged_by_the_worker(monkeypatch):
     runtime.use_scheduler(backend, pinned_budget)
     report = runtime.arena.report
     assert 0 < report.pinned_bytes <= half and report.pageable_bytes > 0
-    assert pinned_budget.used == report.pinned_bytes
     stager = runtime.scheduler.stager
     assert stager is not None
+    # the staging buffers are pinned within the budget too, held back from the masters first
+    assert stager.pinned_bytes == 2 * stager.buffer_bytes and all(backend.is_pinned(b) for b in stager.buffers)
+    assert pinned_budget.used == report.pinned_bytes + stager.pinned_bytes <= half
     log_computes(backend, monkeypatch)
     for _ in range(4):
         assert torch.equal(model(X), plain(X))
@@ -475,3 +477,259 @@ def test_what_counts_as_out_of_memory(error, expected):
     from engine.runtime.oom import is_oom
 
     assert is_oom(error) is expected
+
+
+# --- the CUDA backend's host-side details, without a GPU ----------------------------------------
+def test_events_the_host_waits_on_block_and_timing_events_stay_apart(monkeypatch):
+    """A default CUDA event spins a core in `synchronize()`; the stager's worker waits on the copy
+    events every group, so those are blocking-sync events. Timing events are only queried."""
+    from engine.transfer.devices import CudaBackend
+
+    made: list[dict] = []
+
+    class FakeEvent:
+        def __init__(self, **flags):
+            made.append(flags)
+
+        def record(self, stream):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    backend = object.__new__(CudaBackend)  # no device: only the event flags are checked
+    backend.record("copy")
+    backend.timing_event("copy")
+    assert made == [{"blocking": True}, {"enable_timing": True}]
+
+
+@pytest.mark.parametrize(
+    ("binding", "mapped", "loadable", "cleared_by"),
+    [
+        (True, ["/opt/cuda/libcudart.so.12.4"], {"/opt/cuda/libcudart.so.12.4", "libcudart.so"}, "torch"),
+        (False, ["/opt/cuda/libcudart.so.12.4"], {"/opt/cuda/libcudart.so.12.4", "libcudart.so"}, "/opt/cuda/libcudart.so.12.4"),
+        (False, [], {"libcudart.so.12", "libcudart.so.13"}, "libcudart.so.12"),
+        (False, ["/gone/libcudart.so.12"], {"libcudart.so.13"}, "libcudart.so.13"),
+        (False, [], set(), None),
+    ],
+    ids=["torch-binding", "mapped-libcudart", "by-name", "mapped-but-unloadable", "none"],
+)
+def test_a_failed_registration_clears_the_cuda_error_with_whatever_runtime_is_there(binding, mapped, loadable, cleared_by, monkeypatch, tmp_path, caplog):
+    """torch's cudart binding first (when it has cudaGetLastError), then the libcudart the process
+    mapped, then the usual library names; nothing found is a no-op with a debug line."""
+    import ctypes
+    import logging
+    import types
+
+    from engine.transfer import devices
+
+    cleared: list[str] = []
+
+    def clearer(name):
+        return lambda: cleared.append(name) or 0
+
+    binding_module = types.SimpleNamespace(cudaGetLastError=clearer("torch")) if binding else types.SimpleNamespace()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: binding_module)
+    maps = tmp_path / "maps"
+    maps.write_text("".join(f"7f00-7f01 r-xp 00000000 08:01 42 {path}\n" for path in mapped) + "7f02-7f03 r--p 0 08:01 7 /usr/lib/libc.so.6\n")
+    monkeypatch.setattr(devices, "MAPS", str(maps))
+    opened: list[str] = []
+
+    def cdll(name):
+        opened.append(name)
+        if name not in loadable:
+            raise OSError(f"{name}: cannot open shared object file")
+        return types.SimpleNamespace(cudaGetLastError=clearer(name))
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    with caplog.at_level(logging.DEBUG, logger=devices.__name__):
+        devices._clear_cuda_error()
+    assert cleared == ([cleared_by] if cleared_by else [])
+    if cleared_by == "torch":
+        assert opened == []
+    if cleared_by is None:
+        assert opened == mapped + list(devices.CUDART_NAMES)
+        assert "no cudaGetLastError found" in caplog.text
+
+
+# --- the end of a run -----------------------------------------------------------------------------
+def test_no_prefetch_past_the_last_forward_and_streamed_bytes_are_the_groups_consumed(monkeypatch):
+    """Wrap-around prefetch loads the next step's first groups; after the last step (the owner
+    says so with `forwards_left`) there is none, so nothing is copied (or read from disk) for it.
+    Streamed bytes count groups a forward entered, not copies issued ahead."""
+    plain = make_stack()
+    backend = RecordingBackend()
+    model = scheduled(plain, CPU, 0, backend, monkeypatch)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    model(X)  # traced, synchronous
+    before = runtime.stats.streamed_bytes
+    model(X)  # the first scheduled forward: its wrap-around prefetch is the next forward's
+    scheduler = runtime.scheduler
+    per_forward = sum(g.nbytes for g in scheduler.groups)
+    assert runtime.stats.streamed_bytes - before == per_forward
+    assert scheduler.groups[0].index in scheduler.loaded  # the next step's first group is in flight
+    runtime.forwards_left = 2  # two more forwards (say cond and uncond of the last step)
+    model(X)
+    assert scheduler.groups[0].index in scheduler.loaded and runtime.forwards_left == 1
+    copies = len(backend.streams["copy"])
+    assert torch.equal(model(X), plain(X))
+    assert scheduler.loaded == {} and runtime.forwards_left == 0
+    assert runtime.stats.streamed_bytes - before == 3 * per_forward
+    # the last forward copied its groups but the ones already in flight, and no group beyond
+    copied = sum(op[0] == "copy" for op in backend.streams["copy"][copies:])
+    prefetched_slices = len(scheduler.groups[0].slices)
+    assert copied == sum(len(g.slices) for g in scheduler.groups) - prefetched_slices
+    backend.check_ordering()
+
+
+def test_a_cancelled_staging_job_is_skipped_and_the_worker_lives_on():
+    """A dropped schedule cancels the jobs still queued on the worker (reads nobody will use);
+    the worker skips them instead of running them and dying on the cancelled future."""
+    import threading
+
+    from engine.transfer.scheduler import Stager
+
+    stager = Stager(PinningBackend(), 1024)
+    gate = threading.Event()
+    ran: list[str] = []
+    first = stager.submit(lambda: gate.wait(5) and ran.append("first"))
+    second = stager.submit(lambda: ran.append("second"))
+    assert second.cancel()
+    gate.set()
+    stager.submit(lambda: ran.append("third")).result(timeout=5)
+    assert first.done() and ran == ["first", "third"]
+    stager.close()
+
+
+# --- staging buffers: sized for every form a group streams from, pinned within the budget ---------
+FP8_OFFLOAD_BF16_ONLOAD = dict(CPU, offload_dtype="float8_e4m3fn", onload_dtype="bfloat16", preparing_dtype="bfloat16")
+
+
+def test_staging_buffers_fit_the_onload_copies_of_an_fp8_offload(monkeypatch):
+    """On a GPU the scheduler starts before onload, when a layer streams from its FP8 master;
+    onloaded it streams from its bf16 onload copy, twice the size. Staging buffers sized from the
+    masters made every group outgrow its buffer (and wait for the copy stream midway). (The pool
+    pins, and starts the staging worker, at the first onload.)"""
+    from engine.transfer.pinned import PinnedBudget
+
+    plain = make_stack()
+    reference = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0, onload=False)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    backend = PinningBackend()
+    runtime.use_scheduler(backend, PinnedBudget(limit_bytes=10 * GB))
+    assert runtime.arena is None  # nothing pinned before the component is onloaded
+    runtime.onload()
+    stager = runtime.scheduler.stager
+    log_computes(backend, monkeypatch)
+    for _ in range(4):
+        assert torch.equal(model(X), reference(X))
+    backend.check_ordering()
+    scheduler = runtime.scheduler
+    assert all(g.pageable for g in scheduler.groups) and stager.staged_bytes > 0
+    assert stager.overflows == 0 and runtime.stats.sync_fallbacks == 0
+    assert stager.buffer_bytes == max(g.nbytes for g in scheduler.groups)  # the bf16 form, exactly
+
+
+def test_staging_buffers_the_budget_has_no_room_for_stay_pageable_and_say_so(caplog):
+    import logging
+
+    from engine.transfer.devices import CpuBackend
+    from engine.transfer.pinned import PinnedBudget
+    from engine.transfer.scheduler import Stager
+
+    backend = PinningBackend()
+    budget = PinnedBudget(limit_bytes=1500)
+    with caplog.at_level(logging.WARNING, logger="engine.transfer.scheduler"):
+        stager = Stager(backend, 1024, budget=budget)
+    assert stager.pinned_bytes == budget.used == 1024  # taken before pinning
+    assert backend.is_pinned(stager.buffers[0]) and not backend.is_pinned(stager.buffers[1])
+    assert "1 of 2 staging buffers (0.0 MB each) are pageable" in caplog.text
+    stager.close()
+    assert budget.used == 0  # given back on close
+    # a device that pins nothing keeps nothing of the budget (and has nothing to say)
+    caplog.clear()
+    stager = Stager(CpuBackend(), 1024, budget=budget)
+    assert stager.pinned_bytes == budget.used == 0 and "pageable" not in caplog.text
+    stager.close()
+
+
+# --- a readable profile, and torch.compile stays out of the transfer path --------------------------
+def profiled_names(action) -> set[str]:
+    """Names of the "lowvram.*" ranges a torch.profiler CPU profile of `action()` shows, the
+    staging worker's thread included."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
+        action()
+    return {e.name for e in prof.events() if e.name.startswith("lowvram.")}
+
+
+def test_a_profile_of_a_scheduled_forward_names_the_transfer_work(monkeypatch):
+    from engine.transfer.pinned import PinnedBudget
+
+    plain = make_stack()
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=FP8, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    runtime.use_scheduler(PinningBackend(), PinnedBudget(limit_bytes=host_bytes_aligned(plain) // 3))  # some staged
+    model(X)  # traced, synchronous
+
+    def two_forwards():
+        model(X)
+        model(X)
+        runtime.scheduler.stager.drain()
+
+    names = profiled_names(two_forwards)
+    expected = {"lowvram.build_schedule", "lowvram.enter_group", "lowvram.prefetch", "lowvram.copy_group", "lowvram.stage", "lowvram.dequantize"}
+    assert expected <= names, names
+    assert profiled_names(lambda: None) == set()
+
+
+def test_the_transfer_path_is_outside_torch_compile(monkeypatch):
+    """Entry points from model code are `torch.compiler.disable`d: a compiled model runs the
+    scheduler as it is (its copies, events and slot ring are no graph), with the same results."""
+    from engine.runtime.component import VramRuntime
+    from engine.transfer.scheduler import TransferScheduler
+
+    for entry in (VramRuntime.forward_layer, TransferScheduler.compute, TransferScheduler.end_forward, TransferScheduler.build):
+        assert getattr(entry, "_torchdynamo_disable", False), entry
+    plain = make_stack()
+    backend = RecordingBackend()
+    model = scheduled(plain, CPU, 0, backend, monkeypatch)
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(3):
+        assert torch.equal(compiled(X), plain(X))
+    assert runtime_of(model).stats.sync_fallbacks == 0 and runtime_of(model).scheduler.groups
+    backend.check_ordering()
+
+
+def test_a_schedule_with_larger_groups_grows_the_staging_buffers(monkeypatch):
+    """Staging buffers sized for smaller groups (another order, another plan) are grown, within
+    the budget, when a schedule is laid out: no group outgrows them."""
+    from engine.transfer.pinned import PinnedBudget
+    from engine.transfer.scheduler import Stager
+
+    plain = make_stack()
+    reference = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=FP8_OFFLOAD_BF16_ONLOAD, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    backend = PinningBackend()
+    budget = PinnedBudget(limit_bytes=10 * GB)
+    runtime.use_scheduler(backend, budget)
+    scheduler = runtime.scheduler
+    scheduler.stager.close()
+    scheduler.stager = small = Stager(backend, 1024, budget=budget)
+    model(X)  # traced
+    log_computes(backend, monkeypatch)
+    for _ in range(3):
+        assert torch.equal(model(X), reference(X))
+    largest = max(g.nbytes for g in scheduler.groups)
+    assert small.buffer_bytes == largest and small.overflows == 0
+    assert small.pinned_bytes == 2 * largest and budget.used == runtime.arena.report.pinned_bytes + 2 * largest
+    assert all(backend.is_pinned(b) for b in small.buffers)
+    backend.check_ordering()
+    runtime.close_scheduler()
+    assert budget.used == 0

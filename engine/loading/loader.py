@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -538,15 +539,26 @@ def load_model(
                 runtime.prefetcher = DiskPrefetcher(runtime)
         model._vram_checkpoint = [s.path for s in shards]  # type: ignore[attr-defined]
         return model
-    except BaseException:
-        # Nothing half-loaded survives: drop every master read so far and the model itself.
+    except BaseException as exc:
+        # Nothing half-loaded survives: drop every master read so far, the model itself and the
+        # host arena, even while the caller holds the exception (its traceback keeps the frames)
         masters.clear()
-        model = None
+        model = arena = workspace = None  # noqa: F841  (the traceback keeps this frame too)
+        _clear_failed_frames(exc)
         for s in shards:
             s.close()
         gc.collect()
         release_free_heap()
         raise
+
+
+def _clear_failed_frames(exc: BaseException) -> None:
+    """Drop the locals of the frames below the one handling `exc` (read_stored, read_into, ...):
+    they finished, but the traceback keeps them, and with them views of the partly filled host
+    arena, which keep its whole mapping alive. Line numbers stay; only their locals go."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        traceback.clear_frames(tb.tb_next)
 
 
 def converter_targets(target: str, converter: Any, params: Mapping[str, Any]) -> list[str]:

@@ -24,12 +24,11 @@ from engine.config import Place, VramConfig
 from engine.layers.state import STATES, LayerState, ManagedLayer
 from engine.planning.ledger import VramLedger
 from engine.planning.planner import LayerCost, MemberCost
-from engine.storage.disk import DiskStored
 from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import HostArena
 from engine.transfer.pinned import PinnedArena, PinnedBudget
-from engine.transfer.scheduler import Stager, TransferScheduler, max_group_bytes
+from engine.transfer.scheduler import TransferScheduler, max_group_bytes, pin_and_stage
 from engine.transfer.streamed import StreamStats
 
 if TYPE_CHECKING:
@@ -108,6 +107,9 @@ class VramRuntime:
         self.stream_depth = 1  # prefetch depth the last plan gave
         self.resident_plan: frozenset[int] = frozenset()  # ids of the layers the last plan keeps resident
         self._planned_active = False  # whether the last plan saw the component onloaded
+        # forwards the owner still expects, the running one included (None: unknown); at 1 the
+        # scheduler does not prefetch into a next forward that will not come (engine.transfer.scheduler)
+        self.forwards_left: int | None = None
 
     @property
     def budget(self) -> "MemoryPool":
@@ -224,6 +226,7 @@ class VramRuntime:
         self.ledger.add_resident(nbytes)
 
     # --- the streamed forward -----------------------------------------------------------------
+    @torch.compiler.disable  # the transfer path's entry from model code: torch.compile runs it as it is
     def forward_layer(self, layer: ManagedLayer, args: tuple, kwargs: dict) -> Any:
         """A layer's forward when it is not resident in computation form (the class's fast path)."""
         if not self.active:
@@ -312,22 +315,10 @@ class VramRuntime:
         return self.scheduler is not None and self.arena is None
 
     def pin_masters(self) -> None:
-        """Pin what the budget grants (engine.transfer.pinned), then give the scheduler a staging
-        worker if anything it streams cannot be copied asynchronously as it is."""
-        backend = self.backend
-        assert backend is not None and self.scheduler is not None
-        self.arena = PinnedArena(self, backend, self.pinned_budget or self.pool.pinned)
-        self.arena.build()
-        masters = [s for layer in self.layers for s in layer.masters.values()]
-        # a worker is needed for what cannot be copied asynchronously as it is: disk masters,
-        # host tensors left pageable, and onload copies (made in pageable RAM at each onload)
-        needs_staging = (
-            any(isinstance(s, DiskStored) for s in masters)
-            or any(not backend.is_pinned(t) for s in masters for _, t in s.parts())
-            or (self.onload_place != self.offload_place and not self.onload_is_resident)
-        )
-        if needs_staging:
-            self.scheduler.stager = Stager(backend, max(1, max_group_bytes(self, self.planning_order())))
+        """Pin what the budget grants and start a staging worker for what cannot be copied
+        asynchronously as it is (engine.transfer.scheduler.pin_and_stage)."""
+        assert self.backend is not None and self.scheduler is not None
+        self.arena, self.scheduler.stager = pin_and_stage(self, self.backend, self.pinned_budget or self.pool.pinned)
 
     def drop_schedule(self) -> None:
         """Free the scheduler's slots; it lays its groups out again at the next forward."""
@@ -375,6 +366,8 @@ class VramRuntime:
             self.trace = None
         if self.scheduler is not None:
             self.scheduler.end_forward()
+        if self.forwards_left:
+            self.forwards_left -= 1
 
     def abandon_trace(self) -> None:
         """A step failed: what it traced is no execution order."""

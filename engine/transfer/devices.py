@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -139,19 +140,63 @@ class RegisteredRanges:
         return None
 
 
+CUDART_NAMES = ("libcudart.so", "libcudart.so.12", "libcudart.so.13")  # tried when none is mapped
+MAPS = "/proc/self/maps"
+
+
 def _clear_cuda_error() -> None:
     """Reset the thread's CUDA "last error" after a failed runtime call, which torch's next kernel
-    launch check would otherwise report as its own (its cudart binding has no cudaGetLastError,
-    so call it in the libcudart the process loaded)."""
-    import ctypes
-
+    launch check would otherwise report as its own."""
+    get_last_error = _find_cuda_get_last_error()
+    if get_last_error is None:
+        log.debug("no cudaGetLastError found: the CUDA error state is left as it is")
+        return
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcudart" in line}
-        for path in paths:
-            ctypes.CDLL(path).cudaGetLastError()
+        get_last_error()
     except OSError:  # pragma: no cover - best effort
         log.debug("could not clear the CUDA error state", exc_info=True)
+
+
+def _find_cuda_get_last_error() -> Callable[[], Any] | None:
+    """The cudaGetLastError of the runtime torch uses: torch's own binding where it has one, else
+    the libcudart this process has mapped (the error state is per runtime copy, so the mapped one
+    is the one to clear), else a libcudart found by its usual names, else None."""
+    for find in (_torch_get_last_error, _mapped_get_last_error, _named_get_last_error):
+        found = find()
+        if found is not None:
+            return found
+    return None
+
+
+def _torch_get_last_error() -> Callable[[], Any] | None:
+    try:
+        return getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    except (AssertionError, RuntimeError, AttributeError):  # torch without CUDA
+        return None
+
+
+def _mapped_get_last_error() -> Callable[[], Any] | None:
+    try:
+        with open(MAPS) as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libcudart" in line})
+    except OSError:  # not Linux
+        return None
+    return _first_loadable(paths)
+
+
+def _named_get_last_error() -> Callable[[], Any] | None:
+    return _first_loadable(CUDART_NAMES)
+
+
+def _first_loadable(names: Iterable[str]) -> Callable[[], Any] | None:
+    import ctypes
+
+    for name in names:
+        try:
+            return ctypes.CDLL(name).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 class CudaBackend(DeviceBackend):
@@ -171,7 +216,9 @@ class CudaBackend(DeviceBackend):
         return self._copy_stream
 
     def record(self, stream: Any) -> Any:
-        event = torch.cuda.Event()
+        # the host waits on these (slot teardown, the stager's buffers): a blocking-sync event
+        # sleeps in the driver, where a default one spins a core; timing events stay apart
+        event = torch.cuda.Event(blocking=True)
         event.record(stream)
         return event
 

@@ -73,6 +73,18 @@ class PinnedBudget:
             self.used += granted
             return granted
 
+    def take_all(self, wanted: int) -> bool:
+        """Take `wanted` bytes, or nothing when they do not all fit."""
+        with self._lock:
+            if self.used + wanted > self.limit_bytes:
+                return False
+            self.used += wanted
+            return True
+
+    @property
+    def room(self) -> int:
+        return max(0, self.limit_bytes - self.used)
+
     def give_back(self, nbytes: int) -> None:
         with self._lock:
             self.used -= nbytes
@@ -81,17 +93,31 @@ class PinnedBudget:
 PROCESS_PINNED_BUDGET = PinnedBudget()
 
 
-def exact_pinned(backend: DeviceBackend, nbytes: int) -> tuple[torch.Tensor, bool]:
+def exact_pinned(backend: DeviceBackend, nbytes: int) -> tuple[torch.Tensor, str]:
     """A host buffer of exactly `nbytes`, pinned where the device allows it: an anonymous mapping
     registered in place (torch's pin_memory goes through a caching host allocator that rounds
-    sizes up to a power of two), else `backend.pin`, else pageable. Returns (buffer, registered);
-    a registered buffer must be `backend.unregister`ed before it is freed."""
+    sizes up to a power of two), else `backend.pin`, else pageable. Returns (buffer, how): how is
+    "registered" (`backend.unregister` it before it is freed), "pinned" or "pageable"."""
     if backend.can_register():
         buffer = HostArena(nbytes).buffer
         if backend.register(buffer):
-            return buffer, True
+            return buffer, "registered"
     pinned = backend.pin(nbytes)
-    return (pinned if pinned is not None else torch.empty(nbytes, dtype=torch.uint8)), False
+    if pinned is not None:
+        return pinned, "pinned"
+    return torch.empty(nbytes, dtype=torch.uint8), "pageable"
+
+
+def budgeted_pinned(backend: DeviceBackend, nbytes: int, budget: PinnedBudget) -> tuple[torch.Tensor, str]:
+    """`exact_pinned` within the pinned-RAM budget: its bytes are taken before pinning and stay
+    taken while it is pinned (the caller gives them back when it frees the buffer). How is
+    "refused" (a pageable buffer, nothing taken) when the budget has no room for all of it."""
+    if not budget.take_all(nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8), "refused"
+    buffer, how = exact_pinned(backend, nbytes)
+    if how == "pageable":
+        budget.give_back(nbytes)
+    return buffer, how
 
 
 @dataclass

@@ -9,7 +9,7 @@ slots), cyclically, so group 0 of step t+1 loads during the tail of step t.
 
 Sources that are not in pinned memory go through the `Stager`, a worker thread with two pinned
 staging buffers: pageable host tensors are copied into a staging buffer, and disk-offloaded
-parameters (`engine.storage.disk.DiskStored`) are read with a positional read straight into one; the
+parameters (`engine.disk.DiskStored`) are read with a positional read straight into one; the
 device copy is then enqueued from the staging view. A group with any such source is staged as a
 whole by the worker, so the thread launching compute never blocks on a read or a pageable copy,
 and host RAM stays at the two staging buffers however many steps run (a single tensor larger than
@@ -23,31 +23,63 @@ synchronous path and are counted in `stats.sync_fallbacks`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import queue
 import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
+from torch.autograd import profiler as autograd_profiler
+from torch.profiler import record_function
 
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
+from engine.config import FP8_DTYPES
 from engine.storage.fp8 import dequantize
-from engine.transfer.pinned import aligned, exact_pinned
-from engine.transfer.streamed import StreamedComponent, StreamStats
-from engine.planning.planner import MAX_DEPTH
-
+from engine.storage.stored import storage_dtype_for
+from engine.transfer.pinned import PINNED_RAM_ENV, PROCESS_PINNED_BUDGET, PinnedArena, PinnedBudget, aligned, budgeted_pinned
 from engine.layers.state import ManagedLayer as LayerRecord
+from engine.planning.planner import MAX_DEPTH
 from engine.storage.stored import StoredTensor
+from engine.transfer.host_arena import HostArena  # noqa: F401  (StreamedComponent.host_arena)
+from engine.transfer.streamed import StreamedComponent, StreamStats
 
 log = logging.getLogger(__name__)
 
-
 DISK_PART = "file"  # SliceSpec.part of a parameter read from its .safetensors file
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def profiled(name: str) -> AbstractContextManager[Any]:
+    """A named range ("lowvram.*") in a torch.profiler trace, so a GPU profile shows which copy,
+    read or wait streaming spends its time in. Nothing while no profiler runs: an unrecorded
+    record_function still costs ~8 us (measured on a CPU), and a step runs hundreds of layers.
+    (The staging worker's ranges need `profile_all_threads` in the profiler's experimental config.)"""
+    if getattr(autograd_profiler, "_is_profiler_enabled", True):  # torch's process-wide flag
+        return record_function(name)
+    return nullcontext()
+
+
+def ranged(name: str) -> Callable[[F], F]:
+    """Run the decorated function inside `profiled(name)`."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with profiled(name):
+                return fn(*args, **kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
 
 
 @dataclass
@@ -122,10 +154,59 @@ def slice_layout(stored: StoredTensor) -> list[tuple[str, int, torch.dtype, torc
 def max_group_bytes(runtime: StreamedComponent, records: list[LayerRecord]) -> int:
     """The largest group's slot bytes if `records` were all streamed (0 if they cannot be slot-copied)."""
     try:
-        groups = build_groups(records, runtime.stream_source)
+        return _largest_group(records, lambda r: _stored_bytes(runtime.stream_source(r)))
     except TypeError:
         return 0
-    return max((g.nbytes for g in groups), default=0)
+
+
+def staging_bytes(runtime: StreamedComponent, records: list[LayerRecord]) -> int:
+    """Bytes of one staging buffer: the largest group in any form the component streams it from,
+    its masters or, once onloaded, its onload copies (FP8 offload with bf16 onload: about twice
+    the masters'). Sized from the masters alone, every group of onload copies would outgrow a
+    buffer, and the worker would wait for the copy stream in the middle of each."""
+    try:
+        largest = _largest_group(records, lambda r: _stored_bytes(r.masters))
+    except TypeError:
+        largest = 0
+    if makes_onload_copies(runtime):
+        largest = max(largest, _largest_group(records, lambda r: _onload_copy_bytes(runtime, r)))
+    return largest
+
+
+def makes_onload_copies(runtime: StreamedComponent) -> bool:
+    """Does onloading the component make a separate copy of each layer (VramRuntime.onload)?"""
+    return runtime.onload_place != runtime.offload_place and not runtime.onload_is_resident
+
+
+def _largest_group(records: list[LayerRecord], bytes_of: Callable[[LayerRecord], list[int]]) -> int:
+    """The largest slot image of consecutive layers of one block (laid out as `build_groups`
+    does: each piece 256-byte aligned), given the bytes of each layer's pieces."""
+    largest = size = 0
+    key = None
+    for record in records:
+        if group_key(record) != key:
+            key, size = group_key(record), 0
+        size += sum(aligned(n) for n in bytes_of(record))
+        largest = max(largest, size)
+    return largest
+
+
+def _stored_bytes(source: dict[str, Any]) -> list[int]:
+    return [nbytes for stored in source.values() for _, nbytes, _, _ in slice_layout(stored)]
+
+
+def _onload_copy_bytes(runtime: StreamedComponent, record: LayerRecord) -> list[int]:
+    """Bytes of each piece of a layer's onload copy, from its shapes: the copy is made at each
+    onload (StoredTensor.to_place), so it may not exist yet. FP8 matrices carry a float32 scale
+    per output channel."""
+    out: list[int] = []
+    place = runtime.onload_place
+    for shape, dtype in runtime.shapes(record).values():
+        target = storage_dtype_for(dtype, len(shape), place.dtype, runtime.comp_dtype)
+        out.append(math.prod(shape) * target.itemsize)
+        if target in FP8_DTYPES and len(shape) >= 2:
+            out.append(shape[0] * 4)
+    return out
 
 
 class StreamTimer:
@@ -182,6 +263,8 @@ class TransferScheduler:
         """Slot size needed if `records` were all streamed (used by the planner's reserve)."""
         return max_group_bytes(self.runtime, records)
 
+    @torch.compiler.disable
+    @ranged("lowvram.build_schedule")
     def build(self, depth: int) -> None:
         """Lay out groups for the layers the current plan streams, allocate depth + 1 slots."""
         self.reset()
@@ -201,6 +284,8 @@ class TransferScheduler:
             return
         self.depth = max(1, min(depth, MAX_DEPTH, len(self.groups)))
         self.slot_bytes = max(g.nbytes for g in self.groups)
+        if self.stager is not None:
+            self.stager.fit(max((g.nbytes for g in self.groups if g.pageable), default=0))
         n_slots = self.depth + 1
         self.slots = [self.backend.allocate(self.slot_bytes) for _ in range(n_slots)]
         self.slot_owner = [None] * n_slots
@@ -217,6 +302,8 @@ class TransferScheduler:
         failed = False
         for loaded in self.loaded.values():
             event = loaded.event
+            if isinstance(event, Future) and event.cancel():
+                continue  # still queued on the worker: it never reads or copies anything
             if isinstance(event, Future) and event.exception() is not None:  # waits for the job
                 failed = True
             else:
@@ -249,8 +336,8 @@ class TransferScheduler:
             event = self._copy_group(index, slot, free_event)
         self.loaded[index] = Loaded(slot, event)
         self.slot_owner[slot] = index
-        self.runtime.stats.streamed_bytes += self.groups[index].nbytes
 
+    @ranged("lowvram.copy_group")
     def _copy_group(self, index: int, slot: int, free_event: Any) -> Any:
         """Enqueue the group's copies into `slot` on the copy stream; returns the copy-done event.
         Runs on the stager's worker for pageable groups (disk reads included)."""
@@ -290,10 +377,15 @@ class TransferScheduler:
     def _entry(self, spec: SliceSpec) -> TensorEntry:
         return self.runtime.stream_source(spec.record)[spec.param].entry
 
+    @ranged("lowvram.prefetch")
     def _prefetch_after(self, index: int) -> None:
         n = len(self.groups)
         for k in range(1, self.depth + 1):
-            ahead = (index + k) % n  # wraps into the next step
+            ahead = index + k
+            if ahead >= n:
+                if not self._next_forward_expected():
+                    return
+                ahead %= n  # wraps into the next step
             if ahead in self.loaded:
                 continue
             slot = self._free_slot()
@@ -312,6 +404,7 @@ class TransferScheduler:
         self.slot_owner[loaded.slot] = None
         self.current = None
 
+    @ranged("lowvram.enter_group")
     def _enter(self, index: int) -> None:
         self._finish_current()
         if index not in self.loaded:
@@ -323,6 +416,7 @@ class TransferScheduler:
                 self.slot_owner[slot] = None
             self._issue(index, slot)
         self.current = index
+        self.runtime.stats.streamed_bytes += self.groups[index].nbytes  # consumed, not just issued
         compute = self.backend.compute_stream()
         self.backend.wait(compute, self._event(self.loaded[index]))
         self._compute_start = self.timer.start(compute)  # after the wait: compute time excludes stalls
@@ -332,6 +426,7 @@ class TransferScheduler:
         """Is this layer in the schedule? (Else the component streams it synchronously.)"""
         return id(record) in self.group_of
 
+    @torch.compiler.disable  # the transfer path: torch.compile of a model runs it as it is
     def compute(self, record: LayerRecord, args: tuple, kwargs: dict) -> Any:
         """Compute a scheduled layer from its group's slot."""
         index = self.group_of[id(record)]
@@ -368,7 +463,8 @@ class TransferScheduler:
                     transient += tensor.nbytes
                 params[param] = tensor
             else:  # FP8 bytes crossed; upcast here, on the computation device
-                tensor = dequantize(found["data"], found["scale"], comp_dtype)
+                with profiled("lowvram.dequantize"):
+                    tensor = dequantize(found["data"], found["scale"], comp_dtype)
                 transient += tensor.nbytes
                 params[param] = tensor
         ledger = runtime.ledger
@@ -381,15 +477,24 @@ class TransferScheduler:
             ledger.remove_transient(transient)
             runtime.stats.streamed_layers += 1
 
+    @torch.compiler.disable
     def end_forward(self) -> None:
         """The component's forward returned: free the last group's slot and keep prefetching
-        from the top of the order, so the next step starts with its first groups loaded."""
+        from the top of the order, so the next step starts with its first groups loaded (unless
+        the owner said no forward follows)."""
         if not self.groups or self.current is None:
             return
         last = self.current
         self._finish_current()
         self._prefetch_after(last)
         self.timer.collect(self.runtime.stats)
+
+    def _next_forward_expected(self) -> bool:
+        """Does another forward follow this one, so that prefetch may wrap into it? The owner says
+        so when it knows (`runtime.forwards_left`: forwards still to run, this one included; a
+        pipeline sets it before its last step); not knowing means yes."""
+        left = self.runtime.forwards_left
+        return left is None or left > 1
 
     def slots_in_flight(self) -> int:
         return len(self.loaded)
@@ -401,25 +506,15 @@ class Stager:
 
     Pageable host tensors are copied in (`stage`); disk-offloaded parameters are read from their
     file straight into the buffer (`read`). Two staging buffers alternate; before one is refilled
-    the worker waits (on its own thread) for the device copy that read it last.
+    the worker waits (on its own thread) for the device copy that read it last. The buffers are
+    pinned within the pinned-RAM budget; a buffer the budget has no room for stays pageable.
     """
 
-    def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2):
+    def __init__(self, backend: DeviceBackend, buffer_bytes: int, n_buffers: int = 2, budget: PinnedBudget = PROCESS_PINNED_BUDGET):
         self.backend = backend
-        self.buffer_bytes = buffer_bytes
-        self.buffers: list[torch.Tensor] = []
-        registered: list[torch.Tensor] = []
-        for _ in range(n_buffers):
-            buffer, is_registered = exact_pinned(backend, buffer_bytes)
-            self.buffers.append(buffer)
-            if is_registered:
-                registered.append(buffer)
-        self.buffer_done: list[Any] = [None] * n_buffers
-        # unpin after the last copies that read the buffers, on close or when the stager is dropped
-        self._unpin = weakref.finalize(self, _unpin_staging, backend, registered, self.buffer_done)
-        self.current = 0
-        self.offset = 0
-        self.used_in_group: set[int] = set()
+        self.budget = budget
+        self.n_buffers = n_buffers
+        self._pin_buffers(buffer_bytes)
         self.jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]" = queue.Queue()
         # the thread holds the queue, not the stager, so a dropped stager is collected and its
         # finalizer stops the thread
@@ -429,6 +524,45 @@ class Stager:
         self.staged_bytes = 0  # bytes that went through the staging buffers (copies and reads)
         self.read_bytes = 0  # of which read from checkpoint files
         self.fresh_reads = 0  # file tensors larger than a staging buffer, read into a fresh tensor
+        self.overflows = 0  # groups that outgrew a staging buffer (the worker then waits for copies)
+        self._overflowed = False  # the current group did
+
+    def _pin_buffers(self, buffer_bytes: int) -> None:
+        """Allocate the staging buffers, pinned as far as the budget allows."""
+        backend, budget, n_buffers = self.backend, self.budget, self.n_buffers
+        self.buffer_bytes = buffer_bytes
+        self.buffers: list[torch.Tensor] = []
+        registered: list[torch.Tensor] = []
+        self.pinned_bytes = 0  # of the buffers, taken from `budget` until close
+        refused = 0
+        for _ in range(n_buffers):
+            buffer, how = budgeted_pinned(backend, buffer_bytes, budget)
+            self.buffers.append(buffer)
+            registered += [buffer] if how == "registered" else []
+            self.pinned_bytes += buffer_bytes if how in ("registered", "pinned") else 0
+            refused += how == "refused"
+        if refused:
+            log.warning(
+                "%d of %d staging buffers (%.1f MB each) are pageable: the pinned-RAM budget has %.1f of %.1f GB left "
+                "(%s sets it); copies through them are synchronous and slower",
+                refused, n_buffers, buffer_bytes / 1024**2, budget.room / 1024**3, budget.limit_bytes / 1024**3, PINNED_RAM_ENV,
+            )
+        self.buffer_done: list[Any] = [None] * n_buffers
+        # unpin after the last copies that read the buffers, on close or when the stager is dropped
+        self._unpin = weakref.finalize(self, _unpin_staging, backend, registered, self.buffer_done, budget, self.pinned_bytes)
+        self.current = 0
+        self.offset = 0
+        self.used_in_group: set[int] = set()
+
+    def fit(self, group_bytes: int) -> None:
+        """Grow the staging buffers to hold a group of `group_bytes` (a schedule whose groups came
+        out larger than the ones the buffers were sized for): else every such group would wait for
+        the copy stream midway. Only between schedules; waits for the jobs still queued."""
+        if group_bytes <= self.buffer_bytes:
+            return
+        self.drain()
+        self._unpin()  # after the copies that read the old buffers; their budget is given back
+        self._pin_buffers(group_bytes)
 
     def submit(self, job: "Callable[[], Any]") -> Future:
         future: Future = Future()
@@ -439,6 +573,7 @@ class Stager:
         """Wait until every submitted job has enqueued its copies."""
         self.submit(lambda: None).result()
 
+    @ranged("lowvram.stage")
     def stage(self, source: torch.Tensor) -> torch.Tensor:
         """Copy `source` into the current staging buffer (switching buffers when full)."""
         nbytes = source.nbytes
@@ -449,6 +584,7 @@ class Stager:
         self.staged_bytes += nbytes
         return view
 
+    @ranged("lowvram.read")
     def read(self, entry: TensorEntry) -> torch.Tensor:
         """Read a file entry with a positional read straight into the current staging buffer.
         A CheckpointError propagates (to the job's future)."""
@@ -465,12 +601,16 @@ class Stager:
     def _reserve(self, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
         """The next `nbytes` of staging memory, once no device copy still reads them."""
         if self.offset + nbytes > self.buffer_bytes:
+            self.overflows += not self._overflowed
+            self._overflowed = True
             self._switch()
             if self.current in self.used_in_group:
                 # the group outgrew both buffers: wait for the copies already enqueued from this one
-                self.backend.host_wait(self.backend.record(self.backend.copy_stream()))
+                with profiled("lowvram.wait_staging_buffer"):
+                    self.backend.host_wait(self.backend.record(self.backend.copy_stream()))
         if self.current not in self.used_in_group:
-            self.backend.host_wait(self.buffer_done[self.current])  # its last reader finished
+            with profiled("lowvram.wait_staging_buffer"):
+                self.backend.host_wait(self.buffer_done[self.current])  # its last reader finished
             self.used_in_group.add(self.current)
         view = self.buffers[self.current][self.offset : self.offset + nbytes].view(dtype).view(shape)
         self.offset += aligned(nbytes)
@@ -485,6 +625,7 @@ class Stager:
         for index in self.used_in_group:
             self.buffer_done[index] = event
         self.used_in_group = set()
+        self._overflowed = False
         self._switch()
 
     def close(self) -> None:
@@ -499,20 +640,60 @@ class Stager:
         self._unpin()
 
 
-def _unpin_staging(backend: DeviceBackend, registered: list[torch.Tensor], done: list[Any]) -> None:
+def _unpin_staging(backend: DeviceBackend, registered: list[torch.Tensor], done: list[Any], budget: PinnedBudget, pinned_bytes: int) -> None:
     for event in done:
         backend.host_wait(event)
     for buffer in registered:
         backend.unregister(buffer)
+    budget.give_back(pinned_bytes)
+
+
+def pin_and_stage(runtime: StreamedComponent, backend: DeviceBackend, budget: PinnedBudget) -> tuple[PinnedArena, "Stager | None"]:
+    """Pin the component's host masters under `budget` and start a staging worker for what cannot
+    be copied asynchronously as it is: disk masters, masters left pageable, and onload copies
+    (made in pageable RAM at each onload). When staging is certain, the staging buffers' bytes
+    are held back while the masters are pinned: every pageable byte crosses through them, so
+    they are worth more pinned than two more groups of masters."""
+    size = max(1, staging_bytes(runtime, runtime.planning_order()))
+    held = budget.take(2 * size) if _staging_certain(runtime, budget) else 0
+    try:
+        arena = PinnedArena(runtime, backend, budget)
+        arena.build()
+    finally:
+        budget.give_back(held)
+    stager = Stager(backend, size, budget=budget) if _needs_staging(runtime, backend) else None
+    return arena, stager
+
+
+def _host_tensors(runtime: StreamedComponent) -> list[torch.Tensor]:
+    return [t for r in runtime.layers for s in r.masters.values() for _, t in s.parts() if t.device.type == "cpu"]
+
+
+def _has_disk_masters(runtime: StreamedComponent) -> bool:
+    return any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values())
+
+
+def _staging_certain(runtime: StreamedComponent, budget: PinnedBudget) -> bool:
+    """Will the component need staging buffers whatever is pinned: masters on disk, onload
+    copies, or more host masters than the pinned budget has room for?"""
+    return _has_disk_masters(runtime) or makes_onload_copies(runtime) or sum(t.nbytes for t in _host_tensors(runtime)) > budget.room
+
+
+def _needs_staging(runtime: StreamedComponent, backend: DeviceBackend) -> bool:
+    """Once the masters are pinned: is anything left that the device cannot copy asynchronously?"""
+    return _has_disk_masters(runtime) or makes_onload_copies(runtime) or any(not backend.is_pinned(t) for t in _host_tensors(runtime))
 
 
 def _run_jobs(jobs: "queue.Queue[tuple[Callable[[], Any], Future] | None]") -> None:
-    """The stager's worker loop: run each job, hand its result (or error) to its future."""
+    """The stager's worker loop: run each job, hand its result (or error) to its future; a job
+    whose future was cancelled while it waited (a schedule dropped) is skipped."""
     while True:
         item = jobs.get()
         if item is None:
             return
         job, future = item
+        if not future.set_running_or_notify_cancel():
+            continue
         try:
             future.set_result(job())
         except BaseException as exc:  # surfaced to the compute thread through the future

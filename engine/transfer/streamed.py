@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from engine.config import Place
 from engine.layers.state import ManagedLayer
 from engine.planning.ledger import VramLedger
 from engine.storage.stored import StoredTensor
@@ -34,11 +35,19 @@ class StreamedComponent(Protocol):
     """What the transfer path needs of the component it streams (engine.runtime.component.VramRuntime)."""
 
     comp_dtype: torch.dtype
+    onload_place: Place
+    offload_place: Place
+    onload_is_resident: bool
     stats: StreamStats
     execution_order: list[ManagedLayer] | None
     layers: list[ManagedLayer]
     host_arena: HostArena | None
     ledger: VramLedger
+    # forwards the owner still expects, the running one included (None: unknown); at 1 the
+    # scheduler does not prefetch into a next forward that will not come
+    forwards_left: int | None
+
+    def shapes(self, layer: ManagedLayer) -> dict[str, tuple[torch.Size, torch.dtype]]: ...
 
     def stream_source(self, layer: ManagedLayer) -> dict[str, StoredTensor]: ...
 

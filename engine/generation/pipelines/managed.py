@@ -288,8 +288,12 @@ class ManagedPipeline:
         self.reserve_activations(width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1)
         self.configure_vae(width, height)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        forwards_mark = [self.denoiser_forwards()]
 
         def step_end(_pipe: Any, i: int, _t: Any, _kw: dict[str, Any]) -> dict[str, Any]:
+            if i + 2 == steps:  # the next step is the last: as many forwards as this one ran
+                self._expect_last_step(self.denoiser_forwards() - forwards_mark[0])
+            forwards_mark[0] = self.denoiser_forwards()
             stats = self._mark_step()
             if on_step is not None:
                 on_step(i + 1, steps, stats)
@@ -323,6 +327,7 @@ class ManagedPipeline:
                     kwargs["negative_prompt"] = negative_prompt
             out = pipe(**kwargs)
         finally:
+            self._expect_last_step(None)
             if self.batcher is not None:
                 self.batcher.clear()
         return out.images[0]
@@ -336,6 +341,11 @@ class ManagedPipeline:
                 embeds["negative_prompt_embeds"],
                 embeds["negative_prompt_embeds_mask"],
             )
+
+    def _expect_last_step(self, forwards: int | None) -> None:
+        """Tell the denoiser that only `forwards` more forwards come (None: unknown), so its
+        scheduler does not prefetch, and read from disk, a step after the last one."""
+        runtime_of(self.components[self.family.denoiser]).forwards_left = None if forwards is None else max(1, forwards)
 
     def close(self) -> None:
         """Drop every copy the engine holds (the object is unusable afterwards)."""
