@@ -91,11 +91,16 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         host = args.host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
     port = args.port if args.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
+    auth = None
+    if args.auth:  # checked with a lockout per user after repeated failures (ui/login.py)
+        from ui.login import Login
+
+        auth = Login(args.auth).check
     return {
         "server_name": host,
         "server_port": port,
         "share": bool(args.share),
-        "auth": args.auth,
+        "auth": auth,
         "allowed_paths": [str(Path(args.outputs_dir).resolve())],
     }
 
