@@ -143,16 +143,10 @@ def request_fields(
     )
 
 
-def raw(component_class: type) -> type:
-    """A subclass of a Gradio input component whose payload reaches the function unchanged
-    (same front-end, same API schema): the checks above then see exactly what was sent."""
-
-    class Raw(component_class):  # type: ignore[misc, valid-type]
-        def preprocess(self, payload: Any) -> Any:
-            return payload
-
-        def get_block_name(self) -> str:
-            return component_class.__name__.lower()
-
-    Raw.__name__ = Raw.__qualname__ = f"Raw{component_class.__name__}"
-    return Raw
+def raw(component: Any) -> Any:
+    """`component` (a Gradio input) with its payload reaching the function unchanged: same
+    front-end, same API schema, but no conversion, so the checks above see exactly what was
+    sent. (An instance attribute, not a subclass: Gradio writes a .pyi beside every module
+    that defines a component class.)"""
+    component.preprocess = lambda payload: payload
+    return component

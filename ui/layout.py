@@ -151,20 +151,19 @@ def build_demo(studio: Any) -> gr.Blocks:
         # ---------------------------------------------------------------- API-only endpoint
         with gr.Column(visible=False):
             # raw(): the payload reaches Handlers.generate as sent; ui.inputs checks every value
-            Textbox, Dropdown, Number, Checkbox = (raw(c) for c in (gr.Textbox, gr.Dropdown, gr.Number, gr.Checkbox))
-            api_inputs = [
-                Textbox(label="prompt"),
-                Textbox(label="negative_prompt", value=""),
-                Dropdown(label="model", choices=[m.id for m in models], value=None, allow_custom_value=True),
-                Number(label="width", value=None, precision=0),
-                Number(label="height", value=None, precision=0),
-                Number(label="steps", value=None, precision=0),
-                Number(label="guidance", value=None),
-                Number(label="seed", value=-1, precision=0),
-                Number(label="vram_limit", value=None),
-                Checkbox(label="fp8", value=False),
-                Checkbox(label="disk_offload", value=False),
-            ]
+            api_inputs = [raw(c) for c in (
+                gr.Textbox(label="prompt"),
+                gr.Textbox(label="negative_prompt", value=""),
+                gr.Dropdown(label="model", choices=[m.id for m in models], value=None, allow_custom_value=True),
+                gr.Number(label="width", value=None, precision=0),
+                gr.Number(label="height", value=None, precision=0),
+                gr.Number(label="steps", value=None, precision=0),
+                gr.Number(label="guidance", value=None),
+                gr.Number(label="seed", value=-1, precision=0),
+                gr.Number(label="vram_limit", value=None),
+                gr.Checkbox(label="fp8", value=False),
+                gr.Checkbox(label="disk_offload", value=False),
+            )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
 
