@@ -46,3 +46,17 @@ def unreachable_reason(url: str, timeout: float | None = None) -> str | None:
             return None
     except OSError as exc:
         return f"cannot connect to {host}:{port} ({exc.strerror or exc})"
+
+
+def timed_out(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is a read/connect timeout of an HTTP client: the host
+    accepted the connection (or never finished it) and sent no answer in time."""
+    from .errors import causes
+
+    for e in causes(exc):
+        if isinstance(e, (TimeoutError, socket.timeout)):
+            return True
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {"TimeoutException", "ReadTimeout", "ConnectTimeout", "Timeout", "ReadTimeoutError", "ConnectTimeoutError"}:
+            return True
+    return False

@@ -76,8 +76,8 @@ def main(argv: list[str]) -> None:
     if os.environ.get("LVS_TEST_TINY_MODEL") == "1":
         from engine.generation.studio import Studio
 
-        def factory(models_dir, outputs_dir, source="hf"):
-            return Studio(models_dir, outputs_dir, source, registry=TinyFluxRegistry(models_dir))
+        def factory(models_dir, outputs_dir, source="hf", **kwargs):
+            return Studio(models_dir, outputs_dir, source, registry=TinyFluxRegistry(models_dir), **kwargs)
 
     app.main(argv, studio_factory=factory)
 

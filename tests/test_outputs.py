@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from engine.generation.studio import PARTIAL_SUFFIX, Studio, _size_hint, describe_vram_limit
+from engine.generation.studio import Studio
 from tests.browser.server import REPO
 
 DIE_WHILE_SAVING = textwrap.dedent(
@@ -38,6 +38,8 @@ def test_a_kill_while_the_png_is_written_leaves_nothing_under_its_name(tmp_path)
     proc = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, str(models), str(outputs)], cwd=REPO, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode(errors="replace")[-2000:]
     assert not list(outputs.glob("*.png")), "a cut-off PNG lies under its final name"
+    from engine.generation.studio import PARTIAL_SUFFIX
+
     leftovers = list(outputs.glob(f".*.png{PARTIAL_SUFFIX}"))
     assert leftovers  # what the kill left is under the temporary name ...
     studio = Studio(models, outputs)  # ... and goes when the app starts again
@@ -50,6 +52,8 @@ def test_a_kill_while_the_png_is_written_leaves_nothing_under_its_name(tmp_path)
 
 
 def test_size_hints_stay_in_range():
+    from engine.generation.studio import _size_hint
+
     assert _size_hint(520, 16, 64, 512) == "Use 512 (sizes go from 64 to 512)."
     assert _size_hint(40, 16, 64, 512) == "Use 64 (sizes go from 64 to 512)."
     assert _size_hint(100, 16, 64, 512) == "Use 96 or 112."
@@ -57,6 +61,7 @@ def test_size_hints_stay_in_range():
 
 
 def test_infotext_limit_says_what_was_used(tmp_path):
+    from engine.generation.studio import describe_vram_limit
     from engine.generation.types import GenerateRequest
 
     studio = Studio(tmp_path / "m", tmp_path / "o", device="cpu")

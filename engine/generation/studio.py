@@ -206,11 +206,15 @@ class Studio:
         *,
         device: str | torch.device | None = None,
         registry: Any = None,
+        download_dir: Path | str | None = None,
     ):
         """`device`: computation device (default CUDA if present, else CPU). `registry`: an object
-        with model_registry's verbs (tests pass one with extra tiny models); default model_registry."""
+        with model_registry's verbs (tests pass one with extra tiny models); default model_registry.
+        `download_dir`: where hub downloads go (the hubs' cache layouts inside it); None = the
+        standard Hugging Face / ModelScope caches."""
         self._registry_obj = registry
         self.models_dir = Path(models_dir)
+        self.download_dir = Path(download_dir) if download_dir is not None else None
         self.outputs_dir = Path(outputs_dir)
         self.source = source
         self._device = torch.device(device) if device is not None else None
@@ -475,7 +479,8 @@ class Studio:
 
         emit(GenerationEvent("downloading", message=f"Downloading {r.entry.name}", download_fraction=0.0, telemetry=self.telemetry()))
         try:
-            path = Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir))
+            where = {"download_dir": self.download_dir} if self.download_dir is not None else {}
+            path = Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir, **where))
         except OSError as exc:  # disk full etc. that the registry did not translate
             raise UserFacingError(f"Downloading {r.entry.name} failed: {exc}") from exc
         if should_stop():
