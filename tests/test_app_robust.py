@@ -233,3 +233,41 @@ def test_failed_logins_lock_the_user_out(tmp_path):
         assert login("alice", "wonder") == 200
         c = gradio_client.Client(url, auth=("alice", "wonder"), verbose=False)
         assert "/generate" in c.view_api(return_format="dict", print_info=False)["named_endpoints"]
+
+
+# ---------------------------------------------------------------- what already held, and must keep holding
+def test_ten_concurrent_calls_each_get_their_own_image(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def one(i: int):
+        return client(server).predict(prompt=f"call {i}", width=64, height=64, steps=1, seed=300 + i, api_name="/generate")
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    for i, (image, parameters) in enumerate(results):
+        assert parameters.startswith(f"call {i}\n") and f"Seed: {300 + i}," in parameters
+        with Image.open(image) as png:
+            assert png.info["parameters"] == parameters
+
+
+def test_a_full_queue_answers_503_and_file_routes_refuse_traversal(server):
+    import httpx
+
+    url = server[0]
+    c = client(server)
+    fn_index = next(d["id"] for d in c.config["dependencies"] if d.get("api_name") == "generate")
+    job = long_run(c, seed=401)
+    wait_denoising(job)
+    statuses = []
+    for i in range(70):  # bad inputs: each fails at once when its turn comes
+        body = {"data": ["q", "", None, "abc", 64, 1, None, -1, None, False, False], "fn_index": fn_index,
+                "session_hash": f"full-queue-{i}", "event_data": None, "trigger_id": None}
+        statuses.append(httpx.post(url + "gradio_api/queue/join", json=body, timeout=30).status_code)
+    job.cancel()
+    assert statuses.count(200) >= 60 and 503 in statuses, statuses
+    for path in ("/etc/passwd", str(server[1] / "outputs" / ".." / "server.log"), "../../../../etc/passwd"):
+        r = httpx.get(url + "gradio_api/file=" + path, timeout=30)
+        assert r.status_code in (403, 404), (path, r.status_code)
+    assert wait_processing(client(server).submit(prompt="after", width=64, height=64, steps=1, api_name="/generate"), 60) < 60
