@@ -30,7 +30,7 @@ from huggingface_hub.utils import filter_repo_objects, get_token
 from . import errors
 from .catalog import ModelEntry
 from .completeness import is_complete, repo_problems
-from .network import timed_out, unreachable_reason
+from .network import hub_timeout, no_answer, timed_out, unreachable_reason
 from .paths import hf_cache_dir
 from .progress import Reporter, hf_tqdm_class
 from .resume import install_hf_resume, partial_bytes, remove_partials
@@ -134,6 +134,8 @@ def download(entry: ModelEntry, reporter: Reporter, token: str | None = None, ca
         raise errors.gated(entry, has_token=False)
     if reason := unreachable_reason(url):
         raise errors.offline(entry, "hf", url, reason)
+    if no_answer(url):
+        raise errors.no_answer(entry, "hf", url, hub_timeout())
 
     family = entry.adapter
     cache = cache or hf_cache_dir()

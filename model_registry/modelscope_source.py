@@ -17,7 +17,7 @@ from huggingface_hub.utils import filter_repo_objects
 from . import errors
 from .catalog import ModelEntry
 from .completeness import is_complete, repo_problems
-from .network import timed_out, unreachable_reason
+from .network import hub_timeout, no_answer, timed_out, unreachable_reason
 from .paths import modelscope_cache_dir
 from .progress import Reporter, modelscope_callback_class
 from .resume import partial_bytes, remove_partials
@@ -99,6 +99,8 @@ def download(entry: ModelEntry, reporter: Reporter, token: str | None = None, ca
     shown = url or DEFAULT_ENDPOINT
     if reason := unreachable_reason(shown):
         raise errors.offline(entry, "modelscope", shown, reason)
+    if no_answer(shown):
+        raise errors.no_answer(entry, "modelscope", shown, hub_timeout())
 
     from modelscope.hub.snapshot_download import snapshot_download
     from modelscope_hub import HubApi

@@ -650,14 +650,19 @@ def test_a_killed_modelscope_download_resumes(tiny_repo: Path, monkeypatch: pyte
 
 
 class SilentServer(LoopbackServer):
-    """Accepts connections and reads requests, never answers."""
+    """Accepts connections and reads requests, never answers (`answer_root`: except for `/`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_root: bool = False) -> None:
         self.stop = threading.Event()
         silent = self
 
         class Handler(QuietHandler):
             def do_GET(self) -> None:
+                if answer_root and self.path == "/":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 silent.stop.wait(60)
 
             do_HEAD = do_GET
@@ -671,8 +676,7 @@ class SilentServer(LoopbackServer):
 
 def test_a_hub_that_never_answers_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
     server = SilentServer()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # LOWVRAM_HUB_TIMEOUT is 2 here
     try:
         start = time.monotonic()
         with pytest.raises(UserFacingError) as info:
@@ -703,3 +707,40 @@ def test_a_download_folder_receives_the_download_and_the_standard_cache_is_reuse
     hub.gets.clear()
     assert model_registry.download(MODEL, models_dir=other, download_dir=other) == snapshot
     assert not hub.gets
+
+
+def test_a_hub_that_stops_answering_after_the_first_request_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = SilentServer(answer_root=True)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "3")
+    try:
+        with pytest.raises(UserFacingError) as info:
+            model_registry.download(MODEL)
+    finally:
+        server.close()
+    message = str(info.value)
+    assert "no answer in 3 s" in message and "interrupted" not in message, message
+
+
+def test_a_modelscope_hub_that_never_answers_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    server = SilentServer()
+    env = {**os.environ, "MODELSCOPE_ENDPOINT": server.url}  # LOWVRAM_HUB_TIMEOUT is 2 here
+    script = (
+        "import model_registry\n"
+        "try:\n"
+        "    model_registry.download('z-image-turbo', source='modelscope')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    try:
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, timeout=120).stdout
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert out.startswith("UserFacingError") and "no answer in 2 s" in out and "Nothing was downloaded" in out, out
+    assert elapsed < 30  # not modelscope's own read timeout (60 s) times its retries
