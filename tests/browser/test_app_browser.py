@@ -297,6 +297,11 @@ def test_a_closed_tab_stops_its_run(browser, tmp_path):
         tab.context.close()
         client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path / "dl"))
         job = client.submit(prompt="next", width=64, height=64, steps=1, seed=1, api_name="/generate")
+        from gradio_client.utils import Status
+
+        while not job.done() and job.status().code not in (Status.PROCESSING, Status.PROGRESS):
+            assert time.monotonic() - started < 2.5, f"the next request did not start: {job.status()}"
+            time.sleep(0.02)
         image, _ = job.result(timeout=60)
         assert Path(image).is_file()
         # the next request did not wait for the closed tab's 20 steps, and the closed run saved nothing
