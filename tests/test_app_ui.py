@@ -186,6 +186,14 @@ def test_tick_sends_the_chart_only_when_it_has_new_samples(handlers):
     assert "another tab" in panel and isinstance(plot2, type(gr.skip())) and key2 == key
 
 
+def test_tick_refreshes_the_model_list_after_a_download(handlers):
+    *_, models, version = handlers.tick(None, "demo", handlers.models_version, req())
+    assert isinstance(models, type(gr.skip())) and version == handlers.models_version
+    handlers.models_version += 1  # a run in some tab downloaded a model
+    *_, models, version = handlers.tick(None, "demo", version, req())
+    assert models["choices"] and models["value"] == "demo" and version == handlers.models_version
+
+
 # ---------------------------------------------------------------- layout
 def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     demo = build_demo(FakeStudio(tmp_path / "m", tmp_path / "o"))

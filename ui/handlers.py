@@ -83,7 +83,7 @@ class Handlers:
         self.tracker = RunTracker()
         self.hardware = studio.hardware()
         self.blocks: Any = None  # the Blocks, once built (its queue tells whether a client left)
-        self.models_version = 0  # bumped after every run: other tabs refresh their model list
+        self.models_version = 0  # bumped after a run that downloaded: every tab refreshes its model list
 
     # --- models ---------------------------------------------------------------------------
     def models(self) -> list[ModelChoice]:
