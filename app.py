@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+DEFAULT_MODEL_DIR = Path("models")
 
 # Offline by default: no analytics or version check (set before gradio is imported).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
     p.add_argument("--auth", default=None, metavar="USER:PASS|FILE",
                    help="require a login: user:pass (comma-separated for several) or a file of user:pass lines")
-    p.add_argument("--model-dir", type=Path, default=Path("models"), help="where models are stored (default ./models)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="where models are stored: the demo model, local model folders, and downloads (in the hubs' cache "
+                        "layouts under DIR/huggingface/hub and DIR/modelscope). Default: ./models for the demo and local "
+                        "folders, downloads in the standard Hugging Face / ModelScope caches")
     p.add_argument("--outputs-dir", type=Path, default=Path("outputs"), help="where PNGs are saved (default ./outputs)")
     p.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="download hub (default hf)")
     p.add_argument("--pinned-ram-gb", default=None, metavar="GB",
@@ -66,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # downloads go into --model-dir only when it is given; else the standard hub caches
+    args.download_dir = args.model_dir
+    if args.model_dir is None:
+        args.model_dir = DEFAULT_MODEL_DIR
     try:
         args.auth = parse_auth(args.auth)
     except argparse.ArgumentTypeError as exc:
@@ -91,11 +99,16 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         host = args.host or os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
     port = args.port if args.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
+    auth = None
+    if args.auth:  # checked with a lockout per user after repeated failures (ui/login.py)
+        from ui.login import Login
+
+        auth = Login(args.auth).check
     return {
         "server_name": host,
         "server_port": port,
         "share": bool(args.share),
-        "auth": args.auth,
+        "auth": auth,
         "allowed_paths": [str(Path(args.outputs_dir).resolve())],
     }
 
@@ -117,7 +130,8 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
         os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
     args.model_dir.mkdir(parents=True, exist_ok=True)
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
-    studio = studio_factory(args.model_dir, args.outputs_dir, source=args.source)
+    kwargs = {"download_dir": args.download_dir} if args.download_dir is not None else {}
+    studio = studio_factory(args.model_dir, args.outputs_dir, source=args.source, **kwargs)
     demo = ui.build_demo(studio)
     ui.launch(demo, **launch_kwargs(args))
 

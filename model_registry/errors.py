@@ -69,6 +69,20 @@ def not_writable(entry: ModelEntry, where: str, detail: str) -> UserFacingError:
     )
 
 
+def no_answer(entry: ModelEntry, source: str, endpoint: str, seconds: float, received: int = 0) -> UserFacingError:
+    """The host took the connection but sent nothing back in time (an overloaded hub, a proxy
+    or firewall that holds connections open)."""
+    mirror = "HF_ENDPOINT (e.g. https://hf-mirror.com)" if source == "hf" else "MODELSCOPE_ENDPOINT"
+    other = "ModelScope" if source == "hf" else "Hugging Face"
+    amount = _gb(received) if received >= 1e9 else f"{received / 1e6:.1f} MB"
+    got = "Nothing was downloaded." if not received else f"{amount} had arrived before it stopped answering; they are kept."
+    return UserFacingError(
+        f"Cannot download {entry.name}: {endpoint} accepted the connection but sent no answer in {seconds:g} s. "
+        f"{got} The hub may be overloaded, or a proxy or firewall holds the connection: try again later, "
+        f"set {mirror} to a mirror, or switch the download source to {other}."
+    )
+
+
 def interrupted(entry: ModelEntry, detail: str) -> UserFacingError:
     """The transfer broke off; the files that finished are kept."""
     return UserFacingError(

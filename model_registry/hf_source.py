@@ -2,9 +2,11 @@
 
 Downloads go into huggingface_hub's own cache (HF_HUB_CACHE / HF_HOME), so a model that
 diffusers, ComfyUI or `hf download` already fetched is reused, and what we fetch is reused
-by them. The library does the transfer: per-file atomic writes (a cut-off file is never
-moved into place), Range-resume of a dropped connection, and skipping of files already
-cached on the next call.
+by them; or, when a download folder is given (--model-dir), into the same cache layout under
+<folder>/huggingface/hub (the standard cache is still looked at for complete copies). The
+library does the transfer: per-file atomic writes (a cut-off file is never moved into place),
+Range-resume of a dropped connection, and skipping of files already cached on the next call;
+model_registry.resume makes a partial file survive a failed or killed attempt and resumes it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from huggingface_hub.utils import filter_repo_objects, get_token
 from . import errors
 from .catalog import ModelEntry
 from .completeness import is_complete, repo_problems
-from .network import unreachable_reason
+from .network import hub_timeout, no_answer, timed_out, unreachable_reason
 from .paths import hf_cache_dir
 from .progress import Reporter, hf_tqdm_class
+from .resume import install_hf_resume, partial_bytes, remove_partials
 from .types import UserFacingError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -55,16 +58,31 @@ def _etag_timeout() -> float:
         return 10.0
 
 
-def cached_snapshot(entry: ModelEntry) -> Path | None:
-    """The cached snapshot of `entry` if it is complete; no network."""
+def _download_timeout() -> float:
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+def storage_dir(entry: ModelEntry, cache: Path) -> Path:
+    """The repo's folder in an HF cache (blobs, snapshots, refs)."""
+    return cache / f"models--{(entry.hf_repo or '').replace('/', '--')}"
+
+
+def cached_snapshot(entry: ModelEntry, cache: Path | None = None) -> Path | None:
+    """The cached snapshot of `entry` in `cache` (default: the standard cache) if it is
+    complete; no network."""
     if not entry.hf_repo:
+        return None
+    cache = cache or hf_cache_dir()
+    if not storage_dir(entry, cache).is_dir():
         return None
     family = entry.adapter
     try:
         path = Path(
             snapshot_download(
                 entry.hf_repo,
-                cache_dir=hf_cache_dir(),
+                cache_dir=cache,
                 local_files_only=True,
                 allow_patterns=family.allow_patterns(),
                 ignore_patterns=family.ignore_patterns(),
@@ -72,27 +90,28 @@ def cached_snapshot(entry: ModelEntry) -> Path | None:
         )
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
-    return path if is_complete(path, family, _known_sizes(entry.hf_repo, path.name)) else None
+    return path if is_complete(path, family, _known_sizes(entry.hf_repo, path.name, cache)) else None
 
 
-def _known_sizes(repo_id: str, commit: str) -> dict[str, int]:
+def _known_sizes(repo_id: str, commit: str, cache: Path) -> dict[str, int]:
     """File sizes the hub listed for `commit` (cached by snapshot_download); {} if never listed."""
     try:
-        return {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=hf_cache_dir())}
+        return {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache)}
     except (CachedRepoTreeNotFoundError, OSError, ValueError):
         return {}
 
 
-def _remaining_bytes(entry: ModelEntry, sizes: dict[str, int], allow: list[str], commit: str | None) -> tuple[int, int]:
-    """(bytes still to fetch, number of files the pipeline needs) for the listed repo files."""
+def _remaining_bytes(entry: ModelEntry, sizes: dict[str, int], allow: list[str], commit: str | None, cache: Path) -> tuple[int, int]:
+    """(bytes still to fetch, number of files the pipeline needs) for the listed repo files.
+    Partial files of earlier attempts are resumed, so their bytes are not fetched again."""
     wanted = list(filter_repo_objects(sizes, allow_patterns=allow, ignore_patterns=entry.adapter.ignore_patterns()))
-    snapshot = hf_cache_dir() / f"models--{entry.hf_repo.replace('/', '--')}" / "snapshots" / (commit or "-")
+    snapshot = storage_dir(entry, cache) / "snapshots" / (commit or "-")
     remaining = sum(sizes[f] for f in wanted if not (snapshot / f).is_file())
+    remaining = max(0, remaining - partial_bytes(storage_dir(entry, cache) / "blobs"))
     return remaining, len(wanted)
 
 
-def _check_disk(entry: ModelEntry, needed: int) -> None:
-    target = hf_cache_dir()
+def _check_disk(entry: ModelEntry, needed: int, target: Path) -> None:
     probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -101,8 +120,9 @@ def _check_disk(entry: ModelEntry, needed: int) -> None:
         raise errors.disk_full(entry, str(target), needed, free)
 
 
-def download(entry: ModelEntry, reporter: Reporter, token: str | None = None) -> Path:
-    """Fetch the files `entry`'s pipeline needs into the HF cache; returns the snapshot folder."""
+def download(entry: ModelEntry, reporter: Reporter, token: str | None = None, cache: Path | None = None) -> Path:
+    """Fetch the files `entry`'s pipeline needs into the HF cache `cache` (default: the
+    standard one); returns the snapshot folder."""
     repo = entry.hf_repo
     if not repo:
         raise errors.not_found(entry, "hf", "(none)", "this model has no Hugging Face repository")
@@ -114,20 +134,26 @@ def download(entry: ModelEntry, reporter: Reporter, token: str | None = None) ->
         raise errors.gated(entry, has_token=False)
     if reason := unreachable_reason(url):
         raise errors.offline(entry, "hf", url, reason)
+    if no_answer(url):
+        raise errors.no_answer(entry, "hf", url, hub_timeout())
 
     family = entry.adapter
+    cache = cache or hf_cache_dir()
+    install_hf_resume()
+    waited = _etag_timeout()
     try:
         reporter.say(0.0, f"Asking {url} for the file list of {repo}")
-        info = HfApi(endpoint=url, token=token).model_info(repo, files_metadata=True, timeout=_etag_timeout())
+        info = HfApi(endpoint=url, token=token).model_info(repo, files_metadata=True, timeout=waited)
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
         allow = family.allow_patterns(available=sizes)
-        remaining, reporter.total_files = _remaining_bytes(entry, sizes, allow, info.sha)
+        remaining, reporter.total_files = _remaining_bytes(entry, sizes, allow, info.sha, cache)
         reporter.total_bytes = remaining
-        _check_disk(entry, remaining)
+        _check_disk(entry, remaining, cache)
+        waited = max(_etag_timeout(), _download_timeout())
         path = Path(
             snapshot_download(
                 repo,
-                cache_dir=hf_cache_dir(),
+                cache_dir=cache,
                 endpoint=url,
                 token=token,
                 allow_patterns=allow,
@@ -144,19 +170,24 @@ def download(entry: ModelEntry, reporter: Reporter, token: str | None = None) ->
     except LocalEntryNotFoundError as exc:  # the hub went away between listing and fetching
         raise errors.offline(entry, "hf", url, str(exc).splitlines()[0]) from exc
     except (httpx2.TransportError, HfHubHTTPError, OSError) as exc:
-        raise _translate(entry, exc, url, token) from exc
+        raise _translate(entry, exc, url, token, cache, waited, reporter.bytes_done) from exc
     reporter.say(0.99, f"Checking the files of {entry.name}")
     if problems := repo_problems(path, family, {f: n for f, n in sizes.items() if n}):
         raise errors.incomplete(entry, str(path), problems)
+    remove_partials(storage_dir(entry, cache) / "blobs")  # whole now: no partial of it is needed
     return path
 
 
-def _translate(entry: ModelEntry, exc: BaseException, url: str, token: str | None) -> UserFacingError:
+def _translate(
+    entry: ModelEntry, exc: BaseException, url: str, token: str | None, cache: Path, waited: float, received: int
+) -> UserFacingError:
     """The user-facing error for a transfer or file-system failure during a download."""
     if errors.is_disk_full(exc):
-        return errors.disk_full(entry, str(hf_cache_dir()))
+        return errors.disk_full(entry, str(cache))
     if isinstance(exc, PermissionError):
-        return errors.not_writable(entry, str(hf_cache_dir()), str(exc))
+        return errors.not_writable(entry, str(cache), str(exc))
+    if timed_out(exc):
+        return errors.no_answer(entry, "hf", url, waited, received)
     if isinstance(exc, httpx2.ConnectError):
         return errors.offline(entry, "hf", url, str(exc))
     status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None

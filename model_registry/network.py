@@ -46,3 +46,37 @@ def unreachable_reason(url: str, timeout: float | None = None) -> str | None:
             return None
     except OSError as exc:
         return f"cannot connect to {host}:{port} ({exc.strerror or exc})"
+
+
+def no_answer(url: str, timeout: float | None = None) -> bool:
+    """True when the host takes the connection but sends no HTTP answer (any status counts as
+    one) within `timeout` seconds (default: hub_timeout()). A hub in that state would otherwise
+    hold each library call until its own read timeout, retries included (minutes for modelscope)."""
+    import urllib.error
+
+    request = urllib.request.Request(url.rstrip("/") + "/", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=hub_timeout() if timeout is None else timeout):
+            return False
+    except urllib.error.HTTPError:  # an answer, whatever it says
+        return False
+    except (TimeoutError, socket.timeout):
+        return True
+    except urllib.error.URLError as exc:
+        return isinstance(exc.reason, (TimeoutError, socket.timeout))
+    except OSError:  # reset, TLS trouble ...: not "no answer"; the library reports it
+        return False
+
+
+def timed_out(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is a read/connect timeout of an HTTP client: the host
+    accepted the connection (or never finished it) and sent no answer in time."""
+    from .errors import causes
+
+    for e in causes(exc):
+        if isinstance(e, (TimeoutError, socket.timeout)):
+            return True
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {"TimeoutException", "ReadTimeout", "ConnectTimeout", "Timeout", "ReadTimeoutError", "ConnectTimeoutError"}:
+            return True
+    return False

@@ -53,8 +53,16 @@ def resolve_inside_model_dirs(path: str | os.PathLike[str], models_dir: str | os
     )
 
 
-def hf_cache_dir() -> Path:
-    """huggingface_hub's cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+#: inside a model directory given for downloads (--model-dir): the two hubs' cache layouts
+HF_SUBDIR = Path("huggingface") / "hub"
+MODELSCOPE_SUBDIR = Path("modelscope")
+
+
+def hf_cache_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """huggingface_hub's cache: <root>/huggingface/hub when a download folder is given,
+    else the standard one (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    if root is not None:
+        return Path(root).expanduser().resolve() / HF_SUBDIR
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
@@ -63,8 +71,11 @@ def hf_cache_dir() -> Path:
     return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
-def modelscope_cache_dir() -> Path:
-    """modelscope's cache (MODELSCOPE_CACHE, else ~/.cache/modelscope)."""
+def modelscope_cache_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """modelscope's cache: <root>/modelscope when a download folder is given, else the
+    standard one (MODELSCOPE_CACHE, else ~/.cache/modelscope)."""
+    if root is not None:
+        return Path(root).expanduser().resolve() / MODELSCOPE_SUBDIR
     if os.environ.get("MODELSCOPE_CACHE"):
         return Path(os.environ["MODELSCOPE_CACHE"]).expanduser()
     return Path.home() / ".cache" / "modelscope"

@@ -11,6 +11,7 @@ from .catalog import ModelEntry, get_model, list_models
 from .completeness import weight_variant
 from .demo import ensure_demo
 from .local import local_copy, register_local
+from .paths import hf_cache_dir, model_dirs, modelscope_cache_dir
 from .progress import ProgressCallback, Reporter
 from .types import ModelChoice, UserFacingError
 
@@ -19,8 +20,19 @@ LOCAL_PREFIX = "local:"
 
 
 def _existing_copy(entry: ModelEntry, models_dir: str | os.PathLike[str] | None) -> Path | None:
-    """A complete copy anywhere we look: local folders first, then the HF and ModelScope caches."""
-    return local_copy(entry, models_dir) or hf_source.cached_snapshot(entry) or modelscope_source.cached_snapshot(entry)
+    """A complete copy anywhere we look: local folders first, then the hub caches inside the
+    model directories (where downloads go with a download folder), then the standard HF and
+    ModelScope caches."""
+    if found := local_copy(entry, models_dir):
+        return found
+    roots = model_dirs(models_dir)
+    for cache in [hf_cache_dir(r) for r in roots] + [hf_cache_dir()]:
+        if found := hf_source.cached_snapshot(entry, cache):
+            return found
+    for cache in [modelscope_cache_dir(r) for r in roots] + [modelscope_cache_dir()]:
+        if found := modelscope_source.cached_snapshot(entry, cache):
+            return found
+    return None
 
 
 def local_path(model_id: str, models_dir: str | os.PathLike[str] | None = None) -> Path | None:
@@ -54,8 +66,12 @@ def download(
     progress: ProgressCallback | None = None,
     models_dir: str | os.PathLike[str] | None = None,
     token: str | None = None,
+    download_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Make `model_id` present and return its folder; reuse any complete copy first.
+
+    `download_dir`: where a hub download goes (the hub's cache layout under
+    <download_dir>/huggingface/hub or <download_dir>/modelscope); None = the standard caches.
 
     `source` is "hf", "modelscope" or "local:<folder>". `progress(fraction, message)` is
     called at least once per file (possibly from worker threads); raising from it aborts
@@ -80,8 +96,12 @@ def download(
     if existing := _existing_copy(entry, models_dir):
         report.say(1.0, f"{entry.name} is already downloaded ({existing})")
         return existing
-    fetch = hf_source.download if source == "hf" else modelscope_source.download
-    path = fetch(entry, report, token)  # checks completeness before it returns
+    if source == "hf":
+        cache = hf_cache_dir(download_dir) if download_dir is not None else None
+        path = hf_source.download(entry, report, token, cache)  # checks completeness before it returns
+    else:
+        cache = modelscope_cache_dir(download_dir) if download_dir is not None else None
+        path = modelscope_source.download(entry, report, token, cache)
     report.say(1.0, f"{entry.name} is ready")
     return path
 

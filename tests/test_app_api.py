@@ -93,6 +93,30 @@ def test_pinned_ram_flag_and_environment(monkeypatch, tmp_path, capsys):
     assert PinnedBudget().limit_bytes == 3 * 1024**3
 
 
+def test_model_dir_is_where_downloads_go_only_when_given(tmp_path):
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def studio_factory(models_dir, outputs_dir, source="hf", **kwargs):
+        seen.update(models_dir=models_dir, **kwargs)
+        raise Started
+
+    with pytest.raises(Started):
+        app.main(["--model-dir", str(tmp_path / "m"), "--outputs-dir", str(tmp_path / "o")], studio_factory)
+    assert seen == {"models_dir": tmp_path / "m", "download_dir": tmp_path / "m"}
+    seen.clear()
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(Started):
+            app.main(["--outputs-dir", str(tmp_path / "o")], studio_factory)
+    finally:
+        os.chdir(old)
+    assert seen == {"models_dir": Path("models")}  # downloads: the standard hub caches
+
+
 def test_parse_auth_rejects_empty_file(tmp_path):
     f = tmp_path / "empty.txt"
     f.write_text("\n# nothing\n")

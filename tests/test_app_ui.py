@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import threading
 import time
 from types import SimpleNamespace
@@ -95,30 +97,30 @@ def test_tracker_history_is_rate_limited_and_kept_after_the_run():
 
 # ---------------------------------------------------------------- handlers
 def test_api_generate_returns_png_path_and_parameters(handlers):
-    path, params = handlers.generate("a cat", steps=2, seed=7, request=req("api"), progress=NoProgress())
+    path, params = asyncio.run(handlers.generate("a cat", steps=2, seed=7, request=req("api"), progress=NoProgress()))
     assert path.endswith(".png") and "Seed: 7" in params
 
 
 def test_bad_input_becomes_a_gradio_error_not_a_traceback(handlers):
     with pytest.raises(gr.Error) as exc:
-        handlers.generate("a cat", width=100, request=req(), progress=NoProgress())
+        asyncio.run(handlers.generate("a cat", width=100, request=req(), progress=NoProgress()))
     assert "Width 100" in exc.value.message
     with pytest.raises(gr.Error) as exc:
-        handlers.generate("boom", request=req(), progress=NoProgress())
+        asyncio.run(handlers.generate("boom", request=req(), progress=NoProgress()))
     assert "RuntimeError: boom" in exc.value.message and "Traceback" not in exc.value.message
     # the next run works
-    path, _ = handlers.generate("a cat", steps=1, request=req(), progress=NoProgress())
+    path, _ = asyncio.run(handlers.generate("a cat", steps=1, request=req(), progress=NoProgress()))
     assert path.endswith(".png")
 
 
 def test_run_ui_adds_to_the_gallery_newest_first(handlers):
     r = req()
     handlers.arm(r)
-    out = handlers.run_ui("one", "", "demo", 64, 64, 1, 4.0, 5, True, 0, False, False, [], r, NoProgress())
+    out = asyncio.run(handlers.run_ui("one", "", "demo", 64, 64, 1, 4.0, 5, True, 0, False, False, [], r, NoProgress()))
     gallery, params, png, results, seed = out
     assert seed == 5 and png.endswith(".png") and "one" in params and len(results) == 1
     handlers.arm(r)
-    out = handlers.run_ui("two", "", "demo", 64, 64, 1, 4.0, 6, True, 0, False, False, results, r, NoProgress())
+    out = asyncio.run(handlers.run_ui("two", "", "demo", 64, 64, 1, 4.0, 6, True, 0, False, False, results, r, NoProgress()))
     assert [e["seed"] for e in out[3]] == [6, 5]
 
 
@@ -129,7 +131,7 @@ def test_cancel_stops_the_run_and_the_next_one_works(handlers):
     box = {}
 
     def run():
-        box["out"] = handlers.run_ui("long", "", "demo", 64, 64, 100, 4.0, -1, True, 0, False, False, [], r, NoProgress())
+        box["out"] = asyncio.run(handlers.run_ui("long", "", "demo", 64, 64, 100, 4.0, -1, True, 0, False, False, [], r, NoProgress()))
 
     th = threading.Thread(target=run)
     th.start()
@@ -142,7 +144,7 @@ def test_cancel_stops_the_run_and_the_next_one_works(handlers):
     assert all(isinstance(x, type(gr.skip())) for x in box["out"])
     assert handlers.tracker.view()[2].phase == "cancelled"
     handlers.arm(r)
-    out = handlers.run_ui("short", "", "demo", 64, 64, 1, 4.0, -1, True, 0, False, False, [], r, NoProgress())
+    out = asyncio.run(handlers.run_ui("short", "", "demo", 64, 64, 1, 4.0, -1, True, 0, False, False, [], r, NoProgress()))
     assert out[2].endswith(".png")
 
 
@@ -150,7 +152,7 @@ def test_cancel_while_waiting_in_the_queue_skips_the_run(handlers):
     r = req("tab-q")
     handlers.arm(r)
     handlers.cancel(r)  # clicked while another tab's run was going
-    out = handlers.run_ui("x", "", "demo", 64, 64, 1, 4.0, -1, True, 0, False, False, [], r, NoProgress())
+    out = asyncio.run(handlers.run_ui("x", "", "demo", 64, 64, 1, 4.0, -1, True, 0, False, False, [], r, NoProgress()))
     assert all(isinstance(x, type(gr.skip())) for x in out)
 
 
@@ -174,14 +176,22 @@ def test_model_change_fills_defaults_only_when_the_model_changes(handlers):
 
 
 def test_tick_sends_the_chart_only_when_it_has_new_samples(handlers):
-    panel, plot, key = handlers.tick(None, req())
+    panel, plot, key = handlers.tick(None, None, 0, req())[:3]
     assert "Idle" in panel and isinstance(plot, type(gr.skip())) and key is None
     run = handlers.tracker.start("tab-1")
     handlers.tracker.update(run, GenerationEvent(phase="denoising", step=1, total_steps=4, telemetry=handlers.studio.telemetry()))
-    panel, plot, key = handlers.tick(None, req("tab-1"))
+    panel, plot, key = handlers.tick(None, None, 0, req("tab-1"))[:3]
     assert "Denoising (this tab)" in panel and len(plot) >= 1 and key[0] == run
-    panel, plot2, key2 = handlers.tick(key, req("tab-2"))
+    panel, plot2, key2 = handlers.tick(key, None, 0, req("tab-2"))[:3]
     assert "another tab" in panel and isinstance(plot2, type(gr.skip())) and key2 == key
+
+
+def test_tick_refreshes_the_model_list_after_a_download(handlers):
+    *_, models, version = handlers.tick(None, "demo", handlers.models_version, req())
+    assert isinstance(models, type(gr.skip())) and version == handlers.models_version
+    handlers.models_version += 1  # a run in some tab downloaded a model
+    *_, models, version = handlers.tick(None, "demo", version, req())
+    assert models["choices"] and models["value"] == "demo" and version == handlers.models_version
 
 
 # ---------------------------------------------------------------- layout
@@ -228,7 +238,7 @@ def test_progress_bar_follows_downloads_and_steps(handlers, monkeypatch):
     ]
     monkeypatch.setattr(handlers.studio, "generate", lambda request, cancel=None: iter(events))
     progress = RecordingProgress()
-    path, params = handlers.generate("x", request=req(), progress=progress)
+    path, params = asyncio.run(handlers.generate("x", request=req(), progress=progress))
     assert path.endswith("x.png") and params == "p"
     assert (0.5, "Downloading the model", "steps") in progress.calls
     assert ((1, 2), "Denoising", "steps") in progress.calls and ((2, 2), "Denoising", "steps") in progress.calls

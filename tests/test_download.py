@@ -111,6 +111,8 @@ class FakeHub(LoopbackServer):
         self.gated = gated
         self.cut_once: set[str] = set()  # files whose first GET stops half-way
         self.broken: set[str] = set()  # files cut half-way, then answered 500 until repaired
+        self.stall_once: set[str] = set()  # files whose first GET sends half, then hangs until release
+        self.release = threading.Event()
         self.gets: Counter[str] = Counter()
         self.bytes_served: Counter[str] = Counter()
         self.range_requests: list[tuple[str, str]] = []
@@ -219,6 +221,14 @@ class FakeHub(LoopbackServer):
         if first and (filename in self.cut_once or filename in self.broken):
             body = body[: len(body) // 2]  # the connection drops half-way through the file
             h.close_connection = True
+        if first and filename in self.stall_once:  # half the file, then nothing (a killed client)
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            with self.lock:
+                self.bytes_served[filename] += len(body) // 2
+            self.release.wait(60)
+            h.close_connection = True
+            return
         h.wfile.write(body)
         with self.lock:
             self.bytes_served[filename] += len(body)
@@ -394,17 +404,23 @@ def test_unknown_repo_on_the_hub(tiny_repo: Path, monkeypatch: pytest.MonkeyPatc
 
 
 class FakeModelScope(LoopbackServer):
-    """The two ModelScope calls a snapshot download makes: list the repo, fetch one file."""
+    """The two ModelScope calls a snapshot download makes: list the repo, fetch one file (with
+    Range requests; `stall_once` files send half their bytes on the first GET, then hang until
+    `release` is set)."""
 
-    def __init__(self, repo: str, files: dict[str, bytes]):
+    def __init__(self, repo: str, files: dict[str, bytes], stall_once: set[str] | frozenset[str] = frozenset()):
         self.fetched: list[str] = []
+        self.ranges: list[tuple[str, str]] = []
+        self.bytes_served: Counter[str] = Counter()
+        self.release = threading.Event()
         fake = self
 
         class Handler(QuietHandler):
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 query = dict(p.split("=", 1) for p in url.query.split("&") if "=" in p)
-                body, status = b'{"Code": 404, "Success": false}', 404
+                body, status, headers = b'{"Code": 404, "Success": false}', 404, {}
+                stall = False
                 if url.path == f"/api/v1/models/{repo}/repo/files":
                     listing = [
                         {
@@ -421,14 +437,36 @@ class FakeModelScope(LoopbackServer):
                     url.path == f"/api/v1/models/{repo}/repo"
                     and (path := unquote(query.get("FilePath", "").replace("+", " "))) in files
                 ):
+                    first = path not in fake.fetched
                     fake.fetched.append(path)
-                    body, status = files[path], 200
+                    data, start = files[path], 0
+                    if rng := self.headers.get("Range"):
+                        fake.ranges.append((path, rng))
+                        start = int(re.fullmatch(r"bytes=(\d+)-\d*", rng).group(1))
+                    body, status = data[start:], 206 if start else 200
+                    if start:
+                        headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                    stall = first and path in stall_once
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
                 self.end_headers()
+                if stall:
+                    body = body[: len(body) // 2]
                 self.wfile.write(body)
+                if status in (200, 206) and "FilePath" in url.query:
+                    fake.bytes_served[path] += len(body)
+                if stall:
+                    self.wfile.flush()
+                    fake.release.wait(60)
+                    self.close_connection = True
 
         self.serve(Handler)
+
+    def close(self) -> None:
+        self.release.set()
+        super().close()
 
 
 def test_modelscope_download_fetches_only_what_the_pipeline_needs(
@@ -500,3 +538,209 @@ def test_modelscope_cache_is_reused(tiny_repo: Path) -> None:
     shutil.copytree(tiny_repo, snapshot)
     assert model_registry.is_downloaded(MODEL)
     assert model_registry.download(MODEL, source="modelscope") == snapshot
+
+
+# --------------------------------------------------------------------------- resume after a killed process
+
+KILLED_DOWNLOAD = """
+import sys
+from huggingface_hub import constants
+constants.DOWNLOAD_CHUNK_SIZE = 16 * 1024
+import modelscope_hub._download as ms
+ms.DOWNLOAD_CHUNK_SIZE = 16 * 1024
+import model_registry
+model_registry.download(sys.argv[1], source=sys.argv[2])
+"""
+
+
+def kill_mid_file(source: str, partial_glob: str, root: Path) -> int:
+    """Run a download in a subprocess, kill -9 it once a partial file has some bytes; their size."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD, MODEL, source], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            sizes = [p.stat().st_size for p in root.rglob(partial_glob) if p.is_file()]
+            if sizes and max(sizes) >= 64 * 1024:
+                break
+            assert proc.poll() is None, "the download ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no partial file appeared")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return max(p.stat().st_size for p in root.rglob(partial_glob) if p.is_file())
+
+
+def wanted_bytes(tiny_repo: Path) -> int:
+    return sum(len(b) for b in repo_files(tiny_repo, extras=False).values())
+
+
+def test_a_killed_download_resumes_its_partial_file_and_leaves_none(
+    hub: FakeHub, tiny_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    hub.stall_once.add(CUT_FILE)
+    partial = kill_mid_file("hf", "*.incomplete", cache)
+    hub.release.set()
+    size = len((tiny_repo / CUT_FILE).read_bytes())
+    assert 0 < partial < size
+
+    # the bytes already there count in the space check: just enough free space for the rest
+    needed = wanted_bytes(tiny_repo) - partial
+    monkeypatch.setattr(hf_source.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - needed - 1000, needed + 1000))
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    served_before = hub.bytes_served[CUT_FILE]
+    path = model_registry.download(MODEL)
+
+    assert (CUT_FILE, f"bytes={partial}-") in hub.range_requests  # resumed from the bytes on disk
+    assert hub.bytes_served[CUT_FILE] - served_before == size - partial
+    assert (path / CUT_FILE).read_bytes() == (tiny_repo / CUT_FILE).read_bytes()
+    assert model_registry.is_downloaded(MODEL)
+    assert not list(cache.rglob("*.incomplete")), "a partial file was left in the cache"
+
+
+def test_a_failed_attempt_keeps_its_bytes_for_the_next(hub: FakeHub, tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    hub.broken.add(CUT_FILE)  # half the file, then HTTP 500
+    with pytest.raises(UserFacingError, match="interrupted"):
+        model_registry.download(MODEL)
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    kept = [p for p in cache.rglob("*.incomplete")]
+    assert len(kept) == 1 and kept[0].stat().st_size > 0  # one partial per file, under a stable name
+    hub.broken.clear()
+    hub.range_requests.clear()
+    path = model_registry.download(MODEL)
+    assert [f for f, _ in hub.range_requests] == [CUT_FILE]
+    assert (path / CUT_FILE).read_bytes() == (tiny_repo / CUT_FILE).read_bytes()
+    assert not list(cache.rglob("*.incomplete"))
+
+
+def test_a_killed_modelscope_download_resumes(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = repo_files(tiny_repo)
+    server = FakeModelScope(REPO, files, stall_once={CUT_FILE})
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
+    cache = Path(os.environ["MODELSCOPE_CACHE"])
+    try:
+        partial = kill_mid_file("modelscope", "*.incomplete", cache)
+        server.release.set()
+        size = len(files[CUT_FILE])
+        needed = wanted_bytes(tiny_repo) - partial
+        from model_registry import modelscope_source
+
+        monkeypatch.setattr(modelscope_source, "_free_bytes", lambda p: needed + 1000)
+        path = model_registry.download(MODEL, source="modelscope")
+    finally:
+        server.close()
+    assert (CUT_FILE, f"bytes={partial}-") in server.ranges
+    assert server.bytes_served[CUT_FILE] == size // 2 + size - partial or server.bytes_served[CUT_FILE] < 1.1 * size
+    assert (path / CUT_FILE).read_bytes() == files[CUT_FILE]
+    assert not list(cache.rglob("*.incomplete"))
+
+
+# --------------------------------------------------------------------------- a hub that never answers
+
+
+class SilentServer(LoopbackServer):
+    """Accepts connections and reads requests, never answers (`answer_root`: except for `/`)."""
+
+    def __init__(self, answer_root: bool = False) -> None:
+        self.stop = threading.Event()
+        silent = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:
+                if answer_root and self.path == "/":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                silent.stop.wait(60)
+
+            do_HEAD = do_GET
+
+        self.serve(Handler)
+
+    def close(self) -> None:
+        self.stop.set()
+        super().close()
+
+
+def test_a_hub_that_never_answers_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = SilentServer()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # LOWVRAM_HUB_TIMEOUT is 2 here
+    try:
+        start = time.monotonic()
+        with pytest.raises(UserFacingError) as info:
+            model_registry.download(MODEL)
+        assert time.monotonic() - start < 10
+    finally:
+        server.close()
+    message = str(info.value)
+    assert "no answer in 2 s" in message and "Nothing was downloaded" in message, message
+    assert "interrupted" not in message and "continue where it stopped" not in message
+
+
+# --------------------------------------------------------------------------- where downloads go
+
+
+def test_a_download_folder_receives_the_download_and_the_standard_cache_is_reused(
+    hub: FakeHub, tiny_repo: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "persistent"
+    path = model_registry.download(MODEL, download_dir=target)
+    assert path.is_relative_to(target / "huggingface" / "hub")
+    assert not Path(os.environ["HF_HUB_CACHE"]).exists()  # nothing went to the standard cache
+    assert model_registry.is_downloaded(MODEL, target) and model_registry.local_path(MODEL, target) == path
+
+    # a copy already in the standard cache is used as it is, whatever the download folder
+    other = tmp_path / "other"
+    snapshot = make_hf_cache(Path(os.environ["HF_HUB_CACHE"]), REPO, tiny_repo)
+    hub.gets.clear()
+    assert model_registry.download(MODEL, models_dir=other, download_dir=other) == snapshot
+    assert not hub.gets
+
+
+def test_a_hub_that_stops_answering_after_the_first_request_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = SilentServer(answer_root=True)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "3")
+    try:
+        with pytest.raises(UserFacingError) as info:
+            model_registry.download(MODEL)
+    finally:
+        server.close()
+    message = str(info.value)
+    assert "no answer in 3 s" in message and "interrupted" not in message, message
+
+
+def test_a_modelscope_hub_that_never_answers_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    server = SilentServer()
+    env = {**os.environ, "MODELSCOPE_ENDPOINT": server.url}  # LOWVRAM_HUB_TIMEOUT is 2 here
+    script = (
+        "import model_registry\n"
+        "try:\n"
+        "    model_registry.download('z-image-turbo', source='modelscope')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    try:
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, timeout=120).stdout
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert out.startswith("UserFacingError") and "no answer in 2 s" in out and "Nothing was downloaded" in out, out
+    assert elapsed < 30  # not modelscope's own read timeout (60 s) times its retries

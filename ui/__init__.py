@@ -10,7 +10,11 @@ from typing import Any
 
 from .layout import CSS, build_demo
 
-__all__ = ["CSS", "build_demo", "launch"]
+__all__ = ["CSS", "MAX_UPLOAD", "build_demo", "launch"]
+
+#: The app takes no file input (no upload component, no file parameter in /generate): refuse
+#: anything larger than a small form post on Gradio's upload route.
+MAX_UPLOAD = "1mb"
 
 
 def launch(demo, **launch_kwargs: Any):
@@ -18,4 +22,5 @@ def launch(demo, **launch_kwargs: Any):
     launch_kwargs.setdefault("css", CSS)
     launch_kwargs.setdefault("ssr_mode", False)
     launch_kwargs.setdefault("footer_links", ["api", "settings"])
+    launch_kwargs.setdefault("max_file_size", MAX_UPLOAD)
     return demo.queue(default_concurrency_limit=1, max_size=64).launch(**launch_kwargs)

@@ -7,6 +7,8 @@ is importable (Hugging Face ZeroGPU); elsewhere the decorator is a no-op.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -23,7 +25,7 @@ from engine.generation.types import (
     UserFacingError,
 )
 
-from . import formatting
+from . import formatting, inputs
 from .runs import RunTracker
 
 log = logging.getLogger("lowvram_studio.ui")
@@ -48,6 +50,15 @@ except Exception:  # not installed, or not usable here: run as is
         return fn
 
 
+def _current_event_id() -> str | None:
+    try:
+        from gradio.context import LocalContext
+
+        return LocalContext.event_id.get(None)
+    except Exception:  # pragma: no cover - another Gradio layout
+        return None
+
+
 _STUDIO: Any = None  # set by Handlers; a module global so a ZeroGPU worker process finds it
 
 
@@ -57,16 +68,9 @@ def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> I
     yield from _STUDIO.generate(request, cancel)
 
 
-def _int_or_none(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    return int(round(float(value)))
-
-
-def _float_or_none(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    return float(value)
+#: how often a waiting handler looks whether its client is still there (seconds)
+WATCH_INTERVAL_S = 0.25
+GPU_QUEUE = "gpu"  # the concurrency group of every generation (page and API)
 
 
 class Handlers:
@@ -78,6 +82,8 @@ class Handlers:
         self.studio = studio
         self.tracker = RunTracker()
         self.hardware = studio.hardware()
+        self.blocks: Any = None  # the Blocks, once built (its queue tells whether a client left)
+        self.models_version = 0  # bumped after a run that downloaded: every tab refreshes its model list
 
     # --- models ---------------------------------------------------------------------------
     def models(self) -> list[ModelChoice]:
@@ -145,22 +151,10 @@ class Handlers:
         fp8: bool,
         disk_offload: bool,
     ) -> GenerateRequest:
-        try:
-            return GenerateRequest(
-                prompt=prompt or "",
-                negative_prompt=negative_prompt or "",
-                model=model or None,
-                width=_int_or_none(width),
-                height=_int_or_none(height),
-                steps=_int_or_none(steps),
-                guidance=_float_or_none(guidance),
-                seed=_int_or_none(seed),
-                vram_limit=_float_or_none(vram_limit),
-                fp8=bool(fp8),
-                disk_offload=bool(disk_offload),
-            )
-        except (TypeError, ValueError) as exc:
-            raise UserFacingError(f"A setting is not a number: {exc}") from None
+        """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
+        return GenerateRequest(**inputs.request_fields(
+            prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload,
+        ))
 
     def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
@@ -184,6 +178,7 @@ class Handlers:
         """
         run_id = self.tracker.start(owner)
         last: GenerationEvent | None = None
+        downloaded = False
         try:
             if cancel.is_set():  # cancelled while waiting in the queue
                 last = GenerationEvent(phase="cancelled", message="Cancelled before it started.")
@@ -196,6 +191,7 @@ class Handlers:
                                                total_steps=last.total_steps if last else 0)
                     return item
                 last = item
+                downloaded = downloaded or item.phase == "downloading"
                 self.tracker.update(run_id, item)
                 self._report(item, progress)
                 if item.phase == "cancelled":
@@ -221,6 +217,8 @@ class Handlers:
             ) from None
         finally:
             self.tracker.finish(run_id, last)
+            if downloaded:  # every tab's model list is refreshed by its timer
+                self.models_version += 1
 
     @staticmethod
     def _report(event: GenerationEvent, progress: gr.Progress) -> None:
@@ -231,6 +229,50 @@ class Handlers:
             progress((event.step, event.total_steps), desc=label, unit="steps")
         else:
             progress(None, desc=event.message or label)
+
+    # --- the run, watched from the event loop --------------------------------------------
+    def _client_gone(self) -> bool:
+        """True when the client of the event being handled left: its tab closed (Gradio marks the
+        event closed) or its connection dropped (Gradio marks it not alive)."""
+        queue = getattr(self.blocks, "_queue", None)
+        event_id = _current_event_id()
+        if queue is None or event_id is None:
+            return False
+        for job in list(getattr(queue, "active_jobs", None) or []):
+            for event in job or []:
+                if getattr(event, "_id", None) == event_id:
+                    return not getattr(event, "alive", True) or bool(getattr(event, "closed", False))
+        return False
+
+    async def _run_watched(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress) -> GenerationResult | None:
+        """`_execute` on a worker thread while the event loop watches the client.
+
+        A cancelled task (the API's Job.cancel, Gradio's cancels) or a client that left sets
+        `cancel`: the engine stops at the next step boundary. The handler returns (or re-raises
+        the cancellation) only once the engine has stopped, so the queue slot is handed to the
+        next request when the engine is free, never while it still runs.
+        """
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # Gradio's progress and request context go along
+        future = loop.run_in_executor(None, context.run, self._execute, request, owner, cancel, progress)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL_S)
+                if done:
+                    return future.result()
+                if not cancel.is_set() and self._client_gone():
+                    log.info("the client of a running generation left: stopping it")
+                    cancel.set()
+        except asyncio.CancelledError:
+            cancel.set()
+            while not future.done():  # hold the slot until the engine has stopped
+                try:
+                    await asyncio.wait({future})
+                except asyncio.CancelledError:
+                    pass
+            if not future.cancelled() and future.exception() is None and future.result() is not None:
+                log.warning("a cancelled generation finished before it could stop")
+            raise
 
     def arm(self, request: gr.Request):
         """Generate clicked: a fresh cancel event for this tab; lock the button until done."""
@@ -247,7 +289,12 @@ class Handlers:
         else:
             gr.Info("Nothing to cancel.")
 
-    def run_ui(
+    def tab_closed(self, request: gr.Request) -> None:
+        """demo.unload: the tab went away; its run (running or waiting) stops."""
+        if request is not None and request.session_hash:
+            self.tracker.cancel(request.session_hash)
+
+    async def run_ui(
         self,
         prompt, negative_prompt, model, width, height, steps, guidance, seed,
         auto, slider, fp8, disk_offload, results,
@@ -263,7 +310,7 @@ class Handlers:
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
-        result = self._execute(req, session, self.tracker.cancel_event(session), progress)
+        result = await self._run_watched(req, session, self.tracker.cancel_event(session), progress)
         if result is None:
             gr.Warning("Generation cancelled.", title="Cancelled")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -282,7 +329,7 @@ class Handlers:
             entry["seed"],
         )
 
-    def generate(
+    async def generate(
         self,
         prompt: str,
         negative_prompt: str = "",
@@ -311,7 +358,7 @@ class Handlers:
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
         owner = (request.session_hash if request is not None else None) or "api"
-        result = self._execute(req, owner, threading.Event(), progress)
+        result = await self._run_watched(req, owner, threading.Event(), progress)
         if result is None:
             raise gr.Error("Generation cancelled.", print_exception=False)
         return str(result.path), result.parameters
@@ -333,8 +380,17 @@ class Handlers:
         return -1
 
     # --- live panel -----------------------------------------------------------------------
-    def tick(self, shown, request: gr.Request):
-        """Timer: refresh the live panel (and the chart when it has new samples)."""
+    def tick(self, shown, model, models_shown, request: gr.Request):
+        """Timer: refresh the live panel (the chart when it has new samples, the model list
+        after a download in any tab)."""
+        if models_shown != self.models_version:
+            models_update, models_shown = self.refresh_models(model), self.models_version
+        else:
+            models_update = gr.skip()
+        panel, frame, shown = self._tick(shown, request)
+        return panel, frame, shown, models_update, models_shown
+
+    def _tick(self, shown, request: gr.Request):
         session = request.session_hash if request is not None else None
         try:
             snapshot = self.studio.telemetry()

@@ -11,10 +11,11 @@ from typing import Any
 import gradio as gr
 
 from . import formatting
-from .handlers import Handlers
+from .handlers import GPU_QUEUE, Handlers
+from .inputs import raw
 
 TITLE = "lowvram-studio"
-GPU_QUEUE = "gpu"  # one generation at a time, whoever asks (page or API)
+# GPU_QUEUE: one generation at a time, whoever asks (page or API)
 LIVE_QUEUE = "telemetry"  # the live panel never waits behind a generation
 
 CSS = """
@@ -143,12 +144,14 @@ def build_demo(studio: Any) -> gr.Blocks:
         results = gr.State([])
         last_seed = gr.State(None)
         shown = gr.State(None)
+        models_shown = gr.State(h.models_version)  # the model list version this tab shows
         model_shown = gr.State(current.id if current else None)  # the model whose defaults the controls hold
         timer = gr.Timer(0.5)
 
         # ---------------------------------------------------------------- API-only endpoint
         with gr.Column(visible=False):
-            api_inputs = [
+            # raw(): the payload reaches Handlers.generate as sent; ui.inputs checks every value
+            api_inputs = [raw(c) for c in (
                 gr.Textbox(label="prompt"),
                 gr.Textbox(label="negative_prompt", value=""),
                 gr.Dropdown(label="model", choices=[m.id for m in models], value=None, allow_custom_value=True),
@@ -160,7 +163,7 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Number(label="vram_limit", value=None),
                 gr.Checkbox(label="fp8", value=False),
                 gr.Checkbox(label="disk_offload", value=False),
-            ]
+            )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
 
@@ -207,10 +210,13 @@ def build_demo(studio: Any) -> gr.Blocks:
         # queued (so its message reaches the page) but in its own group: never waits for a generation
         cancel_btn.click(h.cancel, None, None, concurrency_limit=None, concurrency_id="control", **private)
 
+        # a fresh model list on every page load, and in every tab after any download
+        demo.load(h.refresh_models, model, model, queue=False, show_progress="hidden", **private)
+        demo.unload(h.tab_closed)
         timer.tick(
             h.tick,
-            shown,
-            [live, chart, shown],
+            [shown, model, models_shown],
+            [live, chart, shown, model, models_shown],
             show_progress="hidden",
             concurrency_limit=None,
             concurrency_id=LIVE_QUEUE,
@@ -225,4 +231,5 @@ def build_demo(studio: Any) -> gr.Blocks:
             concurrency_limit=1,
             concurrency_id=GPU_QUEUE,
         )
+    h.blocks = demo
     return demo

@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -63,6 +64,10 @@ from engine.generation.settings import EngineSettings, detect_hardware, settings
 log = logging.getLogger(__name__)
 
 GB = 1024**3
+#: a new generation waits this long for the previous one to stop before it is refused
+BUSY_WAIT_S = 60.0
+#: the temporary name a PNG is written under before it is renamed into place
+PARTIAL_SUFFIX = ".partial"
 SEED_MAX = 2**32 - 1
 FP8_SIZE_FACTOR = 0.52  # FP8 weight matrices + per-row scales + the bf16 vectors, of the bf16 bytes
 
@@ -107,9 +112,19 @@ def _fmt_number(value: float) -> str:
     return f"{value:g}"
 
 
+def describe_vram_limit(r: ResolvedRequest) -> str:
+    """The limit the run used: Auto (and what it came to), unlimited, or N GB."""
+    used = r.settings.vram_limit
+    shown = "unlimited" if used is None else f"{_fmt_number(float(used))} GB"
+    if r.request.vram_limit is None or (isinstance(r.request.vram_limit, str) and r.request.vram_limit.strip().lower() in ("", "auto")):
+        return f"Auto ({shown})"
+    return shown
+
+
 def infotext(r: ResolvedRequest, sampler: str) -> str:
-    """A1111 "parameters" text: prompt, negative prompt line, then "Key: value" pairs."""
-    limit = "Auto" if r.request.vram_limit is None else f"{_fmt_number(float(r.settings.vram_limit or 0))} GB"
+    """A1111 "parameters" text: prompt, negative prompt line, then "Key: value" pairs (the
+    settings the run actually used)."""
+    limit = describe_vram_limit(r)
     pairs = [
         ("Steps", str(r.steps)),
         ("Sampler", sampler),
@@ -138,6 +153,19 @@ def parse_infotext(text: str) -> dict[str, str]:
             k, v = part.split(": ", 1)
             out[k] = v
     return out
+
+
+def _size_hint(v: int, multiple: int, lo: int, hi: int) -> str:
+    """The nearest valid sizes around `v`, inside lo..hi (multiples of `multiple`)."""
+    first = -(-lo // multiple) * multiple  # smallest multiple >= lo
+    last = hi // multiple * multiple
+    if first > last:
+        return f"No multiple of {multiple} lies in {lo}..{hi}."
+    lower = min(max(v - v % multiple, first), last)
+    upper = min(max(lower + multiple, first), last)
+    if v < first or v > last or lower == upper:
+        return f"Use {min(max(lower, first), last)} (sizes go from {first} to {last})."
+    return f"Use {lower} or {upper}."
 
 
 # --- size estimates -------------------------------------------------------------------------------
@@ -178,11 +206,15 @@ class Studio:
         *,
         device: str | torch.device | None = None,
         registry: Any = None,
+        download_dir: Path | str | None = None,
     ):
         """`device`: computation device (default CUDA if present, else CPU). `registry`: an object
-        with model_registry's verbs (tests pass one with extra tiny models); default model_registry."""
+        with model_registry's verbs (tests pass one with extra tiny models); default model_registry.
+        `download_dir`: where hub downloads go (the hubs' cache layouts inside it); None = the
+        standard Hugging Face / ModelScope caches."""
         self._registry_obj = registry
         self.models_dir = Path(models_dir)
+        self.download_dir = Path(download_dir) if download_dir is not None else None
         self.outputs_dir = Path(outputs_dir)
         self.source = source
         self._device = torch.device(device) if device is not None else None
@@ -193,6 +225,24 @@ class Studio:
         self._pipeline_key: tuple[Any, ...] | None = None
         self._last_step = StepStats()
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
+        self.remove_partial_outputs()
+
+    def remove_partial_outputs(self) -> list[Path]:
+        """Delete PNGs a crash left half-written (their temporary names); returns what went."""
+        removed: list[Path] = []
+        try:
+            leftovers = list(self.outputs_dir.glob(f".*.png{PARTIAL_SUFFIX}"))
+        except OSError:
+            return removed
+        for path in leftovers:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:  # pragma: no cover - another process, permissions
+                log.warning("could not remove the partial output %s", path)
+        if removed:
+            log.info("removed %d partial output(s) left by an earlier crash", len(removed))
+        return removed
 
     def _reg(self) -> Any:
         return self._registry_obj if self._registry_obj is not None else _default_registry()
@@ -238,10 +288,7 @@ class Studio:
             v = int(v)
             lo, hi = int(lim.get(f"min_{name}", multiple)), int(lim.get(f"max_{name}", 4096))
             if v % multiple:
-                lower = v - v % multiple
-                raise UserFacingError(
-                    f"{name.capitalize()} {v} is not a multiple of {multiple}. Use {max(lower, lo)} or {lower + multiple}."
-                )
+                raise UserFacingError(f"{name.capitalize()} {v} is not a multiple of {multiple}. {_size_hint(v, multiple, lo, hi)}")
             if not lo <= v <= hi:
                 raise UserFacingError(f"{name.capitalize()} {v} is outside what {entry.name} supports ({lo}..{hi} pixels).")
             return v
@@ -432,7 +479,8 @@ class Studio:
 
         emit(GenerationEvent("downloading", message=f"Downloading {r.entry.name}", download_fraction=0.0, telemetry=self.telemetry()))
         try:
-            path = Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir))
+            where = {"download_dir": self.download_dir} if self.download_dir is not None else {}
+            path = Path(registry.download(r.model_id, self.source, progress=progress, models_dir=self.models_dir, **where))
         except OSError as exc:  # disk full etc. that the registry did not translate
             raise UserFacingError(f"Downloading {r.entry.name} failed: {exc}") from exc
         if should_stop():
@@ -473,7 +521,8 @@ class Studio:
         return self._stream(resolved, cancel)
 
     def _stream(self, r: ResolvedRequest, cancel: threading.Event | None) -> Iterator[GenerationEvent | GenerationResult]:
-        if not self._busy.acquire(blocking=False):
+        # the previous run may still be on its way to the next step boundary (cancelled): wait for it
+        if not self._busy.acquire(timeout=BUSY_WAIT_S):
             raise UserFacingError("A generation is already running: wait for it to finish or cancel it.")
         items: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -505,6 +554,8 @@ class Studio:
                 raise GenerationCancelled()
             pipe = self._ensure_pipeline(r, emit, should_stop)
             image = self._run(pipe, r, emit, should_stop)
+            if should_stop():  # cancelled during the last step or the decode: nothing is saved
+                raise GenerationCancelled()
             path, text = self._save(image, r, pipe)
             emit(GenerationEvent("done", step=r.steps, total_steps=r.steps, message=f"Saved {path.name}", telemetry=self.telemetry()))
             emit(
@@ -580,6 +631,7 @@ class Studio:
         text = infotext(r, pipe.family.sampler)
         info = PngInfo()
         info.add_text("parameters", text)
+        partial: Path | None = None
         try:
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -589,7 +641,18 @@ class Studio:
                 if not path.exists():
                     break
                 n += 1
-            image.save(path, pnginfo=info)
+            # written under a hidden temporary name in the same folder, flushed to disk, then
+            # renamed: a crash leaves no file under the final name (the leftover goes at start)
+            partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+            with open(partial, "wb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+            partial = None
         except OSError as exc:
             raise UserFacingError(f"Could not save the image into {self.outputs_dir}: {exc}. Free some disk space or choose another folder.") from exc
+        finally:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
         return path, text

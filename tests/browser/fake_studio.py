@@ -34,7 +34,7 @@ BIG = ModelChoice(id="big", name="Big model", size_gb=40.9, downloaded=False,
 
 
 class FakeStudio:
-    def __init__(self, models_dir: Path, outputs_dir: Path, source: str = "hf", step_seconds: float = 0.25):
+    def __init__(self, models_dir: Path, outputs_dir: Path, source: str = "hf", step_seconds: float = 0.25, **_: object):
         self.models_dir, self.outputs_dir, self.source = Path(models_dir), Path(outputs_dir), source
         self.step_seconds = step_seconds
         self._lock = threading.Lock()

@@ -56,16 +56,26 @@ def offline_env(tmp: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, extra_args: list[str] | None = None) -> Iterator[str]:
-    """Yield the base URL of a running app; stop it afterwards (its log is printed on failure)."""
+def running_server(
+    tmp: Path, extra_args: list[str] | None = None, *, env: dict[str, str] | None = None,
+    entry: list[str] | None = None, procs: list | None = None,
+) -> Iterator[str]:
+    """Yield the base URL of a running app; stop it afterwards (its log is printed on failure).
+
+    `entry`: what `python` runs (default app.py; ["-m", "tests.serve_app"] for the test knobs);
+    `env`: extra environment; `procs`: a list that receives the server's Popen (its pid, RSS).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    entry = ["-m", "tests.browser.serve_fake"] if os.environ.get("LVS_FAKE_STUDIO") == "1" else ["app.py"]
+    if entry is None:
+        entry = ["-m", "tests.browser.serve_fake"] if os.environ.get("LVS_FAKE_STUDIO") == "1" else ["app.py"]
     cmd = [sys.executable, *entry, "--port", str(port), "--model-dir", str(tmp / "models"),
            "--outputs-dir", str(tmp / "outputs"), *(extra_args or [])]
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=offline_env(tmp), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**offline_env(tmp), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    if procs is not None:
+        procs.append(proc)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT

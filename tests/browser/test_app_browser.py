@@ -238,3 +238,73 @@ def test_two_tabs_queue(browser, server):
     finally:
         first.context.close()
         second.context.close()
+
+
+def model_options(page) -> str:
+    """The model dropdown's options as the tab shows them (opened, read, closed)."""
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # a focused box does not reopen
+    page.get_by_label("Model", exact=True).click()
+    page.get_by_role("option").first.wait_for(timeout=5_000)
+    text = " | ".join(page.get_by_role("option").all_inner_texts())
+    page.keyboard.press("Escape")
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    return text
+
+
+def test_model_list_is_fresh_on_load_and_after_a_download_in_another_tab(browser, tmp_path):
+    from model_registry.tiny_repos import write_tiny_repo
+    from tests.test_download import REPO, FakeHub, repo_files
+
+    hub = FakeHub({REPO: repo_files(write_tiny_repo("z-image", tmp_path / "tiny"))})
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    try:
+        with running_server(tmp_path / "srv", env=env) as url:
+            watcher, worker = open_page(browser, url), open_page(browser, url)
+            try:
+                assert re.search(r"Z-Image-Turbo · [\d.]+ GB · not downloaded", model_options(watcher))
+                worker.get_by_label("Model", exact=True).click()
+                worker.get_by_role("option", name=re.compile("Z-Image-Turbo")).click()
+                worker.wait_for_function("() => document.querySelector('#estimate').innerText.includes('not downloaded')")
+                start(worker, "downloads first", 1, 256)
+                worker.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)
+                assert hub.gets, "the model was not downloaded from the loopback hub"
+                # the other tab, which did nothing, shows it downloaded within a few timer ticks
+                deadline = time.monotonic() + 15
+                while not re.search(r"Z-Image-Turbo · [\d.]+ GB · downloaded", options := model_options(watcher)):
+                    assert time.monotonic() < deadline, options
+                    time.sleep(0.5)
+                # and a tab opened now has the fresh list from its page load
+                fresh = open_page(browser, url)
+                assert re.search(r"Z-Image-Turbo · [\d.]+ GB · downloaded", model_options(fresh))
+                fresh.context.close()
+            finally:
+                watcher.context.close()
+                worker.context.close()
+    finally:
+        hub.close()
+
+
+def test_a_closed_tab_stops_its_run(browser, tmp_path):
+    import gradio_client
+
+    env = {"LVS_TEST_STEP_DELAY_S": "0.3"}
+    with running_server(tmp_path / "srv", env=env, entry=["-m", "tests.serve_app"]) as url:
+        tab = open_page(browser, url)
+        set_value(tab, "Seed", 4242)
+        start(tab, "a tab that closes", 20, 64)
+        wait_denoising(tab)
+        started = time.monotonic()
+        tab.context.close()
+        client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        job = client.submit(prompt="next", width=64, height=64, steps=1, seed=1, api_name="/generate")
+        from gradio_client.utils import Status
+
+        while not job.done() and job.status().code not in (Status.PROCESSING, Status.PROGRESS):
+            assert time.monotonic() - started < 2.5, f"the next request did not start: {job.status()}"
+            time.sleep(0.02)
+        image, _ = job.result(timeout=60)
+        assert Path(image).is_file()
+        # the next request did not wait for the closed tab's 20 steps, and the closed run saved nothing
+        assert time.monotonic() - started < 20 * 0.3
+        time.sleep(max(0.0, started + 20 * 0.3 + 2 - time.monotonic()))
+        assert not list((tmp_path / "srv" / "outputs").glob("*-4242.png"))

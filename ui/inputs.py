@@ -1,0 +1,152 @@
+"""Strict reading of the values that reach a generation (the API's JSON and the page's controls).
+
+Every parameter is checked here, by its API name, before a request is built: a value of the
+wrong type is an error that names the parameter, shows the value and says what is accepted.
+Nothing is rounded (512.0 is 512, 512.5 is an error) and no string turns a feature on by
+being non-empty ("no" is not true).
+
+The API's input components pass their payload through untouched (`raw`), so Gradio's own
+conversions (float() of a string, rounding to `precision`) never run before this module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from engine.generation.types import UserFacingError
+
+TRUE_STRINGS = ("true", "1")
+FALSE_STRINGS = ("false", "0")
+SEED_MAX = 2**32 - 1
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def bad(name: str, value: Any, accepted: str) -> UserFacingError:
+    return UserFacingError(f"{name} must be {accepted}; got {_show(value)}.")
+
+
+def text(name: str, value: Any, *, required: bool = False) -> str:
+    if value is None:
+        if required:
+            raise bad(name, value, "text describing the image")
+        return ""
+    if not isinstance(value, str):
+        raise bad(name, value, "text (a string)" + ("" if required else " or null"))
+    return value
+
+
+def model_id(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise bad("model", value, "a model id (a string such as \"demo\") or null for the default model")
+    return value
+
+
+def _number(value: Any) -> float | int | None:
+    """An int or a float from a JSON number or a numeric string (bools are not numbers)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                return float(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def whole(name: str, value: Any, accepted: str) -> int | None:
+    """None/"" -> None (the default); a whole number (512 or 512.0) -> int; anything else an error."""
+    if value is None or value == "":
+        return None
+    number = _number(value)
+    if number is None or (isinstance(number, float) and not (math.isfinite(number) and number.is_integer())):
+        raise bad(name, value, accepted)
+    return int(number)
+
+
+def real(name: str, value: Any, accepted: str, *, allow_inf: bool = False) -> float | None:
+    """None/"" -> None; a finite number (or +Infinity when `allow_inf`) -> float; else an error."""
+    if value is None or value == "":
+        return None
+    number = _number(value)
+    if number is None:
+        raise bad(name, value, accepted)
+    number = float(number)
+    if math.isnan(number) or (math.isinf(number) and not (allow_inf and number > 0)):
+        raise bad(name, value, accepted)
+    return number
+
+
+def seed(value: Any) -> int | None:
+    accepted = f"a whole number from 0 to {SEED_MAX}, or -1 (or null) for a random seed"
+    n = whole("seed", value, accepted)
+    if n is None or n == -1:
+        return None
+    if not 0 <= n <= SEED_MAX:
+        raise bad("seed", value, accepted)
+    return n
+
+
+def vram_limit(value: Any) -> float | None:
+    """None/"auto" -> Auto; a number of GB >= 0 (Infinity = unlimited)."""
+    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+        return None
+    accepted = "a number of GB, 0 or more (Infinity = unlimited), or null for Auto"
+    limit = real("vram_limit", value, accepted, allow_inf=True)
+    if limit is not None and limit < 0:
+        raise bad("vram_limit", value, accepted)
+    return limit
+
+
+def flag(name: str, value: Any) -> bool:
+    """JSON true/false, or the strings "true"/"false"/"1"/"0"; None is the default (off)."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS + FALSE_STRINGS:
+        return value.strip().lower() in TRUE_STRINGS
+    raise bad(name, value, 'true or false (JSON booleans, or the strings "true"/"false"/"1"/"0")')
+
+
+SIZE_ACCEPTED = "a whole number of pixels (a multiple of 16), or null for the model's default"
+
+
+def request_fields(
+    prompt: Any, negative_prompt: Any, model: Any, width: Any, height: Any, steps: Any,
+    guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any,
+) -> dict[str, Any]:
+    """The GenerateRequest fields, each checked; UserFacingError names the first bad one."""
+    return dict(
+        prompt=text("prompt", prompt, required=True),
+        negative_prompt=text("negative_prompt", negative_prompt),
+        model=model_id(model),
+        width=whole("width", width, SIZE_ACCEPTED),
+        height=whole("height", height, SIZE_ACCEPTED),
+        steps=whole("steps", steps, "a whole number of steps, or null for the model's default"),
+        guidance=real("guidance", guidance, "a number, or null for the model's default"),
+        seed=seed(seed_value),
+        vram_limit=vram_limit(vram),
+        fp8=flag("fp8", fp8),
+        disk_offload=flag("disk_offload", disk_offload),
+    )
+
+
+def raw(component: Any) -> Any:
+    """`component` (a Gradio input) with its payload reaching the function unchanged: same
+    front-end, same API schema, but no conversion, so the checks above see exactly what was
+    sent. (An instance attribute, not a subclass: Gradio writes a .pyi beside every module
+    that defines a component class.)"""
+    component.preprocess = lambda payload: payload
+    return component
