@@ -40,7 +40,7 @@ class TinyFluxRegistry:
 
     def __init__(self, models_dir: Path):
         import model_registry
-        from model_registry.tiny_repos import write_tiny_repo
+        from tests.fixtures.tiny_repos import write_tiny_repo
 
         self._reg = model_registry
         demo = model_registry.get_model("demo")

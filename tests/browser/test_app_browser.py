@@ -252,7 +252,7 @@ def model_options(page) -> str:
 
 
 def test_model_list_is_fresh_on_load_and_after_a_download_in_another_tab(browser, tmp_path):
-    from model_registry.tiny_repos import write_tiny_repo
+    from tests.fixtures.tiny_repos import write_tiny_repo
     from tests.test_download import REPO, FakeHub, repo_files
 
     hub = FakeHub({REPO: repo_files(write_tiny_repo("z-image", tmp_path / "tiny"))})
