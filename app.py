@@ -11,6 +11,7 @@ are used when --host/--port are not given.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require a login: user:pass (comma-separated for several) or a file of user:pass lines")
     p.add_argument("--model-dir", type=Path, default=Path("models"), help="where models are stored (default ./models)")
     p.add_argument("--outputs-dir", type=Path, default=Path("outputs"), help="where PNGs are saved (default ./outputs)")
+    p.add_argument("--lora-dir", type=Path, default=Path("loras"),
+                   help="LoRA .safetensors files offered by the picker (default ./loras; hf:owner/repo ones are downloaded into it)")
     p.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="download hub (default hf)")
     p.add_argument("--pinned-ram-gb", default=None, metavar="GB",
                    help="host RAM the engine may pin for fast GPU copies (default: half the available RAM, "
@@ -117,7 +120,13 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
         os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
     args.model_dir.mkdir(parents=True, exist_ok=True)
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
-    studio = studio_factory(args.model_dir, args.outputs_dir, source=args.source)
+    kwargs: dict[str, Any] = {"source": args.source}
+    try:
+        if "lora_dir" in inspect.signature(studio_factory).parameters:
+            kwargs["lora_dir"] = args.lora_dir
+    except (TypeError, ValueError):  # a factory without a signature
+        pass
+    studio = studio_factory(args.model_dir, args.outputs_dir, **kwargs)
     demo = ui.build_demo(studio)
     ui.launch(demo, **launch_kwargs(args))
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
+from engine.generation.lora_library import parse_lora_spec
 from engine.generation.types import (
     GenerateRequest,
     GenerationEvent,
@@ -120,6 +121,30 @@ class Handlers:
             model_id,
         )
 
+    # --- LoRAs ----------------------------------------------------------------------------
+    def lora_choices(self, model_id: str | None):
+        """(label, id) pairs of the LoRAs for this model's family."""
+        try:
+            return formatting.lora_choices(self.studio.list_loras(model_id))
+        except Exception:  # the picker must never break the page
+            log.exception("listing LoRAs failed")
+            return []
+
+    def on_lora_family(self, model_id: str | None, *values):
+        """The picker slots offer the chosen model's family; a picked LoRA of another family is cleared."""
+        choices = self.lora_choices(model_id)
+        ids = {c[1] for c in choices}
+        return [gr.update(choices=choices, value=v if (v in ids or str(v or "").startswith("hf:")) else None) for v in values]
+
+    @staticmethod
+    def lora_spec(*values) -> str:
+        """Picker slots (id, strength, id, strength, ...) -> the `loras` string build_request reads."""
+        parts = []
+        for lora_id, strength in zip(values[0::2], values[1::2]):
+            if lora_id:
+                parts.append(f"{lora_id}:{float(strength if strength is not None else 1.0):g}")
+        return ", ".join(parts)
+
     # --- VRAM controls --------------------------------------------------------------------
     def vram_limit_value(self, auto: bool, slider: float | None) -> float | None:
         """None (= Auto) unless a GPU is there and Auto is off."""
@@ -144,8 +169,10 @@ class Handlers:
         vram_limit: float | None,
         fp8: bool,
         disk_offload: bool,
+        loras: str = "",
     ) -> GenerateRequest:
         try:
+            lora_list = parse_lora_spec(loras)
             return GenerateRequest(
                 prompt=prompt or "",
                 negative_prompt=negative_prompt or "",
@@ -158,16 +185,17 @@ class Handlers:
                 vram_limit=_float_or_none(vram_limit),
                 fp8=bool(fp8),
                 disk_offload=bool(disk_offload),
+                loras=lora_list,
             )
         except (TypeError, ValueError) as exc:
             raise UserFacingError(f"A setting is not a number: {exc}") from None
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="") -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
         try:
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, loras,
             )
             return formatting.estimate_markdown(self.studio.estimate(request))
         except UserFacingError as exc:
@@ -253,13 +281,16 @@ class Handlers:
         auto, slider, fp8, disk_offload, results,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
+        loras: str = "",
     ):
-        """The Generate button: run, then add the image to this tab's gallery."""
+        """The Generate button: run, then add the image to this tab's gallery. `loras` (the
+        picker's string, engine.generation.lora_library.parse_lora_spec) is the last input;
+        Gradio passes the request and progress in their places."""
         session = request.session_hash or ""
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, loras,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -295,6 +326,7 @@ class Handlers:
         vram_limit: float | None = None,
         fp8: bool = False,
         disk_offload: bool = False,
+        loras: str = "",
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
@@ -302,11 +334,14 @@ class Handlers:
 
         model: registry id (empty = the current default model); width/height/steps/guidance: empty =
         the model's defaults; seed: -1 = random; vram_limit: GB, empty = Auto.
+        loras: comma-separated `id[:strength]` (strength 1 when left out), applied in that order,
+        e.g. "ink:0.8, hf:owner/repo:0.5"; A1111's "<lora:ink:0.8>" works too. An id is a file in
+        the LoRA folder (its path there without .safetensors) or hf:owner/repo[/file.safetensors].
         """
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload,
+                vram_limit, fp8, disk_offload, loras,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
