@@ -259,3 +259,43 @@ def test_unmanaged_model_is_refused():
     plain, _ = tiny_model("FluxTransformer2DModel", torch.bfloat16)
     with pytest.raises(LoraError, match="not managed"):
         load_lora(plain, "x.safetensors")
+
+
+# --- a whole pipeline: the LoRA's keys go to their components (text encoders too) -----------------------
+def test_pipeline_lora_reaches_the_text_encoders(tmp_path):
+    """An SDXL LoRA with UNet and both text-encoder parts: each goes to its component; each text
+    encoder then computes as peft's own injection of those factors (diffusers' text-encoder path)."""
+    from engine.generation.pipelines.managed import build_pipeline
+    from tests.fixtures.tiny_repos import write_tiny_repo
+
+    repo = write_tiny_repo("sdxl", tmp_path / "sdxl")
+    pipe = build_pipeline(repo, BF16, 0)
+    parts = {}
+    for name, targets in (("unet", ["to_q", "to_v"]), ("text_encoder", ["q_proj", "fc1"]), ("text_encoder_2", ["k_proj", "out_proj"])):
+        sd, _ = peft_lora(_plain_copy(repo, name), targets, seed=len(name))
+        parts.update({f"{name}.{k}": v for k, v in sd.items()})
+    path = tmp_path / "sdxl_all.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(parts, str(path))
+    handle = load_lora(pipe, path, strength=0.7)
+    assert set(handle.components) == {"unet", "text_encoder", "text_encoder_2"}
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    for name in ("text_encoder", "text_encoder_2"):
+        ref = reference(_plain_copy(repo, name), path, text_encoder=True, strength=0.7, prefix=name)
+        with torch.no_grad():
+            expected = ref(ids, output_hidden_states=True).hidden_states[-2]
+            out = pipe.components[name](ids, output_hidden_states=True).hidden_states[-2]
+            untouched = _plain_copy(repo, name)(ids, output_hidden_states=True).hidden_states[-2]
+        assert torch.equal(out, expected) and not torch.equal(out, untouched), name
+    image = pipe.generate("a cat", width=64, height=64, steps=1, guidance=5.0, seed=1)
+    assert image is not None
+    pipe.close()
+
+
+def _plain_copy(repo, name):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
+
+    cls = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[name]
+    return cls.from_pretrained(repo / name, torch_dtype=torch.bfloat16).eval()
