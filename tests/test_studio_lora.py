@@ -5,6 +5,8 @@ live telemetry count their bytes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,48 @@ def test_library_refuses_paths_outside_its_folder(tmp_path):
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     with pytest.raises(UserFacingError):
         LoraLibrary(tmp_path / "loras").resolve("../secret")
+
+
+def test_hf_lora_downloads_once_with_progress(tmp_path, monkeypatch):
+    """hf:owner/repo: the repo's .safetensors file is fetched into <lora dir>/hf/owner/repo with
+    byte progress, then found there without asking the hub again."""
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    src = tmp_path / "src.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 4)}, str(src))
+    size = src.stat().st_size
+    calls = []
+
+    class FakeApi:
+        def __init__(self, *a, **k):
+            pass
+
+        def model_info(self, repo, files_metadata=False):
+            calls.append(("info", repo))
+            return SimpleNamespace(siblings=[SimpleNamespace(rfilename="README.md", size=10), SimpleNamespace(rfilename="lora.safetensors", size=size)])
+
+    def fake_download(repo, filename, local_dir, endpoint=None, tqdm_class=None):
+        calls.append(("get", repo, filename))
+        bar = tqdm_class(total=size)
+        bar.update(size // 2)
+        bar.update(size - size // 2)
+        out = Path(local_dir) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(src.read_bytes())
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("model_registry.hf_source.offline_mode", lambda: False)
+    library = LoraLibrary(tmp_path / "loras")
+    seen = []
+    path = library.resolve("hf:owner/repo", lambda f, m: seen.append((f, m)))
+    assert path == tmp_path / "loras" / "hf" / "owner" / "repo" / "lora.safetensors" and path.is_file()
+    assert seen and seen[-1][0] >= 0.99 and any(0 < f < 0.99 for f, _ in seen)
+    assert library.resolve("hf:owner/repo/lora.safetensors") == path == library.resolve("hf:owner/repo")
+    assert [c for c in calls if c[0] == "get"] == [("get", "owner/repo", "lora.safetensors")]
+    assert "hf:owner/repo/lora" in {c.id for c in library.choices()}

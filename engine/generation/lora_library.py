@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from model_registry.types import UserFacingError
 
@@ -125,26 +126,57 @@ class LoraLibrary:
             filename += ".safetensors"
         if filename and (target / filename).is_file():
             return target / filename
+        if filename is None and target.is_dir():  # downloaded before: no need to ask the hub again
+            local = sorted(target.rglob("*.safetensors"))
+            if local:
+                return local[0]
+        from model_registry.progress import Reporter
+
+        reporter = Reporter(progress, f"LoRA {repo}")
         try:
             from huggingface_hub import HfApi, hf_hub_download
 
+            from model_registry.hf_source import endpoint, offline_mode
+
+            if offline_mode():
+                raise UserFacingError(f"LoRA hf:{spec} is not downloaded and HF_HUB_OFFLINE is set.")
+            url = endpoint()
+            reporter.say(0.0, f"Asking {url} for the files of {repo}")
+            info = HfApi(endpoint=url).model_info(repo, files_metadata=True)
+            sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
             if filename is None:
-                files = [f for f in HfApi().list_repo_files(repo) if f.endswith(".safetensors")]
+                files = sorted(f for f in sizes if f.endswith(".safetensors"))
                 if not files:
-                    raise UserFacingError(f"The Hugging Face repo {repo} has no .safetensors LoRA.")
+                    raise UserFacingError(f"The Hugging Face repo {repo} has no .safetensors LoRA (pickled files are not loaded).")
                 filename = files[0]
                 if (target / filename).is_file():
                     return target / filename
-            if progress is not None:
-                progress(0.0, f"Downloading LoRA {repo}/{filename}")
-            path = Path(hf_hub_download(repo, filename, local_dir=target))
-            if progress is not None:
-                progress(1.0, f"Downloaded LoRA {repo}/{filename}")
+            elif filename not in sizes:
+                raise UserFacingError(f"The Hugging Face repo {repo} has no file {filename}.")
+            reporter.total_bytes, reporter.total_files = sizes.get(filename, 0), 1
+            path = Path(hf_hub_download(repo, filename, local_dir=target, endpoint=url, tqdm_class=_byte_bar(reporter)))
+            reporter.file_done()
             return path
         except UserFacingError:
             raise
-        except Exception as exc:  # network, missing repo, auth
+        except Exception as exc:  # network, missing repo, auth, disk
             raise UserFacingError(f"Downloading LoRA hf:{spec} failed: {exc}") from exc
+
+
+def _byte_bar(reporter: Any) -> type:
+    """A huggingface_hub tqdm class for one file's download: every update is bytes (silent)."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class _Bar(hf_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: int | float | None = 1) -> bool | None:
+            reporter.add_bytes(n)
+            return super().update(n)
+
+    return _Bar
 
 
 _A1111 = re.compile(r"<lora:([^>]+)>")
