@@ -299,3 +299,15 @@ def _plain_copy(repo, name):
 
     cls = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[name]
     return cls.from_pretrained(repo / name, torch_dtype=torch.bfloat16).eval()
+
+
+def test_disable_gives_the_plain_model_back_without_the_lora(tmp_path):
+    from engine import disable_vram_management
+
+    name = "QwenImageTransformer2DModel"
+    plain, inputs = tiny_model(name, torch.bfloat16)
+    path = _lora_file(name, "diffusers", tmp_path, plain)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=BF16, vram_limit=None)
+    load_lora(model, path)
+    disable_vram_management(model)
+    assert torch.equal(run_model(model, inputs), run_model(plain, inputs))

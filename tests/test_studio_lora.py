@@ -178,3 +178,10 @@ def test_hf_lora_downloads_once_with_progress(tmp_path, monkeypatch):
     assert library.resolve("hf:owner/repo/lora.safetensors") == path == library.resolve("hf:owner/repo")
     assert [c for c in calls if c[0] == "get"] == [("get", "owner/repo", "lora.safetensors")]
     assert "hf:owner/repo/lora" in {c.id for c in library.choices()}
+
+
+def test_bad_lora_pairs_are_refused_before_anything_loads(setup):
+    studio, _ = setup
+    for bad in ((("ink",),), (("ink", "x"),), (("", 1.0),), (("ink", 7.0),)):
+        with pytest.raises(UserFacingError, match="LoRA"):
+            studio.resolve(GenerateRequest("x", model="tiny-flux1", loras=bad))

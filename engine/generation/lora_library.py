@@ -212,3 +212,16 @@ def parse_lora_spec(spec: str | None) -> tuple[tuple[str, float], ...]:
             raise UserFacingError(f"LoRA '{lora_id}': strength {value:g} is outside -4..4.")
         out.append((lora_id.strip(), value))
     return tuple(out)
+
+
+def check_loras(loras: object) -> tuple[tuple[str, float], ...]:
+    """A request's `loras` as ((id, strength), ...); UserFacingError says what is wrong."""
+    out = []
+    for item in loras or ():
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str) or not item[0].strip():
+            raise UserFacingError(f"LoRAs are (id, strength) pairs; got {item!r}.")
+        strength = item[1]
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not -4.0 <= float(strength) <= 4.0:
+            raise UserFacingError(f"LoRA '{item[0]}': strength must be a number from -4 to 4, got {strength!r}.")
+        out.append((item[0].strip(), float(strength)))
+    return tuple(out)

@@ -60,7 +60,7 @@ from engine.generation.pipelines import (
     build_pipeline,
 )
 from engine.generation.settings import EngineSettings, detect_hardware, settings_for
-from engine.generation.lora_library import LoraChoice, LoraLibrary, factor_bytes
+from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ class Studio:
             seed = random.SystemRandom().randrange(SEED_MAX + 1)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserFacingError(f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed; got {seed!r}.")
+        check_loras(request.loras)
         settings = settings_for(request, self.hardware(), self._device)
         if settings.disk_offload:
             from engine.generation.pipelines.components import engine_loader

@@ -125,6 +125,10 @@ def _set_of(key: Any) -> LoraSet:
     lora_set = _SETS.get(key)
     if lora_set is None:
         lora_set = _SETS[key] = LoraSet()
+    # a component that left management (engine.disable_vram_management) took its layers along
+    for hid, applied in list(lora_set.applied.items()):
+        if any(runtime not in runtime.pool.members for runtime, _, _ in applied.per_runtime):
+            del lora_set.applied[hid]
     return lora_set
 
 
