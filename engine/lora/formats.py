@@ -84,16 +84,6 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, metadata
 
 
-def header_keys(path: str | Path) -> list[str]:
-    """Tensor names of a .safetensors file, from its header only (no tensor is read)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * 1024 * 1024:
-            raise LoraError(f"LoRA {Path(path).name}: not a .safetensors file (header too large)")
-        header = json.loads(f.read(n))
-    return [k for k in header if k != "__metadata__"]
-
-
 def addnet_hash(path: str | Path) -> str:
     """A1111's short LoRA hash ("Lora hashes" in infotext): sha256 of the tensor data after the
     header (kohya's addnet hash), first 12 hex digits."""
