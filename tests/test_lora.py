@@ -311,3 +311,26 @@ def test_disable_gives_the_plain_model_back_without_the_lora(tmp_path):
     load_lora(model, path)
     disable_vram_management(model)
     assert torch.equal(run_model(model, inputs), run_model(plain, inputs))
+
+
+def test_scheduler_route_takes_the_lora_too(tmp_path):
+    """The transfer scheduler's route (slots, copy stream, events; a recording device on the CPU)
+    runs the same post-step: bitwise equal to diffusers, no synchronous fallback."""
+    from engine import runtime_of
+    from tests.test_scheduler import RecordingBackend
+
+    name = "FluxTransformer2DModel"
+    plain, inputs = tiny_model(name, torch.bfloat16)
+    path = _lora_file(name, "diffusers", tmp_path, plain)
+    expected = run_model(reference(plain, path), inputs)
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=BF16, vram_limit=0)
+    backend = RecordingBackend()
+    runtime = runtime_of(model)
+    runtime.use_scheduler(backend)
+    load_lora(model, path)
+    run_model(model, inputs)  # the first forward traces the order
+    fallbacks = runtime.stats.sync_fallbacks
+    for _ in range(2):
+        assert torch.equal(run_model(model, inputs), expected)
+    assert runtime.scheduler.groups and runtime.stats.sync_fallbacks == fallbacks
+    backend.check_ordering()
