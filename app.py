@@ -11,6 +11,7 @@ are used when --host/--port are not given.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layouts under DIR/huggingface/hub and DIR/modelscope). Default: ./models for the demo and local "
                         "folders, downloads in the standard Hugging Face / ModelScope caches")
     p.add_argument("--outputs-dir", type=Path, default=Path("outputs"), help="where PNGs are saved (default ./outputs)")
+    p.add_argument("--lora-dir", type=Path, default=Path("loras"),
+                   help="LoRA .safetensors files offered by the picker (default ./loras; hf:owner/repo ones are downloaded into it)")
     p.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="download hub (default hf)")
     p.add_argument("--pinned-ram-gb", default=None, metavar="GB",
                    help="host RAM the engine may pin for fast GPU copies (default: half the available RAM, "
@@ -130,8 +133,15 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
         os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
     args.model_dir.mkdir(parents=True, exist_ok=True)
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = {"download_dir": args.download_dir} if args.download_dir is not None else {}
-    studio = studio_factory(args.model_dir, args.outputs_dir, source=args.source, **kwargs)
+    kwargs: dict[str, Any] = {"source": args.source}
+    if args.download_dir is not None:
+        kwargs["download_dir"] = args.download_dir
+    try:
+        if "lora_dir" in inspect.signature(studio_factory).parameters:
+            kwargs["lora_dir"] = args.lora_dir
+    except (TypeError, ValueError):  # a factory without a signature
+        pass
+    studio = studio_factory(args.model_dir, args.outputs_dir, **kwargs)
     demo = ui.build_demo(studio)
     ui.launch(demo, **launch_kwargs(args))
 

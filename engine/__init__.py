@@ -4,6 +4,7 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
 
     from engine import enable_vram_management, layer_state_counts, layer_state_bytes, set_vram_limit
     from engine import ManagedLinear, ManagedModule, load_model, disable_vram_management
+    from engine import load_lora, set_lora_strength, remove_lora, active_loras
 
 Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
 UI needs) imports without torch. The sub-packages and their one-way import order are described
@@ -25,6 +26,12 @@ _EXPORTS = {
     "ManagedModule": "engine.layers.managed",
     "MemoryPool": "engine.runtime.pool",
     "load_model": "engine.loading.loader",
+    "LoraError": "engine.lora.formats",
+    "LoraHandle": "engine.lora.loras",
+    "active_loras": "engine.lora.loras",
+    "load_lora": "engine.lora.loras",
+    "remove_lora": "engine.lora.loras",
+    "set_lora_strength": "engine.lora.loras",
     "VramBudget": "engine.management",
     "disable_vram_management": "engine.management",
     "enable_vram_management": "engine.management",

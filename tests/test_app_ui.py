@@ -201,7 +201,7 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     endpoint = info["named_endpoints"]["/generate"]
     assert [p["parameter_name"] for p in endpoint["parameters"]] == [
         "prompt", "negative_prompt", "model", "width", "height", "steps",
-        "guidance", "seed", "vram_limit", "fp8", "disk_offload",
+        "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras",
     ]
     assert list(info["named_endpoints"]) == ["/generate"]  # the page's internal events stay private
     labels = {getattr(b, "label", None) for b in demo.blocks.values()}
@@ -243,3 +243,27 @@ def test_progress_bar_follows_downloads_and_steps(handlers, monkeypatch):
     assert (0.5, "Downloading the model", "steps") in progress.calls
     assert ((1, 2), "Denoising", "steps") in progress.calls and ((2, 2), "Denoising", "steps") in progress.calls
     assert (None, "Loading X", "steps") in progress.calls
+
+
+# ---------------------------------------------------------------- LoRA picker
+def test_lora_slots_make_the_spec_and_the_request_takes_it(handlers):
+    assert Handlers.lora_spec("ink", 0.8, None, 1.0, "hf:owner/repo", 0.5) == "ink:0.8, hf:owner/repo:0.5"
+    assert Handlers.lora_spec(None, 1.0, None, 1.0) == ""
+    r = handlers.build_request("a cat", "", "demo", 64, 64, 2, 4.0, 1, None, False, False, "ink:0.8, grain")
+    assert r.loras == (("ink", 0.8), ("grain", 1.0))
+    with pytest.raises(Exception, match="strength"):
+        handlers.build_request("a cat", "", "demo", 64, 64, 2, 4.0, 1, None, False, False, "ink:9")
+    assert handlers.lora_choices("demo") == []  # a Studio without LoRAs: the picker stays empty, the page works
+
+
+def test_estimate_and_live_panel_show_lora_bytes():
+    est = MemoryEstimate(vram_gb=1.0, ram_gb=2.0, disk_gb=3.0, streamed_gb_per_step=0.0, fits=True, lora_bytes=3 * 2**20)
+    assert "LoRAs: 3.0 MiB" in formatting.estimate_markdown(est)
+    snap = TelemetrySnapshot(vram_used_gb=None, vram_total_gb=None, ram_used_gb=1.0, ram_total_gb=2.0, lora_bytes=2**20)
+    assert 'data-k="lora">1.0 MiB' in formatting.live_panel_html(snap, None, "")
+
+
+def test_layout_has_the_lora_picker(tmp_path):
+    demo = build_demo(FakeStudio(tmp_path / "m", tmp_path / "o"))
+    labels = [getattr(b, "label", None) for b in demo.blocks.values()]
+    assert "LoRA 1" in labels and "LoRAs" in labels and "Strength" in labels

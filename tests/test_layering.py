@@ -3,7 +3,7 @@
 Every import is checked, function-level and TYPE_CHECKING ones included (a circle hidden behind
 a late import is still a circle). A package may import itself and the packages below it:
 
-    config < storage < layers < planning < transfer < runtime < management < loading < generation
+    config < storage < layers < planning < transfer < runtime < management < loading < lora < generation
 
 `planning` is pure: it imports nothing of the engine but engine.config.
 """
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "engine"
 
-ORDER = ["config", "storage", "layers", "planning", "transfer", "runtime", "management", "loading", "generation"]
+ORDER = ["config", "storage", "layers", "planning", "transfer", "runtime", "management", "loading", "lora", "generation"]
 RANK = {name: i for i, name in enumerate(ORDER)}
 PURE = {"planning": {"config"}}
 

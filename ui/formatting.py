@@ -32,6 +32,16 @@ def gb(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f} GB"
 
 
+def mib(nbytes: int) -> str:
+    """`3 * 2**20` -> `"3.0 MiB"` (LoRA factors are small)."""
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def lora_choices(choices) -> list[tuple[str, str]]:
+    """Dropdown (label, id) pairs for LoRA picker slots: name, family, size."""
+    return [(f"{c.id} · {c.family or 'family unknown'} · {mib(c.size_bytes)}", c.id) for c in choices]
+
+
 def model_label(choice: ModelChoice) -> str:
     """Dropdown label: name, size and whether the weights are on disk."""
     if choice.is_demo:
@@ -70,6 +80,9 @@ def estimate_markdown(est: MemoryEstimate) -> str:
         "|---:|---:|---:|---:|",
         f"| {gb(est.vram_gb)} | {gb(est.ram_gb)} | {gb(est.disk_gb)} | {gb(est.streamed_gb_per_step)} |",
     ]
+    if getattr(est, "lora_bytes", 0):
+        lines.append("")
+        lines.append(f"LoRAs: {mib(est.lora_bytes)} of factors on the computation device (included in VRAM).")
     for warning in est.warnings:
         lines.append("")
         lines.append(f"**Warning:** {warning}")
@@ -120,6 +133,8 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
         ("RAM used / total", cell("ram", ram)),
         ("Streamed last step", cell("streamed", streamed)),
     ]
+    if snapshot and getattr(snapshot, "lora_bytes", 0):
+        rows.append(("LoRA factors", cell("lora", mib(snapshot.lora_bytes))))
     head = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     out = [f'<table class="lvs-stats">{head}</table>']
     if msg:

@@ -126,6 +126,30 @@ class Handlers:
             model_id,
         )
 
+    # --- LoRAs ----------------------------------------------------------------------------
+    def lora_choices(self, model_id: str | None):
+        """(label, id) pairs of the LoRAs for this model's family."""
+        try:
+            return formatting.lora_choices(self.studio.list_loras(model_id))
+        except Exception:  # the picker must never break the page
+            log.exception("listing LoRAs failed")
+            return []
+
+    def on_lora_family(self, model_id: str | None, *values):
+        """The picker slots offer the chosen model's family; a picked LoRA of another family is cleared."""
+        choices = self.lora_choices(model_id)
+        ids = {c[1] for c in choices}
+        return [gr.update(choices=choices, value=v if (v in ids or str(v or "").startswith("hf:")) else None) for v in values]
+
+    @staticmethod
+    def lora_spec(*values) -> str:
+        """Picker slots (id, strength, id, strength, ...) -> the `loras` string build_request reads."""
+        parts = []
+        for lora_id, strength in zip(values[0::2], values[1::2]):
+            if lora_id:
+                parts.append(f"{lora_id}:{float(strength if strength is not None else 1.0):g}")
+        return ", ".join(parts)
+
     # --- VRAM controls --------------------------------------------------------------------
     def vram_limit_value(self, auto: bool, slider: float | None) -> float | None:
         """None (= Auto) unless a GPU is there and Auto is off."""
@@ -150,18 +174,19 @@ class Handlers:
         vram_limit: float | None,
         fp8: bool,
         disk_offload: bool,
+        loras: str = "",
     ) -> GenerateRequest:
         """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
         return GenerateRequest(**inputs.request_fields(
-            prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload,
+            prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload, loras,
         ))
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="") -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
         try:
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, loras,
             )
             return formatting.estimate_markdown(self.studio.estimate(request))
         except UserFacingError as exc:
@@ -300,13 +325,16 @@ class Handlers:
         auto, slider, fp8, disk_offload, results,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
+        loras: str = "",
     ):
-        """The Generate button: run, then add the image to this tab's gallery."""
+        """The Generate button: run, then add the image to this tab's gallery. `loras` (the
+        picker's string, engine.generation.lora_library.parse_lora_spec) is the last input;
+        Gradio passes the request and progress in their places."""
         session = request.session_hash or ""
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, loras,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -342,6 +370,7 @@ class Handlers:
         vram_limit: float | None = None,
         fp8: bool = False,
         disk_offload: bool = False,
+        loras: str = "",
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
@@ -349,11 +378,14 @@ class Handlers:
 
         model: registry id (empty = the current default model); width/height/steps/guidance: empty =
         the model's defaults; seed: -1 = random; vram_limit: GB, empty = Auto.
+        loras: comma-separated `id[:strength]` (strength 1 when left out), applied in that order,
+        e.g. "ink:0.8, hf:owner/repo:0.5"; A1111's "<lora:ink:0.8>" works too. An id is a file in
+        the LoRA folder (its path there without .safetensors) or hf:owner/repo[/file.safetensors].
         """
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload,
+                vram_limit, fp8, disk_offload, loras,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None

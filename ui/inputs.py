@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from engine.generation.lora_library import parse_lora_spec
 from engine.generation.types import UserFacingError
 
 TRUE_STRINGS = ("true", "1")
@@ -125,7 +126,7 @@ SIZE_ACCEPTED = "a whole number of pixels (a multiple of 16), or null for the mo
 
 def request_fields(
     prompt: Any, negative_prompt: Any, model: Any, width: Any, height: Any, steps: Any,
-    guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any,
+    guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any, loras: Any = "",
 ) -> dict[str, Any]:
     """The GenerateRequest fields, each checked; UserFacingError names the first bad one."""
     return dict(
@@ -140,7 +141,17 @@ def request_fields(
         vram_limit=vram_limit(vram),
         fp8=flag("fp8", fp8),
         disk_offload=flag("disk_offload", disk_offload),
+        loras=lora_list(loras),
     )
+
+
+def lora_list(value: Any) -> tuple[tuple[str, float], ...]:
+    """`loras`: comma-separated `id[:strength]` (engine.generation.lora_library.parse_lora_spec)."""
+    if value is None:
+        return ()
+    if not isinstance(value, str):
+        raise bad("loras", value, 'a string of comma-separated "id:strength" entries, e.g. "ink:0.8, hf:owner/repo:0.5"')
+    return parse_lora_spec(value)
 
 
 def raw(component: Any) -> Any:

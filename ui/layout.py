@@ -35,6 +35,9 @@ def _default(choice, key: str, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+LORA_SLOTS = 3  # LoRAs the picker offers at once (the API takes any number)
+
+
 def build_demo(studio: Any) -> gr.Blocks:
     """The whole app for one Studio (the engine facade)."""
     h = Handlers(studio)
@@ -83,6 +86,19 @@ def build_demo(studio: Any) -> gr.Blocks:
                     seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", scale=4)
                     random_seed = gr.Button("Random", scale=0, min_width=80)
                     reuse_seed = gr.Button("Last seed", scale=0, min_width=80)
+                with gr.Accordion("LoRAs", open=False, elem_id="lora-picker"):
+                    lora_ids = h.lora_choices(current.id if current else None)
+                    lora_slots = []
+                    for i in range(LORA_SLOTS):
+                        with gr.Row(equal_height=True):
+                            lora_slots.append(gr.Dropdown(
+                                choices=lora_ids, value=None, label=f"LoRA {i + 1}", allow_custom_value=True, scale=3,
+                                info="from the LoRA folder, for this model's family; or type hf:owner/repo" if i == 0 else None,
+                                elem_id=f"lora-{i}",
+                            ))
+                            lora_slots.append(gr.Slider(label="Strength", minimum=-2, maximum=2, step=0.05, value=1.0, scale=2, elem_id=f"lora-strength-{i}"))
+                    lora_refresh = gr.Button("Refresh LoRA list", size="sm")
+                    lora_spec = gr.Textbox(visible=False, value="", elem_id="lora-spec")
                 with gr.Accordion("Memory", open=True):
                     with gr.Row():
                         auto = gr.Checkbox(
@@ -163,12 +179,13 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Number(label="vram_limit", value=None),
                 gr.Checkbox(label="fp8", value=False),
                 gr.Checkbox(label="disk_offload", value=False),
+                gr.Textbox(label="loras", value="", info='comma-separated "id:strength", e.g. "ink:0.8, hf:owner/repo:0.5"'),
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
 
         # ---------------------------------------------------------------- events
-        controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload]
+        controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload, lora_spec]
         private = {"api_visibility": "private"}
 
         gr.on(
@@ -192,7 +209,17 @@ def build_demo(studio: Any) -> gr.Blocks:
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results]
+                      auto, vram_slider, fp8, disk_offload, results, lora_spec]
+        # the picker slots make the `loras` string; the model's family filters what they offer
+        gr.on(
+            triggers=[c.change for c in lora_slots], fn=h.lora_spec, inputs=lora_slots, outputs=lora_spec,
+            queue=False, show_progress="hidden", **private,
+        )
+        lora_dropdowns = lora_slots[0::2]
+        gr.on(
+            triggers=[model.change, lora_refresh.click], fn=h.on_lora_family, inputs=[model] + lora_dropdowns,
+            outputs=lora_dropdowns, queue=False, show_progress="hidden", **private,
+        )
         run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
             h.run_ui,
             run_inputs,

@@ -30,6 +30,7 @@ import math
 import os
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ from engine.generation.pipelines import (
     build_pipeline,
 )
 from engine.generation.settings import EngineSettings, detect_hardware, settings_for
+from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +123,11 @@ def describe_vram_limit(r: ResolvedRequest) -> str:
     return shown
 
 
-def infotext(r: ResolvedRequest, sampler: str) -> str:
+def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, str], ...] = ()) -> str:
     """A1111 "parameters" text: prompt, negative prompt line, then "Key: value" pairs (the
-    settings the run actually used)."""
+    settings the run actually used). LoRAs (name, strength, short hash) follow A1111:
+    `<lora:name:strength>` appended to the prompt and a quoted `Lora hashes: "name: hash, ..."`
+    field."""
     limit = describe_vram_limit(r)
     pairs = [
         ("Steps", str(r.steps)),
@@ -137,7 +141,11 @@ def infotext(r: ResolvedRequest, sampler: str) -> str:
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
     clean = lambda s: s.replace("\r", " ").replace("\n", " ")
-    return f"{clean(r.prompt)}\nNegative prompt: {clean(r.negative_prompt)}\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+    prompt = clean(r.prompt)
+    if loras:
+        prompt += "".join(f" <lora:{name}:{_fmt_number(strength)}>" for name, strength, _ in loras)
+        pairs.append(("Lora hashes", '"' + ", ".join(f"{name}: {h}" for name, _, h in loras) + '"'))
+    return f"{prompt}\nNegative prompt: {clean(r.negative_prompt)}\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -148,10 +156,10 @@ def parse_infotext(text: str) -> dict[str, str]:
     if rest and rest[0].startswith("Negative prompt:"):
         out["negative_prompt"] = rest[0][len("Negative prompt:") :].strip()
         rest = rest[1:]
-    for part in ", ".join(rest).split(", "):
-        if ": " in part:
-            k, v = part.split(": ", 1)
-            out[k] = v
+    # values in double quotes (A1111's "Lora hashes") may contain ", "
+    for m in re.finditer(r'\s*([^:,]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)', ", ".join(rest)):
+        k, v = m.group(1).strip(), m.group(2).strip()
+        out[k] = v[1:-1] if v.startswith('"') and v.endswith('"') else v
     return out
 
 
@@ -166,6 +174,17 @@ def _size_hint(v: int, multiple: int, lo: int, hi: int) -> str:
     if v < first or v > last or lower == upper:
         return f"Use {min(max(lower, first), last)} (sizes go from {first} to {last})."
     return f"Use {lower} or {upper}."
+
+
+def _live_lora_bytes(pipe: Any) -> int:
+    if pipe is None:
+        return 0
+    try:
+        from engine.lora.loras import lora_bytes
+
+        return lora_bytes(pipe)
+    except Exception:  # telemetry only
+        return 0
 
 
 # --- size estimates -------------------------------------------------------------------------------
@@ -207,6 +226,7 @@ class Studio:
         device: str | torch.device | None = None,
         registry: Any = None,
         download_dir: Path | str | None = None,
+        lora_dir: Path | str | None = None,
     ):
         """`device`: computation device (default CUDA if present, else CPU). `registry`: an object
         with model_registry's verbs (tests pass one with extra tiny models); default model_registry.
@@ -225,6 +245,7 @@ class Studio:
         self._pipeline_key: tuple[Any, ...] | None = None
         self._last_step = StepStats()
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
+        self.lora_library = LoraLibrary(lora_dir if lora_dir is not None else Path("loras"))
         self.remove_partial_outputs()
 
     def remove_partial_outputs(self) -> list[Path]:
@@ -253,6 +274,16 @@ class Studio:
 
     def default_model_id(self) -> str:
         return self._reg().default_model_id(self.models_dir)
+
+    def list_loras(self, model_id: str | None = None) -> list[LoraChoice]:
+        """LoRAs of the LoRA folder for `model_id`'s family (all when None or unknown)."""
+        family = None
+        if model_id:
+            try:
+                family = self._reg().get_model(model_id).family
+            except Exception:
+                family = None
+        return self.lora_library.choices(family)
 
     def hardware(self) -> HardwareInfo:
         if self._hardware is None:
@@ -313,6 +344,7 @@ class Studio:
             seed = random.SystemRandom().randrange(SEED_MAX + 1)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserFacingError(f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed; got {seed!r}.")
+        check_loras(request.loras)
         settings = settings_for(request, self.hardware(), self._device)
         if settings.disk_offload:
             from engine.generation.pipelines.components import engine_loader
@@ -362,6 +394,14 @@ class Studio:
         exact = self._measured_floor(r.build_key, act)
         if exact is not None:  # this build already ran every stage: the planner's own figure
             smallest = exact
+            pipe = self._pipeline
+            if pipe is not None:  # the live LoRAs are in the planner's figure already: count the wanted ones
+                from engine.lora.loras import lora_bytes
+
+                smallest -= lora_bytes(pipe)
+        lora = self._lora_bytes_wanted(r.request)  # fixed bytes on the computation device
+        smallest += lora
+        weights_peak += lora
         limit = s.vram_limit
         warnings: list[str] = []
         if limit is None:
@@ -411,6 +451,7 @@ class Studio:
             fits=fits,
             warnings=tuple(warnings),
             smallest_feasible_vram_limit_gb=math.ceil(smallest / GB * 10) / 10,
+            lora_bytes=lora,
         )
 
     # --- telemetry --------------------------------------------------------------------------------
@@ -441,6 +482,7 @@ class Studio:
             compute_seconds_last_step=last.compute_seconds,
             slots_in_flight=slots,
             timestamp=time.time(),
+            lora_bytes=_live_lora_bytes(pipe),
         )
 
     # --- the live pipeline ----------------------------------------------------------------------
@@ -514,6 +556,56 @@ class Studio:
         self.builds += 1
         return pipe
 
+    # --- LoRAs ------------------------------------------------------------------------------------
+    def _apply_loras(self, pipe: ManagedPipeline, r: ResolvedRequest, emit: Callable[[GenerationEvent], None]) -> tuple[tuple[str, float, str], ...]:
+        """Make the pipeline's active LoRAs the request's: new ones are loaded, changed strengths
+        re-weighted, dropped ones removed. No base weight is read and the pipeline is not rebuilt
+        (engine.lora). All or nothing: if one LoRA fails, the ones loaded here are taken off again
+        and the previous set stays active. Returns (name, strength, short hash) for the infotext."""
+        from engine.lora.formats import LoraError
+        from engine.lora.loras import active_loras, load_lora, remove_lora, set_lora_strength
+
+        def progress(fraction: float, message: str = "") -> None:
+            emit(GenerationEvent("downloading", message=message, download_fraction=float(fraction), telemetry=self.telemetry()))
+
+        wanted = [(lora_id, strength, self.lora_library.resolve(lora_id, progress).resolve()) for lora_id, strength in r.request.loras]
+        active = {h.path.resolve(): h for h in active_loras(pipe)}
+        keep = {path for _, _, path in wanted}
+        loaded = []
+        try:
+            for lora_id, strength, path in wanted:
+                if path not in active:
+                    name = Path(lora_id.removeprefix("hf:")).name.removesuffix(".safetensors")
+                    handle = load_lora(pipe, path, strength=strength, name=name)
+                    loaded.append(handle)
+                    active[path] = handle
+        except LoraError as exc:
+            for handle in loaded:
+                remove_lora(pipe, handle)
+            raise UserFacingError(f"{exc} (the previous LoRAs stay active)") from exc
+        for path, handle in list(active.items()):
+            if path not in keep:
+                remove_lora(pipe, handle)
+        out = []
+        for lora_id, strength, path in wanted:
+            handle = active[path]
+            if handle.strength != strength:
+                set_lora_strength(pipe, handle, strength)
+            out.append((handle.name, strength, handle.short_hash))
+        return tuple(out)
+
+    def _lora_bytes_wanted(self, request: GenerateRequest) -> int:
+        """Bytes of the request's LoRA factors on the computation device (local files only)."""
+        total = 0
+        for lora_id, _ in request.loras:
+            try:
+                if lora_id.startswith("hf:"):
+                    continue  # not downloaded yet: counted once it is
+                total += factor_bytes(self.lora_library.resolve(lora_id))
+            except (UserFacingError, OSError, ValueError):
+                continue  # the generation reports it
+        return total
+
     # --- generation -----------------------------------------------------------------------------
     def generate(self, request: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[GenerationEvent | GenerationResult]:
         """Validate now (UserFacingError for bad input), then stream the events of one generation."""
@@ -553,10 +645,11 @@ class Studio:
             if should_stop():
                 raise GenerationCancelled()
             pipe = self._ensure_pipeline(r, emit, should_stop)
+            loras = self._apply_loras(pipe, r, emit)
             image = self._run(pipe, r, emit, should_stop)
             if should_stop():  # cancelled during the last step or the decode: nothing is saved
                 raise GenerationCancelled()
-            path, text = self._save(image, r, pipe)
+            path, text = self._save(image, r, pipe, loras)
             emit(GenerationEvent("done", step=r.steps, total_steps=r.steps, message=f"Saved {path.name}", telemetry=self.telemetry()))
             emit(
                 GenerationResult(
@@ -576,6 +669,7 @@ class Studio:
                         "fp8": r.settings.fp8,
                         "disk_offload": r.settings.disk_offload,
                         "vae_tiling": pipe.vae_tiling,
+                        "loras": [(name, strength) for name, strength, _ in loras],
                     },
                 )
             )
@@ -625,10 +719,10 @@ class Studio:
         finally:
             pipe.on_stage = None
 
-    def _save(self, image: Any, r: ResolvedRequest, pipe: ManagedPipeline) -> tuple[Path, str]:
+    def _save(self, image: Any, r: ResolvedRequest, pipe: ManagedPipeline, loras: tuple[tuple[str, float, str], ...] = ()) -> tuple[Path, str]:
         from PIL.PngImagePlugin import PngInfo
 
-        text = infotext(r, pipe.family.sampler)
+        text = infotext(r, pipe.family.sampler, loras)
         info = PngInfo()
         info.add_text("parameters", text)
         partial: Path | None = None

@@ -34,6 +34,8 @@ class GenerateRequest:
     vram_limit: float | None = None
     fp8: bool = False
     disk_offload: bool = False
+    # LoRAs to apply, in order: (id, strength); ids as engine.generation.lora_library names them
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TelemetrySnapshot:
     compute_seconds_last_step: float = 0.0
     slots_in_flight: int = 0
     timestamp: float = 0.0
+    lora_bytes: int = 0  # LoRA factors on the computation device (counted in the VRAM ledger)
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""
@@ -96,6 +99,7 @@ class MemoryEstimate:
     fits: bool
     warnings: tuple[str, ...] = ()
     smallest_feasible_vram_limit_gb: float | None = None
+    lora_bytes: int = 0  # the LoRAs' factors, included in vram_gb
 
 
 @dataclass(frozen=True)

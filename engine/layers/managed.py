@@ -69,10 +69,16 @@ class ManagedModule(nn.Module):
                 component.trace.append(layer)
             layer._computing += 1
             try:
-                return super().forward(*args, **kwargs)
+                out = super().forward(*args, **kwargs)
             finally:
                 layer._computing -= 1
-        return layer.component.forward_layer(layer, args, kwargs)
+        else:
+            out = layer.component.forward_layer(layer, args, kwargs)
+        # LoRA: one post-step for every route, from the layer's input (engine.layers.adapters)
+        lora = layer.lora
+        if lora is not None:
+            return lora(out, args, kwargs)
+        return out
 
     def _vram_run_in_place(self, args: tuple, kwargs: dict) -> Any:
         """The layer's own forward on whatever its slots show (the component calls this)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from engine.config import STATES
+from engine.layers.adapters import Adapter, LayerAdapters
 from engine.storage.stored import StoredTensor
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class ManagedLayer:
         "_rest",
         "_computing",
         "_in_slots",
+        "lora",
     )
 
     def __init__(self, name: str, module: nn.Module, component: Any, masters: dict[str, StoredTensor], owned: set[str], placeholders: dict[str, torch.Tensor], block: str | None = None):
@@ -105,6 +107,9 @@ class ManagedLayer:
         self._rest = LayerState.OFFLOAD
         self._computing = 0
         self._in_slots = False  # the slots show the resident copy (computation form)
+        # LoRA factors applied to this layer's output (engine.layers.adapters); None: no LoRA.
+        # They never touch the parameter slots or the masters.
+        self.lora: LayerAdapters | None = None
 
     # --- derived facts ----------------------------------------------------------------------------
     @property
@@ -201,6 +206,24 @@ class ManagedLayer:
         self.resident_bytes = 0
         self._in_slots = False
         self._rest = LayerState.ONLOAD
+        return freed
+
+    # --- adapters (LoRA, applied at computation time) ---------------------------------------------
+    def attach_adapter(self, adapter: Adapter) -> None:
+        """Apply `adapter` after the ones already attached (any state: no weight moves)."""
+        if self.lora is None:
+            self.lora = LayerAdapters(self.module)
+        self.lora.adapters.append(adapter)
+
+    def detach_adapters(self, key: int) -> int:
+        """Remove the adapters of LoRA `key`. Returns their bytes."""
+        if self.lora is None:
+            return 0
+        kept = [a for a in self.lora.adapters if a.key != key]
+        freed = sum(a.nbytes for a in self.lora.adapters if a.key == key)
+        self.lora.adapters = kept
+        if not kept:
+            self.lora = None
         return freed
 
     # --- computation --------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""LoRA at computation time (see engine.lora.loras): formats, loading, hot-swapping."""
