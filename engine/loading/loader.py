@@ -43,12 +43,14 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
+from engine.config import FP8_DTYPES, INT8, NF4, Place, VramConfig, parse_vram_limit
+from engine.storage import int8 as int8_form
+from engine.storage import nf4 as nf4_form
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
 from engine.management import _plan_wrappers, enable_vram_management, runtime_of
 from engine.loading.prefetch import DiskPrefetcher
-from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store
+from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store, stored_layout
 
 log = logging.getLogger(__name__)
 
@@ -280,18 +282,16 @@ class _Fp8Workspace:
         return self.raw, self.w32
 
 
-def _quantized(entry: TensorEntry, target: torch.dtype) -> bool:
-    """Does `store` keep this tensor as scaled FP8 (engine.fp8.should_quantize, from the header)?"""
-    return target in FP8_DTYPES and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
+def _quantized(entry: TensorEntry, target: torch.dtype | str) -> bool:
+    """Does `store` keep this tensor in a quantized form (FP8, int8, nf4), from the header?"""
+    quantized = target in FP8_DTYPES or target in (INT8, NF4)
+    return quantized and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
 
 
 def storage_layout(entry: TensorEntry, place: Place, compute_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) tensors `read_stored` makes of `entry` at `place`: known from the header
     alone, so a host arena can be sized before anything is read."""
-    target = storage_dtype_for(entry.dtype, len(entry.shape), place.dtype, compute_dtype)
-    if _quantized(entry, target):
-        return [(entry.shape, target), ((entry.shape[0],) + (1,) * (len(entry.shape) - 1), torch.float32)]
-    return [(entry.shape, target)]
+    return stored_layout(entry.shape, entry.dtype, place.dtype, compute_dtype)
 
 
 def read_stored(
@@ -303,10 +303,11 @@ def read_stored(
 ) -> StoredTensor:
     """One checkpoint tensor in its storage form at a RAM `place`, bitwise what
     `engine.stored.store` makes of the whole tensor, without ever holding the whole tensor in
-    the file's dtype when the place is FP8: rows are read and quantized a chunk at a time (the
-    scale is per row, so chunking by rows changes nothing), in reused buffers. With `arena`, the
-    stored tensors are views of it (`storage_layout` sized it)."""
-    target = storage_dtype_for(entry.dtype, len(entry.shape), place.dtype, compute_dtype)
+    the file's dtype when the place is quantized (FP8, int8, nf4): rows are read and quantized a
+    chunk at a time (scales are per row or per group within a row, so chunking by rows changes
+    nothing), in reused buffers. With `arena`, the stored tensors are views of it
+    (`storage_layout` sized it)."""
+    target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, compute_dtype)
     on_cpu = _on_cpu(place)
     if arena is not None and not on_cpu:
         raise ValueError(f"a host arena holds CPU tensors; the place is {place.device}")
@@ -326,12 +327,12 @@ def read_stored(
     row_elems = numel // rows
     chunk_rows = max(1, FP8_CHUNK_BYTES // max(1, row_elems * 4))
     raw, w32 = workspace.get(min(chunk_rows, rows) * row_elems, entry.dtype)
-    fmax = torch.finfo(target).max
     reduce_dims = tuple(range(1, len(entry.shape)))
-    (data_shape, _), (scale_shape, _) = storage_layout(entry, place, compute_dtype)
+    (data_shape, data_dtype), (scale_shape, scale_dtype) = storage_layout(entry, place, compute_dtype)
     new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    data = new(data_shape, target)
-    scale = new(scale_shape, torch.float32)
+    data = new(data_shape, data_dtype)
+    scale = new(scale_shape, scale_dtype)
+    fmax = torch.finfo(target).max if target in FP8_DTYPES else 0.0
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         shape = (n,) + entry.shape[1:]
@@ -339,6 +340,12 @@ def read_stored(
         entry.file.read_into(entry, part, start=r0 * row_bytes)
         w = w32[: n * row_elems].view(shape)
         w.copy_(part)  # exact upcast, as quantize_per_channel's .to(float32)
+        if target == INT8:
+            int8_form.quantize_rows_into(w, data[r0 : r0 + n], scale[r0 : r0 + n])
+            continue
+        if target == NF4:
+            nf4_form.quantize_rows_into(w.view(n, -1), data[r0 : r0 + n], scale[r0 : r0 + n])
+            continue
         lo, hi = torch.aminmax(w, dim=reduce_dims[0], keepdim=True) if len(reduce_dims) == 1 else (
             w.amin(dim=reduce_dims, keepdim=True), w.amax(dim=reduce_dims, keepdim=True))
         amax = torch.maximum(lo.abs_(), hi)  # == w.abs().amax(...) without a tensor-sized temporary
@@ -347,6 +354,10 @@ def read_stored(
         w.clamp_(-fmax, fmax)
         data[r0 : r0 + n].copy_(w)
         scale[r0 : r0 + n].copy_(sc)
+    if target == INT8:
+        return int8_form.Int8Stored(data, scale)
+    if target == NF4:
+        return nf4_form.Nf4Stored(data, scale, torch.Size(entry.shape))
     return ScaledFp8Stored(data, scale)
 
 

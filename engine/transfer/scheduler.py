@@ -36,7 +36,6 @@ import torch
 
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
-from engine.storage.fp8 import dequantize
 from engine.transfer.pinned import aligned, exact_pinned
 from engine.planning.planner import MAX_DEPTH
 
@@ -385,23 +384,21 @@ class TransferScheduler:
                 continue
             view = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
             parts.setdefault(spec.param, {})[spec.part] = view
+        source = runtime.stream_source(record)
         for param, found in parts.items():
-            if "data" not in found:  # a plain tensor, from RAM or from its file
-                tensor = found["tensor"] if "tensor" in found else found[DISK_PART]
-                if tensor.is_floating_point() and tensor.dtype != comp_dtype:
-                    tensor = tensor.to(comp_dtype)
-                    transient += tensor.nbytes
-                elif not record.is_leaf:
-                    # a container's forward runs children of other groups, and entering one hands
-                    # this slot to the next prefetch while the container still reads its weights
-                    # (Z-Image's pad tokens): it computes from its own copy, made in stream order
-                    tensor = tensor.clone()
-                    transient += tensor.nbytes
-                params[param] = tensor
-            else:  # FP8 bytes crossed; upcast here, on the computation device
-                tensor = dequantize(found["data"], found["scale"], comp_dtype)
+            # the stored form rebuilds its computation tensor from the slot views (a plain tensor
+            # may come back as the view itself; quantized bytes are dequantized here, on the device)
+            tensor = source[param].from_parts(found, comp_dtype)
+            aliased = any(tensor is view for view in found.values())
+            if aliased and not record.is_leaf:
+                # a container's forward runs children of other groups, and entering one hands
+                # this slot to the next prefetch while the container still reads its weights
+                # (Z-Image's pad tokens): it computes from its own copy, made in stream order
+                tensor = tensor.clone()
+                aliased = False
+            if not aliased:
                 transient += tensor.nbytes
-                params[param] = tensor
+            params[param] = tensor
         ledger = runtime.ledger
         ledger.add_transient(transient)
         record.enter_computation()
