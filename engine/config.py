@@ -158,9 +158,9 @@ class VramConfig:
         comp_dtype = parse_dtype("computation_dtype", get("computation_dtype", torch.bfloat16), False)
         if comp_dtype in FP8_DTYPES or comp_dtype in QUANT_FORMS:
             raise ValueError(
-                f"vram_config['computation_dtype'] = {config.get('computation_dtype')!r}: FP8, int8, nf4 and gguf are "
-                "storage forms here, computation runs in bfloat16/float16/float32. Put the storage form in "
-                "offload/onload/preparing_dtype."
+                f"vram_config['computation_dtype'] = {config.get('computation_dtype')!r}: FP8 (float8_e4m3fn, "
+                "float8_e5m2), int8, nf4 and gguf are storage dtypes here, computation runs in bfloat16/float16/float32. "
+                "Put the storage dtype in offload/onload/preparing_dtype."
             )
         prep_device = parse_device("preparing_device", get("preparing_device", comp_device), False)
         prep_dtype = parse_dtype("preparing_dtype", get("preparing_dtype", comp_dtype), False)

@@ -85,7 +85,7 @@ def test_config_names_the_forms():
     assert config.offload_dtype == NF4 and config.place("preparing").is_quantized
     assert config.storage_name == "nf4"
     assert VramConfig.from_dict({"offload_dtype": torch.int8, "computation_device": "cpu"}).offload_dtype == INT8
-    with pytest.raises(ValueError, match="storage forms here"):
+    with pytest.raises(ValueError, match="storage dtypes here"):
         VramConfig.from_dict({"computation_dtype": "int8", "computation_device": "cpu"})
     with pytest.raises(ValueError, match="int8, nf4"):
         VramConfig.from_dict({"offload_dtype": "int3", "computation_device": "cpu"})

@@ -43,10 +43,20 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import FP8_DTYPES, INT8, NF4, Place, VramConfig, parse_vram_limit
+from engine.config import FP8_DTYPES, GGUF, INT8, NF4, Place, VramConfig, parse_vram_limit
 from engine.storage import int8 as int8_form
 from engine.storage import nf4 as nf4_form
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from engine.storage.gguf import (
+    GgufDiskStored,
+    GgufEntry,
+    GgufFile,
+    GgufStored,
+    check_architecture,
+    dequantize as gguf_dequantize,
+    find_gguf,
+    map_gguf_keys,
+)
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
 from engine.management import _plan_wrappers, enable_vram_management, runtime_of
 from engine.loading.prefetch import DiskPrefetcher
@@ -76,10 +86,13 @@ def resolve_checkpoint(path: str | Path | Sequence[str | Path]) -> tuple[Path, l
     index = None
     if isinstance(path, (str, Path)):
         root = Path(path)
+        gguf_path = find_gguf(root)
+        if gguf_path is not None:
+            return gguf_path.parent, [GgufFile(gguf_path)], None
         if root.is_file():
             if root.suffix.lower() != ".safetensors":
                 raise _pickle_error([root]) if root.suffix.lower() in PICKLE_SUFFIXES else CheckpointError(
-                    f"{root}: not a .safetensors file (only .safetensors checkpoints can be streamed)"
+                    f"{root}: not a .safetensors or .gguf file (only those checkpoints can be streamed)"
                 )
             files, config_dir = [root], root.parent
         elif root.is_dir():
@@ -291,7 +304,22 @@ def _quantized(entry: TensorEntry, target: torch.dtype | str) -> bool:
 def storage_layout(entry: TensorEntry, place: Place, compute_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) tensors `read_stored` makes of `entry` at `place`: known from the header
     alone, so a host arena can be sized before anything is read."""
+    if isinstance(entry, GgufEntry):
+        if place.dtype == GGUF:
+            return [(entry.shape, torch.uint8)]  # the blocks as they are in the file
+        return stored_layout(entry.logical_shape, torch.float32, place.dtype, compute_dtype)
     return stored_layout(entry.shape, entry.dtype, place.dtype, compute_dtype)
+
+
+def read_entry(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A checkpoint tensor as a CPU tensor (GGUF blocks dequantized, to `dtype` or float32)."""
+    if isinstance(entry, GgufEntry):
+        return gguf_dequantize(entry.file.read(entry), entry.qtype, entry.logical_shape, dtype or torch.float32)
+    return entry.file.read(entry)
+
+
+def logical_shape(entry: TensorEntry) -> tuple[int, ...]:
+    return entry.logical_shape if isinstance(entry, GgufEntry) else entry.shape
 
 
 def read_stored(
@@ -307,10 +335,18 @@ def read_stored(
     chunk at a time (scales are per row or per group within a row, so chunking by rows changes
     nothing), in reused buffers. With `arena`, the stored tensors are views of it
     (`storage_layout` sized it)."""
-    target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, compute_dtype)
     on_cpu = _on_cpu(place)
     if arena is not None and not on_cpu:
         raise ValueError(f"a host arena holds CPU tensors; the place is {place.device}")
+    if isinstance(entry, GgufEntry):
+        if place.dtype == GGUF:  # the blocks as they are in the file
+            blocks = arena.take(entry.shape, torch.uint8) if arena is not None else torch.empty(entry.shape, dtype=torch.uint8)
+            entry.file.read_into(entry, blocks)
+            return GgufStored(blocks if on_cpu else blocks.to(place.device), entry.qtype, entry.logical_shape)
+        # another form: dequantize this one tensor (float32), then store it in that form
+        stored = store(read_entry(entry), place, compute_dtype)
+        return stored if arena is None else _into_arena(stored, arena)
+    target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, compute_dtype)
     if not (on_cpu and _quantized(entry, target)):
         if arena is None:
             return store(entry.file.read(entry), place, compute_dtype)
@@ -361,6 +397,20 @@ def read_stored(
     return ScaledFp8Stored(data, scale)
 
 
+def _into_arena(stored: StoredTensor, arena: HostArena) -> StoredTensor:
+    """The same stored copy with its parts moved into the arena (in `parts()` order)."""
+    views = []
+    for _, tensor in stored.parts():
+        view = arena.take(tensor.shape, tensor.dtype)
+        view.copy_(tensor)
+        views.append(view)
+    if isinstance(stored, PlainStored):
+        return PlainStored(views[0])
+    if isinstance(stored, nf4_form.Nf4Stored):
+        return nf4_form.Nf4Stored(views[0], views[1], stored.shape)
+    return type(stored)(views[0], views[1])  # ScaledFp8Stored, Int8Stored: (data, scale)
+
+
 def _on_cpu(place: Place) -> bool:
     return isinstance(place.device, torch.device) and place.device.type == "cpu"
 
@@ -399,10 +449,18 @@ def load_model(
     onload: bool = True,
     disk_fallback: str = "error",
     prefetch: bool | None = None,
+    config_dir: str | Path | None = None,
 ) -> nn.Module:
     """Build `model_class` from `path` (directory with config.json and .safetensors shards, or a
-    list of shards) and manage it like `enable_vram_management(model, module_map, vram_config,
-    vram_limit, budget=, name=, onload=)`.
+    list of shards, or a .gguf file / a folder holding one) and manage it like
+    `enable_vram_management(model, module_map, vram_config, vram_limit, budget=, name=, onload=)`.
+    `config_dir` is the folder with the model's config.json when it is not next to the weights
+    (a .gguf file holds weights only: e.g. the base repo's transformer/ folder).
+
+    GGUF (engine.storage.gguf): quantized tensors keep their blocks as they are in the file when
+    the offload place's dtype is "gguf" (RAM) or "disk" (streamed from the .gguf file), and are
+    dequantized on the computation device; at another RAM dtype each is dequantized once at load
+    and stored in that form (logged). Its F32/F16/BF16 tensors are handled like .safetensors ones.
 
     vram_config's offload place decides where the masters live: a dtype in RAM (bf16: the file's
     bytes; FP8: scaled FP8 quantized tensor by tensor) or "disk" (weights stay in their files and
@@ -418,7 +476,19 @@ def load_model(
     if budget is not None and vram_limit is not None:
         raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
     library = _library_of(model_class)
-    config_dir, shards, index = resolve_checkpoint(path)
+    weights_dir, shards, index = resolve_checkpoint(path)
+    is_gguf = any(isinstance(s, GgufFile) for s in shards)
+    if config_dir is None:
+        if is_gguf and not (weights_dir / "config.json").is_file():
+            raise CheckpointError(
+                f"{shards[0].path}: a .gguf file holds weights only; pass config_dir= (the folder with "
+                f"{model_class.__name__}'s config.json, e.g. the base repo's transformer/ folder)"
+            )
+        config_dir = weights_dir
+    config_dir = Path(config_dir)
+    for shard in shards:
+        if isinstance(shard, GgufFile):
+            check_architecture(shard, model_class)
     entries = collect_entries(shards, index)
     comp_dtype = config.computation_dtype
     offload_place = config.place("offload")
@@ -426,6 +496,15 @@ def load_model(
     model: nn.Module | None = build_empty(model_class, config_dir, comp_dtype)
     masters: dict[int, StoredTensor] = {}
     try:
+        if is_gguf:
+            entries = map_gguf_keys(entries, set(model.state_dict().keys()) | {n for n, _ in model.named_parameters()})
+            quantized = [e for e in entries.values() if isinstance(e, GgufEntry)]
+            if quantized and not offload_place.on_disk and offload_place.dtype != GGUF:
+                log.warning(
+                    "%s: %d GGUF-quantized tensors are dequantized at load and stored as %s (offload_dtype); "
+                    "use offload_dtype \"gguf\" to keep the file's blocks, or \"disk\" to stream them from the file",
+                    shards[0].path.name, len(quantized), offload_place.dtype,
+                )
         plan = map_keys(model, library, entries)
         params = dict(model.named_parameters(remove_duplicate=False))
         persistent = dict(model.state_dict(keep_vars=True))
@@ -453,8 +532,8 @@ def load_model(
         mismatched = []
         for n, entry in plan.direct.items():
             want = params[n].shape if n in params else buffers[n].shape
-            if tuple(want) != entry.shape:
-                mismatched.append(f"{n}: checkpoint {list(entry.shape)} in {entry.file.path.name} vs model {list(want)}")
+            if tuple(want) != logical_shape(entry):
+                mismatched.append(f"{n}: checkpoint {list(logical_shape(entry))} in {entry.file.path.name} vs model {list(want)}")
         problems = []
         if missing:
             problems.append(f"missing key(s) (parameters with no tensor in the checkpoint): {_listing(sorted(missing))}")
@@ -485,18 +564,19 @@ def load_model(
         for n, entry in _by_file_order(plan.direct.items()):
             if n in buffers:
                 old = buffers[n]
-                value = entry.file.read(entry)
+                value = read_entry(entry)
                 _set_tensor(model, n, value.to(old.dtype) if old.is_floating_point() and value.is_floating_point() else value)
                 continue
             p = params[n]
             if id(p) in masters:  # tied and both present in the checkpoint: loaded once
                 continue
             if id(p) not in managed_ids:
-                _set_tensor(model, n, nn.Parameter(entry.file.read(entry), requires_grad=False))
+                value = read_entry(entry, comp_dtype)
+                _set_tensor(model, n, nn.Parameter(value, requires_grad=False) if value.is_floating_point() else value)
                 masters[id(p)] = None  # type: ignore[assignment]
                 continue
             if offload_place.on_disk:
-                masters[id(p)] = DiskStored(entry)
+                masters[id(p)] = GgufDiskStored(entry) if isinstance(entry, GgufEntry) else DiskStored(entry)
             else:
                 masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
                 to_read.append((id(p), entry))
