@@ -152,3 +152,15 @@ def test_disk_offload_with_a_quantized_onload_and_resident_form(qwen_checkpoint,
     for limit in (0, None):
         model = load_model(cls, directory, vram_config=config, vram_limit=limit)
         assert torch.equal(run_model(model, inputs), reference)
+
+
+def test_nf4_codes_are_the_nearest_level_but_within_half_a_bin_of_a_midpoint():
+    from engine.storage import nf4
+
+    x = torch.cat([torch.rand(200_000) * 2.2 - 1.1, nf4._MIDPOINTS, nf4._MIDPOINTS + 1e-6, torch.tensor([-1.0, 1.0, 0.0])])
+    ours = nf4.nearest_codes(x)
+    exact = torch.bucketize(x, nf4._MIDPOINTS).to(torch.uint8)
+    differ = ours != exact
+    near = (x.unsqueeze(1) - nf4._MIDPOINTS).abs().amin(1) <= 1.0 / nf4._BINS
+    assert not (differ & ~near).any()
+    assert (ours.long() - exact.long()).abs().max() <= 1
