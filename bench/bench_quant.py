@@ -197,12 +197,16 @@ def streamed_bytes(layers: int) -> list[str]:
     ]
     base = None
     for form in ("bfloat16", "float8_e4m3fn", "int8", "nf4"):
-        with torch.device("meta"):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # parameters on meta, rope buffers real
             model = QwenImageTransformer2DModel(**qwen_config(layers))
-        model = torch.nn.Module.to(model.to_empty(device="cpu"), torch.bfloat16)
+        gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+            for name, p in list(model.named_parameters()):
+                module_name, _, leaf = name.rpartition(".")
+                real = torch.empty(p.shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
+                model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(real, requires_grad=False)
         cfg = {"offload_dtype": form, "onload_dtype": form, "preparing_dtype": form, "computation_device": "cpu", "computation_dtype": "bfloat16"}
         model = enable_vram_management(model, vram_config=cfg, vram_limit=0)
         stats = runtime_of(model).stats

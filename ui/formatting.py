@@ -70,6 +70,8 @@ def estimate_markdown(est: MemoryEstimate) -> str:
         "|---:|---:|---:|---:|",
         f"| {gb(est.vram_gb)} | {gb(est.ram_gb)} | {gb(est.disk_gb)} | {gb(est.streamed_gb_per_step)} |",
     ]
+    if est.storage:
+        lines += ["", f"Weights stored as {est.storage}."]
     for warning in est.warnings:
         lines.append("")
         lines.append(f"**Warning:** {warning}")
@@ -119,6 +121,7 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
         ("VRAM used / total", cell("vram", vram)),
         ("RAM used / total", cell("ram", ram)),
         ("Streamed last step", cell("streamed", streamed)),
+        ("Weights", cell("storage", (snapshot.storage if snapshot else "") or "–")),
     ]
     head = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     out = [f'<table class="lvs-stats">{head}</table>']

@@ -57,6 +57,15 @@ def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> I
     yield from _STUDIO.generate(request, cancel)
 
 
+#: the UI's "Quantize" choices -> GenerateRequest.weights ("off": the FP8 toggle decides)
+QUANTIZE_CHOICES = ("off", "int8", "nf4")
+
+
+def quantize_to_weights(value: str | None) -> str:
+    choice = (value or "off").strip().lower()
+    return "auto" if choice == "off" else choice
+
+
 def _int_or_none(value: Any) -> int | None:
     if value is None or value == "":
         return None
@@ -144,6 +153,7 @@ class Handlers:
         vram_limit: float | None,
         fp8: bool,
         disk_offload: bool,
+        weights: str | None = "auto",
     ) -> GenerateRequest:
         try:
             return GenerateRequest(
@@ -158,16 +168,17 @@ class Handlers:
                 vram_limit=_float_or_none(vram_limit),
                 fp8=bool(fp8),
                 disk_offload=bool(disk_offload),
+                weights=quantize_to_weights(weights),
             )
         except (TypeError, ValueError) as exc:
             raise UserFacingError(f"A setting is not a number: {exc}") from None
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, quantize="off") -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
         try:
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, quantize,
             )
             return formatting.estimate_markdown(self.studio.estimate(request))
         except UserFacingError as exc:
@@ -253,13 +264,14 @@ class Handlers:
         auto, slider, fp8, disk_offload, results,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
+        quantize: str = "off",
     ):
         """The Generate button: run, then add the image to this tab's gallery."""
         session = request.session_hash or ""
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, quantize,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -295,18 +307,21 @@ class Handlers:
         vram_limit: float | None = None,
         fp8: bool = False,
         disk_offload: bool = False,
+        weights: str = "auto",
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
         """Generate one image. Returns the saved PNG's path and its parameters text.
 
         model: registry id (empty = the current default model); width/height/steps/guidance: empty =
-        the model's defaults; seed: -1 = random; vram_limit: GB, empty = Auto.
+        the model's defaults; seed: -1 = random; vram_limit: GB, empty = Auto; weights: how the
+        weights are stored, "auto" (fp8 decides), "bf16", "fp8", "int8" or "nf4" (a GGUF model
+        keeps its file's blocks).
         """
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload,
+                vram_limit, fp8, disk_offload, weights,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None

@@ -34,6 +34,9 @@ class GenerateRequest:
     vram_limit: float | None = None
     fp8: bool = False
     disk_offload: bool = False
+    # storage of the weights: "auto" (the fp8 toggle decides), "bf16", "fp8", "int8", "nf4"
+    # (engine.generation.settings.WEIGHTS); a GGUF model stores its file's blocks whatever this says
+    weights: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class TelemetrySnapshot:
     compute_seconds_last_step: float = 0.0
     slots_in_flight: int = 0
     timestamp: float = 0.0
+    storage: str = ""  # the live pipeline's weight storage ("bf16", "fp8", "int8", "nf4", "gguf"); "" = none loaded
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""
@@ -96,6 +100,7 @@ class MemoryEstimate:
     fits: bool
     warnings: tuple[str, ...] = ()
     smallest_feasible_vram_limit_gb: float | None = None
+    storage: str = ""  # how the weights are stored (engine.generation.settings.STORAGE_LABELS)
 
 
 @dataclass(frozen=True)
