@@ -80,6 +80,14 @@ def download(
     if existing := _existing_copy(entry, models_dir):
         report.say(1.0, f"{entry.name} is already downloaded ({existing})")
         return existing
+    if entry.gguf is not None:
+        if source != "hf":
+            raise UserFacingError(f"{entry.name} is a GGUF variant published on Hugging Face only: use source 'hf'.")
+        from .paths import primary_model_dir
+
+        path = hf_source.download_gguf(entry, report, token, primary_model_dir(models_dir) / entry.id)
+        report.say(1.0, f"{entry.name} is ready")
+        return path
     fetch = hf_source.download if source == "hf" else modelscope_source.download
     path = fetch(entry, report, token)  # checks completeness before it returns
     report.say(1.0, f"{entry.name} is ready")
@@ -98,7 +106,7 @@ def model_choices(models_dir: str | os.PathLike[str] | None = None) -> list[Mode
         ModelChoice(
             id=entry.id,
             name=entry.name,
-            size_gb=entry.bytes_bf16 / 1e9,
+            size_gb=entry.size_bytes / 1e9,
             downloaded=is_downloaded(entry.id, models_dir),
             is_demo=entry.is_demo,
             defaults=dict(entry.defaults),

@@ -216,3 +216,72 @@ def test_unsupported_quant_type_is_named_with_the_supported_ones(gguf_checkpoint
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     with pytest.raises(CheckpointError, match=r"unsupported GGUF quantization type\(s\): Q8_1 .*'img_in.weight'.*Supported: .*Q4_K.*Q8_0"):
         load_model(cls, tmp_path / "q81.gguf", vram_config=gguf_config(), config_dir=directory)
+
+
+# --- catalogue, download and pipeline -------------------------------------------------------------
+def test_catalogue_marks_gguf_variants_and_sizes_them_by_the_file():
+    import model_registry
+    from model_registry.catalog import get_model, list_models
+
+    variants = [e for e in list_models() if e.gguf is not None]
+    assert {e.family for e in variants} == {"qwen-image"} and len(variants) >= 2
+    for entry in variants:
+        assert not entry.verified and not entry.gguf.verified and "unverified" in entry.name
+        assert entry.hf_repo == get_model("qwen-image").hf_repo and entry.modelscope_repo is None
+        assert entry.size_bytes < get_model("qwen-image").bytes_bf16
+    choices = {c.id: c for c in model_registry.model_choices()}
+    q4 = choices["qwen-image-gguf-q4_k_m"]
+    assert abs(q4.size_gb - get_model("qwen-image-gguf-q4_k_m").size_bytes / 1e9) < 1e-9
+    assert q4.size_gb < choices["qwen-image-gguf-q8_0"].size_gb < choices["qwen-image"].size_gb
+
+
+def test_gguf_download_fetches_one_file_and_the_base_without_its_denoiser(tmp_path, monkeypatch):
+    """The hub is faked: snapshot_download of the base repo (patterns recorded) and
+    hf_hub_download of the one file; the assembled folder is a complete pipeline copy."""
+    import model_registry
+    from model_registry import hf_source
+    from model_registry.catalog import get_model
+    from tests.fixtures.tiny_repos import write_tiny_repo
+
+    base = write_tiny_repo("qwen-image", tmp_path / "base")
+    plain = load_model(__import__("diffusers").QwenImageTransformer2DModel, base / "transformer", vram_config={"computation_device": "cpu"})
+    from engine import disable_vram_management
+
+    state = {k: v.float().numpy() for k, v in disable_vram_management(plain).state_dict().items()}
+    gguf_path = write_gguf(tmp_path / "hub" / "qwen-image-Q4_K_M.gguf", state, qtypes_for(state), "qwen_image")
+    calls = {}
+
+    def fake_snapshot(repo, **kw):
+        calls["snapshot"] = (repo, kw["allow_patterns"])
+        return str(base)
+
+    def fake_file(repo, filename, **kw):
+        calls["file"] = (repo, filename)
+        return str(gguf_path)
+
+    monkeypatch.setattr(hf_source, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_file)
+    monkeypatch.setattr(hf_source, "unreachable_reason", lambda url: None)
+    monkeypatch.setattr(hf_source, "offline_mode", lambda: False)
+    entry = get_model("qwen-image-gguf-q4_k_m")
+    models_dir = tmp_path / "models"
+    monkeypatch.setattr(model_registry.registry, "_existing_copy", lambda e, d: None)
+    path = model_registry.download(entry.id, "hf", models_dir=models_dir)
+    repo, allow = calls["snapshot"]
+    assert repo == "Qwen/Qwen-Image" and "transformer/config.json" in allow
+    assert not any(p.startswith("transformer/") and p != "transformer/config.json" for p in allow)
+    assert calls["file"] == (entry.gguf.repo, entry.gguf.file)
+    assert sorted(p.name for p in (path / "transformer").iterdir()) == ["config.json", "qwen-image-Q4_K_M.gguf"]
+    from model_registry.local import local_copy
+
+    assert local_copy(entry, models_dir) == path
+
+    # the pipeline builds from it with the transformer as GGUF blocks
+    from engine.generation.pipelines.managed import build_pipeline
+    from engine.generation.settings import vram_config_for
+
+    pipe = build_pipeline(path, vram_config_for(False, False, "cpu", "gguf"), 0)
+    transformer = pipe.components["transformer"] if hasattr(pipe, "components") else pipe.pipe.transformer
+    masters = [s for r in runtime_of(transformer).layers for s in r.masters.values()]
+    assert any(isinstance(s, GgufStored) for s in masters)
+    pipe.close()

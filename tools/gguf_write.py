@@ -88,6 +88,7 @@ def write_gguf(
     2-D+ tensor (flattened to [rows, last dim]) in that type; others are written as they are."""
     import gguf
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), architecture)
     for name, array in tensors.items():
         qname = (qtype_for or {}).get(name)

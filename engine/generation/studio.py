@@ -267,7 +267,7 @@ class Studio:
             seed = random.SystemRandom().randrange(SEED_MAX + 1)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserFacingError(f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed; got {seed!r}.")
-        settings = settings_for(request, self.hardware(), self._device)
+        settings = settings_for(request, self.hardware(), self._device, gguf=getattr(entry, "gguf", None) is not None)
         if settings.disk_offload:
             from engine.generation.pipelines.components import engine_loader
 
@@ -292,6 +292,8 @@ class Studio:
         fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
         sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
+        if getattr(entry, "gguf", None) is not None and fam.denoiser in sizes:  # the file's blocks, as stored
+            sizes[fam.denoiser] = entry.gguf.bytes
         if not sizes:  # the demo: tiny, sizes not catalogued
             sizes = {"text_encoder": 2 * 1024**2, fam.denoiser: 2 * 1024**2, "vae": 1024**2}
         stored = {n: int(b * factor) for n, b in sizes.items()}
