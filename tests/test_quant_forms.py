@@ -164,3 +164,34 @@ def test_nf4_codes_are_the_nearest_level_but_within_half_a_bin_of_a_midpoint():
     near = (x.unsqueeze(1) - nf4._MIDPOINTS).abs().amin(1) <= 1.0 / nf4._BINS
     assert not (differ & ~near).any()
     assert (ours.long() - exact.long()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("form", [INT8, NF4])
+def test_recording_device_orders_the_quantized_slots_and_pins_their_parts(form, monkeypatch):
+    """The GPU path's rules with the recording fake device: every group's int8/nf4 parts are
+    copied before its layers compute, no slot is overwritten early, and the pinned arena holds
+    the stored parts (data + scales) in place of pageable masters."""
+    from engine.transfer.pinned import PinnedBudget
+    from tests.test_scheduler import GB, X, PinningBackend, log_computes, make_stack, name_blocks
+
+    plain = make_stack()
+    config = {**cfg(form), "computation_device": "cpu"}
+    reference = enable_vram_management(copy.deepcopy(plain), vram_config=config, vram_limit=0)
+    expected = reference(X)
+    backend = PinningBackend()
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=config, vram_limit=0)
+    name_blocks(model)
+    runtime = runtime_of(model)
+    runtime.use_scheduler(backend, PinnedBudget(limit_bytes=10 * GB))
+    log_computes(backend, monkeypatch)
+    for _ in range(4):
+        assert torch.equal(model(X), expected)
+    backend.check_ordering()
+    assert runtime.stats.sync_fallbacks == 0 and runtime.scheduler.groups
+    parts = [t for r in runtime.layers for s in r.masters.values() for _, t in s.parts()]
+    assert parts and all(backend.is_pinned(t) for t in parts)
+    kinds = {type(s).__name__ for r in runtime.layers for s in r.masters.values()}
+    assert ("Int8Stored" if form == INT8 else "Nf4Stored") in kinds
+    # the slots hold the stored bytes: a streamed step copies data + scales, nothing more
+    stored = sum(s.nbytes for r in runtime.layers for s in r.masters.values())
+    assert runtime.scheduler.slot_bytes < stored
