@@ -224,11 +224,12 @@ def test_catalogue_marks_gguf_variants_and_sizes_them_by_the_file():
     from model_registry.catalog import get_model, list_models
 
     variants = [e for e in list_models() if e.gguf is not None]
-    assert {e.family for e in variants} == {"qwen-image"} and len(variants) >= 2
+    assert {e.id for e in variants} >= {"qwen-image-gguf-q4_k_m", "qwen-image-gguf-q8_0", "flux1-dev-gguf-q4_k_s", "flux1-schnell-gguf-q4_k_s"}
     for entry in variants:
+        base = get_model(entry.id.split("-gguf-")[0])
         assert not entry.verified and not entry.gguf.verified and "unverified" in entry.name
-        assert entry.hf_repo == get_model("qwen-image").hf_repo and entry.modelscope_repo is None
-        assert entry.size_bytes < get_model("qwen-image").bytes_bf16
+        assert entry.family == base.family and entry.hf_repo == base.hf_repo and entry.modelscope_repo is None
+        assert entry.size_bytes < base.bytes_bf16
     choices = {c.id: c for c in model_registry.model_choices()}
     q4 = choices["qwen-image-gguf-q4_k_m"]
     assert abs(q4.size_gb - get_model("qwen-image-gguf-q4_k_m").size_bytes / 1e9) < 1e-9
@@ -285,3 +286,96 @@ def test_gguf_download_fetches_one_file_and_the_base_without_its_denoiser(tmp_pa
     masters = [s for r in runtime_of(transformer).layers for s in r.masters.values()]
     assert any(isinstance(s, GgufStored) for s in masters)
     pipe.close()
+
+
+# --- FLUX GGUFs keep BFL's names ---------------------------------------------------------------------
+def bfl_state(model) -> dict[str, np.ndarray]:
+    """FLUX's diffusers state dict under BFL's names, written out by hand (fused qkv, qkv+mlp,
+    [shift, scale]): the layout the published FLUX GGUFs keep."""
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    out: dict[str, np.ndarray] = {}
+    cat = lambda *names: np.concatenate([sd[n] for n in names])  # noqa: E731
+    for kind in ("weight", "bias"):
+        for a, b in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in")):
+            out[f"{b}.in_layer.{kind}"] = sd[f"time_text_embed.{a}.linear_1.{kind}"]
+            out[f"{b}.out_layer.{kind}"] = sd[f"time_text_embed.{a}.linear_2.{kind}"]
+        out[f"txt_in.{kind}"] = sd[f"context_embedder.{kind}"]
+        out[f"img_in.{kind}"] = sd[f"x_embedder.{kind}"]
+        out[f"final_layer.linear.{kind}"] = sd[f"proj_out.{kind}"]
+        scale, shift = np.split(sd[f"norm_out.linear.{kind}"], 2)
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = np.concatenate([shift, scale])
+    for i in range(model.config.num_layers):
+        t, s = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[s + f"img_mod.lin.{kind}"] = sd[t + f"norm1.linear.{kind}"]
+            out[s + f"txt_mod.lin.{kind}"] = sd[t + f"norm1_context.linear.{kind}"]
+            out[s + f"img_attn.qkv.{kind}"] = cat(*(t + f"attn.to_{x}.{kind}" for x in "qkv"))
+            out[s + f"txt_attn.qkv.{kind}"] = cat(*(t + f"attn.add_{x}_proj.{kind}" for x in "qkv"))
+            out[s + f"img_mlp.0.{kind}"] = sd[t + f"ff.net.0.proj.{kind}"]
+            out[s + f"img_mlp.2.{kind}"] = sd[t + f"ff.net.2.{kind}"]
+            out[s + f"txt_mlp.0.{kind}"] = sd[t + f"ff_context.net.0.proj.{kind}"]
+            out[s + f"txt_mlp.2.{kind}"] = sd[t + f"ff_context.net.2.{kind}"]
+            out[s + f"img_attn.proj.{kind}"] = sd[t + f"attn.to_out.0.{kind}"]
+            out[s + f"txt_attn.proj.{kind}"] = sd[t + f"attn.to_add_out.{kind}"]
+        out[s + "img_attn.norm.query_norm.scale"] = sd[t + "attn.norm_q.weight"]
+        out[s + "img_attn.norm.key_norm.scale"] = sd[t + "attn.norm_k.weight"]
+        out[s + "txt_attn.norm.query_norm.scale"] = sd[t + "attn.norm_added_q.weight"]
+        out[s + "txt_attn.norm.key_norm.scale"] = sd[t + "attn.norm_added_k.weight"]
+    for i in range(model.config.num_single_layers):
+        t, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[s + f"modulation.lin.{kind}"] = sd[t + f"norm.linear.{kind}"]
+            out[s + f"linear1.{kind}"] = cat(t + f"attn.to_q.{kind}", t + f"attn.to_k.{kind}", t + f"attn.to_v.{kind}", t + f"proj_mlp.{kind}")
+            out[s + f"linear2.{kind}"] = sd[t + f"proj_out.{kind}"]
+        out[s + "norm.query_norm.scale"] = sd[t + "attn.norm_q.weight"]
+        out[s + "norm.key_norm.scale"] = sd[t + "attn.norm_k.weight"]
+    assert sum(v.size for v in out.values()) == sum(v.size for v in sd.values())
+    return out
+
+
+def test_flux_gguf_with_bfl_names_is_split_by_rows_and_bitwise(tmp_path):
+    from tests.fixtures.tiny_models import tiny_model
+
+    plain, inputs = tiny_model("FluxTransformer2DModel", torch.bfloat16)
+    bfl = bfl_state(plain)
+    qtypes = {k: ("Q8_0" if i % 2 else "Q4_0") for i, (k, v) in enumerate(bfl.items()) if v.ndim == 2 and v.shape[1] % 32 == 0}
+    path = write_gguf(tmp_path / "flux1-tiny-Q4_0.gguf", bfl, qtypes, "flux", prefix="model.diffusion_model.")
+    plain.save_config(tmp_path)
+    # the reference: the gguf package's dequantization, then BFL -> diffusers by hand (as above, inverted)
+    reader = gguf.GGUFReader(path)
+    deq = {t.name.removeprefix("model.diffusion_model."): np.array(gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
+    del reader
+    back = {}
+    for i in range(plain.config.num_layers):
+        t, s = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for kind in ("weight", "bias"):
+            for x, part in zip("qkv", np.split(deq[s + f"img_attn.qkv.{kind}"], 3)):
+                back[t + f"attn.to_{x}.{kind}"] = part
+    expected_state = dict(plain.state_dict())
+    loaded_plain = load_model(type(plain), path, vram_config={"offload_dtype": "bfloat16", "computation_device": "cpu", "computation_dtype": "bfloat16"})
+    # what we load (dequantized at load into bf16) equals the hand-inverted dequantized file on the
+    # split qkv and on the swapped final modulation
+    from engine import disable_vram_management
+
+    ours = dict(disable_vram_management(loaded_plain).state_dict())
+    for name, value in back.items():
+        assert torch.equal(ours[name], torch.from_numpy(value).to(torch.bfloat16).reshape(ours[name].shape)), name
+    shift, scale = np.split(deq["final_layer.adaLN_modulation.1.weight"], 2)
+    assert torch.equal(ours["norm_out.linear.weight"], torch.from_numpy(np.concatenate([scale, shift])).to(torch.bfloat16))
+    assert set(ours) == set(expected_state)
+    # and as GGUF blocks (RAM and disk): the same bits as the dequantized model, at every limit
+    expected = run_model(enable_plain(ours, plain), inputs)
+    for config in (gguf_config(), DISK):
+        for limit in (None, 0):
+            model = load_model(type(plain), path, vram_config=config, vram_limit=limit)
+            assert torch.equal(run_model(model, inputs), expected)
+    model = load_model(type(plain), path, vram_config=DISK, vram_limit=0)
+    masters = {r.name: r.masters for r in runtime_of(model).layers}
+    assert isinstance(masters["transformer_blocks.0.attn.to_q"]["weight"], GgufDiskStored)  # a row range of the file
+    assert isinstance(masters["norm_out.linear"]["weight"], GgufStored)  # swapped halves: kept in RAM
+
+
+def enable_plain(state, like):
+    model = copy.deepcopy(like)
+    model.load_state_dict(state)
+    return model

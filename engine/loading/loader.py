@@ -55,6 +55,7 @@ from engine.storage.gguf import (
     check_architecture,
     dequantize as gguf_dequantize,
     find_gguf,
+    map_flux_keys,
     map_gguf_keys,
 )
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
@@ -318,6 +319,19 @@ def read_entry(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Te
     return entry.file.read(entry)
 
 
+def read_joined(parts: list[TensorEntry], place: Place, compute_dtype: torch.dtype) -> StoredTensor:
+    """One tensor made of row ranges of checkpoint tensors, in RAM (it is no single byte range of
+    the file, so it cannot stay on disk): GGUF blocks of one type are concatenated as they are
+    (blocks never cross a row) when the place keeps GGUF blocks; otherwise the values are
+    concatenated and stored at `place`."""
+    qtypes = {e.qtype for e in parts if isinstance(e, GgufEntry)}
+    if len(qtypes) == 1 and all(isinstance(e, GgufEntry) for e in parts) and place.dtype == GGUF:
+        blocks = torch.cat([e.file.read(e) for e in parts])
+        shape = (sum(e.logical_shape[0] for e in parts),) + tuple(parts[0].logical_shape[1:])
+        return GgufStored(blocks, qtypes.pop(), shape)
+    return store(torch.cat([read_entry(e) for e in parts]), place, compute_dtype)
+
+
 def logical_shape(entry: TensorEntry) -> tuple[int, ...]:
     return entry.logical_shape if isinstance(entry, GgufEntry) else entry.shape
 
@@ -496,8 +510,12 @@ def load_model(
     model: nn.Module | None = build_empty(model_class, config_dir, comp_dtype)
     masters: dict[int, StoredTensor] = {}
     try:
+        joined: dict[str, list[TensorEntry]] = {}  # targets made of several row ranges (FLUX GGUF)
         if is_gguf:
-            entries = map_gguf_keys(entries, set(model.state_dict().keys()) | {n for n, _ in model.named_parameters()})
+            if model_class.__name__ == "FluxTransformer2DModel" and any(".double_blocks." in "." + k for k in entries):
+                entries, joined = map_flux_keys(entries, model)
+            else:
+                entries = map_gguf_keys(entries, set(model.state_dict().keys()) | {n for n, _ in model.named_parameters()})
             quantized = [e for e in entries.values() if isinstance(e, GgufEntry)]
             if quantized and not offload_place.on_disk and offload_place.dtype != GGUF:
                 log.warning(
@@ -509,7 +527,7 @@ def load_model(
         params = dict(model.named_parameters(remove_duplicate=False))
         persistent = dict(model.state_dict(keep_vars=True))
         buffers = {n: b for n, b in persistent.items() if n not in params}
-        sources = set(plan.direct)
+        sources = set(plan.direct) | set(joined)
         for target, (converter, _group) in plan.converted.items():
             sources.update(converter_targets(target, converter, params))
 
@@ -530,6 +548,11 @@ def load_model(
         missing = [ns[0] for ns in groups.values() if not any(n in sources for n in ns) and not all(_ignored(n, ignore_missing) for n in ns)]
         unexpected = [k for k in plan.unexpected if not _ignored(k, ignore_unexpected)]
         mismatched = []
+        for n, parts in joined.items():
+            got = (sum(logical_shape(e)[0] for e in parts),) + tuple(logical_shape(parts[0])[1:])
+            want = params[n].shape if n in params else buffers[n].shape
+            if tuple(want) != got:
+                mismatched.append(f"{n}: checkpoint {list(got)} (joined from {parts[0].key.split('[')[0]}) vs model {list(want)}")
         for n, entry in plan.direct.items():
             want = params[n].shape if n in params else buffers[n].shape
             if tuple(want) != logical_shape(entry):
@@ -586,6 +609,17 @@ def load_model(
         workspace = _Fp8Workspace()
         for key, entry in to_read:
             masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
+        for target, parts in joined.items():  # row ranges in another order than the file's
+            # on "disk" these few tensors are kept in RAM, as GGUF blocks where they are blocks
+            value = read_joined(parts, Place(torch.device("cpu"), GGUF) if offload_place.on_disk else offload_place, comp_dtype)
+            p = params.get(target)
+            if p is None or id(p) not in managed_ids:
+                tensor = value.materialize(torch.device("cpu"), comp_dtype)
+                _set_tensor(model, target, nn.Parameter(tensor, requires_grad=False) if p is not None else tensor)
+                if p is not None:
+                    masters[id(p)] = None  # type: ignore[assignment]
+            else:
+                masters[id(p)] = value
         for target, (converter, group) in sorted(plan.converted.items()):
             for full, tensor in _run_converter(converter, target, group, model).items():
                 if full not in params:

@@ -305,11 +305,121 @@ def check_architecture(file: GgufFile, model_class: type) -> None:
         )
 
 
+def slice_rows(entry: TensorEntry, r0: int, r1: int) -> TensorEntry:
+    """The entry of rows r0:r1 (first dimension) of `entry`: rows are contiguous in the file,
+    and GGUF blocks never cross a row, so a row range is a byte range of the same type."""
+    rows = entry.logical_shape[0] if isinstance(entry, GgufEntry) else entry.shape[0]
+    if not 0 <= r0 < r1 <= rows:
+        raise CheckpointError(f"{entry.file.path}: tensor {entry.key!r} has {rows} rows, cannot take rows {r0}:{r1}")
+    if (r0, r1) == (0, rows):
+        return entry
+    row_bytes = entry.length // rows
+    key = f"{entry.key}[{r0}:{r1}]"
+    offset, length = entry.offset + r0 * row_bytes, (r1 - r0) * row_bytes
+    if isinstance(entry, GgufEntry):
+        return GgufEntry(entry.file, key, torch.uint8, (r1 - r0, row_bytes), offset, length, entry.qtype,
+                         (r1 - r0,) + tuple(entry.logical_shape[1:]))
+    return TensorEntry(entry.file, key, entry.dtype, (r1 - r0,) + tuple(entry.shape[1:]), offset, length)
+
+
+def _flux_sources(model) -> dict[str, list[tuple[str, int, int]]]:
+    """diffusers name -> [(BFL name, first row, end row)] for FluxTransformer2DModel: the layout of
+    BFL's own checkpoints, which the published FLUX GGUFs keep (diffusers'
+    convert_flux_transformer_checkpoint_to_diffusers does the same on tensors)."""
+    cfg = model.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    mlp = model.single_transformer_blocks[0].proj_mlp.out_features if cfg.num_single_layers else 4 * inner
+    out: dict[str, list[tuple[str, int, int]]] = {}
+
+    def whole(target: str, source: str) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{target}.{kind}"] = [(f"{source}.{kind}", 0, -1)]
+
+    def rows(target: str, source: str, r0: int, r1: int) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{target}.{kind}"] = [(f"{source}.{kind}", r0, r1)]
+
+    for a, b in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in")):
+        whole(f"time_text_embed.{a}.linear_1", f"{b}.in_layer")
+        whole(f"time_text_embed.{a}.linear_2", f"{b}.out_layer")
+    whole("context_embedder", "txt_in")
+    whole("x_embedder", "img_in")
+    for i in range(cfg.num_layers):
+        t, s = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        whole(t + "norm1.linear", s + "img_mod.lin")
+        whole(t + "norm1_context.linear", s + "txt_mod.lin")
+        for j, name in enumerate(("to_q", "to_k", "to_v")):
+            rows(t + f"attn.{name}", s + "img_attn.qkv", j * inner, (j + 1) * inner)
+        for j, name in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            rows(t + f"attn.{name}", s + "txt_attn.qkv", j * inner, (j + 1) * inner)
+        for target, source in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                               ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[t + f"attn.{target}.weight"] = [(s + f"{source}.scale", 0, -1)]
+        whole(t + "ff.net.0.proj", s + "img_mlp.0")
+        whole(t + "ff.net.2", s + "img_mlp.2")
+        whole(t + "ff_context.net.0.proj", s + "txt_mlp.0")
+        whole(t + "ff_context.net.2", s + "txt_mlp.2")
+        whole(t + "attn.to_out.0", s + "img_attn.proj")
+        whole(t + "attn.to_add_out", s + "txt_attn.proj")
+    for i in range(cfg.num_single_layers):
+        t, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        whole(t + "norm.linear", s + "modulation.lin")
+        for j, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            rows(t + name, s + "linear1", j * inner, (j + 1) * inner)
+        rows(t + "proj_mlp", s + "linear1", 3 * inner, 3 * inner + mlp)
+        out[t + "attn.norm_q.weight"] = [(s + "norm.query_norm.scale", 0, -1)]
+        out[t + "attn.norm_k.weight"] = [(s + "norm.key_norm.scale", 0, -1)]
+        whole(t + "proj_out", s + "linear2")
+    whole("proj_out", "final_layer.linear")
+    # BFL's final modulation is [shift, scale]; diffusers' AdaLayerNormContinuous wants [scale, shift]
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = [(f"final_layer.adaLN_modulation.1.{kind}", inner, 2 * inner),
+                                          (f"final_layer.adaLN_modulation.1.{kind}", 0, inner)]
+    return out
+
+
+def map_flux_keys(entries: dict[str, TensorEntry], model) -> tuple[dict[str, TensorEntry], dict[str, list[TensorEntry]]]:
+    """BFL-named FLUX GGUF tensors -> diffusers names: fused qkv (and single blocks' qkv+mlp) are
+    split into row ranges of the same file bytes; the final modulation's two halves swap, which
+    is no single byte range: those targets come back in `joined` (row ranges to concatenate at
+    load, kept in RAM). Source tensors no target uses stay under their own names (reported as
+    unexpected); targets whose sources are missing are left out (reported as missing)."""
+    stripped = {}
+    for key, entry in entries.items():
+        name = key
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                name = key[len(prefix):]
+                break
+        stripped[name] = entry
+    direct: dict[str, TensorEntry] = {}
+    joined: dict[str, list[TensorEntry]] = {}
+    used: set[str] = set()
+    for target, parts in _flux_sources(model).items():
+        if not all(src in stripped for src, _, _ in parts):
+            continue
+        pieces = []
+        for src, r0, r1 in parts:
+            entry = stripped[src]
+            rows = entry.logical_shape[0] if isinstance(entry, GgufEntry) else entry.shape[0]
+            pieces.append(slice_rows(entry, r0, rows if r1 == -1 else r1))
+            used.add(src)
+        if len(pieces) == 1:
+            direct[target] = pieces[0]
+        else:
+            joined[target] = pieces
+    for name, entry in stripped.items():
+        if name not in used:
+            direct.setdefault(name, entry)
+    return direct, joined
+
+
 def map_gguf_keys(entries: dict[str, TensorEntry], model_names: set[str]) -> dict[str, TensorEntry]:
     """GGUF tensor names -> the model's names. The published Qwen-Image GGUFs use diffusers' own
     module names (the original checkpoint is in diffusers format), some with a ComfyUI prefix
     (`model.diffusion_model.`): the prefix is dropped where that makes a model name. Names that
-    match nothing are kept as they are (the loader reports them as unexpected keys)."""
+    match nothing are kept as they are (the loader reports them as unexpected keys). FLUX files
+    with BFL names go through `map_flux_keys` instead."""
     out: dict[str, TensorEntry] = {}
     for key, entry in entries.items():
         name = key
