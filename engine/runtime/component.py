@@ -25,7 +25,7 @@ from engine.layers.state import STATES, LayerState, ManagedLayer
 from engine.planning.ledger import VramLedger
 from engine.planning.planner import LayerCost, MemberCost
 from engine.storage.disk import DiskStored
-from engine.config import GGUF, NF4
+from engine.config import GGUF, INT8, NF4
 from engine.storage.stored import PlainStored, StoredTensor, layout_nbytes, stored_layout
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import HostArena
@@ -161,14 +161,14 @@ class VramRuntime:
         return comp
 
     def _dequant_workspace(self, layer: ManagedLayer, source: Place) -> int:
-        """Temporaries of dequantizing nf4 codes or GGUF blocks (done in row chunks of
+        """Temporaries of dequantizing int8, nf4 codes or GGUF blocks (float32, in row chunks of
         `engine.storage.nf4.CHUNK_VALUES` values, ~16 bytes a value at most), largest tensor."""
         from engine.storage.nf4 import CHUNK_VALUES
 
         most = 0
         for item in self.shapes(layer).values():
             shape, dtype, gguf_bytes = item
-            if gguf_bytes is not None or source.dtype == NF4:
+            if gguf_bytes is not None or source.dtype in (NF4, INT8):
                 numel = 1
                 for d in shape:
                     numel *= d

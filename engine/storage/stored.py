@@ -141,11 +141,6 @@ def layout_nbytes(layout: Layout) -> int:
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout)
 
 
-def dequantize_scaled(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`data * scale` in `dtype` on `data`'s device (FP8 and int8 values are exact in bf16)."""
-    return dequantize(data, scale, dtype)
-
-
 class PlainStored(StoredTensor):
     """A tensor stored as is (any device, any non-FP8 dtype; integer tensors too)."""
 
