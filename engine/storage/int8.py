@@ -23,7 +23,7 @@ CHUNK_VALUES = 1 << 22
 def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`data * scale` in float32, rounded once to `dtype`, on `data`'s device, in row chunks.
     (Rounding the scale to bf16 first is a gain error of up to 0.4% per row, the same for every
-    weight of it: measured on a Qwen-Image block, 0.017 relative output error against ~0.012.)"""
+    weight of it: measured on a Qwen-Image block, 0.0169 relative output error against 0.0165.)"""
     out = torch.empty(data.shape, dtype=dtype, device=data.device)
     rows = data.shape[0]
     per_row = max(1, data[0].numel()) if rows else 1
