@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--stream-layers", type=int, default=2)
     parser.add_argument("--cache-dir", default="/tmp/lowvram-replicas")
     parser.add_argument("--only", choices=("stream", "rss"), default=None)
+    parser.add_argument("--kinds", default="nf4,gguf", help="which replica loads to measure (nf4, gguf)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -239,13 +240,16 @@ def main() -> None:
         return
     tag = "full" if args.layers is None else f"{args.layers}l"
     cache = Path(args.cache_dir)
-    st = write_safetensors_replica(cache / f"qwen-image-{tag}", args.layers)
-    gg = write_gguf_replica(cache / f"qwen-image-{tag}-gguf" / "qwen-image-Q4_K.gguf", args.layers)
+    kinds = args.kinds.split(",")
+    st = write_safetensors_replica(cache / f"qwen-image-{tag}", args.layers) if "nf4" in kinds else None
+    gg = write_gguf_replica(cache / f"qwen-image-{tag}-gguf" / "qwen-image-Q4_K.gguf", args.layers) if "gguf" in kinds else None
     print(f"Peak RssAnon when loading the Qwen-Image DiT replica ({args.layers or 60} blocks), over the baseline after imports")
     print()
     print("| load | stored MB | peak RssAnon MB | bound 1.15x stored + 300 MB | within | load s |")
     print("|---|---:|---:|---:|---|---:|")
     for kind, path in (("nf4", st), ("gguf", gg)):
+        if path is None:
+            continue
         r = run_child(kind, path)
         bound = 1.15 * r["stored"] + 300 * MB
         label = "nf4 on the fly from bf16 shards" if kind == "nf4" else "Q4_K GGUF replica, blocks kept"
