@@ -41,25 +41,38 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
     torch.float8_e5m2,
 )
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# Storage forms that are not torch dtypes (engine.storage.int8 / nf4 / gguf). Like FP8 they are
+# storage-only: the bytes cross as stored and are dequantized on the computation device.
+INT8 = "int8"  # symmetric int8, one float32 scale per output channel
+NF4 = "nf4"  # 4-bit NormalFloat codes, one bfloat16 absmax scale per group of 32 inputs
+GGUF = "gguf"  # a .gguf checkpoint's blocks as they are in the file (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, ...)
+QUANT_FORMS: tuple[str, ...] = (INT8, NF4, GGUF)
+_FORM_ALIASES: dict[str, str] = {"int8": INT8, "nf4": NF4, "gguf": GGUF}
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def _accepted_dtypes(allow_disk: bool) -> str:
-    names = sorted(_DTYPE_ALIASES)
+    names = sorted(_DTYPE_ALIASES) + list(QUANT_FORMS)
     return ", ".join(([DISK] if allow_disk else []) + names) + " (or the torch.dtype itself)"
 
 
 def parse_dtype(key: str, value: Any, allow_disk: bool) -> torch.dtype | str:
-    """Turn a dtype given as torch.dtype or name into a torch.dtype (or the string "disk")."""
+    """Turn a dtype given as torch.dtype or name into a torch.dtype, a storage form name
+    ("int8", "nf4", "gguf") or the string "disk"."""
     if isinstance(value, torch.dtype):
         if value in SUPPORTED_DTYPES:
             return value
+        if value == torch.int8:
+            return INT8
     elif isinstance(value, str):
         name = value.strip().lower().removeprefix("torch.")
         if name == DISK and allow_disk:
             return DISK
         if name in _DTYPE_ALIASES:
             return _DTYPE_ALIASES[name]
+        if name in _FORM_ALIASES:
+            return _FORM_ALIASES[name]
     where = "" if allow_disk else f' ("{DISK}" is only accepted for the offload_* and onload_* keys)'
     raise ValueError(f"vram_config[{key!r}] = {value!r} is not a supported dtype{where}. Accepted: {_accepted_dtypes(allow_disk)}.")
 
@@ -104,6 +117,11 @@ class Place:
     def is_fp8(self) -> bool:
         return self.dtype in FP8_DTYPES
 
+    @property
+    def is_quantized(self) -> bool:
+        """A storage-only form (FP8, int8, nf4, gguf): dequantized on the computation device."""
+        return self.dtype in FP8_DTYPES or self.dtype in QUANT_FORMS
+
 
 @dataclass(frozen=True)
 class VramConfig:
@@ -138,10 +156,11 @@ class VramConfig:
 
         comp_device = parse_device("computation_device", get("computation_device", default_computation_device()), False)
         comp_dtype = parse_dtype("computation_dtype", get("computation_dtype", torch.bfloat16), False)
-        if comp_dtype in FP8_DTYPES:
+        if comp_dtype in FP8_DTYPES or comp_dtype in QUANT_FORMS:
             raise ValueError(
-                f"vram_config['computation_dtype'] = {config.get('computation_dtype')!r}: FP8 is a storage dtype here, "
-                "computation runs in bfloat16/float16/float32. Put the FP8 dtype in offload/onload/preparing_dtype."
+                f"vram_config['computation_dtype'] = {config.get('computation_dtype')!r}: FP8 (float8_e4m3fn, "
+                "float8_e5m2), int8, nf4 and gguf are storage dtypes here, computation runs in bfloat16/float16/float32. "
+                "Put the storage dtype in offload/onload/preparing_dtype."
             )
         prep_device = parse_device("preparing_device", get("preparing_device", comp_device), False)
         prep_dtype = parse_dtype("preparing_dtype", get("preparing_dtype", comp_dtype), False)
@@ -177,8 +196,21 @@ class VramConfig:
     def stores_fp8(self) -> bool:
         return any(self.place(s).is_fp8 for s in ("offload", "onload", "preparing"))
 
+    @property
+    def storage_name(self) -> str:
+        """The storage form of the weights as the UI and the infotext name it: the preparing
+        (resident) form when it is quantized, else the offload form ("disk" names its file's)."""
+        return storage_name(self.preparing_dtype if self.place("preparing").is_quantized else self.offload_dtype)
+
     def as_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in CONFIG_KEYS}
+
+
+def storage_name(dtype: torch.dtype | str) -> str:
+    """A short name for a storage dtype or form: "bf16", "fp8_e4m3fn", "int8", "nf4", "gguf", "disk"."""
+    if isinstance(dtype, str):
+        return dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch.").replace("float8", "fp8"))
 
 
 GB = 1024**3

@@ -47,6 +47,22 @@ class Component:
 
 
 @dataclass(frozen=True)
+class GgufSource:
+    """A GGUF variant's denoiser: one file of a GGUF repo; the other components come from the
+    base repo (`ModelEntry.hf_repo`). `verified` is False for repo ids and sizes written without
+    network access: check them before relying on them."""
+
+    repo: str
+    file: str
+    quant: str  # e.g. "Q4_K_M": the file's main quantization type
+    bytes: int  # the file's size (an estimate where not verified)
+    verified: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo": self.repo, "file": self.file, "quant": self.quant, "bytes": self.bytes, "verified": self.verified}
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One catalogue entry. `defaults`/`limits` use the keys in DEFAULT_KEYS/LIMIT_KEYS."""
 
@@ -63,6 +79,16 @@ class ModelEntry:
     defaults: dict[str, Any]
     limits: dict[str, Any]
     components: dict[str, Component] = field(default_factory=dict)
+    gguf: GgufSource | None = None  # a GGUF variant: the denoiser is this file, kept as its blocks
+    verified: bool = True  # False: repo ids not checked against the hub yet (written offline)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the weights as downloaded: bf16 components, the GGUF file for a GGUF denoiser."""
+        if self.gguf is None:
+            return self.bytes_bf16
+        denoiser = self.adapter.denoiser
+        return sum(c.bytes_bf16 or 0 for n, c in self.components.items() if n != denoiser) + self.gguf.bytes
 
     @property
     def adapter(self) -> Family:
@@ -107,6 +133,8 @@ class ModelEntry:
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "parameters": self.parameters,
             "bytes_bf16": self.bytes_bf16,
+            **({"gguf": self.gguf.to_dict()} if self.gguf is not None else {}),
+            **({"verified": False} if not self.verified else {}),
         }
 
 
@@ -136,6 +164,8 @@ def _entry(raw: dict[str, Any]) -> ModelEntry:
         defaults=dict(raw["defaults"]),
         limits=dict(raw["limits"]),
         components={name: _component(name, c) for name, c in raw["components"].items()},
+        gguf=GgufSource(**raw["gguf"]) if raw.get("gguf") else None,
+        verified=bool(raw.get("verified", True)),
     )
 
 

@@ -40,6 +40,18 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def gguf_problem(path: Path) -> str | None:
+    """Why `path` is not a readable .gguf file (magic, version, non-empty); None if it looks whole."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as exc:
+        return f"{path.name} is unreadable ({exc})"
+    if len(head) < 24 or head[:4] != b"GGUF":
+        return f"{path.name} is not a GGUF file (or is truncated)"
+    return None
+
+
 def _weight_names(variant: str | None) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """Regexes for (single/shard files, index files) of one diffusers weight variant."""
     if variant:
@@ -87,6 +99,11 @@ def _component_problems(root: Path, name: str, family: Family) -> list[str]:
     if name not in family.weighted:  # a component this app does not know: it needs at least its config
         return [] if any(folder.glob("*.json")) else [f"{name}/ has no config"]
     problems = [] if (folder / "config.json").is_file() else [f"{name}/config.json is missing"]
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:  # a GGUF variant's denoiser: one .gguf file (engine.load_model reads it)
+        if len(ggufs) > 1:
+            return problems + [f"{name}/ has {len(ggufs)} .gguf files; keep one"]
+        return problems + ([f"{name}/{p}"] if (p := gguf_problem(ggufs[0])) else [])
     variants = [family.variant, None] if family.variant else [None]
     found = [(v, p) for v in variants if (p := _weights_problems(folder, v)) is not None]
     if not found:

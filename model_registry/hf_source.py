@@ -71,8 +71,9 @@ def storage_dir(entry: ModelEntry, cache: Path) -> Path:
 
 def cached_snapshot(entry: ModelEntry, cache: Path | None = None) -> Path | None:
     """The cached snapshot of `entry` in `cache` (default: the standard cache) if it is
-    complete; no network."""
-    if not entry.hf_repo:
+    complete; no network. A GGUF variant is never a cached snapshot (its folder is assembled in
+    the model directory, see `download_gguf`)."""
+    if not entry.hf_repo or entry.gguf is not None:
         return None
     cache = cache or hf_cache_dir()
     if not storage_dir(entry, cache).is_dir():
@@ -197,3 +198,77 @@ def _translate(
         return errors.not_found(entry, "hf", entry.hf_repo or "", f"HTTP {status}: check HF_TOKEN")
     first_line = str(exc).splitlines()[0] if str(exc) else ""
     return errors.interrupted(entry, f"{type(exc).__name__}: {first_line}")
+
+
+def gguf_allow_patterns(entry: ModelEntry, available=None) -> list[str]:
+    """The base repo's files a GGUF variant needs: everything but the denoiser's weights (its
+    config.json only)."""
+    denoiser = entry.adapter.denoiser
+    keep = [p for p in entry.adapter.allow_patterns(available) if not p.startswith(f"{denoiser}/")]
+    return keep + [f"{denoiser}/config.json"]
+
+
+def download_gguf(entry: ModelEntry, reporter: Reporter, token: str | None, target: Path, cache: Path | None = None) -> Path:
+    """A GGUF variant: the base repo without its denoiser weights, plus the one chosen .gguf
+    file, assembled as a pipeline folder at `target` (links into the HF cache `cache`, default
+    the standard one; no copies): the denoiser folder holds the base config.json and the .gguf,
+    which engine.load_model reads."""
+    from huggingface_hub import hf_hub_download
+
+    assert entry.gguf is not None and entry.hf_repo
+    url = endpoint()
+    if offline_mode():
+        raise errors.offline(entry, "hf", url, "HF_HUB_OFFLINE is set and the model is not in the cache")
+    token = token or get_token()
+    if reason := unreachable_reason(url):
+        raise errors.offline(entry, "hf", url, reason)
+    denoiser = entry.adapter.denoiser
+    try:
+        reporter.say(0.0, f"Fetching {entry.hf_repo} without its {denoiser} weights")
+        base = Path(
+            snapshot_download(
+                entry.hf_repo, cache_dir=cache or hf_cache_dir(), endpoint=url, token=token,
+                allow_patterns=gguf_allow_patterns(entry), ignore_patterns=entry.adapter.ignore_patterns(),
+                etag_timeout=_etag_timeout(), max_workers=4, tqdm_class=hf_tqdm_class(reporter),
+            )
+        )
+        reporter.say(0.1, f"Fetching {entry.gguf.file} from {entry.gguf.repo}")
+        gguf_file = Path(
+            hf_hub_download(entry.gguf.repo, entry.gguf.file, cache_dir=cache or hf_cache_dir(), endpoint=url, token=token,
+                            etag_timeout=_etag_timeout(), tqdm_class=hf_tqdm_class(reporter))
+        )
+    except GatedRepoError as exc:
+        raise errors.gated(entry, has_token=bool(token)) from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise errors.not_found(entry, "hf", entry.gguf.repo, type(exc).__name__) from exc
+    except LocalEntryNotFoundError as exc:
+        raise errors.offline(entry, "hf", url, str(exc).splitlines()[0]) from exc
+    except (httpx2.TransportError, HfHubHTTPError, OSError) as exc:
+        raise _translate(entry, exc, url, token) from exc
+    assemble_gguf_folder(base, gguf_file, denoiser, target)
+    if problems := repo_problems(target, entry.adapter):
+        raise errors.incomplete(entry, str(target), problems)
+    return target
+
+
+def assemble_gguf_folder(base: Path, gguf_file: Path, denoiser: str, target: Path) -> Path:
+    """`target`: links to every top-level item of `base` but the denoiser folder, and a denoiser
+    folder with links to its config.json and to `gguf_file`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        if item.name == denoiser:
+            continue
+        link = target / item.name
+        if not link.exists():
+            link.symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    folder = target / denoiser
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.gguf"):
+        if old.name != gguf_file.name:
+            old.unlink()
+    for src, name in ((base / denoiser / "config.json", "config.json"), (gguf_file, gguf_file.name)):
+        link = folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(src).resolve())
+    return target

@@ -68,7 +68,11 @@ def _config_matches(entry: ModelEntry, folder: Path) -> bool:
 
 def _match_entry(folder: Path, family_name: str) -> ModelEntry:
     candidates = [e for e in list_models() if e.family == family_name and not e.is_demo]
+    # a folder whose denoiser is a .gguf file is a GGUF variant, any other is not
+    candidates = [e for e in candidates if (e.gguf is not None) == any((folder / e.adapter.denoiser).glob("*.gguf"))]
     matching = [e for e in candidates if _config_matches(e, folder)]
+    if len(matching) > 1 and all(e.gguf is not None for e in matching):  # GGUF variants: by the file's name
+        matching = [e for e in matching if (folder / e.adapter.denoiser / e.gguf.file).is_file()] or matching
     if len(matching) == 1:
         return matching[0]
     names = ", ".join(e.id for e in candidates)

@@ -96,6 +96,15 @@ def download(
     if existing := _existing_copy(entry, models_dir):
         report.say(1.0, f"{entry.name} is already downloaded ({existing})")
         return existing
+    if entry.gguf is not None:
+        if source != "hf":
+            raise UserFacingError(f"{entry.name} is a GGUF variant published on Hugging Face only: use source 'hf'.")
+        from .paths import primary_model_dir
+
+        cache = hf_cache_dir(download_dir) if download_dir is not None else None
+        path = hf_source.download_gguf(entry, report, token, primary_model_dir(models_dir) / entry.id, cache)
+        report.say(1.0, f"{entry.name} is ready")
+        return path
     if source == "hf":
         cache = hf_cache_dir(download_dir) if download_dir is not None else None
         path = hf_source.download(entry, report, token, cache)  # checks completeness before it returns
@@ -118,7 +127,7 @@ def model_choices(models_dir: str | os.PathLike[str] | None = None) -> list[Mode
         ModelChoice(
             id=entry.id,
             name=entry.name,
-            size_gb=entry.bytes_bf16 / 1e9,
+            size_gb=entry.size_bytes / 1e9,
             downloaded=is_downloaded(entry.id, models_dir),
             is_demo=entry.is_demo,
             defaults=dict(entry.defaults),

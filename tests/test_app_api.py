@@ -12,7 +12,7 @@ import app
 
 API_PARAMETERS = [
     "prompt", "negative_prompt", "model", "width", "height", "steps",
-    "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras",
+    "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights",
 ]
 
 
@@ -178,6 +178,12 @@ def test_generate_by_name_returns_png_and_parameters(client, server):
         assert im.info.get("parameters") == parameters
     saved = list((server[1] / "outputs").rglob("*.png"))
     assert saved, "the PNG should be saved in --outputs-dir"
+
+
+@pytest.mark.slow
+def test_generate_with_weights_nf4_names_it_in_the_parameters(client):
+    _, parameters = client.predict(prompt="a fox", steps=1, seed=5, weights="nf4", api_name="/generate")
+    assert "Weights: nf4" in parameters
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from engine.generation.studio import Studio
 from tests.browser.server import REPO

@@ -83,6 +83,8 @@ def estimate_markdown(est: MemoryEstimate) -> str:
     if getattr(est, "lora_bytes", 0):
         lines.append("")
         lines.append(f"LoRAs: {mib(est.lora_bytes)} of factors on the computation device (included in VRAM).")
+    if est.storage:
+        lines += ["", f"Weights stored as {est.storage}."]
     for warning in est.warnings:
         lines.append("")
         lines.append(f"**Warning:** {warning}")
@@ -132,6 +134,7 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
         ("VRAM used / total", cell("vram", vram)),
         ("RAM used / total", cell("ram", ram)),
         ("Streamed last step", cell("streamed", streamed)),
+        ("Weights", cell("storage", (snapshot.storage if snapshot else "") or "–")),
     ]
     if snapshot and getattr(snapshot, "lora_bytes", 0):
         rows.append(("LoRA factors", cell("lora", mib(snapshot.lora_bytes))))

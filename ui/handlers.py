@@ -72,6 +72,14 @@ def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> I
 WATCH_INTERVAL_S = 0.25
 GPU_QUEUE = "gpu"  # the concurrency group of every generation (page and API)
 
+#: the UI's "Quantize" choices -> GenerateRequest.weights ("off": the FP8 toggle decides)
+QUANTIZE_CHOICES = ("off", "int8", "nf4")
+
+
+def quantize_to_weights(value: str | None) -> str:
+    choice = (value or "off").strip().lower()
+    return "auto" if choice == "off" else choice
+
 
 class Handlers:
     """All callbacks of the page, bound to one Studio."""
@@ -175,18 +183,19 @@ class Handlers:
         fp8: bool,
         disk_offload: bool,
         loras: str = "",
+        weights: Any = "auto",
     ) -> GenerateRequest:
         """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
         return GenerateRequest(**inputs.request_fields(
-            prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload, loras,
+            prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload, loras, weights,
         ))
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="") -> str:
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off") -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
         try:
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
-                self.vram_limit_value(auto, slider), fp8, disk_offload, loras,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, loras, quantize_to_weights(quantize),
             )
             return formatting.estimate_markdown(self.studio.estimate(request))
         except UserFacingError as exc:
@@ -326,6 +335,7 @@ class Handlers:
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
         loras: str = "",
+        quantize: str = "off",
     ):
         """The Generate button: run, then add the image to this tab's gallery. `loras` (the
         picker's string, engine.generation.lora_library.parse_lora_spec) is the last input;
@@ -334,7 +344,7 @@ class Handlers:
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload, loras,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, loras, quantize_to_weights(quantize),
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -371,6 +381,7 @@ class Handlers:
         fp8: bool = False,
         disk_offload: bool = False,
         loras: str = "",
+        weights: str = "auto",
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
@@ -381,11 +392,13 @@ class Handlers:
         loras: comma-separated `id[:strength]` (strength 1 when left out), applied in that order,
         e.g. "ink:0.8, hf:owner/repo:0.5"; A1111's "<lora:ink:0.8>" works too. An id is a file in
         the LoRA folder (its path there without .safetensors) or hf:owner/repo[/file.safetensors].
+        weights: how the weights are stored, "auto" (fp8 decides), "bf16", "fp8", "int8" or "nf4"
+        (a GGUF model keeps its file's blocks).
         """
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload, loras,
+                vram_limit, fp8, disk_offload, loras, weights,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None

@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from engine.generation.lora_library import parse_lora_spec
-from engine.generation.types import UserFacingError
+from engine.generation.types import WEIGHTS, UserFacingError
 
 TRUE_STRINGS = ("true", "1")
 FALSE_STRINGS = ("false", "0")
@@ -126,7 +126,7 @@ SIZE_ACCEPTED = "a whole number of pixels (a multiple of 16), or null for the mo
 
 def request_fields(
     prompt: Any, negative_prompt: Any, model: Any, width: Any, height: Any, steps: Any,
-    guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any, loras: Any = "",
+    guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any, loras: Any = "", weights: Any = "auto",
 ) -> dict[str, Any]:
     """The GenerateRequest fields, each checked; UserFacingError names the first bad one."""
     return dict(
@@ -142,7 +142,17 @@ def request_fields(
         fp8=flag("fp8", fp8),
         disk_offload=flag("disk_offload", disk_offload),
         loras=lora_list(loras),
+        weights=weights_choice(weights),
     )
+
+
+def weights_choice(value: Any) -> str:
+    """`weights`: how the weights are stored (engine.generation.types.WEIGHTS)."""
+    if value is None:
+        return "auto"
+    if not isinstance(value, str) or value.strip().lower() not in WEIGHTS:
+        raise bad("weights", value, "one of " + ", ".join(f'"{w}"' for w in WEIGHTS) + ' ("auto": the fp8 switch decides)')
+    return value.strip().lower()
 
 
 def lora_list(value: Any) -> tuple[tuple[str, float], ...]:

@@ -120,6 +120,10 @@ def build_demo(studio: Any) -> gr.Blocks:
                         )
                     with gr.Row():
                         fp8 = gr.Checkbox(label="FP8", value=False, info="Store weights in scaled FP8: half the memory")
+                        quantize = gr.Dropdown(
+                            label="Quantize", choices=["off", "int8", "nf4"], value="off", elem_id="quantize",
+                            info="On the fly: int8 ~half, nf4 (4-bit) ~0.28x the memory; wins over FP8",
+                        )
                         disk_offload = gr.Checkbox(
                             label="Disk offload", value=False, info="Keep offloaded weights on disk instead of RAM"
                         )
@@ -180,12 +184,13 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Checkbox(label="fp8", value=False),
                 gr.Checkbox(label="disk_offload", value=False),
                 gr.Textbox(label="loras", value="", info='comma-separated "id:strength", e.g. "ink:0.8, hf:owner/repo:0.5"'),
+                gr.Dropdown(label="weights", choices=["auto", "bf16", "fp8", "int8", "nf4"], value="auto"),
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
 
         # ---------------------------------------------------------------- events
-        controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload, lora_spec]
+        controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload, lora_spec, quantize]
         private = {"api_visibility": "private"}
 
         gr.on(
@@ -209,7 +214,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results, lora_spec]
+                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize]
         # the picker slots make the `loras` string; the model's family filters what they offer
         gr.on(
             triggers=[c.change for c in lora_slots], fn=h.lora_spec, inputs=lora_slots, outputs=lora_spec,

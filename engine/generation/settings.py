@@ -1,11 +1,15 @@
 """UI choices -> engine configuration, in one place.
 
-The UI offers three memory controls: an FP8 toggle, a disk-offload checkbox and a VRAM slider
-("Auto" or a number of GB). This module turns them into the eight-key `vram_config` and the
-`vram_limit` the engine takes, and detects what the host has:
+The UI offers four memory controls: an FP8 toggle, a "quantize" choice (8-bit int or 4-bit
+NF4 storage, on the fly), a disk-offload checkbox and a VRAM slider ("Auto" or a number of GB).
+This module turns them into the eight-key `vram_config` and the `vram_limit` the engine takes,
+and detects what the host has:
 
-* FP8 on: weights are stored as scaled float8_e4m3fn (offload, onload and preparing copies);
-  computation runs in bfloat16 on the computation device.
+* Weights (`GenerateRequest.weights`, the API's `weights` parameter), one of `WEIGHTS`:
+  "auto" (the FP8 toggle decides: "fp8" when on, else "bf16"), "bf16", "fp8" (scaled
+  float8_e4m3fn), "int8" (per-channel int8), "nf4" (4-bit NormalFloat, groups of 32). A GGUF
+  catalogue entry stores its file's blocks ("gguf") whatever is chosen. Offload, onload and
+  preparing copies use that form; computation runs in bfloat16 on the computation device.
 * Disk offload on: the master copies stay in their .safetensors files ("disk").
 * Slider: GB for the engine's ledger; "Auto"/None = detected VRAM minus a margin. On a host
   without a GPU everything runs on the CPU (computation_device "cpu", bfloat16) and Auto means
@@ -20,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
+from engine.generation.types import WEIGHTS, GenerateRequest, HardwareInfo, UserFacingError
 from engine.config import DISK, VramConfig, parse_vram_limit
 
 GB = 1024**3
@@ -32,6 +36,27 @@ AUTO_MARGIN_FRACTION = 0.08
 
 COMPUTATION_DTYPE = torch.bfloat16
 FP8_DTYPE = torch.float8_e4m3fn
+
+#: storage name -> the vram_config dtype or form
+STORAGE_DTYPES: dict[str, Any] = {"bf16": COMPUTATION_DTYPE, "fp8": FP8_DTYPE, "int8": "int8", "nf4": "nf4", "gguf": "gguf"}
+#: stored bytes per bf16 byte of a model, for the estimate (matrices dominate; scales included)
+STORAGE_SIZE_FACTORS: dict[str, float] = {"bf16": 1.0, "fp8": 0.5, "int8": 0.5, "nf4": 0.29, "gguf": 1.0}
+#: what the UI and the infotext call each storage
+STORAGE_LABELS: dict[str, str] = {
+    "bf16": "bf16", "fp8": "fp8 (scaled e4m3)", "int8": "int8 (per channel)", "nf4": "nf4 (4-bit, groups of 32)", "gguf": "gguf (file's blocks)",
+}
+
+
+def resolve_storage(weights: str | None, fp8: bool, gguf: bool = False) -> str:
+    """The storage a request runs with: "bf16", "fp8", "int8", "nf4" or "gguf" (a GGUF entry)."""
+    if gguf:
+        return "gguf"
+    choice = (weights or "auto").strip().lower()
+    if choice not in WEIGHTS:
+        raise UserFacingError(f"weights={weights!r} is not a storage choice. Use one of: {', '.join(WEIGHTS)}.")
+    if choice == "auto":
+        return "fp8" if fp8 else "bf16"
+    return choice
 
 
 def computation_device() -> torch.device:
@@ -59,10 +84,12 @@ def detect_hardware() -> HardwareInfo:
     return HardwareInfo(False, None, None, None, round(ram_total, 2))
 
 
-def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None) -> dict[str, Any]:
-    """The eight-key vram_config for the UI's FP8 toggle and disk checkbox."""
+def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None) -> dict[str, Any]:
+    """The eight-key vram_config for the UI's FP8 toggle (or a storage name, which wins) and disk
+    checkbox. With disk offload the masters stay in their files and the resident copies take the
+    storage form."""
     device = torch.device(device) if device is not None else computation_device()
-    storage = FP8_DTYPE if fp8 else COMPUTATION_DTYPE
+    storage = STORAGE_DTYPES[storage_name] if storage_name else (FP8_DTYPE if fp8 else COMPUTATION_DTYPE)
     if disk_offload:
         offload_device = onload_device = offload_dtype = onload_dtype = DISK
     else:
@@ -101,23 +128,36 @@ class EngineSettings:
     disk_offload: bool
     vram_limit: float | None
     device: torch.device
+    storage: str = ""  # resolve_storage's answer; "" = from the FP8 toggle
+
+    @property
+    def storage_name(self) -> str:
+        return self.storage or ("fp8" if self.fp8 else "bf16")
+
+    @property
+    def storage_label(self) -> str:
+        return STORAGE_LABELS[self.storage_name]
 
     @property
     def vram_config(self) -> VramConfig:
-        return VramConfig.from_dict(vram_config_for(self.fp8, self.disk_offload, self.device))
+        return VramConfig.from_dict(vram_config_for(self.fp8, self.disk_offload, self.device, self.storage_name))
 
     @property
-    def build_key(self) -> tuple[bool, bool, str]:
-        return (self.fp8, self.disk_offload, str(self.device))
+    def build_key(self) -> tuple[bool, bool, str, str]:
+        return (self.fp8, self.disk_offload, str(self.device), self.storage_name)
 
     def describe_limit(self) -> str:
         return "Auto (unlimited)" if self.vram_limit is None else f"{self.vram_limit:g} GB"
 
 
-def settings_for(request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None) -> EngineSettings:
-    """The engine settings of a request (validated; UserFacingError on a bad limit)."""
+def settings_for(
+    request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None, gguf: bool = False
+) -> EngineSettings:
+    """The engine settings of a request (validated; UserFacingError on a bad limit or weights
+    choice). `gguf`: the model is a GGUF catalogue entry (its blocks are its storage)."""
     limit = resolve_vram_limit(request.vram_limit, hardware)
     if limit is not None and (math.isnan(limit) or limit < 0):
         raise UserFacingError("VRAM limit must be 0 GB or more.")
     dev = torch.device(device) if device is not None else computation_device()
-    return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev)
+    storage = resolve_storage(getattr(request, "weights", None), bool(request.fp8), gguf)
+    return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev, storage)

@@ -60,7 +60,7 @@ from engine.generation.pipelines import (
     activation_bytes,
     build_pipeline,
 )
-from engine.generation.settings import EngineSettings, detect_hardware, settings_for
+from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, detect_hardware, settings_for
 from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, st
         ("Model", r.model_id),
         ("VRAM limit", limit),
         ("FP8", "on" if r.settings.fp8 else "off"),
+        ("Weights", r.settings.storage_name),
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
     clean = lambda s: s.replace("\r", " ").replace("\n", " ")
@@ -345,7 +346,7 @@ class Studio:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserFacingError(f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed; got {seed!r}.")
         check_loras(request.loras)
-        settings = settings_for(request, self.hardware(), self._device)
+        settings = settings_for(request, self.hardware(), self._device, gguf=getattr(entry, "gguf", None) is not None)
         if settings.disk_offload:
             from engine.generation.pipelines.components import engine_loader
 
@@ -368,8 +369,10 @@ class Studio:
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
         entry, s, hw = r.entry, r.settings, self.hardware()
         fam = FAMILIES[entry.family]
-        factor = FP8_SIZE_FACTOR if s.fp8 else 1.0
+        factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
         sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
+        if getattr(entry, "gguf", None) is not None and fam.denoiser in sizes:  # the file's blocks, as stored
+            sizes[fam.denoiser] = entry.gguf.bytes
         if not sizes:  # the demo: tiny, sizes not catalogued
             sizes = {"text_encoder": 2 * 1024**2, fam.denoiser: 2 * 1024**2, "vae": 1024**2}
         stored = {n: int(b * factor) for n, b in sizes.items()}
@@ -444,6 +447,7 @@ class Studio:
         if not downloaded:
             warnings.append(f"{entry.name} is not downloaded yet: the first run downloads about {disk / 1e9:.1f} GB.")
         return MemoryEstimate(
+            storage=s.storage_label,
             vram_gb=round(vram / GB, 3),
             ram_gb=round(ram / GB, 3),
             disk_gb=round(disk / 1e9, 3),  # decimal GB, like ModelChoice.size_gb
@@ -483,6 +487,7 @@ class Studio:
             slots_in_flight=slots,
             timestamp=time.time(),
             lora_bytes=_live_lora_bytes(pipe),
+            storage=self._pipeline_key[-1] if pipe is not None and self._pipeline_key else "",
         )
 
     # --- the live pipeline ----------------------------------------------------------------------
@@ -667,6 +672,7 @@ class Studio:
                         "seed": r.seed,
                         "vram_limit": r.settings.vram_limit,
                         "fp8": r.settings.fp8,
+                        "weights": r.settings.storage_name,
                         "disk_offload": r.settings.disk_offload,
                         "vae_tiling": pipe.vae_tiling,
                         "loras": [(name, strength) for name, strength, _ in loras],

@@ -14,6 +14,9 @@ from typing import Any, Literal
 # re-exported: model_registry defines them (data flows ui -> engine -> model_registry)
 from model_registry.types import ModelChoice, UserFacingError  # noqa: F401
 
+#: accepted values of GenerateRequest.weights (the API's `weights`): "auto" lets the fp8 switch decide
+WEIGHTS: tuple[str, ...] = ("auto", "bf16", "fp8", "int8", "nf4")
+
 Phase = Literal["queued", "downloading", "loading", "encoding", "denoising", "decoding", "done", "cancelled", "error"]
 
 LAYER_STATES: tuple[str, ...] = ("offload", "onload", "preparing", "computation")
@@ -36,6 +39,9 @@ class GenerateRequest:
     disk_offload: bool = False
     # LoRAs to apply, in order: (id, strength); ids as engine.generation.lora_library names them
     loras: tuple[tuple[str, float], ...] = ()
+    # storage of the weights: "auto" (the fp8 toggle decides), "bf16", "fp8", "int8", "nf4"
+    # (engine.generation.types.WEIGHTS); a GGUF model stores its file's blocks whatever this says
+    weights: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class TelemetrySnapshot:
     slots_in_flight: int = 0
     timestamp: float = 0.0
     lora_bytes: int = 0  # LoRA factors on the computation device (counted in the VRAM ledger)
+    storage: str = ""  # the live pipeline's weight storage ("bf16", "fp8", "int8", "nf4", "gguf"); "" = none loaded
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""
@@ -100,6 +107,7 @@ class MemoryEstimate:
     warnings: tuple[str, ...] = ()
     smallest_feasible_vram_limit_gb: float | None = None
     lora_bytes: int = 0  # the LoRAs' factors, included in vram_gb
+    storage: str = ""  # how the weights are stored (engine.generation.settings.STORAGE_LABELS)
 
 
 @dataclass(frozen=True)

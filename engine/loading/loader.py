@@ -44,12 +44,25 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import FP8_DTYPES, Place, VramConfig, parse_vram_limit
+from engine.config import FP8_DTYPES, GGUF, INT8, NF4, Place, VramConfig, parse_vram_limit
+from engine.storage import int8 as int8_form
+from engine.storage import nf4 as nf4_form
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from engine.storage.gguf import (
+    GgufDiskStored,
+    GgufEntry,
+    GgufFile,
+    GgufStored,
+    check_architecture,
+    dequantize as gguf_dequantize,
+    find_gguf,
+    map_flux_keys,
+    map_gguf_keys,
+)
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
 from engine.management import _plan_wrappers, enable_vram_management, runtime_of
 from engine.loading.prefetch import DiskPrefetcher
-from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store
+from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store, stored_layout
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +88,13 @@ def resolve_checkpoint(path: str | Path | Sequence[str | Path]) -> tuple[Path, l
     index = None
     if isinstance(path, (str, Path)):
         root = Path(path)
+        gguf_path = find_gguf(root)
+        if gguf_path is not None:
+            return gguf_path.parent, [GgufFile(gguf_path)], None
         if root.is_file():
             if root.suffix.lower() != ".safetensors":
                 raise _pickle_error([root]) if root.suffix.lower() in PICKLE_SUFFIXES else CheckpointError(
-                    f"{root}: not a .safetensors file (only .safetensors checkpoints can be streamed)"
+                    f"{root}: not a .safetensors or .gguf file (only those checkpoints can be streamed)"
                 )
             files, config_dir = [root], root.parent
         elif root.is_dir():
@@ -281,18 +297,44 @@ class _Fp8Workspace:
         return self.raw, self.w32
 
 
-def _quantized(entry: TensorEntry, target: torch.dtype) -> bool:
-    """Does `store` keep this tensor as scaled FP8 (engine.storage.fp8.should_quantize, from the header)?"""
-    return target in FP8_DTYPES and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
+def _quantized(entry: TensorEntry, target: torch.dtype | str) -> bool:
+    """Does `store` keep this tensor in a quantized form (FP8, int8, nf4), from the header?"""
+    quantized = target in FP8_DTYPES or target in (INT8, NF4)
+    return quantized and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
 
 
 def storage_layout(entry: TensorEntry, place: Place, compute_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) tensors `read_stored` makes of `entry` at `place`: known from the header
     alone, so a host arena can be sized before anything is read."""
-    target = storage_dtype_for(entry.dtype, len(entry.shape), place.dtype, compute_dtype)
-    if _quantized(entry, target):
-        return [(entry.shape, target), ((entry.shape[0],) + (1,) * (len(entry.shape) - 1), torch.float32)]
-    return [(entry.shape, target)]
+    if isinstance(entry, GgufEntry):
+        if place.dtype == GGUF:
+            return [(entry.shape, torch.uint8)]  # the blocks as they are in the file
+        return stored_layout(entry.logical_shape, torch.float32, place.dtype, compute_dtype)
+    return stored_layout(entry.shape, entry.dtype, place.dtype, compute_dtype)
+
+
+def read_entry(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A checkpoint tensor as a CPU tensor (GGUF blocks dequantized, to `dtype` or float32)."""
+    if isinstance(entry, GgufEntry):
+        return gguf_dequantize(entry.file.read(entry), entry.qtype, entry.logical_shape, dtype or torch.float32)
+    return entry.file.read(entry)
+
+
+def read_joined(parts: list[TensorEntry], place: Place, compute_dtype: torch.dtype) -> StoredTensor:
+    """One tensor made of row ranges of checkpoint tensors, in RAM (it is no single byte range of
+    the file, so it cannot stay on disk): GGUF blocks of one type are concatenated as they are
+    (blocks never cross a row) when the place keeps GGUF blocks; otherwise the values are
+    concatenated and stored at `place`."""
+    qtypes = {e.qtype for e in parts if isinstance(e, GgufEntry)}
+    if len(qtypes) == 1 and all(isinstance(e, GgufEntry) for e in parts) and place.dtype == GGUF:
+        blocks = torch.cat([e.file.read(e) for e in parts])
+        shape = (sum(e.logical_shape[0] for e in parts),) + tuple(parts[0].logical_shape[1:])
+        return GgufStored(blocks, qtypes.pop(), shape)
+    return store(torch.cat([read_entry(e) for e in parts]), place, compute_dtype)
+
+
+def logical_shape(entry: TensorEntry) -> tuple[int, ...]:
+    return entry.logical_shape if isinstance(entry, GgufEntry) else entry.shape
 
 
 def read_stored(
@@ -304,13 +346,22 @@ def read_stored(
 ) -> StoredTensor:
     """One checkpoint tensor in its storage form at a RAM `place`, bitwise what
     `engine.storage.stored.store` makes of the whole tensor, without ever holding the whole tensor in
-    the file's dtype when the place is FP8: rows are read and quantized a chunk at a time (the
-    scale is per row, so chunking by rows changes nothing), in reused buffers. With `arena`, the
-    stored tensors are views of it (`storage_layout` sized it)."""
-    target = storage_dtype_for(entry.dtype, len(entry.shape), place.dtype, compute_dtype)
+    the file's dtype when the place is quantized (FP8, int8, nf4): rows are read and quantized a
+    chunk at a time (scales are per row or per group within a row, so chunking by rows changes
+    nothing), in reused buffers. With `arena`, the stored tensors are views of it
+    (`storage_layout` sized it)."""
     on_cpu = _on_cpu(place)
     if arena is not None and not on_cpu:
         raise ValueError(f"a host arena holds CPU tensors; the place is {place.device}")
+    if isinstance(entry, GgufEntry):
+        if place.dtype == GGUF:  # the blocks as they are in the file
+            blocks = arena.take(entry.shape, torch.uint8) if arena is not None else torch.empty(entry.shape, dtype=torch.uint8)
+            entry.file.read_into(entry, blocks)
+            return GgufStored(blocks if on_cpu else blocks.to(place.device), entry.qtype, entry.logical_shape)
+        # another form: dequantize this one tensor (float32), then store it in that form
+        stored = store(read_entry(entry), place, compute_dtype)
+        return stored if arena is None else _into_arena(stored, arena)
+    target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, compute_dtype)
     if not (on_cpu and _quantized(entry, target)):
         if arena is None:
             return store(entry.file.read(entry), place, compute_dtype)
@@ -327,12 +378,12 @@ def read_stored(
     row_elems = numel // rows
     chunk_rows = max(1, FP8_CHUNK_BYTES // max(1, row_elems * 4))
     raw, w32 = workspace.get(min(chunk_rows, rows) * row_elems, entry.dtype)
-    fmax = torch.finfo(target).max
     reduce_dims = tuple(range(1, len(entry.shape)))
-    (data_shape, _), (scale_shape, _) = storage_layout(entry, place, compute_dtype)
+    (data_shape, data_dtype), (scale_shape, scale_dtype) = storage_layout(entry, place, compute_dtype)
     new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    data = new(data_shape, target)
-    scale = new(scale_shape, torch.float32)
+    data = new(data_shape, data_dtype)
+    scale = new(scale_shape, scale_dtype)
+    fmax = torch.finfo(target).max if target in FP8_DTYPES else 0.0
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         shape = (n,) + entry.shape[1:]
@@ -340,6 +391,12 @@ def read_stored(
         entry.file.read_into(entry, part, start=r0 * row_bytes)
         w = w32[: n * row_elems].view(shape)
         w.copy_(part)  # exact upcast, as quantize_per_channel's .to(float32)
+        if target == INT8:
+            int8_form.quantize_rows_into(w, data[r0 : r0 + n], scale[r0 : r0 + n])
+            continue
+        if target == NF4:
+            nf4_form.quantize_rows_into(w.view(n, -1), data[r0 : r0 + n], scale[r0 : r0 + n])
+            continue
         lo, hi = torch.aminmax(w, dim=reduce_dims[0], keepdim=True) if len(reduce_dims) == 1 else (
             w.amin(dim=reduce_dims, keepdim=True), w.amax(dim=reduce_dims, keepdim=True))
         amax = torch.maximum(lo.abs_(), hi)  # == w.abs().amax(...) without a tensor-sized temporary
@@ -348,7 +405,25 @@ def read_stored(
         w.clamp_(-fmax, fmax)
         data[r0 : r0 + n].copy_(w)
         scale[r0 : r0 + n].copy_(sc)
+    if target == INT8:
+        return int8_form.Int8Stored(data, scale)
+    if target == NF4:
+        return nf4_form.Nf4Stored(data, scale, torch.Size(entry.shape))
     return ScaledFp8Stored(data, scale)
+
+
+def _into_arena(stored: StoredTensor, arena: HostArena) -> StoredTensor:
+    """The same stored copy with its parts moved into the arena (in `parts()` order)."""
+    views = []
+    for _, tensor in stored.parts():
+        view = arena.take(tensor.shape, tensor.dtype)
+        view.copy_(tensor)
+        views.append(view)
+    if isinstance(stored, PlainStored):
+        return PlainStored(views[0])
+    if isinstance(stored, nf4_form.Nf4Stored):
+        return nf4_form.Nf4Stored(views[0], views[1], stored.shape)
+    return type(stored)(views[0], views[1])  # ScaledFp8Stored, Int8Stored: (data, scale)
 
 
 def _on_cpu(place: Place) -> bool:
@@ -389,10 +464,18 @@ def load_model(
     onload: bool = True,
     disk_fallback: str = "error",
     prefetch: bool | None = None,
+    config_dir: str | Path | None = None,
 ) -> nn.Module:
     """Build `model_class` from `path` (directory with config.json and .safetensors shards, or a
-    list of shards) and manage it like `enable_vram_management(model, module_map, vram_config,
-    vram_limit, budget=, name=, onload=)`.
+    list of shards, or a .gguf file / a folder holding one) and manage it like
+    `enable_vram_management(model, module_map, vram_config, vram_limit, budget=, name=, onload=)`.
+    `config_dir` is the folder with the model's config.json when it is not next to the weights
+    (a .gguf file holds weights only: e.g. the base repo's transformer/ folder).
+
+    GGUF (engine.storage.gguf): quantized tensors keep their blocks as they are in the file when
+    the offload place's dtype is "gguf" (RAM) or "disk" (streamed from the .gguf file), and are
+    dequantized on the computation device; at another RAM dtype each is dequantized once at load
+    and stored in that form (logged). Its F32/F16/BF16 tensors are handled like .safetensors ones.
 
     vram_config's offload place decides where the masters live: a dtype in RAM (bf16: the file's
     bytes; FP8: scaled FP8 quantized tensor by tensor) or "disk" (weights stay in their files and
@@ -408,7 +491,19 @@ def load_model(
     if budget is not None and vram_limit is not None:
         raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
     library = _library_of(model_class)
-    config_dir, shards, index = resolve_checkpoint(path)
+    weights_dir, shards, index = resolve_checkpoint(path)
+    is_gguf = any(isinstance(s, GgufFile) for s in shards)
+    if config_dir is None:
+        if is_gguf and not (weights_dir / "config.json").is_file():
+            raise CheckpointError(
+                f"{shards[0].path}: a .gguf file holds weights only; pass config_dir= (the folder with "
+                f"{model_class.__name__}'s config.json, e.g. the base repo's transformer/ folder)"
+            )
+        config_dir = weights_dir
+    config_dir = Path(config_dir)
+    for shard in shards:
+        if isinstance(shard, GgufFile):
+            check_architecture(shard, model_class)
     entries = collect_entries(shards, index)
     comp_dtype = config.computation_dtype
     offload_place = config.place("offload")
@@ -416,11 +511,24 @@ def load_model(
     model: nn.Module | None = build_empty(model_class, config_dir, comp_dtype)
     masters: dict[int, StoredTensor] = {}
     try:
+        joined: dict[str, list[TensorEntry]] = {}  # targets made of several row ranges (FLUX GGUF)
+        if is_gguf:
+            if model_class.__name__ == "FluxTransformer2DModel" and any(".double_blocks." in "." + k for k in entries):
+                entries, joined = map_flux_keys(entries, model)
+            else:
+                entries = map_gguf_keys(entries, set(model.state_dict().keys()) | {n for n, _ in model.named_parameters()})
+            quantized = [e for e in entries.values() if isinstance(e, GgufEntry)]
+            if quantized and not offload_place.on_disk and offload_place.dtype != GGUF:
+                log.warning(
+                    "%s: %d GGUF-quantized tensors are dequantized at load and stored as %s (offload_dtype); "
+                    "use offload_dtype \"gguf\" to keep the file's blocks, or \"disk\" to stream them from the file",
+                    shards[0].path.name, len(quantized), offload_place.dtype,
+                )
         plan = map_keys(model, library, entries)
         params = dict(model.named_parameters(remove_duplicate=False))
         persistent = dict(model.state_dict(keep_vars=True))
         buffers = {n: b for n, b in persistent.items() if n not in params}
-        sources = set(plan.direct)
+        sources = set(plan.direct) | set(joined)
         for target, (converter, _group) in plan.converted.items():
             sources.update(converter_targets(target, converter, params))
 
@@ -441,10 +549,15 @@ def load_model(
         missing = [ns[0] for ns in groups.values() if not any(n in sources for n in ns) and not all(_ignored(n, ignore_missing) for n in ns)]
         unexpected = [k for k in plan.unexpected if not _ignored(k, ignore_unexpected)]
         mismatched = []
+        for n, parts in joined.items():
+            got = (sum(logical_shape(e)[0] for e in parts),) + tuple(logical_shape(parts[0])[1:])
+            want = params[n].shape if n in params else buffers[n].shape
+            if tuple(want) != got:
+                mismatched.append(f"{n}: checkpoint {list(got)} (joined from {parts[0].key.split('[')[0]}) vs model {list(want)}")
         for n, entry in plan.direct.items():
             want = params[n].shape if n in params else buffers[n].shape
-            if tuple(want) != entry.shape:
-                mismatched.append(f"{n}: checkpoint {list(entry.shape)} in {entry.file.path.name} vs model {list(want)}")
+            if tuple(want) != logical_shape(entry):
+                mismatched.append(f"{n}: checkpoint {list(logical_shape(entry))} in {entry.file.path.name} vs model {list(want)}")
         problems = []
         if missing:
             problems.append(f"missing key(s) (parameters with no tensor in the checkpoint): {_listing(sorted(missing))}")
@@ -475,18 +588,19 @@ def load_model(
         for n, entry in _by_file_order(plan.direct.items()):
             if n in buffers:
                 old = buffers[n]
-                value = entry.file.read(entry)
+                value = read_entry(entry)
                 _set_tensor(model, n, value.to(old.dtype) if old.is_floating_point() and value.is_floating_point() else value)
                 continue
             p = params[n]
             if id(p) in masters:  # tied and both present in the checkpoint: loaded once
                 continue
             if id(p) not in managed_ids:
-                _set_tensor(model, n, nn.Parameter(entry.file.read(entry), requires_grad=False))
+                value = read_entry(entry, comp_dtype)
+                _set_tensor(model, n, nn.Parameter(value, requires_grad=False) if value.is_floating_point() else value)
                 masters[id(p)] = None  # type: ignore[assignment]
                 continue
             if offload_place.on_disk:
-                masters[id(p)] = DiskStored(entry)
+                masters[id(p)] = GgufDiskStored(entry) if isinstance(entry, GgufEntry) else DiskStored(entry)
             else:
                 masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
                 to_read.append((id(p), entry))
@@ -496,6 +610,17 @@ def load_model(
         workspace = _Fp8Workspace()
         for key, entry in to_read:
             masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
+        for target, parts in joined.items():  # row ranges in another order than the file's
+            # on "disk" these few tensors are kept in RAM, as GGUF blocks where they are blocks
+            value = read_joined(parts, Place(torch.device("cpu"), GGUF) if offload_place.on_disk else offload_place, comp_dtype)
+            p = params.get(target)
+            if p is None or id(p) not in managed_ids:
+                tensor = value.materialize(torch.device("cpu"), comp_dtype)
+                _set_tensor(model, target, nn.Parameter(tensor, requires_grad=False) if p is not None else tensor)
+                if p is not None:
+                    masters[id(p)] = None  # type: ignore[assignment]
+            else:
+                masters[id(p)] = value
         for target, (converter, group) in sorted(plan.converted.items()):
             for full, tensor in _run_converter(converter, target, group, model).items():
                 if full not in params:

@@ -232,6 +232,13 @@ class DiskStored(StoredTensor):
     def materialize(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self.finish(self.read(), device, dtype)
 
+    def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """From the slot view of the file's bytes (part "file"), already on the device."""
+        tensor = parts["file"]
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
+
     def to_place(self, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
         if place.on_disk:
             return self

@@ -41,9 +41,7 @@ from torch.profiler import record_function
 
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
-from engine.config import FP8_DTYPES
-from engine.storage.fp8 import dequantize
-from engine.storage.stored import storage_dtype_for
+from engine.storage.stored import stored_layout
 from engine.transfer.pinned import PINNED_RAM_ENV, PROCESS_PINNED_BUDGET, PinnedArena, PinnedBudget, aligned, budgeted_pinned
 from engine.layers.state import ManagedLayer as LayerRecord
 from engine.planning.planner import MAX_DEPTH
@@ -197,16 +195,14 @@ def _stored_bytes(source: dict[str, Any]) -> list[int]:
 
 def _onload_copy_bytes(runtime: StreamedComponent, record: LayerRecord) -> list[int]:
     """Bytes of each piece of a layer's onload copy, from its shapes: the copy is made at each
-    onload (StoredTensor.to_place), so it may not exist yet. FP8 matrices carry a float32 scale
-    per output channel."""
-    out: list[int] = []
+    onload (StoredTensor.to_place), so it may not exist yet (stored_layout: the pieces `store`
+    makes at that place, FP8 scales and int8/nf4 scales included)."""
     place = runtime.onload_place
-    for shape, dtype in runtime.shapes(record).values():
-        target = storage_dtype_for(dtype, len(shape), place.dtype, runtime.comp_dtype)
-        out.append(math.prod(shape) * target.itemsize)
-        if target in FP8_DTYPES and len(shape) >= 2:
-            out.append(shape[0] * 4)
-    return out
+    return [
+        math.prod(shape) * dtype.itemsize
+        for logical in runtime.shapes(record).values()  # (shape, dtype[, GGUF block bytes])
+        for shape, dtype in stored_layout(logical[0], logical[1], place.dtype, runtime.comp_dtype)
+    ]
 
 
 class StreamTimer:
@@ -449,24 +445,22 @@ class TransferScheduler:
                 continue
             view = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
             parts.setdefault(spec.param, {})[spec.part] = view
+        source = runtime.stream_source(record)
         for param, found in parts.items():
-            if "data" not in found:  # a plain tensor, from RAM or from its file
-                tensor = found["tensor"] if "tensor" in found else found[DISK_PART]
-                if tensor.is_floating_point() and tensor.dtype != comp_dtype:
-                    tensor = tensor.to(comp_dtype)
-                    transient += tensor.nbytes
-                elif not record.is_leaf:
-                    # a container's forward runs children of other groups, and entering one hands
-                    # this slot to the next prefetch while the container still reads its weights
-                    # (Z-Image's pad tokens): it computes from its own copy, made in stream order
-                    tensor = tensor.clone()
-                    transient += tensor.nbytes
-                params[param] = tensor
-            else:  # FP8 bytes crossed; upcast here, on the computation device
-                with profiled("lowvram.dequantize"):
-                    tensor = dequantize(found["data"], found["scale"], comp_dtype)
+            # the stored form rebuilds its computation tensor from the slot views (a plain tensor
+            # may come back as the view itself; quantized bytes are dequantized here, on the device)
+            with profiled("lowvram.dequantize"):
+                tensor = source[param].from_parts(found, comp_dtype)
+            aliased = any(tensor is view for view in found.values())
+            if aliased and not record.is_leaf:
+                # a container's forward runs children of other groups, and entering one hands
+                # this slot to the next prefetch while the container still reads its weights
+                # (Z-Image's pad tokens): it computes from its own copy, made in stream order
+                tensor = tensor.clone()
+                aliased = False
+            if not aliased:
                 transient += tensor.nbytes
-                params[param] = tensor
+            params[param] = tensor
         ledger = runtime.ledger
         ledger.add_transient(transient)
         record.enter_computation()
