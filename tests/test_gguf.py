@@ -6,7 +6,6 @@ scheduler's slots; bad files give clear errors. Files are written by gguf's GGUF
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
