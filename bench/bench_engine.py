@@ -100,7 +100,6 @@ def fp8_table(stds: list[float]) -> list[str]:
     return rows
 
 
-NF4_LEVELS = None
 
 
 def bnb_nf4_roundtrip(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
