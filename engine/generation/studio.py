@@ -46,8 +46,10 @@ from engine.generation.types import (
     GenerationEvent,
     GenerationResult,
     HardwareInfo,
+    Machine,
     MemoryEstimate,
     ModelChoice,
+    SuggestedSettings,
     TelemetrySnapshot,
     UserFacingError,
 )
@@ -60,6 +62,7 @@ from engine.generation.pipelines import (
     build_pipeline,
 )
 from engine.generation.settings import EngineSettings, detect_hardware, settings_for
+from engine.generation.suggest import StepWork, suggest_settings
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +332,15 @@ class Studio:
             return None
         return pipe.smallest_feasible_limit_bytes(activations)
 
-    def estimate(self, request: GenerateRequest) -> MemoryEstimate:
+    def estimate(self, request: GenerateRequest, hardware: HardwareInfo | None = None) -> MemoryEstimate:
         """What `request` needs, from the registry's sizes and the planner's rules (nothing loads).
         Once the requested build has run every stage, the smallest feasible limit is the planner's
-        own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula."""
+        own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula.
+        `hardware`: estimate for that machine instead of this one (suggest_settings' table tests)."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
-        entry, s, hw = r.entry, r.settings, self.hardware()
+        if hardware is not None:  # another machine: its device kind and its Auto
+            r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu"))
+        entry, s, hw = r.entry, r.settings, hardware or self.hardware()
         fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.fp8 else 1.0
         sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
@@ -412,6 +418,45 @@ class Studio:
             warnings=tuple(warnings),
             smallest_feasible_vram_limit_gb=math.ceil(smallest / GB * 10) / 10,
         )
+
+    # --- settings that fit ------------------------------------------------------------------------
+    def machine(self) -> Machine:
+        """This host for suggest_settings: its VRAM (None without a GPU), RAM and the free disk
+        where models go."""
+        import shutil
+
+        hw = self.hardware()
+        free = None
+        where = self.download_dir or self.models_dir
+        for folder in (where, *where.parents):
+            if folder.exists():
+                try:
+                    free = shutil.disk_usage(folder).free / 1e9  # decimal GB, like MemoryEstimate.disk_gb
+                except OSError:  # pragma: no cover
+                    pass
+                break
+        return Machine(hw.vram_total_gb if hw.has_gpu else None, hw.ram_total_gb, free, hw.gpu_name)
+
+    def step_work(self, request: GenerateRequest) -> StepWork:
+        """What one denoising step of `request` computes (suggest's cost model)."""
+        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
+        fam = FAMILIES[r.entry.family]
+        comp = r.entry.components.get(fam.denoiser)
+        size = (comp.bytes_bf16 if comp is not None else None) or 2 * 1024**2
+        batch = 2 if (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt) else 1
+        return StepWork(int(size), max(1, (r.width // 16) * (r.height // 16)), batch)
+
+    def suggest_settings(self, request: GenerateRequest, machine: Machine | None = None) -> SuggestedSettings:
+        """The fastest FP8 / disk offload / VRAM limit whose estimate fits `machine` (default: this
+        host), for the request's model and size (engine.generation.suggest); no loading."""
+        machine = machine or self.machine()
+        req = request if (request.prompt or "").strip() else replace(request, prompt="estimate")
+        model_id = self.resolve(req).model_id
+        try:
+            downloaded = bool(self._reg().is_downloaded(model_id, self.models_dir))
+        except Exception:  # pragma: no cover - estimate only
+            downloaded = True
+        return suggest_settings(req, machine, self.estimate, self.step_work(req), downloaded)
 
     # --- telemetry --------------------------------------------------------------------------------
     def telemetry(self) -> TelemetrySnapshot:
