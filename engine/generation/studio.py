@@ -62,6 +62,7 @@ from engine.generation.pipelines import (
     build_pipeline,
 )
 from engine.generation.settings import EngineSettings, detect_hardware, settings_for
+from engine.generation.preview import Previewer
 from engine.generation.suggest import StepWork, suggest_settings
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,19 @@ def parse_infotext(text: str) -> dict[str, str]:
     return out
 
 
+#: the ETA averages the seconds of this many most recent steps (the first step warms up)
+ETA_WINDOW = 5
+
+
+def eta_seconds(durations: list[float], steps_left: int) -> float:
+    """Time left: the mean of the last ETA_WINDOW measured steps times the steps still to run
+    (the first step, slower with its warm-up, counts only while it is the only one)."""
+    if steps_left <= 0 or not durations:
+        return 0.0
+    recent = durations[1:][-ETA_WINDOW:] or durations
+    return steps_left * sum(recent) / len(recent)
+
+
 def _size_hint(v: int, multiple: int, lo: int, hi: int) -> str:
     """The nearest valid sizes around `v`, inside lo..hi (multiples of `multiple`)."""
     first = -(-lo // multiple) * multiple  # smallest multiple >= lo
@@ -227,6 +241,7 @@ class Studio:
         self._pipeline: ManagedPipeline | None = None
         self._pipeline_key: tuple[Any, ...] | None = None
         self._last_step = StepStats()
+        self.last_previewer: Previewer | None = None  # the last run's (its preview count and cost)
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
         self.remove_partial_outputs()
 
@@ -642,16 +657,32 @@ class Studio:
     def _run(self, pipe: ManagedPipeline, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Any:
         phases = {"encode": "encoding", "denoise": "denoising", "decode": "decoding"}
         clock = {"t": time.perf_counter()}
+        durations: list[float] = []
+        previewer = Previewer(pipe.family.latent_rgb, r.width, r.height) if r.request.preview else None
+        made: dict[str, Any] = {"image": None}
+        self.last_previewer = previewer
 
         def on_stage(stage: str) -> None:
             clock["t"] = time.perf_counter()
             emit(GenerationEvent(phases[stage], step=0, total_steps=r.steps, telemetry=self.telemetry()))
 
+        def on_latents(i: int, n: int, latents: Any) -> None:
+            if previewer is not None:
+                made["image"] = previewer(latents, i, n)
+
         def on_step(i: int, n: int, stats: StepStats) -> None:
             now = time.perf_counter()
             seconds, clock["t"] = now - clock["t"], now
+            durations.append(seconds)
             self._last_step = stats
-            emit(GenerationEvent("denoising", step=i, total_steps=n, seconds_per_step=seconds, telemetry=self.telemetry()))
+            image, made["image"] = made["image"], None
+            emit(
+                GenerationEvent(
+                    "denoising", step=i, total_steps=n, seconds_per_step=seconds, telemetry=self.telemetry(),
+                    eta_seconds=eta_seconds(durations, n - i), preview=image,
+                    preview_index=previewer.count if previewer is not None else 0,
+                )
+            )
 
         pipe.on_stage = on_stage
         pipe.stage = None  # every generation starts with an explicit switch to encoding
@@ -666,6 +697,7 @@ class Studio:
                 seed=r.seed,
                 on_step=on_step,
                 should_stop=should_stop,
+                on_latents=on_latents if previewer is not None else None,
             )
         finally:
             pipe.on_stage = None

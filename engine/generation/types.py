@@ -34,6 +34,7 @@ class GenerateRequest:
     vram_limit: float | None = None
     fp8: bool = False
     disk_offload: bool = False
+    preview: bool = True  # live preview images of the latents during denoising
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class GenerationEvent:
     message: str = ""
     download_fraction: float | None = None  # 0..1 while downloading
     telemetry: TelemetrySnapshot | None = None
+    eta_seconds: float | None = None  # denoising: time left for the steps still to run
+    preview: Any = None  # denoising: a PIL image of the current latents (engine.generation.preview), when one was made
+    preview_index: int = 0  # how many previews this run has made so far
 
 
 @dataclass(frozen=True)
