@@ -107,6 +107,9 @@ def build_demo(studio: Any) -> gr.Blocks:
                         disk_offload = gr.Checkbox(
                             label="Disk offload", value=False, info="Keep offloaded weights on disk instead of RAM"
                         )
+                    with gr.Row(equal_height=True):
+                        fit_btn = gr.Button("Fit to this machine", elem_id="fit-btn", scale=0, min_width=180)
+                        fit_reason = gr.Markdown(elem_id="fit-reason", value="")
                     estimate = gr.Markdown(elem_id="estimate", value="Estimating…")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
@@ -127,7 +130,17 @@ def build_demo(studio: Any) -> gr.Blocks:
                 parameters = gr.Textbox(label="Parameters", lines=3, max_lines=8, interactive=False, elem_id="parameters")
                 png_file = gr.File(label="PNG download (with its parameters inside)", interactive=False, elem_id="png-file")
                 with gr.Group():
-                    live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
+                    with gr.Row(equal_height=False):
+                        live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
+                        with gr.Column(scale=0, min_width=200):
+                            live_preview = gr.Image(
+                                label="Preview", elem_id="live-preview", type="pil", format="png", height=200,
+                                interactive=False, buttons=[],
+                            )
+                            preview_toggle = gr.Checkbox(
+                                label="Live preview", value=True, elem_id="preview-toggle",
+                                info="The image as it forms (a cheap projection of the latents)",
+                            )
                     chart = gr.LinePlot(
                         None,  # no frame yet: the first run's samples define the axes and colours
                         x="seconds",
@@ -146,6 +159,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         shown = gr.State(None)
         models_shown = gr.State(h.models_version)  # the model list version this tab shows
         model_shown = gr.State(current.id if current else None)  # the model whose defaults the controls hold
+        preview_shown = gr.State(None)  # [run id, previews] this tab shows
         timer = gr.Timer(0.5)
 
         # ---------------------------------------------------------------- API-only endpoint
@@ -166,6 +180,17 @@ def build_demo(studio: Any) -> gr.Blocks:
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
+            stream_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="status or parameters")]
+            stream_trigger = gr.Button("generate_stream (API)")
+            suggest_inputs = [raw(c) for c in (
+                gr.Dropdown(label="model", choices=[m.id for m in models], value=None, allow_custom_value=True),
+                gr.Number(label="width", value=None, precision=0),
+                gr.Number(label="height", value=None, precision=0),
+                gr.Number(label="steps", value=None, precision=0),
+                gr.Number(label="guidance", value=None),
+            )]
+            suggest_output = gr.JSON(label="settings")
+            suggest_trigger = gr.Button("suggest (API)")
 
         # ---------------------------------------------------------------- events
         controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload]
@@ -191,8 +216,12 @@ def build_demo(studio: Any) -> gr.Blocks:
         reuse_seed.click(h.reuse_seed, last_seed, seed, queue=False, **private)
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
+        fit_btn.click(
+            h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason],
+            concurrency_limit=None, concurrency_id="estimate", show_progress="hidden", **private,
+        )
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results]
+                      auto, vram_slider, fp8, disk_offload, results, preview_toggle]
         run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
             h.run_ui,
             run_inputs,
@@ -215,8 +244,8 @@ def build_demo(studio: Any) -> gr.Blocks:
         demo.unload(h.tab_closed)
         timer.tick(
             h.tick,
-            [shown, model, models_shown],
-            [live, chart, shown, model, models_shown],
+            [shown, model, models_shown, preview_shown],
+            [live, chart, shown, live_preview, preview_shown, model, models_shown],
             show_progress="hidden",
             concurrency_limit=None,
             concurrency_id=LIVE_QUEUE,
@@ -230,6 +259,18 @@ def build_demo(studio: Any) -> gr.Blocks:
             api_name="generate",
             concurrency_limit=1,
             concurrency_id=GPU_QUEUE,
+        )
+        stream_trigger.click(
+            h.generate_stream,
+            api_inputs,
+            stream_outputs,
+            api_name="generate_stream",
+            concurrency_limit=1,
+            concurrency_id=GPU_QUEUE,
+        )
+        suggest_trigger.click(
+            h.suggest, suggest_inputs, suggest_output, api_name="suggest",
+            concurrency_limit=None, concurrency_id="estimate",
         )
     h.blocks = demo
     return demo
