@@ -66,18 +66,23 @@ def test_previews_are_throttled_but_never_more_than_two_seconds_apart(monkeypatc
     monkeypatch.setattr(preview.time, "perf_counter", lambda: now[0])
     p = preview.Previewer(FLUX1_16CH, 64, 64)
     latents = torch.randn(1, 16, 8, 8)
-    assert p(latents, 1, 10) is not None  # the first step
+    p.start()  # the denoising begins
     now[0] += 0.1
-    assert p(latents, 2, 10) is None  # younger than 0.25 s
+    assert p(latents, 1, 10) is None  # younger than 0.25 s
     now[0] += 0.2
-    assert p(latents, 3, 10) is not None
-    p.last_cost = 1.0  # a preview that took 1 s would wait 33 s for the 3% budget ...
+    assert p(latents, 2, 10) is not None
+    now[0] += 0.1
+    assert p(latents, 3, 10) is None
+    p.last_cost = 0.03  # a preview that took 30 ms waits 1 s for the 3% budget
+    now[0] += 0.5
+    assert p(latents, 4, 10) is None
+    now[0] += 0.5
+    assert p(latents, 5, 10) is not None
+    p.last_cost = 1.0  # a preview that took 1 s would wait 33 s for the budget ...
     now[0] += 2.0
-    assert p(latents, 4, 10) is not None  # ... but 2 s is the longest gap
-    now[0] += 0.01
-    assert p(latents, 10, 10) is not None  # the last step always
-    assert p.count == 4
-    assert p(None, 5, 10) is None
+    assert p(latents, 6, 10) is not None  # ... but 2 s is the longest gap
+    assert p.count == 3
+    assert p(None, 7, 10) is None
 
 
 def test_eta_from_measured_steps():
@@ -99,20 +104,22 @@ def _denoising(studio, request):
 
 def test_a_demo_run_yields_previews_and_a_falling_eta(studio, monkeypatch):
     monkeypatch.setattr(preview, "PREVIEW_INTERVAL_S", 0.0)
+    monkeypatch.setattr(preview, "PREVIEW_BUDGET", 1.0)  # a preview every step
     events = _denoising(studio, GenerateRequest("a lighthouse", model="demo", steps=6, width=128, height=128, seed=3))
     assert [e.step for e in events] == list(range(1, 7))
     images = [e.preview for e in events if e.preview is not None]
-    assert len(images) >= 2 and images[0].size == (16, 16)
+    assert len(images) == 6 and images[0].size == (16, 16)
     assert images[0].tobytes() != images[-1].tobytes()
-    assert events[-1].preview is not None and events[-1].eta_seconds == 0.0
+    assert events[-1].eta_seconds == 0.0
     assert all(e.eta_seconds is not None for e in events) and events[0].eta_seconds > 0
     off = _denoising(studio, GenerateRequest("a lighthouse", model="demo", steps=3, width=128, height=128, seed=3, preview=False))
     assert all(e.preview is None and e.preview_index == 0 for e in off)
 
 
-def test_a_preview_costs_under_three_percent_of_the_run(studio):
+def test_a_preview_costs_under_three_percent_of_the_run(studio, monkeypatch):
     """The previews' own time (Previewer.seconds) against the denoising time of the same run."""
-    request = GenerateRequest("a lighthouse", model="demo", steps=8, width=256, height=256, seed=4)
+    monkeypatch.setattr(preview, "PREVIEW_INTERVAL_S", 0.02)  # many previews in a short run
+    request = GenerateRequest("a lighthouse", model="demo", steps=12, width=256, height=256, seed=4)
     start = time.perf_counter()
     events = _denoising(studio, request)
     took = sum(e.seconds_per_step for e in events)

@@ -9,12 +9,14 @@ the pipelines' `_unpack_latents` do; Qwen-Image's 5-D (B, C, T, H, W) latents sh
 frame. A family without factors, or latents whose channel count does not match them, get a
 generic view: the first three channels, each stretched by its own spread.
 
-`Previewer` decides when: at most once per step (the step callback), skipped while the last
-preview is younger than `interval_s` (default 0.25 s, so fast steps cost nothing measurable) or
-than `cost / budget` (a preview that took 3 ms waits at least 0.1 s with the 3% budget, so the
-previews never take more than 3% of the run), and never skipped once `max_interval_s` (2 s) has
-gone by; the last step always gets one. It times itself: `seconds` is what the previews of a run
-cost (docs/app.md has the measured figures).
+`Previewer` decides when: at most once per step (the step callback), and only once
+`interval_s` (default 0.25 s) has passed since the denoising began or since the last preview,
+and once `cost / budget` has (a preview that took 3 ms waits at least 0.1 s with the 3% budget),
+so the previews take at most 3% of the denoising time, counted over the steps since the previous
+preview; a preview is never skipped once `max_interval_s` (2 s) has gone by. A run whose steps
+take milliseconds (the demo) gets a preview every quarter second, a run whose steps take longer
+than that one every step. It times itself: `seconds` is what the previews of a run cost
+(bench/bench_preview.py measures it; docs/app.md has the figures).
 """
 
 from __future__ import annotations
@@ -94,8 +96,10 @@ def latents_to_image(latents: torch.Tensor, latent_rgb: Any, width: int, height:
 class Previewer:
     """Makes the previews of one run, at most one per step (see the module docstring)."""
 
-    def __init__(self, latent_rgb: Any, width: int, height: int, *, interval_s: float = PREVIEW_INTERVAL_S,
-                 max_interval_s: float = PREVIEW_MAX_INTERVAL_S):
+    def __init__(self, latent_rgb: Any, width: int, height: int, *, interval_s: float | None = None,
+                 max_interval_s: float | None = None):
+        interval_s = PREVIEW_INTERVAL_S if interval_s is None else interval_s
+        max_interval_s = PREVIEW_MAX_INTERVAL_S if max_interval_s is None else max_interval_s
         self.latent_rgb = latent_rgb
         self.width, self.height = width, height
         self.interval_s = min(interval_s, max_interval_s)
@@ -107,11 +111,15 @@ class Previewer:
         self.seconds = 0.0  # time spent making previews in this run
         self.failed = False
 
+    def start(self) -> None:
+        """The denoising begins: the first preview waits `interval_s` from here."""
+        self.last_at = time.perf_counter()
+
     def due(self, step: int, total: int) -> bool:
         if self.failed:
             return False
-        if self.last_at is None or step >= total:
-            return True
+        if self.last_at is None:
+            self.start()
         waited = time.perf_counter() - self.last_at
         if waited >= self.max_interval_s:
             return True

@@ -664,6 +664,8 @@ class Studio:
 
         def on_stage(stage: str) -> None:
             clock["t"] = time.perf_counter()
+            if stage == "denoise" and previewer is not None:
+                previewer.start()
             emit(GenerationEvent(phases[stage], step=0, total_steps=r.steps, telemetry=self.telemetry()))
 
         def on_latents(i: int, n: int, latents: Any) -> None:
