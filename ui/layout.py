@@ -220,6 +220,9 @@ def build_demo(studio: Any) -> gr.Blocks:
             h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason],
             concurrency_limit=None, concurrency_id="estimate", show_progress="hidden", **private,
         )
+        # the reason line speaks of the model and size it was made for: gone when they change
+        gr.on(triggers=[model.change, width.change, height.change], fn=lambda: "", inputs=None, outputs=fit_reason,
+              queue=False, show_progress="hidden", **private)
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
                       auto, vram_slider, fp8, disk_offload, results, preview_toggle]
         run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
