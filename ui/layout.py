@@ -23,6 +23,7 @@ CSS = """
 .lvs-stats th, .lvs-stats td, .lvs-layers th, .lvs-layers td { border-bottom: 1px solid var(--border-color-primary); padding: 2px 6px; text-align: left; }
 .lvs-layers td { text-align: right; }
 .lvs-msg { font-size: 0.9em; opacity: 0.8; margin: 0.2em 0; }
+#live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 
 
@@ -130,17 +131,15 @@ def build_demo(studio: Any) -> gr.Blocks:
                 parameters = gr.Textbox(label="Parameters", lines=3, max_lines=8, interactive=False, elem_id="parameters")
                 png_file = gr.File(label="PNG download (with its parameters inside)", interactive=False, elem_id="png-file")
                 with gr.Group():
-                    with gr.Row(equal_height=False):
-                        live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
-                        with gr.Column(scale=0, min_width=200):
-                            live_preview = gr.Image(
-                                label="Preview", elem_id="live-preview", type="pil", format="png", height=200,
-                                interactive=False, buttons=[],
-                            )
-                            preview_toggle = gr.Checkbox(
-                                label="Live preview", value=True, elem_id="preview-toggle",
-                                info="The image as it forms (a cheap projection of the latents)",
-                            )
+                    live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
+                    live_preview = gr.Image(
+                        label="Preview", elem_id="live-preview", type="pil", format="png", height=256,
+                        interactive=False, buttons=[],
+                    )
+                    preview_toggle = gr.Checkbox(
+                        label="Live preview", value=True, elem_id="preview-toggle",
+                        info="The image as it forms while denoising (a cheap projection of the latents, 1/8 of the size)",
+                    )
                     chart = gr.LinePlot(
                         None,  # no frame yet: the first run's samples define the axes and colours
                         x="seconds",
