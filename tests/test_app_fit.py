@@ -59,12 +59,12 @@ def handlers(tmp_path_factory):
 
 
 def test_fit_applies_the_suggestion_and_says_why(handlers):
-    auto, slider, fp8, disk, line = handlers.fit("demo", 256, 256, 4, 4.0)
-    assert fp8["value"] is False and disk["value"] is False
+    auto, slider, fp8, disk, line, resident = handlers.fit("demo", 256, 256, 4, 4.0)
+    assert fp8["value"] is False and disk["value"] is False and resident is None
     assert line.startswith("**Applied:** bf16")
     if handlers.hardware.has_gpu:
         assert auto["value"] is True
-    _, _, _, _, bad = handlers.fit("demo", 100, 256, 4, 4.0)
+    _, _, _, _, bad, _ = handlers.fit("demo", 100, 256, 4, 4.0)
     assert "Cannot run" in bad and "multiple of" in bad
 
 
@@ -72,8 +72,23 @@ def test_fit_on_a_gpu_sets_the_slider(handlers, monkeypatch):
     got = SuggestedSettings(True, True, False, 9.5, False, 1.0, "FP8 + VRAM limit 9.5 GB: ...")
     monkeypatch.setattr(handlers, "hardware", GPU)
     monkeypatch.setattr(handlers.studio, "suggest_settings", lambda request: got)
-    auto, slider, fp8, disk, line = handlers.fit("demo", 256, 256, 4, 4.0)
+    auto, slider, fp8, disk, line, resident = handlers.fit("demo", 256, 256, 4, 4.0)
     assert auto["value"] is False and slider["value"] == 9.5 and slider["interactive"] is True and fp8["value"] is True
+    assert resident is None
+
+
+def test_fit_on_a_cpu_host_bounds_what_disk_offload_keeps_in_ram(handlers, monkeypatch):
+    got = SuggestedSettings(True, False, True, 23.0, False, 900.0, "bf16 + disk offload + resident limit 23 GB: ...")
+    monkeypatch.setattr(handlers, "hardware", CPU)
+    monkeypatch.setattr(handlers.studio, "suggest_settings", lambda request: got)
+    auto, slider, fp8, disk, line, resident = handlers.fit("demo", 256, 256, 4, 4.0)
+    assert disk["value"] is True and resident == 23.0 and auto is not None
+    # the page's runs and estimates use it while disk offload is ticked, never the (disabled) slider
+    assert handlers.vram_limit_value(True, 0, resident, True) == 23.0
+    assert handlers.vram_limit_value(True, 0, resident, False) is None
+    assert handlers.vram_limit_value(False, 5, None, True) is None
+    text = handlers.estimate("demo", 256, 256, 4, 4.0, True, 0, False, True, resident)
+    assert "at most 23 GB resident in RAM" in text and "VRAM" not in text
 
 
 def test_suggest_endpoint_answers_plain_json(handlers):

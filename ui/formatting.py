@@ -98,6 +98,11 @@ def suggestion_markdown(suggestion: Any) -> str:
     return f"**{mark}:** {html.escape(suggestion.reason)}"
 
 
+def cpu_limit_note(limit_gb: float | None) -> str:
+    """Under the estimate on a host without a GPU, while Fit's RAM bound applies."""
+    return "" if limit_gb is None else f"Disk offload keeps at most {limit_gb:g} GB resident in RAM (from Fit to this machine)."
+
+
 def eta_text(seconds: float | None) -> str:
     """"1 min 05 s left" / "12 s left"; "–" when not known."""
     if seconds is None:

@@ -130,9 +130,14 @@ class Handlers:
         )
 
     # --- VRAM controls --------------------------------------------------------------------
-    def vram_limit_value(self, auto: bool, slider: float | None) -> float | None:
-        """None (= Auto) unless a GPU is there and Auto is off."""
-        if auto or not self.hardware.has_gpu or slider is None:
+    def vram_limit_value(self, auto: bool, slider: float | None, resident_limit: float | None = None,
+                         disk_offload: bool = False) -> float | None:
+        """None (= Auto) unless a GPU is there and Auto is off. Without a GPU, the bound on what
+        disk offload keeps resident in RAM that "Fit to this machine" chose (`resident_limit`,
+        used only while disk offload is ticked)."""
+        if not self.hardware.has_gpu:
+            return float(resident_limit) if resident_limit is not None and disk_offload else None
+        if auto or slider is None:
             return None
         return float(slider)
 
@@ -160,14 +165,17 @@ class Handlers:
             prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload,
         ), preview=bool(preview))
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, resident_limit=None) -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
         try:
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload,
             )
-            return formatting.estimate_markdown(self.studio.estimate(request), self.hardware)
+            text = formatting.estimate_markdown(self.studio.estimate(request), self.hardware)
+            if not self.hardware.has_gpu and request.vram_limit is not None:
+                text += "\n\n" + formatting.cpu_limit_note(request.vram_limit)
+            return text
         except UserFacingError as exc:
             return formatting.estimate_error_markdown(str(exc))
         except Exception as exc:  # the estimate must never break the page
@@ -185,21 +193,21 @@ class Handlers:
         try:
             got = self._suggest(model, width, height, steps, guidance)
         except UserFacingError as exc:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), formatting.estimate_error_markdown(str(exc))
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), formatting.estimate_error_markdown(str(exc)), gr.skip()
         except Exception as exc:  # never break the page
             log.exception("suggest_settings failed")
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), formatting.estimate_error_markdown(f"Could not size the settings ({exc}).")
+            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                    formatting.estimate_error_markdown(f"Could not size the settings ({exc})."), gr.skip())
         line = formatting.suggestion_markdown(got)
         if not got.fits:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), line
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), line, gr.skip()
         if self.hardware.has_gpu:
             auto = gr.update(value=bool(got.auto))
             slider = gr.update(value=got.vram_limit, interactive=not got.auto)
-        else:  # the page runs Auto (unlimited) on the CPU; a resident limit goes through the API
-            auto, slider = gr.skip(), gr.skip()
-            if got.vram_limit is not None:
-                line += f" (the page runs the CPU unlimited: pass vram_limit={got.vram_limit:g} to /generate to keep to it)"
-        return auto, slider, gr.update(value=got.fp8), gr.update(value=got.disk_offload), line
+            resident = None
+        else:  # no GPU: the slider stays off; a bound on what disk offload keeps in RAM rides along
+            auto, slider, resident = gr.skip(), gr.skip(), got.vram_limit
+        return auto, slider, gr.update(value=got.fp8), gr.update(value=got.disk_offload), line, resident
 
     def suggest(self, model: str | None = None, width: int | None = None, height: int | None = None,
                 steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
@@ -346,13 +354,14 @@ class Handlers:
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
         live_preview: bool = True,
+        resident_limit: float | None = None,
     ):
         """The Generate button: run, then add the image to this tab's gallery."""
         session = request.session_hash or ""
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload, live_preview,
+                self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload, live_preview,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None

@@ -159,6 +159,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         models_shown = gr.State(h.models_version)  # the model list version this tab shows
         model_shown = gr.State(current.id if current else None)  # the model whose defaults the controls hold
         preview_shown = gr.State(None)  # [run id, previews] this tab shows
+        resident_limit = gr.State(None)  # no GPU: the RAM bound on what disk offload keeps resident (Fit)
         timer = gr.Timer(0.5)
 
         # ---------------------------------------------------------------- API-only endpoint
@@ -196,9 +197,9 @@ def build_demo(studio: Any) -> gr.Blocks:
         private = {"api_visibility": "private"}
 
         gr.on(
-            triggers=[demo.load] + [c.change for c in controls],
+            triggers=[demo.load, resident_limit.change] + [c.change for c in controls],
             fn=h.estimate,
-            inputs=controls,
+            inputs=controls + [resident_limit],
             outputs=estimate,
             show_progress="hidden",
             trigger_mode="always_last",
@@ -216,14 +217,14 @@ def build_demo(studio: Any) -> gr.Blocks:
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
         fit_btn.click(
-            h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason],
+            h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason, resident_limit],
             concurrency_limit=None, concurrency_id="estimate", show_progress="hidden", **private,
         )
         # the reason line speaks of the model and size it was made for: gone when they change
-        gr.on(triggers=[model.change, width.change, height.change], fn=lambda: "", inputs=None, outputs=fit_reason,
-              queue=False, show_progress="hidden", **private)
+        gr.on(triggers=[model.change, width.change, height.change], fn=lambda: ("", None), inputs=None,
+              outputs=[fit_reason, resident_limit], queue=False, show_progress="hidden", **private)
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results, preview_toggle]
+                      auto, vram_slider, fp8, disk_offload, results, preview_toggle, resident_limit]
         run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
             h.run_ui,
             run_inputs,
