@@ -100,3 +100,11 @@ def test_the_cost_model_ranks_streaming_and_disk():
     assert suggest.step_seconds(est(50), m, plain, work) < suggest.step_seconds(est(50), m, disk, work)
     fp8 = suggest.Candidate(True, False, 10)
     assert suggest.step_seconds(est(0), m, plain, work) < suggest.step_seconds(est(0), m, fp8, work)
+
+
+def test_without_a_gpu_ram_is_the_budget(studio):
+    got = studio.suggest_settings(GenerateRequest("", model="qwen-image"), Machine(None, 32, 500))
+    assert got.fits and got.disk_offload and got.vram_limit is not None  # a bound on what stays in RAM
+    assert got.estimate.ram_gb + got.estimate.vram_gb <= 0.9 * 32
+    assert "resident limit" in got.reason and "read from disk per step" in got.reason and "VRAM" not in got.reason
+    assert "does not fit in 32 GB RAM" in got.reason

@@ -211,7 +211,8 @@ def suggest_settings(
         return SuggestedSettings(False, True, True, 0.0 if machine.vram_gb is not None else None, False, None,
                                  f"Nothing fits this machine: {why}.", None, tried)
     cost, rank, c, est = best
-    streamed = f"{est.streamed_gb_per_step:.1f} GB streamed per step" if est.streamed_gb_per_step else "nothing streamed"
+    moved = "streamed" if machine.vram_gb is not None else "read from disk"  # no GPU: disk offload reads per step
+    streamed = f"{est.streamed_gb_per_step:.1f} GB {moved} per step" if est.streamed_gb_per_step else f"nothing {moved}"
     head = f"{describe(c, machine.vram_gb is not None)}: {streamed}, about {cost:.2f} s per step"
     faster = [(f, e) for f, e in rejected if storage_forms().index(f) < rank]
     reason = head + "".join(f"; {_why_not(f, e, machine, downloaded)}" for f, e in faster[:1])
