@@ -127,3 +127,36 @@ def test_a_preview_costs_under_three_percent_of_the_run(studio, monkeypatch):
     p = studio.last_previewer
     assert p is not None and p.count >= 2
     assert p.seconds <= 0.03 * took, (p.seconds, took)
+
+
+@pytest.fixture(scope="module")
+def tiny_repos(tmp_path_factory):
+    from tests.fixtures.tiny_repos import TINY_FAMILIES, write_tiny_repo
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: write_tiny_repo(family, root / family) for family in TINY_FAMILIES}
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image", "flux1", "flux2-klein", "sdxl"])
+def test_each_real_pipeline_hands_latents_the_family_projection_reads(tiny_repos, family, monkeypatch):
+    """The latents each diffusers pipeline hands its step callback (packed or not) go through the
+    family's own factors (not the generic view) and come out at 1/8 of the image size."""
+    from engine.generation.pipelines import build_pipeline
+    from engine.generation.settings import vram_config_for
+    from tests.fixtures.tiny_repos import TINY_DEFAULTS
+
+    d = TINY_DEFAULTS[family]
+    mp = build_pipeline(tiny_repos[family], vram_config_for(False, False, "cpu"), None)
+    seen = []
+    mp.generate("a cat", "blurry", width=d.width, height=d.height, steps=2, guidance=d.guidance, seed=1,
+                on_latents=lambda i, n, latents: seen.append((i, n, latents.clone())))
+    assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
+    fam = mp.family.latent_rgb
+    calls = []
+    real = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    image = preview.latents_to_image(seen[-1][2], fam, d.width, d.height)
+    monkeypatch.undo()
+    assert calls, f"{family}: latents {tuple(seen[-1][2].shape)} did not match the {fam.channels}-channel factors"
+    assert image.size == (d.width // 8, d.height // 8)
+    mp.close()
