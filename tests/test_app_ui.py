@@ -203,15 +203,20 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
         "prompt", "negative_prompt", "model", "width", "height", "steps",
         "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights",
     ]
-    assert list(info["named_endpoints"]) == ["/generate"]  # the page's internal events stay private
+    # the page's internal events stay private
+    assert sorted(info["named_endpoints"]) == ["/generate", "/generate_stream", "/suggest"]
+    stream = info["named_endpoints"]["/generate_stream"]
+    assert [p["parameter_name"] for p in stream["parameters"]] == [p["parameter_name"] for p in endpoint["parameters"]]
+    suggest = info["named_endpoints"]["/suggest"]
+    assert [p["parameter_name"] for p in suggest["parameters"]] == ["model", "width", "height", "steps", "guidance"]
     labels = {getattr(b, "label", None) for b in demo.blocks.values()}
     for label in ("Model", "Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed",
-                  "VRAM limit (GB)", "Auto", "FP8", "Quantize", "Disk offload", "Results", "Parameters"):
+                  "VRAM limit (GB)", "Auto", "FP8", "Quantize", "Disk offload", "Results", "Parameters", "Preview", "Live preview"):
         assert label in labels, label
     timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
     assert timers and timers[0].value <= 0.5
     gpu_fns = [f for f in demo.fns.values() if f.concurrency_id == "gpu"]
-    assert len(gpu_fns) == 2 and all(f.concurrency_limit == 1 for f in gpu_fns)
+    assert len(gpu_fns) == 3 and all(f.concurrency_limit == 1 for f in gpu_fns)  # the page, /generate, /generate_stream
     tick = [f for f in demo.fns.values() if f.concurrency_id == "telemetry"]
     assert tick and tick[0].concurrency_limit is None
 

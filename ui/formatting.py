@@ -70,15 +70,26 @@ def hardware_note(hw: HardwareInfo) -> str:
     return f"{hw.gpu_name or 'GPU'} with {gb(hw.vram_total_gb, 1)} VRAM. Auto uses {auto} (detected VRAM minus a margin)."
 
 
-def estimate_markdown(est: MemoryEstimate) -> str:
-    """The estimate box shown before a run."""
+def estimate_markdown(est: MemoryEstimate, hw: HardwareInfo | None = None) -> str:
+    """The estimate box shown before a run. On a host without a GPU the columns say what they
+    mean there: the computation runs in RAM, and nothing is streamed to a GPU (with disk offload,
+    what is read from the files per step)."""
     verdict = "Fits" if est.fits else "Does not fit"
+    if hw is not None and not hw.has_gpu:
+        head = ["RAM (weights + computation, CPU)", "Disk"]
+        cells = [gb(est.ram_gb), gb(est.disk_gb)]
+        if est.streamed_gb_per_step:
+            head.append("Read per step")
+            cells.append(gb(est.streamed_gb_per_step))
+    else:
+        head = ["VRAM", "RAM", "Disk", "Streamed per step"]
+        cells = [gb(est.vram_gb), gb(est.ram_gb), gb(est.disk_gb), gb(est.streamed_gb_per_step)]
     lines = [
         f"**{verdict}** with these settings.",
         "",
-        "| VRAM | RAM | Disk | Streamed per step |",
-        "|---:|---:|---:|---:|",
-        f"| {gb(est.vram_gb)} | {gb(est.ram_gb)} | {gb(est.disk_gb)} | {gb(est.streamed_gb_per_step)} |",
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
+        "| " + " | ".join(cells) + " |",
     ]
     if getattr(est, "lora_bytes", 0):
         lines.append("")
@@ -88,10 +99,35 @@ def estimate_markdown(est: MemoryEstimate) -> str:
     for warning in est.warnings:
         lines.append("")
         lines.append(f"**Warning:** {warning}")
-    if not est.fits and est.smallest_feasible_vram_limit_gb is not None:
+    if not est.fits and est.smallest_feasible_vram_limit_gb is not None and (hw is None or hw.has_gpu):
         lines.append("")
         lines.append(f"Smallest VRAM limit that works: {gb(est.smallest_feasible_vram_limit_gb)}.")
     return "\n".join(lines)
+
+
+def suggestion_markdown(suggestion: Any) -> str:
+    """The line under "Fit to this machine": what it chose and why (or why nothing fits)."""
+    if suggestion is None:
+        return ""
+    mark = "Applied" if suggestion.fits else "No fit"
+    return f"**{mark}:** {html.escape(suggestion.reason)}"
+
+
+def cpu_limit_note(limit_gb: float | None) -> str:
+    """Under the estimate on a host without a GPU, while Fit's RAM bound applies."""
+    return "" if limit_gb is None else f"Disk offload keeps at most {limit_gb:g} GB resident in RAM (from Fit to this machine)."
+
+
+def eta_text(seconds: float | None) -> str:
+    """"1 min 05 s left" / "12 s left"; "–" when not known."""
+    if seconds is None:
+        return "–"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min left"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s left"
+    return f"{s} s left"
 
 
 def estimate_error_markdown(message: str) -> str:
@@ -119,6 +155,7 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
     if event and owner and event.phase not in ("done", "cancelled", "error"):
         phase = f"{phase} ({owner})"
     step = f"{event.step}/{event.total_steps}" if event and event.total_steps else "–"
+    eta = eta_text(event.eta_seconds) if event and event.phase == "denoising" and event.eta_seconds is not None else "–"
     sps = f"{event.seconds_per_step:.2f} s" if event and event.seconds_per_step else "–"
     vram = _used_total(snapshot.vram_used_gb, snapshot.vram_total_gb) if snapshot else "n/a"
     ram = _used_total(snapshot.ram_used_gb, snapshot.ram_total_gb) if snapshot else "n/a"
@@ -129,7 +166,7 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
 
     rows = [
         ("Phase", cell("phase", phase)),
-        ("Step", cell("step", step)),
+        ("Step", f'{cell("step", step)} · {cell("eta", eta)}'),
         ("Seconds per step", cell("sps", sps)),
         ("VRAM used / total", cell("vram", vram)),
         ("RAM used / total", cell("ram", ram)),

@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import queue
 import threading
 from typing import Any, Iterator
 
@@ -70,6 +71,8 @@ def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> I
 
 #: how often a waiting handler looks whether its client is still there (seconds)
 WATCH_INTERVAL_S = 0.25
+#: how often the streaming endpoint looks for new events (seconds)
+STREAM_POLL_S = 0.1
 GPU_QUEUE = "gpu"  # the concurrency group of every generation (page and API)
 
 #: the UI's "Quantize" choices -> GenerateRequest.weights ("off": the FP8 toggle decides)
@@ -159,9 +162,14 @@ class Handlers:
         return ", ".join(parts)
 
     # --- VRAM controls --------------------------------------------------------------------
-    def vram_limit_value(self, auto: bool, slider: float | None) -> float | None:
-        """None (= Auto) unless a GPU is there and Auto is off."""
-        if auto or not self.hardware.has_gpu or slider is None:
+    def vram_limit_value(self, auto: bool, slider: float | None, resident_limit: float | None = None,
+                         disk_offload: bool = False) -> float | None:
+        """None (= Auto) unless a GPU is there and Auto is off. Without a GPU, the bound on what
+        disk offload keeps resident in RAM that "Fit to this machine" chose (`resident_limit`,
+        used only while disk offload is ticked)."""
+        if not self.hardware.has_gpu:
+            return float(resident_limit) if resident_limit is not None and disk_offload else None
+        if auto or slider is None:
             return None
         return float(slider)
 
@@ -184,28 +192,70 @@ class Handlers:
         disk_offload: bool,
         loras: str = "",
         weights: Any = "auto",
+        preview: bool = True,
     ) -> GenerateRequest:
         """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
         return GenerateRequest(**inputs.request_fields(
             prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload, loras, weights,
-        ))
+        ), preview=bool(preview))
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off") -> str:
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off", resident_limit=None) -> str:
         """Markdown for the estimate box; invalid settings show their message instead."""
         try:
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
-                self.vram_limit_value(auto, slider), fp8, disk_offload, loras, quantize_to_weights(quantize),
+                self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload, loras, quantize_to_weights(quantize),
             )
-            return formatting.estimate_markdown(self.studio.estimate(request))
+            text = formatting.estimate_markdown(self.studio.estimate(request), self.hardware)
+            if not self.hardware.has_gpu and request.vram_limit is not None:
+                text += "\n\n" + formatting.cpu_limit_note(request.vram_limit)
+            return text
         except UserFacingError as exc:
             return formatting.estimate_error_markdown(str(exc))
         except Exception as exc:  # the estimate must never break the page
             log.exception("estimate failed")
             return formatting.estimate_error_markdown(f"Could not estimate these settings ({exc}).")
 
+    # --- fit to this machine ---------------------------------------------------------------
+    def _suggest(self, model, width, height, steps, guidance):
+        request = self.build_request("", "", model, width, height, steps, guidance, None, None, False, False)
+        return self.studio.suggest_settings(request)
+
+    def fit(self, model, width, height, steps, guidance):
+        """"Fit to this machine": the fastest settings that fit, applied to the memory controls
+        (Auto, the VRAM slider, FP8, disk offload), and the reason in one line."""
+        try:
+            got = self._suggest(model, width, height, steps, guidance)
+        except UserFacingError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), formatting.estimate_error_markdown(str(exc)), gr.skip()
+        except Exception as exc:  # never break the page
+            log.exception("suggest_settings failed")
+            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                    formatting.estimate_error_markdown(f"Could not size the settings ({exc})."), gr.skip())
+        line = formatting.suggestion_markdown(got)
+        if not got.fits:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), line, gr.skip()
+        if self.hardware.has_gpu:
+            auto = gr.update(value=bool(got.auto))
+            slider = gr.update(value=got.vram_limit, interactive=not got.auto)
+            resident = None
+        else:  # no GPU: the slider stays off; a bound on what disk offload keeps in RAM rides along
+            auto, slider, resident = gr.skip(), gr.skip(), got.vram_limit
+        return auto, slider, gr.update(value=got.fp8), gr.update(value=got.disk_offload), line, resident
+
+    def suggest(self, model: str | None = None, width: int | None = None, height: int | None = None,
+                steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
+        """The fastest settings that fit this machine for a model and size: fp8, disk_offload,
+        vram_limit (GB; null = unlimited, a host without a GPU), auto, seconds_per_step (the cost
+        model's), the reason in one line, and the estimate of those settings."""
+        try:
+            return self._suggest(model, width, height, steps, guidance).as_dict()
+        except UserFacingError as exc:
+            raise gr.Error(str(exc), title="Cannot size these settings", print_exception=False) from None
+
     # --- running --------------------------------------------------------------------------
-    def _execute(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress) -> GenerationResult | None:
+    def _execute(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress,
+                 on_event: Any = None) -> GenerationResult | None:
         """Run one generation, report it to the tracker and the progress bar.
 
         Returns None when cancelled; raises gr.Error with a readable message on failure.
@@ -228,6 +278,8 @@ class Handlers:
                 downloaded = downloaded or item.phase == "downloading"
                 self.tracker.update(run_id, item)
                 self._report(item, progress)
+                if on_event is not None:
+                    on_event(item)
                 if item.phase == "cancelled":
                     return None
             if cancel.is_set():
@@ -278,7 +330,8 @@ class Handlers:
                     return not getattr(event, "alive", True) or bool(getattr(event, "closed", False))
         return False
 
-    async def _run_watched(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress) -> GenerationResult | None:
+    async def _run_watched(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress,
+                           on_event: Any = None) -> GenerationResult | None:
         """`_execute` on a worker thread while the event loop watches the client.
 
         A cancelled task (the API's Job.cancel, Gradio's cancels) or a client that left sets
@@ -288,7 +341,7 @@ class Handlers:
         """
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()  # Gradio's progress and request context go along
-        future = loop.run_in_executor(None, context.run, self._execute, request, owner, cancel, progress)
+        future = loop.run_in_executor(None, context.run, self._execute, request, owner, cancel, progress, on_event)
         try:
             while True:
                 done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL_S)
@@ -336,6 +389,8 @@ class Handlers:
         progress: gr.Progress = gr.Progress(),
         loras: str = "",
         quantize: str = "off",
+        live_preview: bool = True,
+        resident_limit: float | None = None,
     ):
         """The Generate button: run, then add the image to this tab's gallery. `loras` (the
         picker's string, engine.generation.lora_library.parse_lora_spec) is the last input;
@@ -344,7 +399,8 @@ class Handlers:
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload, loras, quantize_to_weights(quantize),
+                self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload, loras, quantize_to_weights(quantize),
+                live_preview,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -408,6 +464,65 @@ class Handlers:
             raise gr.Error("Generation cancelled.", print_exception=False)
         return str(result.path), result.parameters
 
+    async def generate_stream(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        model: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = -1,
+        vram_limit: float | None = None,
+        fp8: bool = False,
+        disk_offload: bool = False,
+        loras: str = "",
+        weights: str = "auto",
+        request: gr.Request = None,
+        progress: gr.Progress = gr.Progress(),
+    ):
+        """Generate one image and stream it as it forms: while denoising, (the latest preview of
+        the latents, "step i/n · ETA") whenever a step or a preview is new; at the end (the saved
+        PNG's path, its parameters text). The parameters are those of /generate."""
+        try:
+            req = self.build_request(
+                prompt, negative_prompt, model, width, height, steps, guidance, seed,
+                vram_limit, fp8, disk_offload, loras, weights, preview=True,
+            )
+        except UserFacingError as exc:
+            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
+        owner = (request.session_hash if request is not None else None) or "api"
+        cancel = threading.Event()
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        task = asyncio.ensure_future(self._run_watched(req, owner, cancel, progress, on_event=events.put))
+        last_image = None
+        try:
+            while True:
+                finished = task.done()
+                status, image = None, None
+                while True:
+                    try:
+                        event = events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if event.phase == "denoising" and event.total_steps:
+                        status = f"step {event.step}/{event.total_steps} · {formatting.eta_text(event.eta_seconds)}"
+                    image = event.preview if event.preview is not None else image
+                if status is not None or image is not None:
+                    last_image = image if image is not None else last_image
+                    yield (last_image if image is not None else gr.skip()), (status or gr.skip())
+                if finished:
+                    break
+                await asyncio.sleep(STREAM_POLL_S)
+            result = task.result()
+        finally:
+            if not task.done():  # the client went away: stop the engine at the next step
+                cancel.set()
+        if result is None:
+            raise gr.Error("Generation cancelled.", print_exception=False)
+        yield str(result.path), result.parameters
+
     # --- gallery --------------------------------------------------------------------------
     def select_result(self, results, evt: gr.SelectData):
         results = results or []
@@ -425,15 +540,23 @@ class Handlers:
         return -1
 
     # --- live panel -----------------------------------------------------------------------
-    def tick(self, shown, model, models_shown, request: gr.Request):
-        """Timer: refresh the live panel (the chart when it has new samples, the model list
-        after a download in any tab)."""
+    def tick(self, shown, model, models_shown, request: gr.Request, preview_shown=None):
+        """Timer: refresh the live panel (the chart when it has new samples, the preview when the
+        run sent a new one, the model list after a download in any tab)."""
         if models_shown != self.models_version:
             models_update, models_shown = self.refresh_models(model), self.models_version
         else:
             models_update = gr.skip()
         panel, frame, shown = self._tick(shown, request)
-        return panel, frame, shown, models_update, models_shown
+        preview_update, preview_shown = self._preview(preview_shown)
+        return panel, frame, shown, preview_update, preview_shown, models_update, models_shown
+
+    def _preview(self, preview_shown):
+        run_id, count, image = self.tracker.preview()
+        key = [run_id, count]
+        if key == preview_shown or (image is None and preview_shown is None):
+            return gr.skip(), preview_shown
+        return image, key  # None clears the last run's preview (a run without previews)
 
     def _tick(self, shown, request: gr.Request):
         session = request.session_hash if request is not None else None

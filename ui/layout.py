@@ -23,6 +23,7 @@ CSS = """
 .lvs-stats th, .lvs-stats td, .lvs-layers th, .lvs-layers td { border-bottom: 1px solid var(--border-color-primary); padding: 2px 6px; text-align: left; }
 .lvs-layers td { text-align: right; }
 .lvs-msg { font-size: 0.9em; opacity: 0.8; margin: 0.2em 0; }
+#live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 
 
@@ -127,6 +128,9 @@ def build_demo(studio: Any) -> gr.Blocks:
                         disk_offload = gr.Checkbox(
                             label="Disk offload", value=False, info="Keep offloaded weights on disk instead of RAM"
                         )
+                    with gr.Row(equal_height=True):
+                        fit_btn = gr.Button("Fit to this machine", elem_id="fit-btn", scale=0, min_width=180)
+                        fit_reason = gr.Markdown(elem_id="fit-reason", value="")
                     estimate = gr.Markdown(elem_id="estimate", value="Estimating…")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
@@ -148,6 +152,14 @@ def build_demo(studio: Any) -> gr.Blocks:
                 png_file = gr.File(label="PNG download (with its parameters inside)", interactive=False, elem_id="png-file")
                 with gr.Group():
                     live = gr.HTML(formatting.live_panel_html(None, None, ""), elem_id="live-panel")
+                    live_preview = gr.Image(
+                        label="Preview", elem_id="live-preview", type="pil", format="png", height=256,
+                        interactive=False, buttons=[],
+                    )
+                    preview_toggle = gr.Checkbox(
+                        label="Live preview", value=True, elem_id="preview-toggle",
+                        info="The image as it forms while denoising (a cheap projection of the latents, 1/8 of the size)",
+                    )
                     chart = gr.LinePlot(
                         None,  # no frame yet: the first run's samples define the axes and colours
                         x="seconds",
@@ -166,6 +178,8 @@ def build_demo(studio: Any) -> gr.Blocks:
         shown = gr.State(None)
         models_shown = gr.State(h.models_version)  # the model list version this tab shows
         model_shown = gr.State(current.id if current else None)  # the model whose defaults the controls hold
+        preview_shown = gr.State(None)  # [run id, previews] this tab shows
+        resident_limit = gr.State(None)  # no GPU: the RAM bound on what disk offload keeps resident (Fit)
         timer = gr.Timer(0.5)
 
         # ---------------------------------------------------------------- API-only endpoint
@@ -188,15 +202,26 @@ def build_demo(studio: Any) -> gr.Blocks:
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
+            stream_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="status or parameters")]
+            stream_trigger = gr.Button("generate_stream (API)")
+            suggest_inputs = [raw(c) for c in (
+                gr.Dropdown(label="model", choices=[m.id for m in models], value=None, allow_custom_value=True),
+                gr.Number(label="width", value=None, precision=0),
+                gr.Number(label="height", value=None, precision=0),
+                gr.Number(label="steps", value=None, precision=0),
+                gr.Number(label="guidance", value=None),
+            )]
+            suggest_output = gr.JSON(label="settings")
+            suggest_trigger = gr.Button("suggest (API)")
 
         # ---------------------------------------------------------------- events
         controls = [model, width, height, steps, guidance, auto, vram_slider, fp8, disk_offload, lora_spec, quantize]
         private = {"api_visibility": "private"}
 
         gr.on(
-            triggers=[demo.load] + [c.change for c in controls],
+            triggers=[demo.load, resident_limit.change] + [c.change for c in controls],
             fn=h.estimate,
-            inputs=controls,
+            inputs=controls + [resident_limit],
             outputs=estimate,
             show_progress="hidden",
             trigger_mode="always_last",
@@ -213,8 +238,15 @@ def build_demo(studio: Any) -> gr.Blocks:
         reuse_seed.click(h.reuse_seed, last_seed, seed, queue=False, **private)
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
+        fit_btn.click(
+            h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason, resident_limit],
+            concurrency_limit=None, concurrency_id="estimate", show_progress="hidden", **private,
+        )
+        # the reason line speaks of the model and size it was made for: gone when they change
+        gr.on(triggers=[model.change, width.change, height.change], fn=lambda: ("", None), inputs=None,
+              outputs=[fit_reason, resident_limit], queue=False, show_progress="hidden", **private)
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize]
+                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize, preview_toggle, resident_limit]
         # the picker slots make the `loras` string; the model's family filters what they offer
         gr.on(
             triggers=[c.change for c in lora_slots], fn=h.lora_spec, inputs=lora_slots, outputs=lora_spec,
@@ -247,8 +279,8 @@ def build_demo(studio: Any) -> gr.Blocks:
         demo.unload(h.tab_closed)
         timer.tick(
             h.tick,
-            [shown, model, models_shown],
-            [live, chart, shown, model, models_shown],
+            [shown, model, models_shown, preview_shown],
+            [live, chart, shown, live_preview, preview_shown, model, models_shown],
             show_progress="hidden",
             concurrency_limit=None,
             concurrency_id=LIVE_QUEUE,
@@ -262,6 +294,18 @@ def build_demo(studio: Any) -> gr.Blocks:
             api_name="generate",
             concurrency_limit=1,
             concurrency_id=GPU_QUEUE,
+        )
+        stream_trigger.click(
+            h.generate_stream,
+            api_inputs,
+            stream_outputs,
+            api_name="generate_stream",
+            concurrency_limit=1,
+            concurrency_id=GPU_QUEUE,
+        )
+        suggest_trigger.click(
+            h.suggest, suggest_inputs, suggest_output, api_name="suggest",
+            concurrency_limit=None, concurrency_id="estimate",
         )
     h.blocks = demo
     return demo

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from engine.generation.types import GenerationEvent, TelemetrySnapshot
 
@@ -24,6 +25,8 @@ class Run:
     event: GenerationEvent | None = None
     finished: bool = False
     samples: list[tuple[float, float | None, float]] = field(default_factory=list)
+    preview: Any = None  # the latest live preview (a PIL image) of this run
+    previews: int = 0  # how many the run has sent
 
 
 def _carry(previous: GenerationEvent | None, event: GenerationEvent) -> GenerationEvent:
@@ -87,6 +90,9 @@ class RunTracker:
     def update(self, run_id: int, event: GenerationEvent) -> None:
         with self._lock:
             if self._run is not None and self._run.run_id == run_id:
+                if event.preview is not None:
+                    self._run.preview, self._run.previews = event.preview, self._run.previews + 1
+                    event = replace(event, preview=None)  # the panel's event need not hold the image
                 self._run.event = _carry(self._run.event, event)
                 if event.telemetry is not None:
                     self._sample_locked(event.telemetry)
@@ -121,3 +127,11 @@ class RunTracker:
             if run is None:
                 return None, None, None, True, []
             return run.run_id, run.owner, run.event, run.finished, list(run.samples)
+
+    def preview(self) -> tuple[int | None, int, Any]:
+        """(run_id, number of previews so far, the latest preview) of the current or last run."""
+        with self._lock:
+            run = self._run
+            if run is None:
+                return None, 0, None
+            return run.run_id, run.previews, run.preview

@@ -47,8 +47,10 @@ from engine.generation.types import (
     GenerationEvent,
     GenerationResult,
     HardwareInfo,
+    Machine,
     MemoryEstimate,
     ModelChoice,
+    SuggestedSettings,
     TelemetrySnapshot,
     UserFacingError,
 )
@@ -62,6 +64,8 @@ from engine.generation.pipelines import (
 )
 from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, detect_hardware, settings_for
 from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
+from engine.generation.preview import Previewer
+from engine.generation.suggest import StepWork, suggest_settings
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,19 @@ def parse_infotext(text: str) -> dict[str, str]:
     return out
 
 
+#: the ETA averages the seconds of this many most recent steps (the first step warms up)
+ETA_WINDOW = 5
+
+
+def eta_seconds(durations: list[float], steps_left: int) -> float:
+    """Time left: the mean of the last ETA_WINDOW measured steps times the steps still to run
+    (the first step, slower with its warm-up, counts only while it is the only one)."""
+    if steps_left <= 0 or not durations:
+        return 0.0
+    recent = durations[1:][-ETA_WINDOW:] or durations
+    return steps_left * sum(recent) / len(recent)
+
+
 def _size_hint(v: int, multiple: int, lo: int, hi: int) -> str:
     """The nearest valid sizes around `v`, inside lo..hi (multiples of `multiple`)."""
     first = -(-lo // multiple) * multiple  # smallest multiple >= lo
@@ -245,6 +262,7 @@ class Studio:
         self._pipeline: ManagedPipeline | None = None
         self._pipeline_key: tuple[Any, ...] | None = None
         self._last_step = StepStats()
+        self.last_previewer: Previewer | None = None  # the last run's (its preview count and cost)
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
         self.lora_library = LoraLibrary(lora_dir if lora_dir is not None else Path("loras"))
         self.remove_partial_outputs()
@@ -362,12 +380,15 @@ class Studio:
             return None
         return pipe.smallest_feasible_limit_bytes(activations)
 
-    def estimate(self, request: GenerateRequest) -> MemoryEstimate:
+    def estimate(self, request: GenerateRequest, hardware: HardwareInfo | None = None) -> MemoryEstimate:
         """What `request` needs, from the registry's sizes and the planner's rules (nothing loads).
         Once the requested build has run every stage, the smallest feasible limit is the planner's
-        own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula."""
+        own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula.
+        `hardware`: estimate for that machine instead of this one (suggest_settings' table tests)."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
-        entry, s, hw = r.entry, r.settings, self.hardware()
+        if hardware is not None:  # another machine: its device kind and its Auto
+            r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu"))
+        entry, s, hw = r.entry, r.settings, hardware or self.hardware()
         fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
         sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
@@ -457,6 +478,45 @@ class Studio:
             smallest_feasible_vram_limit_gb=math.ceil(smallest / GB * 10) / 10,
             lora_bytes=lora,
         )
+
+    # --- settings that fit ------------------------------------------------------------------------
+    def machine(self) -> Machine:
+        """This host for suggest_settings: its VRAM (None without a GPU), RAM and the free disk
+        where models go."""
+        import shutil
+
+        hw = self.hardware()
+        free = None
+        where = self.download_dir or self.models_dir
+        for folder in (where, *where.parents):
+            if folder.exists():
+                try:
+                    free = shutil.disk_usage(folder).free / 1e9  # decimal GB, like MemoryEstimate.disk_gb
+                except OSError:  # pragma: no cover
+                    pass
+                break
+        return Machine(hw.vram_total_gb if hw.has_gpu else None, hw.ram_total_gb, free, hw.gpu_name)
+
+    def step_work(self, request: GenerateRequest) -> StepWork:
+        """What one denoising step of `request` computes (suggest's cost model)."""
+        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
+        fam = FAMILIES[r.entry.family]
+        comp = r.entry.components.get(fam.denoiser)
+        size = (comp.bytes_bf16 if comp is not None else None) or 2 * 1024**2
+        batch = 2 if (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt) else 1
+        return StepWork(int(size), max(1, (r.width // 16) * (r.height // 16)), batch)
+
+    def suggest_settings(self, request: GenerateRequest, machine: Machine | None = None) -> SuggestedSettings:
+        """The fastest FP8 / disk offload / VRAM limit whose estimate fits `machine` (default: this
+        host), for the request's model and size (engine.generation.suggest); no loading."""
+        machine = machine or self.machine()
+        req = request if (request.prompt or "").strip() else replace(request, prompt="estimate")
+        model_id = self.resolve(req).model_id
+        try:
+            downloaded = bool(self._reg().is_downloaded(model_id, self.models_dir))
+        except Exception:  # pragma: no cover - estimate only
+            downloaded = True
+        return suggest_settings(req, machine, self.estimate, self.step_work(req), downloaded)
 
     # --- telemetry --------------------------------------------------------------------------------
     def telemetry(self) -> TelemetrySnapshot:
@@ -697,16 +757,34 @@ class Studio:
     def _run(self, pipe: ManagedPipeline, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Any:
         phases = {"encode": "encoding", "denoise": "denoising", "decode": "decoding"}
         clock = {"t": time.perf_counter()}
+        durations: list[float] = []
+        previewer = Previewer(pipe.family.latent_rgb, r.width, r.height) if r.request.preview else None
+        made: dict[str, Any] = {"image": None}
+        self.last_previewer = previewer
 
         def on_stage(stage: str) -> None:
             clock["t"] = time.perf_counter()
+            if stage == "denoise" and previewer is not None:
+                previewer.start()
             emit(GenerationEvent(phases[stage], step=0, total_steps=r.steps, telemetry=self.telemetry()))
+
+        def on_latents(i: int, n: int, latents: Any) -> None:
+            if previewer is not None:
+                made["image"] = previewer(latents, i, n)
 
         def on_step(i: int, n: int, stats: StepStats) -> None:
             now = time.perf_counter()
             seconds, clock["t"] = now - clock["t"], now
+            durations.append(seconds)
             self._last_step = stats
-            emit(GenerationEvent("denoising", step=i, total_steps=n, seconds_per_step=seconds, telemetry=self.telemetry()))
+            image, made["image"] = made["image"], None
+            emit(
+                GenerationEvent(
+                    "denoising", step=i, total_steps=n, seconds_per_step=seconds, telemetry=self.telemetry(),
+                    eta_seconds=eta_seconds(durations, n - i), preview=image,
+                    preview_index=previewer.count if previewer is not None else 0,
+                )
+            )
 
         pipe.on_stage = on_stage
         pipe.stage = None  # every generation starts with an explicit switch to encoding
@@ -721,6 +799,7 @@ class Studio:
                 seed=r.seed,
                 on_step=on_step,
                 should_stop=should_stop,
+                on_latents=on_latents if previewer is not None else None,
             )
         finally:
             pipe.on_stage = None

@@ -42,6 +42,7 @@ class GenerateRequest:
     # storage of the weights: "auto" (the fp8 toggle decides), "bf16", "fp8", "int8", "nf4"
     # (engine.generation.types.WEIGHTS); a GGUF model stores its file's blocks whatever this says
     weights: str = "auto"
+    preview: bool = True  # live preview images of the latents during denoising
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class GenerationEvent:
     message: str = ""
     download_fraction: float | None = None  # 0..1 while downloading
     telemetry: TelemetrySnapshot | None = None
+    eta_seconds: float | None = None  # denoising: time left for the steps still to run
+    preview: Any = None  # denoising: a PIL image of the current latents (engine.generation.preview), when one was made
+    preview_index: int = 0  # how many previews this run has made so far
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,46 @@ class HardwareInfo:
     auto_vram_limit_gb: float | None  # detected VRAM minus a margin
     ram_total_gb: float
 
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What `suggest_settings` sizes for: this host (`Studio.machine()`) or a hypothetical one.
+    `vram_gb` None: no GPU (the computation runs on the CPU, within the RAM)."""
+
+    vram_gb: float | None
+    ram_gb: float
+    disk_free_gb: float | None = None  # None: not known (no disk check)
+    gpu_name: str | None = None
+
+
+@dataclass(frozen=True)
+class SuggestedSettings:
+    """The fastest settings that fit a machine (engine.generation.suggest), and why in one line."""
+
+    fits: bool
+    fp8: bool
+    disk_offload: bool
+    vram_limit: float | None  # GB; None = unlimited (a host without a GPU)
+    auto: bool  # the limit is what Auto comes to on this machine
+    seconds_per_step: float | None  # the cost model's figure (None when nothing fits)
+    reason: str
+    estimate: MemoryEstimate | None = None
+    candidates_tried: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON for the /suggest endpoint."""
+        est = self.estimate
+        return {
+            "fits": self.fits,
+            "fp8": self.fp8,
+            "disk_offload": self.disk_offload,
+            "vram_limit": self.vram_limit,
+            "auto": self.auto,
+            "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
+            "reason": self.reason,
+            "estimate": None if est is None else {
+                "vram_gb": est.vram_gb, "ram_gb": est.ram_gb, "disk_gb": est.disk_gb,
+                "streamed_gb_per_step": est.streamed_gb_per_step, "fits": est.fits,
+            },
+        }

@@ -5,6 +5,7 @@ Guidance-distilled: one pass per step, no negative prompt; the pipeline encodes 
 
 from __future__ import annotations
 
+from .latent_rgb import FLUX1_16CH
 from .spec import MANAGED_LINEAR, MANAGED_MODULE, Family, LayerMap
 
 FAMILY = Family(
@@ -24,4 +25,5 @@ FAMILY = Family(
         },
         blocks=("transformer_blocks", "single_transformer_blocks"),
     ),
+    latent_rgb=FLUX1_16CH,
 )

@@ -5,6 +5,7 @@ Distilled: one pass per step, no negative prompt; the pipeline encodes its promp
 
 from __future__ import annotations
 
+from .latent_rgb import FLUX2_32CH
 from .spec import MANAGED_LINEAR, MANAGED_MODULE, Family, LayerMap
 
 FAMILY = Family(
@@ -24,4 +25,5 @@ FAMILY = Family(
         },
         blocks=("transformer_blocks", "single_transformer_blocks"),
     ),
+    latent_rgb=FLUX2_32CH,
 )

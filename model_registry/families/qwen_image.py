@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .latent_rgb import WAN21_16CH
 from .spec import MANAGED_LINEAR, MANAGED_MODULE, Family, LayerMap
 
 
@@ -49,4 +50,5 @@ FAMILY = Family(
         blocks=("transformer_blocks",),
     ),
     encode_prompts=encode_prompts,
+    latent_rgb=WAN21_16CH,
 )

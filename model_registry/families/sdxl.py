@@ -6,6 +6,7 @@ shipped layer map: the engine's default rule manages every module with parameter
 
 from __future__ import annotations
 
+from .latent_rgb import SDXL_4CH
 from .spec import Family
 
 FAMILY = Family(
@@ -18,4 +19,5 @@ FAMILY = Family(
     text_encoders=("text_encoder", "text_encoder_2"),
     native_batched_cfg=True,
     sampler="Euler",
+    latent_rgb=SDXL_4CH,
 )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any
 
+from .latent_rgb import LatentRGB
+
 # Files no diffusers pipeline in this app reads: duplicate PyTorch/Flax/ONNX/OpenVINO
 # exports of the same weights, and GGUF/ckpt single files.
 _NEVER = ("*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.gguf")
@@ -93,6 +95,10 @@ class Family:
     # prompt_embeds, prompt_embeds_mask and, with CFG, negative_prompt_embeds and
     # negative_prompt_embeds_mask, which prime the batcher.
     encode_prompts: PromptEncoder | None = None
+    # The live preview's latent-to-RGB projection (latent_rgb.py; None: a generic one from the
+    # first latent channels). Packed latents (FLUX/Qwen/FLUX.2 sequences of 2x2 patches) are
+    # unpacked first (engine.generation.preview).
+    latent_rgb: LatentRGB | None = None
 
     def __post_init__(self) -> None:
         """A role must name a component the repo has, or stage switching would miss it."""

@@ -5,6 +5,7 @@ Its pipeline batches cond + uncond itself and encodes its own prompts.
 
 from __future__ import annotations
 
+from .latent_rgb import FLUX1_16CH
 from .spec import MANAGED_LINEAR, MANAGED_MODULE, Family, LayerMap
 
 _TRANSFORMER = "diffusers.models.transformers.transformer_z_image.ZImageTransformer2DModel"
@@ -29,4 +30,5 @@ FAMILY = Family(
         },
         blocks=("noise_refiner", "context_refiner", "layers"),
     ),
+    latent_rgb=FLUX1_16CH,
 )

@@ -18,6 +18,7 @@ from engine.generation.types import (
     HardwareInfo,
     MemoryEstimate,
     ModelChoice,
+    SuggestedSettings,
     TelemetrySnapshot,
     UserFacingError,
 )
@@ -66,6 +67,12 @@ class FakeStudio:
         return MemoryEstimate(vram_gb=0.0, ram_gb=model.size_gb * 1.2, disk_gb=model.size_gb, streamed_gb_per_step=model.size_gb / 2,
                               fits=fits, warnings=() if fits else ("Needs 48 GB of RAM; this host has 23 GB.",))
 
+    def suggest_settings(self, r: GenerateRequest, machine=None):
+        model = self._check(r)
+        if model.is_demo:
+            return SuggestedSettings(True, False, False, None, False, self.step_seconds, "bf16: nothing streamed", self.estimate(r))
+        return SuggestedSettings(False, True, True, None, False, None, "Nothing fits this machine: bf16 does not fit in 23 GB RAM.")
+
     def telemetry(self):
         with self._lock:
             return TelemetrySnapshot(vram_used_gb=None, vram_total_gb=None, ram_used_gb=self._ram, ram_total_gb=23.0,
@@ -95,8 +102,11 @@ class FakeStudio:
                 k = i % 6
                 self._states["transformer"] = {"offload": 6 - k, "onload": 0, "preparing": k, "computation": 1 if k else 0}
                 self._ram = 1.0 + 0.1 * i
-            yield GenerationEvent(phase="denoising", step=i, total_steps=steps,
-                                  seconds_per_step=(time.monotonic() - t0) / i, telemetry=self.telemetry())
+            per_step = (time.monotonic() - t0) / i
+            preview = Image.effect_noise((max(8, w // 8), max(8, h // 8)), 64).convert("RGB") if r.preview else None
+            yield GenerationEvent(phase="denoising", step=i, total_steps=steps, seconds_per_step=per_step,
+                                  telemetry=self.telemetry(), eta_seconds=per_step * (steps - i), preview=preview,
+                                  preview_index=i if r.preview else 0)
         img = Image.effect_noise((w, h), 64).convert("RGB")
         params = f"{r.prompt}\nSteps: {steps}, Seed: {seed}, Size: {w}x{h}, Model: {model.id}"
         info = PngInfo()

@@ -280,9 +280,11 @@ class ManagedPipeline:
         seed: int,
         on_step: Callable[[int, int, StepStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_latents: Callable[[int, int, Any], None] | None = None,
     ) -> Any:
         """Run text -> PIL image. `on_step(i, n, stats)` after each step; `should_stop()` True
-        between steps raises GenerationCancelled (nothing is decoded)."""
+        between steps raises GenerationCancelled (nothing is decoded). `on_latents(i, n, latents)`
+        just before `on_step`, with the latents after step i (the live preview)."""
         fam = self.family
         pipe = self.pipe
         self.reserve_activations(width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1)
@@ -295,6 +297,8 @@ class ManagedPipeline:
                 self._expect_last_step(self.denoiser_forwards() - forwards_mark[0])
             forwards_mark[0] = self.denoiser_forwards()
             stats = self._mark_step()
+            if on_latents is not None:
+                on_latents(i + 1, steps, _kw.get("latents"))
             if on_step is not None:
                 on_step(i + 1, steps, stats)
             if should_stop is not None and should_stop():
