@@ -17,5 +17,6 @@ FAMILY = Family(
     denoiser="unet",
     text_encoders=("text_encoder", "text_encoder_2"),
     native_batched_cfg=True,
+    img2img_pipeline="StableDiffusionXLImg2ImgPipeline",
     sampler="Euler",
 )
