@@ -34,6 +34,9 @@ class GenerateRequest:
     vram_limit: float | None = None
     fp8: bool = False
     disk_offload: bool = False
+    # input images (PIL images, bytes or file paths): image-to-image, or an edit model's references
+    images: tuple[Any, ...] = ()
+    strength: float | None = None  # image-to-image only: 0 keeps the input, 1 ignores it; None = 0.6
 
 
 @dataclass(frozen=True)
