@@ -150,10 +150,13 @@ class Handlers:
         vram_limit: float | None,
         fp8: bool,
         disk_offload: bool,
+        image: Any = None,
+        strength: Any = None,
     ) -> GenerateRequest:
         """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
         return GenerateRequest(**inputs.request_fields(
             prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload,
+            image, strength,
         ))
 
     def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload) -> str:
@@ -342,18 +345,22 @@ class Handlers:
         vram_limit: float | None = None,
         fp8: bool = False,
         disk_offload: bool = False,
+        image: Any = None,
+        strength: float | None = None,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
         """Generate one image. Returns the saved PNG's path and its parameters text.
 
         model: registry id (empty = the current default model); width/height/steps/guidance: empty =
-        the model's defaults; seed: -1 = random; vram_limit: GB, empty = Auto.
+        the model's defaults (with an input image and no size: the image's, fitted); seed: -1 =
+        random; vram_limit: GB, empty = Auto; image: one uploaded image or a list (image-to-image,
+        or an edit model's references); strength: 0..1, image-to-image only (empty = 0.6).
         """
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload,
+                vram_limit, fp8, disk_offload, image, strength,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None

@@ -126,6 +126,7 @@ SIZE_ACCEPTED = "a whole number of pixels (a multiple of 16), or null for the mo
 def request_fields(
     prompt: Any, negative_prompt: Any, model: Any, width: Any, height: Any, steps: Any,
     guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any,
+    image: Any = None, strength_value: Any = None,
 ) -> dict[str, Any]:
     """The GenerateRequest fields, each checked; UserFacingError names the first bad one."""
     return dict(
@@ -140,7 +141,46 @@ def request_fields(
         vram_limit=vram_limit(vram),
         fp8=flag("fp8", fp8),
         disk_offload=flag("disk_offload", disk_offload),
+        images=images(image),
+        strength=strength(strength_value),
     )
+
+
+IMAGE_ACCEPTED = (
+    "an uploaded image file (gradio_client.handle_file(path)) or a list of them, or null for none"
+)
+
+
+def _file_path(value: Any) -> str | None:
+    """The server-side path of one uploaded file (Gradio's FileData: {"path": ...}), else None.
+    A bare string is not accepted: it could name any file on the server."""
+    if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
+        return value["path"]
+    path = getattr(value, "path", None)  # a FileData object
+    return path if isinstance(path, str) and path else None
+
+
+def images(value: Any) -> tuple[str, ...]:
+    """None / [] -> no image; one uploaded file or a list of them -> their paths (read and
+    checked by the engine: engine.generation.input_images)."""
+    if value is None or value == "" or value == []:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    paths = []
+    for item in items:
+        path = _file_path(item)
+        if path is None:
+            raise bad("image", item, IMAGE_ACCEPTED)
+        paths.append(path)
+    return tuple(paths)
+
+
+def strength(value: Any) -> float | None:
+    accepted = "a number from 0 (keep the input image) to 1 (ignore it), or null for the default 0.6"
+    number = real("strength", value, accepted)
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise bad("strength", value, accepted)
+    return number
 
 
 def raw(component: Any) -> Any:

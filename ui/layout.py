@@ -35,6 +35,17 @@ def _default(choice, key: str, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+def _any_files(component: Any) -> Any:
+    """The API's `image`: one uploaded file or a list of them (Gradio still moves each upload
+    into its cache and refuses paths outside it; ui.inputs.images reads the paths)."""
+    schema = component.api_info()  # the list's schema (a single file is taken too)
+    component.api_info = lambda: schema
+    if hasattr(component, "api_info_as_input"):
+        component.api_info_as_input = lambda: schema
+    component.data_model = None
+    return component
+
+
 def build_demo(studio: Any) -> gr.Blocks:
     """The whole app for one Studio (the engine facade)."""
     h = Handlers(studio)
@@ -163,6 +174,8 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Number(label="vram_limit", value=None),
                 gr.Checkbox(label="fp8", value=False),
                 gr.Checkbox(label="disk_offload", value=False),
+                _any_files(gr.File(label="image", file_count="multiple", file_types=["image"], value=None)),
+                gr.Number(label="strength", value=None),
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
