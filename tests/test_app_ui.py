@@ -201,12 +201,13 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     endpoint = info["named_endpoints"]["/generate"]
     assert [p["parameter_name"] for p in endpoint["parameters"]] == [
         "prompt", "negative_prompt", "model", "width", "height", "steps",
-        "guidance", "seed", "vram_limit", "fp8", "disk_offload",
+        "guidance", "seed", "vram_limit", "fp8", "disk_offload", "image", "strength",
     ]
     assert list(info["named_endpoints"]) == ["/generate"]  # the page's internal events stay private
     labels = {getattr(b, "label", None) for b in demo.blocks.values()}
     for label in ("Model", "Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed",
-                  "VRAM limit (GB)", "Auto", "FP8", "Disk offload", "Results", "Parameters"):
+                  "VRAM limit (GB)", "Auto", "FP8", "Disk offload", "Results", "Parameters",
+                  "Input image(s)", "Strength"):
         assert label in labels, label
     timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
     assert timers and timers[0].value <= 0.5

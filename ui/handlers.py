@@ -297,19 +297,83 @@ class Handlers:
         if request is not None and request.session_hash:
             self.tracker.cancel(request.session_hash)
 
+    # --- input images -----------------------------------------------------------------------
+    def on_model_images(self, model_id: str | None):
+        """The strength slider (image-to-image models only) and the note on the model's limits."""
+        from .layout import image_mode, image_note_markdown
+
+        choice = self.model(model_id)
+        return gr.update(visible=image_mode(choice) == "img2img"), image_note_markdown(choice)
+
+    @staticmethod
+    def gallery_paths(value: Any) -> list[str]:
+        """File paths of an interactive gallery's value ((path, caption) pairs, or paths)."""
+        paths = []
+        for item in value or []:
+            if isinstance(item, (list, tuple)) and item:
+                item = item[0]
+            if isinstance(item, dict):
+                item = item.get("path") or (item.get("image") or {}).get("path")
+            if isinstance(item, str) and item:
+                paths.append(item)
+        return paths
+
+    def use_result_as_input(self, png_path: Any, current: Any, model_id: str | None):
+        """Put the selected (or newest) result into the input images: appended for an edit model
+        that takes several, else it replaces the input."""
+        path = png_path.get("path") if isinstance(png_path, dict) else png_path
+        if not path:
+            gr.Info("Generate an image (or select one in the results) first.")
+            return gr.skip()
+        choice = self.model(model_id)
+        limit = getattr(choice, "max_images", 0) if choice else 0
+        paths = self.gallery_paths(current)
+        paths = (paths + [str(path)])[-limit:] if limit > 1 else [str(path)]
+        return paths
+
+    def size_from_images(self, value: Any, model_id: str | None):
+        """Width and height from the first input image, fitted to the model's range and multiple."""
+        paths = self.gallery_paths(value)
+        choice = self.model(model_id)
+        if not paths or choice is None:
+            return gr.skip(), gr.skip()
+        try:
+            from PIL import Image
+
+            from engine.generation.input_images import fit_size
+
+            with Image.open(paths[0]) as im:
+                w, h = fit_size(*im.size, choice.limits)
+        except Exception:  # a broken file: Generate reports it
+            return gr.skip(), gr.skip()
+        return w, h
+
+    def page_images(self, value: Any, strength: Any, model_id: str | None) -> tuple[list[dict[str, str]], Any]:
+        """The page's input images as the API's (uploads Gradio already holds), and the strength
+        only for an image-to-image model."""
+        from .layout import image_mode
+
+        files = [{"path": p} for p in self.gallery_paths(value)]
+        if not files or image_mode(self.model(model_id)) != "img2img":
+            strength = None
+        return files, strength
+
     async def run_ui(
         self,
         prompt, negative_prompt, model, width, height, steps, guidance, seed,
         auto, slider, fp8, disk_offload, results,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
+        images=None, strength=None,
     ):
-        """The Generate button: run, then add the image to this tab's gallery."""
+        """The Generate button: run, then add the image to this tab's gallery. (The input images and
+        strength come last: Gradio puts the request and progress in their places.)"""
         session = request.session_hash or ""
         try:
+            files, strength = self.page_images(images, strength, model)
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                self.vram_limit_value(auto, slider), fp8, disk_offload,
+                self.vram_limit_value(auto, slider), fp8, disk_offload, files or None, strength,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -317,6 +381,8 @@ class Handlers:
         if result is None:
             gr.Warning("Generation cancelled.", title="Cancelled")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        for note in result.settings.get("input_notes") or []:
+            gr.Info(note, title="Input image")
         entry = {
             "path": str(result.path),
             "caption": formatting.caption(result.settings),

@@ -35,6 +35,22 @@ def _default(choice, key: str, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+def image_mode(choice) -> str:
+    return getattr(choice, "image_mode", "none") if choice else "none"
+
+
+def image_note_markdown(choice) -> str:
+    """What the selected model does with input images (its own limit on their number)."""
+    mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
+    if mode == "img2img":
+        text = "Image-to-image: **1** input image (upload, paste or drop one; it is resized to the output size), with a strength."
+    elif mode == "reference":
+        text = f"Edit: up to **{n}** reference image{'s' if n != 1 else ''}; no strength."
+    else:
+        text = "This model takes no input image."
+    return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'
+
+
 def _any_files(component: Any) -> Any:
     """The API's `image`: one uploaded file or a list of them (Gradio still moves each upload
     into its cache and refuses paths outside it; ui.inputs.images reads the paths)."""
@@ -71,6 +87,32 @@ def build_demo(studio: Any) -> gr.Blocks:
                 )
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dawn, oil painting")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+                with gr.Accordion("Input images", open=True, elem_id="input-accordion"):
+                    input_images = gr.Gallery(
+                        label="Input image(s)",
+                        elem_id="input-images",
+                        type="filepath",
+                        interactive=True,
+                        file_types=["image"],
+                        columns=4,
+                        height=170,
+                        object_fit="contain",
+                        sources=["upload", "clipboard"],  # drop files on it, or paste
+                    )
+                    with gr.Row(equal_height=True):
+                        strength = gr.Slider(
+                            label="Strength",
+                            minimum=0.0,
+                            maximum=1.0,
+                            step=0.05,
+                            value=0.6,
+                            info="Image-to-image: 0 keeps the input, 1 ignores it",
+                            elem_id="strength",
+                            visible=image_mode(current) == "img2img",
+                            scale=4,
+                        )
+                        use_result = gr.Button("Use result as input", scale=1, min_width=120, elem_id="use-result-btn")
+                    image_note = gr.Markdown(image_note_markdown(current), elem_id="image-note")
                 with gr.Row():
                     multiple = int(_limit(current, "size_multiple", 16))
                     width = gr.Number(label="Width", value=_default(current, "width", 512), precision=0, step=multiple)
@@ -205,7 +247,11 @@ def build_demo(studio: Any) -> gr.Blocks:
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results]
+                      auto, vram_slider, fp8, disk_offload, results, input_images, strength]
+        model.change(h.on_model_images, model, [strength, image_note], show_progress="hidden", **private)
+        use_result.click(h.use_result_as_input, [png_file, input_images, model], input_images, queue=False, **private)
+        # a new first input image sets the output size to its own, fitted to the model
+        input_images.upload(h.size_from_images, [input_images, model], [width, height], queue=False, **private)
         run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
             h.run_ui,
             run_inputs,
