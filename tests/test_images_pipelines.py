@@ -38,9 +38,10 @@ def picture(seed=0, size=(64, 64)):
     return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
 
 
-def run(mp, family, images, *, seed=1, steps=4, strength=0.5, **kw):
+def run(mp, family, images, *, seed=1, steps=4, strength=0.5, guidance=None, **kw):
     d = TINY_DEFAULTS[family]
-    out = mp.generate("a cat", "", width=64, height=64, steps=steps, guidance=d.guidance, seed=seed,
+    g = d.guidance if guidance is None else guidance
+    out = mp.generate("a cat", "", width=64, height=64, steps=steps, guidance=g, seed=seed,
                       images=images, strength=strength if FAMILIES[family].image_mode == "img2img" else None, **kw)
     return np.asarray(out)
 
@@ -121,8 +122,19 @@ def test_reference_latents_and_input_encodes_count_as_activations():
 def test_qwen_image_edit_family_streams_its_vision_tower(repos):
     """Qwen-Image-Edit's references go through Qwen2.5-VL's vision tower: it is managed like the
     language layers (its layers are managed modules of the text encoder's runtime)."""
-    pytest.importorskip("torchvision", reason="Qwen2VLProcessor's video processor needs torchvision")
-    mp = build_pipeline(repos("qwen-image-edit"), vram_config_for(False, False, "cpu"), 0)
-    visual = mp.components["text_encoder"].model.visual
-    assert any(isinstance(m, ManagedModule) for m in visual.modules())
-    assert run(mp, "qwen-image-edit", [picture()], steps=2).shape == (64, 64, 3)
+    images = {}
+    for name, (disk, limit) in {"ram-unlimited": (False, None), "ram-0": (False, 0), "disk-0": (True, 0)}.items():
+        mp = build_pipeline(repos("qwen-image-edit"), vram_config_for(False, disk, "cpu"), limit)
+        visual = mp.components["text_encoder"].model.visual
+        assert any(isinstance(m, ManagedModule) for m in visual.modules())
+        stages = []
+        mp.on_stage = stages.append
+        per_step = []
+        images[name] = run(mp, "qwen-image-edit", [picture(), picture(1)], steps=2, guidance=4.0,
+                           on_step=lambda i, n, s: per_step.append(s.streamed_bytes))
+        assert images[name].shape == (64, 64, 3)
+        assert stages[0] == ENCODE and stages[-1] == DECODE and DENOISE in stages
+        if limit == 0:
+            assert all(b > 0 for b in per_step)  # streamed under limit 0
+    for name, image in images.items():
+        assert np.array_equal(image, images["ram-unlimited"]), name

@@ -19,7 +19,7 @@ from tests.test_studio import TinyRegistry
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("studio-img")
-    registry = TinyRegistry(root / "tiny", families=("flux1-kontext",))
+    registry = TinyRegistry(root / "tiny", families=("flux1-kontext", "qwen-image-edit"))
     return Studio(root / "models", root / "outputs", registry=registry, device="cpu")
 
 
@@ -111,3 +111,29 @@ def test_studio_keeps_serving_after_bad_inputs(studio):
             studio.generate(GenerateRequest("a cat", images=(data,)))
     _, result = result_of(studio, GenerateRequest("a cat", seed=1))
     assert result is not None and result.path.exists()
+
+
+def test_qwen_image_edit_needs_one_to_three_references(studio):
+    with pytest.raises(UserFacingError, match="edits images: give 1 to 3 input images"):
+        studio.generate(GenerateRequest("make it red", model="tiny-qwen-image-edit"))
+    with pytest.raises(UserFacingError, match="at most 3 input images; got 4"):
+        studio.generate(GenerateRequest("make it red", model="tiny-qwen-image-edit", images=(good(),) * 4))
+    _, result = result_of(studio, GenerateRequest("make it red", model="tiny-qwen-image-edit", seed=1, steps=2,
+                                                  images=(good(), png(noise(64, 64, seed=2)))))
+    info = parse_infotext(result.parameters)
+    assert info["Input images"] == "2" and "Input image 2" in info and result.image.size == (96, 80)
+
+
+def test_reference_images_count_in_the_estimate(studio, monkeypatch):
+    """On a GPU host the estimate's activations grow with the references (their latents join the
+    denoiser's sequence) and with a large input image's VAE encode."""
+    from engine.generation import studio as studio_module
+    from engine.generation.types import HardwareInfo
+
+    monkeypatch.setattr(studio, "_hardware", HardwareInfo(True, "fake", 24.0, 22.0, 64.0))
+    seen = []
+    real = studio_module.activation_bytes
+    monkeypatch.setattr(studio_module, "activation_bytes", lambda *a, **k: seen.append(a) or real(*a, **k))
+    studio.estimate(GenerateRequest("x", model="qwen-image-edit-2509", width=1024, height=1024))
+    studio.estimate(GenerateRequest("x", model="qwen-image-edit-2509", width=1024, height=1024, images=(png(noise(1024, 1024)),) * 2))
+    assert seen[0][3:] in ((), (0, 0)) and seen[1][3] == 2 * 1024 * 1024 and seen[1][4] == 1024 * 1024

@@ -284,8 +284,9 @@ class Studio:
         return self._hardware
 
     # --- validation -------------------------------------------------------------------------------
-    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
-        """Validate `request` and fill in defaults. UserFacingError says what to change."""
+    def resolve(self, request: GenerateRequest, *, estimate: bool = False) -> ResolvedRequest:
+        """Validate `request` and fill in defaults. UserFacingError says what to change.
+        (`estimate`: an edit model may be estimated before its images are given.)"""
         if not isinstance(request, GenerateRequest):
             raise UserFacingError("Internal error: generate() needs a GenerateRequest.")
         registry = self._reg()
@@ -317,7 +318,7 @@ class Studio:
                 raise UserFacingError(f"{name.capitalize()} {v} is outside what {entry.name} supports ({lo}..{hi} pixels).")
             return v
 
-        inputs, strength, image_size = self._resolve_images(request, entry, FAMILIES[entry.family], lim)
+        inputs, strength, image_size = self._resolve_images(request, entry, FAMILIES[entry.family], lim, estimate)
         if image_size is not None:  # no size asked for: the input image's, fitted to the model
             request = replace(request, width=request.width or image_size[0], height=request.height or image_size[1])
         width, height = size("width", request.width), size("height", request.height)
@@ -357,7 +358,9 @@ class Studio:
                     )
         return ResolvedRequest(request, entry, entry.id, prompt, negative, width, height, steps, guidance, seed, settings, inputs, strength)
 
-    def _resolve_images(self, request: GenerateRequest, entry: Any, family: Any, limits: dict[str, Any]) -> tuple[Any, float | None, tuple[int, int] | None]:
+    def _resolve_images(
+        self, request: GenerateRequest, entry: Any, family: Any, limits: dict[str, Any], estimate: bool = False
+    ) -> tuple[Any, float | None, tuple[int, int] | None]:
         """Check the images and strength against the model (engine.generation.input_images);
         (images read but not yet resized, strength, the size the first image suggests)."""
         from engine.generation import input_images as ii
@@ -377,7 +380,7 @@ class Studio:
         else:
             strength = None
         if not sources:
-            if family.requires_image:
+            if family.requires_image and not estimate:
                 n = family.max_images
                 raise UserFacingError(f"{entry.name} edits images: give 1{f' to {n}' if n > 1 else ''} input image{'s' if n > 1 else ''}.")
             return None, None, None
@@ -408,7 +411,7 @@ class Studio:
         """What `request` needs, from the registry's sizes and the planner's rules (nothing loads).
         Once the requested build has run every stage, the smallest feasible limit is the planner's
         own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula."""
-        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
+        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"), estimate=True)
         entry, s, hw = r.entry, r.settings, self.hardware()
         fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.fp8 else 1.0
