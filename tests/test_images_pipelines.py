@@ -138,3 +138,19 @@ def test_qwen_image_edit_family_streams_its_vision_tower(repos):
             assert all(b > 0 for b in per_step)  # streamed under limit 0
     for name, image in images.items():
         assert np.array_equal(image, images["ram-unlimited"]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_image_to_image_and_edit_under_limits_and_disk_offload(repos):
+    """On a GPU: the input's VAE encode and the references run under the budget (activation
+    reserve included) and give the same pixels at every limit and with disk offload."""
+    for family in ("z-image", "flux1-kontext"):
+        images = {}
+        for name, (disk, limit) in {"unlimited": (False, None), "zero": (False, 0), "disk": (True, 0)}.items():
+            mp = build_pipeline(repos(family), vram_config_for(False, disk, "cuda"), limit)
+            assert mp.pipe._execution_device.type == "cuda"
+            images[name] = run(mp, family, [picture()], steps=2)
+            assert mp.budget.activation_reserve_bytes > 0
+        for name, image in images.items():
+            assert np.array_equal(image, images["unlimited"]), (family, name)
