@@ -154,3 +154,11 @@ def test_gpu_image_to_image_and_edit_under_limits_and_disk_offload(repos):
             assert mp.budget.activation_reserve_bytes > 0
         for name, image in images.items():
             assert np.array_equal(image, images["unlimited"]), (family, name)
+
+
+def test_a_large_input_image_turns_vae_tiling_on(repos):
+    mp = build_pipeline(repos("z-image"), vram_config_for(False, False, "cpu"), 0)
+    mp.configure_vae(64, 64)
+    assert not mp.vae_tiling
+    mp.configure_vae(64, 64, input_pixels=2048 * 2048)  # the encode of a big input tiles
+    assert mp.vae_tiling

@@ -65,7 +65,7 @@ def test_upload_then_generate_is_image_to_image(page, tmp_path):
     assert "Input image 1: 144x96 sha256" in params, params  # the result itself, at its own size
 
 
-@pytest.mark.parametrize("name", ["not-an-image", "truncated", "1x1"])
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
 def test_a_bad_upload_is_a_message_and_the_page_keeps_working(page, tmp_path, name):
     data, message = BAD_IMAGES[name]
     path = tmp_path / f"{name}.png"
@@ -81,3 +81,27 @@ def test_a_bad_upload_is_a_message_and_the_page_keeps_working(page, tmp_path, na
     before = gallery_count(page)
     generate(page, "text only")
     wait_image(page, before)
+
+
+def test_too_many_images_and_converted_modes(page, tmp_path):
+    """Two images for the demo (it takes one): a message; then a CMYK JPEG is converted, with a note."""
+    from tests.fixtures.bad_images import CONVERTED_IMAGES
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"p{i}.png")
+        paths[-1].write_bytes(png(noise(64, 64, seed=i)))
+    page.locator("#input-images input[type=file]").set_input_files([str(p) for p in paths])
+    page.wait_for_function("() => document.querySelectorAll('#input-images img').length >= 2", timeout=30_000)
+    generate(page)
+    wait_toast(page, "at most 1 input image; got 2")
+    wait_ready(page)
+    page.reload()
+    page.wait_for_selector("#generate-btn")
+    cmyk = tmp_path / "cmyk.jpg"
+    cmyk.write_bytes(CONVERTED_IMAGES["cmyk"][0])
+    upload(page, cmyk)
+    before = gallery_count(page)
+    generate(page)
+    wait_image(page, before)
+    wait_toast(page, "CMYK")
