@@ -99,11 +99,30 @@ def test_bad_strength_and_counts(client, files, kwargs, message):
         client.predict("a cat", image=image, steps=2, api_name="/generate", **kwargs)
 
 
-def test_a_bare_server_path_is_not_an_image_input(client):
-    """Only uploads are read: a string naming a file on the server is refused (by Gradio or by us)."""
+def test_a_bare_string_is_not_an_image_input(client):
+    """A string is not an upload (gradio_client uploads the client's own files for FileData
+    payloads; a string goes through as text and would name a file on the server)."""
     from gradio_client.exceptions import AppError
 
-    with pytest.raises((AppError, ValueError)):
-        client.predict("a cat", image={"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, steps=1, api_name="/generate")
+    with pytest.raises(AppError, match="must be an uploaded image file"):
+        client.predict("a cat", image="/etc/passwd", steps=1, api_name="/generate")
     image_path, _ = client.predict("still serving", steps=1, api_name="/generate")
     assert Path(image_path).is_file()
+
+
+def test_only_files_in_gradios_upload_folder_are_read(tmp_path, monkeypatch):
+    """ui.inputs.images refuses, unread, a payload naming a file outside Gradio's upload folder."""
+    from engine.generation.types import UserFacingError
+    from ui import inputs
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    (tmp_path / "uploads" / "abc").mkdir(parents=True)
+    inside = tmp_path / "uploads" / "abc" / "cat.png"
+    inside.write_bytes(good())
+    assert inputs.images({"path": str(inside)}) == (str(inside.resolve()),)
+    assert inputs.images([{"path": str(inside)}, {"path": str(inside)}]) == (str(inside.resolve()),) * 2
+    for outside in ("/etc/passwd", str(tmp_path / "uploads" / ".." / "secret.png")):
+        with pytest.raises(UserFacingError, match="not an upload"):
+            inputs.images({"path": outside})
+    with pytest.raises(UserFacingError, match="must be an uploaded image file"):
+        inputs.images(["/etc/passwd"])

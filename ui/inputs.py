@@ -12,6 +12,7 @@ conversions (float() of a string, rounding to `precision`) never run before this
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from engine.generation.types import UserFacingError
@@ -160,18 +161,33 @@ def _file_path(value: Any) -> str | None:
     return path if isinstance(path, str) and path else None
 
 
+def upload_folder() -> Path:
+    """Where Gradio keeps uploads (and its copies of files it served)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
 def images(value: Any) -> tuple[str, ...]:
     """None / [] -> no image; one uploaded file or a list of them -> their paths (read and
-    checked by the engine: engine.generation.input_images)."""
+    checked by the engine: engine.generation.input_images). Only files inside Gradio's upload
+    folder are read: a payload naming any other file on the server is refused unread."""
     if value is None or value == "" or value == []:
         return ()
     items = value if isinstance(value, (list, tuple)) else [value]
     paths = []
+    folder = upload_folder()
     for item in items:
         path = _file_path(item)
         if path is None:
             raise bad("image", item, IMAGE_ACCEPTED)
-        paths.append(path)
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(folder):
+            raise UserFacingError(
+                "image must be a file uploaded to this app (gradio_client.handle_file(path) uploads it); "
+                f"{Path(path).name!r} is not an upload."
+            )
+        paths.append(str(resolved))
     return tuple(paths)
 
 

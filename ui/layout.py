@@ -56,6 +56,26 @@ def _any_files(component: Any) -> Any:
     into its cache and refuses paths outside it; ui.inputs.images reads the paths)."""
     schema = component.api_info()  # the list's schema (a single file is taken too)
     component.api_info = lambda: schema
+    # Gradio copies a payload's files into its cache before any check of ours: only uploads may
+    # be copied (a payload naming another file on the server is refused unread)
+    copy = component.move_resource_to_block_cache
+
+    def uploads_only(path: Any) -> Any:
+        from .inputs import upload_folder
+
+        if isinstance(path, str) and not path.startswith(("http://", "https://")):
+            from pathlib import Path
+
+            if not Path(path).resolve().is_relative_to(upload_folder()):
+                raise gr.Error(
+                    "image must be a file uploaded to this app (gradio_client.handle_file(path) uploads it); "
+                    f"{Path(path).name!r} is not an upload.",
+                    title="Cannot generate",
+                    print_exception=False,
+                )
+        return copy(path)
+
+    component.move_resource_to_block_cache = uploads_only
     if hasattr(component, "api_info_as_input"):
         component.api_info_as_input = lambda: schema
     component.data_model = None
