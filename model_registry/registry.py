@@ -132,6 +132,17 @@ def model_choices(models_dir: str | os.PathLike[str] | None = None) -> list[Mode
             is_demo=entry.is_demo,
             defaults=dict(entry.defaults),
             limits=dict(entry.limits),
+            **_image_caps(entry.family),
         )
         for entry in list_models()
     ]
+
+
+def _image_caps(family_name: str) -> dict[str, Any]:
+    """The family's input-image mode and count, for the page (image input, strength slider)."""
+    from .families import FAMILIES
+
+    family = FAMILIES.get(family_name)
+    if family is None:
+        return {}
+    return {"image_mode": family.image_mode, "max_images": family.max_images}

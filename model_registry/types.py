@@ -22,3 +22,6 @@ class ModelChoice:
     is_demo: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)  # steps, guidance, width, height
     limits: dict[str, Any] = field(default_factory=dict)  # min/max width/height/steps/guidance
+    # images in: "none", "img2img" (one image + strength) or "reference" (edit models), and how many
+    image_mode: str = "none"
+    max_images: int = 0

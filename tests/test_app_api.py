@@ -12,7 +12,7 @@ import app
 
 API_PARAMETERS = [
     "prompt", "negative_prompt", "model", "width", "height", "steps",
-    "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights",
+    "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights", "image", "strength",
 ]
 
 

@@ -207,7 +207,9 @@ def test_size_hints_stay_in_the_models_range(server, width, hint, never):
 def test_uploads_are_limited(server):
     import httpx
 
-    big = httpx.post(server[0] + "gradio_api/upload", files={"files": ("big.bin", b"\0" * (2 * 1024 * 1024))}, timeout=30)
+    from ui import MAX_UPLOAD  # input images up to 20 MB: the server takes 24 MB, no more
+
+    big = httpx.post(server[0] + "gradio_api/upload", files={"files": ("big.bin", b"\0" * (MAX_UPLOAD + 1024))}, timeout=30)
     assert big.status_code == 413, (big.status_code, big.text[:200])
     small = httpx.post(server[0] + "gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=30)
     assert small.status_code == 200

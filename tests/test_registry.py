@@ -134,6 +134,8 @@ _TINY_DENOISERS = {
     "flux1": tc.flux_transformer,
     "flux2-klein": tc.flux2_transformer,
     "sdxl": tc.sdxl_unet,
+    "qwen-image-edit": tc.qwen_image_transformer,
+    "flux1-kontext": tc.flux_transformer,
 }
 
 

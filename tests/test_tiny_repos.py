@@ -86,6 +86,49 @@ REAL_LAYOUT: dict[str, dict] = {
         "single": {"vae"},
         "tokenizers": {"tokenizer": {"merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"}},
     },
+    "qwen-image-edit": {
+        "pipeline": "QwenImageEditPlusPipeline",
+        "components": {
+            "processor": ["transformers", "Qwen2VLProcessor"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        },
+        "sharded": {"text_encoder", "transformer"},
+        "single": {"vae"},
+        "tokenizers": {
+            name: {
+                "added_tokens.json",
+                "chat_template.jinja",
+                "merges.txt",
+                "special_tokens_map.json",
+                "tokenizer_config.json",
+                "vocab.json",
+                *(["preprocessor_config.json"] if name == "processor" else []),
+            }
+            for name in ("tokenizer", "processor")
+        },
+    },
+    "flux1-kontext": {
+        "pipeline": "FluxKontextPipeline",
+        "components": {
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+        "sharded": {"text_encoder_2", "transformer"},
+        "single": {"text_encoder", "vae"},
+        "tokenizers": {
+            "tokenizer": {"merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"},
+            "tokenizer_2": {"special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer_config.json"},
+        },
+    },
     "sdxl": {
         "pipeline": "StableDiffusionXLPipeline",
         "components": {
@@ -128,6 +171,12 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def needs_torchvision(family: str) -> None:
+    """Qwen2VLProcessor (Qwen-Image-Edit) loads a video processor that needs torchvision."""
+    if "processor" in REAL_LAYOUT[family]["components"]:
+        pytest.importorskip("torchvision", reason="Qwen2VLProcessor's video processor needs torchvision")
 
 
 def safetensors_header(path: Path) -> dict:
@@ -235,12 +284,16 @@ def test_qwen_image_template_prefix_is_dropped_exactly(repos: dict[str, Path], n
 def test_pipeline_loads_offline_and_generates(repos: dict[str, Path], family: str, no_network: None) -> None:
     import diffusers
 
+    needs_torchvision(family)
+
     pipe = diffusers.DiffusionPipeline.from_pretrained(repos[family], torch_dtype=torch.bfloat16)
     assert type(pipe).__name__ == REAL_LAYOUT[family]["pipeline"]
     pipe.set_progress_bar_config(disable=True)
     defaults = TINY_DEFAULTS[family]
+    # Kontext scales the output up to max_area (1024² by default)
+    extra = {"max_area": defaults.width * defaults.height} if family == "flux1-kontext" else {}
     image = pipe(
-        prompt="a photo of a cat", generator=torch.Generator().manual_seed(0), **defaults.call_kwargs()
+        prompt="a photo of a cat", generator=torch.Generator().manual_seed(0), **defaults.call_kwargs(), **extra
     ).images[0]
     assert image.size == (defaults.width, defaults.height)
     assert image.mode == "RGB"
@@ -251,6 +304,8 @@ def test_pipeline_loads_offline_and_generates(repos: dict[str, Path], family: st
 def test_specific_pipeline_class_loads_every_component(repos: dict[str, Path], family: str, no_network: None) -> None:
     import diffusers
     import transformers
+
+    needs_torchvision(family)
 
     layout = REAL_LAYOUT[family]
     pipe = getattr(diffusers, layout["pipeline"]).from_pretrained(repos[family], torch_dtype=torch.bfloat16)

@@ -12,9 +12,10 @@ from .layout import CSS, build_demo
 
 __all__ = ["CSS", "MAX_UPLOAD", "build_demo", "launch"]
 
-#: The app takes no file input (no upload component, no file parameter in /generate): refuse
-#: anything larger than a small form post on Gradio's upload route.
-MAX_UPLOAD = "1mb"
+#: Gradio's upload limit (every upload route): input images up to the engine's own limit
+#: (engine.generation.input_images.MAX_IMAGE_BYTES, 20 MB) get through, with 4 MB of slack so a file
+#: just over it gets the engine's readable message; anything larger Gradio refuses itself.
+MAX_UPLOAD = 24 * 1024 * 1024
 
 
 def launch(demo, **launch_kwargs: Any):

@@ -193,10 +193,13 @@ class Handlers:
         loras: str = "",
         weights: Any = "auto",
         preview: bool = True,
+        image: Any = None,
+        strength: Any = None,
     ) -> GenerateRequest:
         """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
         return GenerateRequest(**inputs.request_fields(
             prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload, loras, weights,
+            image, strength,
         ), preview=bool(preview))
 
     def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off", resident_limit=None) -> str:
@@ -381,6 +384,67 @@ class Handlers:
         if request is not None and request.session_hash:
             self.tracker.cancel(request.session_hash)
 
+    # --- input images -----------------------------------------------------------------------
+    def on_model_images(self, model_id: str | None):
+        """The strength slider (image-to-image models only) and the note on the model's limits."""
+        from .layout import image_mode, image_note_markdown
+
+        choice = self.model(model_id)
+        return gr.update(visible=image_mode(choice) == "img2img"), image_note_markdown(choice)
+
+    @staticmethod
+    def gallery_paths(value: Any) -> list[str]:
+        """File paths of an interactive gallery's value ((path, caption) pairs, or paths)."""
+        paths = []
+        for item in value or []:
+            if isinstance(item, (list, tuple)) and item:
+                item = item[0]
+            if isinstance(item, dict):
+                item = item.get("path") or (item.get("image") or {}).get("path")
+            if isinstance(item, str) and item:
+                paths.append(item)
+        return paths
+
+    def use_result_as_input(self, png_path: Any, current: Any, model_id: str | None):
+        """Put the selected (or newest) result into the input images: appended for an edit model
+        that takes several, else it replaces the input."""
+        path = png_path.get("path") if isinstance(png_path, dict) else png_path
+        if not path:
+            gr.Info("Generate an image (or select one in the results) first.")
+            return gr.skip()
+        choice = self.model(model_id)
+        limit = getattr(choice, "max_images", 0) if choice else 0
+        paths = self.gallery_paths(current)
+        paths = (paths + [str(path)])[-limit:] if limit > 1 else [str(path)]
+        return paths
+
+    def size_from_images(self, value: Any, model_id: str | None):
+        """Width and height from the first input image, fitted to the model's range and multiple."""
+        paths = self.gallery_paths(value)
+        choice = self.model(model_id)
+        if not paths or choice is None:
+            return gr.skip(), gr.skip()
+        try:
+            from PIL import Image
+
+            from engine.generation.input_images import fit_size
+
+            with Image.open(paths[0]) as im:
+                w, h = fit_size(*im.size, choice.limits)
+        except Exception:  # a broken file: Generate reports it
+            return gr.skip(), gr.skip()
+        return w, h
+
+    def page_images(self, value: Any, strength: Any, model_id: str | None) -> tuple[list[dict[str, str]], Any]:
+        """The page's input images as the API's (uploads Gradio already holds), and the strength
+        only for an image-to-image model."""
+        from .layout import image_mode
+
+        files = [{"path": p} for p in self.gallery_paths(value)]
+        if not files or image_mode(self.model(model_id)) != "img2img":
+            strength = None
+        return files, strength
+
     async def run_ui(
         self,
         prompt, negative_prompt, model, width, height, steps, guidance, seed,
@@ -391,16 +455,19 @@ class Handlers:
         quantize: str = "off",
         live_preview: bool = True,
         resident_limit: float | None = None,
+        images=None, strength=None,
     ):
-        """The Generate button: run, then add the image to this tab's gallery. `loras` (the
-        picker's string, engine.generation.lora_library.parse_lora_spec) is the last input;
-        Gradio passes the request and progress in their places."""
+        """The Generate button: run, then add the image to this tab's gallery. The inputs after
+        `results` come last (the LoRA picker's string, engine.generation.lora_library.parse_lora_spec;
+        the Quantize choice; the live-preview switch; Fit's RAM bound; the input images and
+        strength): Gradio puts the request and progress in their places."""
         session = request.session_hash or ""
         try:
+            files, strength = self.page_images(images, strength, model)
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
                 self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload, loras, quantize_to_weights(quantize),
-                live_preview,
+                live_preview, files or None, strength,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -408,6 +475,8 @@ class Handlers:
         if result is None:
             gr.Warning("Generation cancelled.", title="Cancelled")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        for note in result.settings.get("input_notes") or []:
+            gr.Info(note, title="Input image")
         entry = {
             "path": str(result.path),
             "caption": formatting.caption(result.settings),
@@ -438,6 +507,8 @@ class Handlers:
         disk_offload: bool = False,
         loras: str = "",
         weights: str = "auto",
+        image: Any = None,
+        strength: float | None = None,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
@@ -450,11 +521,14 @@ class Handlers:
         the LoRA folder (its path there without .safetensors) or hf:owner/repo[/file.safetensors].
         weights: how the weights are stored, "auto" (fp8 decides), "bf16", "fp8", "int8" or "nf4"
         (a GGUF model keeps its file's blocks).
+        image: one uploaded image or a list (image-to-image, or an edit model's references; with an
+        input image and no size, the output takes the image's, fitted); strength: 0..1,
+        image-to-image only (empty = 0.6).
         """
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload, loras, weights,
+                vram_limit, fp8, disk_offload, loras, weights, image=image, strength=strength,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -479,6 +553,8 @@ class Handlers:
         disk_offload: bool = False,
         loras: str = "",
         weights: str = "auto",
+        image: Any = None,
+        strength: float | None = None,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ):
@@ -488,7 +564,7 @@ class Handlers:
         try:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload, loras, weights, preview=True,
+                vram_limit, fp8, disk_offload, loras, weights, preview=True, image=image, strength=strength,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None

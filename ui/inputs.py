@@ -12,6 +12,7 @@ conversions (float() of a string, rounding to `precision`) never run before this
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from engine.generation.lora_library import parse_lora_spec
@@ -127,6 +128,7 @@ SIZE_ACCEPTED = "a whole number of pixels (a multiple of 16), or null for the mo
 def request_fields(
     prompt: Any, negative_prompt: Any, model: Any, width: Any, height: Any, steps: Any,
     guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any, loras: Any = "", weights: Any = "auto",
+    image: Any = None, strength_value: Any = None,
 ) -> dict[str, Any]:
     """The GenerateRequest fields, each checked; UserFacingError names the first bad one."""
     return dict(
@@ -143,6 +145,8 @@ def request_fields(
         disk_offload=flag("disk_offload", disk_offload),
         loras=lora_list(loras),
         weights=weights_choice(weights),
+        images=images(image),
+        strength=strength(strength_value),
     )
 
 
@@ -162,6 +166,58 @@ def lora_list(value: Any) -> tuple[tuple[str, float], ...]:
     if not isinstance(value, str):
         raise bad("loras", value, 'a string of comma-separated "id:strength" entries, e.g. "ink:0.8, hf:owner/repo:0.5"')
     return parse_lora_spec(value)
+
+
+IMAGE_ACCEPTED = (
+    "an uploaded image file (gradio_client.handle_file(path)) or a list of them, or null for none"
+)
+
+
+def _file_path(value: Any) -> str | None:
+    """The server-side path of one uploaded file (Gradio's FileData: {"path": ...}), else None.
+    A bare string is not accepted: it could name any file on the server."""
+    if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
+        return value["path"]
+    path = getattr(value, "path", None)  # a FileData object
+    return path if isinstance(path, str) and path else None
+
+
+def upload_folder() -> Path:
+    """Where Gradio keeps uploads (and its copies of files it served)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def images(value: Any) -> tuple[str, ...]:
+    """None / [] -> no image; one uploaded file or a list of them -> their paths (read and
+    checked by the engine: engine.generation.input_images). Only files inside Gradio's upload
+    folder are read: a payload naming any other file on the server is refused unread."""
+    if value is None or value == "" or value == []:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    paths = []
+    folder = upload_folder()
+    for item in items:
+        path = _file_path(item)
+        if path is None:
+            raise bad("image", item, IMAGE_ACCEPTED)
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(folder):
+            raise UserFacingError(
+                "image must be a file uploaded to this app (gradio_client.handle_file(path) uploads it); "
+                f"{Path(path).name!r} is not an upload."
+            )
+        paths.append(str(resolved))
+    return tuple(paths)
+
+
+def strength(value: Any) -> float | None:
+    accepted = "a number from 0 (keep the input image) to 1 (ignore it), or null for the default 0.6"
+    number = real("strength", value, accepted)
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise bad("strength", value, accepted)
+    return number
 
 
 def raw(component: Any) -> Any:

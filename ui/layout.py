@@ -39,6 +39,53 @@ def _default(choice, key: str, fallback: Any) -> Any:
 LORA_SLOTS = 3  # LoRAs the picker offers at once (the API takes any number)
 
 
+def image_mode(choice) -> str:
+    return getattr(choice, "image_mode", "none") if choice else "none"
+
+
+def image_note_markdown(choice) -> str:
+    """What the selected model does with input images (its own limit on their number)."""
+    mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
+    if mode == "img2img":
+        text = "Image-to-image: **1** input image (upload, paste or drop one; it is resized to the output size), with a strength."
+    elif mode == "reference":
+        text = f"Edit: up to **{n}** reference image{'s' if n != 1 else ''}; no strength."
+    else:
+        text = "This model takes no input image."
+    return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'
+
+
+def _any_files(component: Any) -> Any:
+    """The API's `image`: one uploaded file or a list of them (Gradio still moves each upload
+    into its cache and refuses paths outside it; ui.inputs.images reads the paths)."""
+    schema = component.api_info()  # the list's schema (a single file is taken too)
+    component.api_info = lambda: schema
+    # Gradio copies a payload's files into its cache before any check of ours: only uploads may
+    # be copied (a payload naming another file on the server is refused unread)
+    copy = component.move_resource_to_block_cache
+
+    def uploads_only(path: Any) -> Any:
+        from .inputs import upload_folder
+
+        if isinstance(path, str) and not path.startswith(("http://", "https://")):
+            from pathlib import Path
+
+            if not Path(path).resolve().is_relative_to(upload_folder()):
+                raise gr.Error(
+                    "image must be a file uploaded to this app (gradio_client.handle_file(path) uploads it); "
+                    f"{Path(path).name!r} is not an upload.",
+                    title="Cannot generate",
+                    print_exception=False,
+                )
+        return copy(path)
+
+    component.move_resource_to_block_cache = uploads_only
+    if hasattr(component, "api_info_as_input"):
+        component.api_info_as_input = lambda: schema
+    component.data_model = None
+    return component
+
+
 def build_demo(studio: Any) -> gr.Blocks:
     """The whole app for one Studio (the engine facade)."""
     h = Handlers(studio)
@@ -64,6 +111,32 @@ def build_demo(studio: Any) -> gr.Blocks:
                 )
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dawn, oil painting")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+                with gr.Accordion("Input images", open=True, elem_id="input-accordion"):
+                    input_images = gr.Gallery(
+                        label="Input image(s)",
+                        elem_id="input-images",
+                        type="filepath",
+                        interactive=True,
+                        file_types=["image"],
+                        columns=4,
+                        height=170,
+                        object_fit="contain",
+                        sources=["upload", "clipboard"],  # drop files on it, or paste
+                    )
+                    with gr.Row(equal_height=True):
+                        strength = gr.Slider(
+                            label="Strength",
+                            minimum=0.0,
+                            maximum=1.0,
+                            step=0.05,
+                            value=0.6,
+                            info="Image-to-image: 0 keeps the input, 1 ignores it",
+                            elem_id="strength",
+                            visible=image_mode(current) == "img2img",
+                            scale=4,
+                        )
+                        use_result = gr.Button("Use result as input", scale=1, min_width=120, elem_id="use-result-btn")
+                    image_note = gr.Markdown(image_note_markdown(current), elem_id="image-note")
                 with gr.Row():
                     multiple = int(_limit(current, "size_multiple", 16))
                     width = gr.Number(label="Width", value=_default(current, "width", 512), precision=0, step=multiple)
@@ -199,6 +272,8 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Checkbox(label="disk_offload", value=False),
                 gr.Textbox(label="loras", value="", info='comma-separated "id:strength", e.g. "ink:0.8, hf:owner/repo:0.5"'),
                 gr.Dropdown(label="weights", choices=["auto", "bf16", "fp8", "int8", "nf4"], value="auto"),
+                _any_files(gr.File(label="image", file_count="multiple", file_types=["image"], value=None)),
+                gr.Number(label="strength", value=None),
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
@@ -246,7 +321,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         gr.on(triggers=[model.change, width.change, height.change], fn=lambda: ("", None), inputs=None,
               outputs=[fit_reason, resident_limit], queue=False, show_progress="hidden", **private)
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize, preview_toggle, resident_limit]
+                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize, preview_toggle, resident_limit, input_images, strength]
         # the picker slots make the `loras` string; the model's family filters what they offer
         gr.on(
             triggers=[c.change for c in lora_slots], fn=h.lora_spec, inputs=lora_slots, outputs=lora_spec,
@@ -257,6 +332,10 @@ def build_demo(studio: Any) -> gr.Blocks:
             triggers=[model.change, lora_refresh.click], fn=h.on_lora_family, inputs=[model] + lora_dropdowns,
             outputs=lora_dropdowns, queue=False, show_progress="hidden", **private,
         )
+        model.change(h.on_model_images, model, [strength, image_note], show_progress="hidden", **private)
+        use_result.click(h.use_result_as_input, [png_file, input_images, model], input_images, queue=False, **private)
+        # a new first input image sets the output size to its own, fitted to the model
+        input_images.upload(h.size_from_images, [input_images, model], [width, height], queue=False, **private)
         run = generate_btn.click(h.arm, None, [generate_btn, cancel_btn], queue=False, **private).then(
             h.run_ui,
             run_inputs,

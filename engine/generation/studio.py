@@ -99,6 +99,8 @@ class ResolvedRequest:
     guidance: float
     seed: int
     settings: EngineSettings
+    inputs: Any = None  # engine.generation.input_images.PreparedImages (None: no input image)
+    strength: float | None = None
 
     @property
     def build_key(self) -> tuple[Any, ...]:
@@ -145,12 +147,24 @@ def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, st
         ("Weights", r.settings.storage_name),
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
+    pairs += image_infotext_pairs(r)
     clean = lambda s: s.replace("\r", " ").replace("\n", " ")
     prompt = clean(r.prompt)
     if loras:
         prompt += "".join(f" <lora:{name}:{_fmt_number(strength)}>" for name, strength, _ in loras)
         pairs.append(("Lora hashes", '"' + ", ".join(f"{name}: {h}" for name, _, h in loras) + '"'))
     return f"{prompt}\nNegative prompt: {clean(r.negative_prompt)}\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def image_infotext_pairs(r: ResolvedRequest) -> list[tuple[str, str]]:
+    """The inputs, for the infotext: strength (image-to-image), then each image's original size,
+    the size it was used at and a hash of its file."""
+    if r.inputs is None or not r.inputs.images:
+        return []
+    pairs = [("Denoising strength", _fmt_number(r.strength))] if r.strength is not None else []
+    pairs.append(("Input images", str(len(r.inputs.images))))
+    pairs += [(f"Input image {i + 1}", im.describe()) for i, im in enumerate(r.inputs.images)]
+    return pairs
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -232,6 +246,16 @@ def _stream_unit_bytes(library: str, class_name: str, config_id: str) -> tuple[i
     return largest, block
 
 
+def _image_activation_args(fam: Any, r: ResolvedRequest) -> tuple[int, int]:
+    """(reference pixels, largest input pixels) of the request's input images, for activation_bytes."""
+    if r.inputs is None or not r.inputs.images:
+        return 0, 0
+    from engine.generation.pipelines.images import reference_pixels
+
+    images = [im.image for im in r.inputs.images]
+    return reference_pixels(fam, images), max(im.width * im.height for im in images)
+
+
 class Studio:
     """Engine facade for the UI. Never moves tensors for it; one generation at a time."""
 
@@ -310,8 +334,9 @@ class Studio:
         return self._hardware
 
     # --- validation -------------------------------------------------------------------------------
-    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
-        """Validate `request` and fill in defaults. UserFacingError says what to change."""
+    def resolve(self, request: GenerateRequest, *, estimate: bool = False) -> ResolvedRequest:
+        """Validate `request` and fill in defaults. UserFacingError says what to change.
+        (`estimate`: an edit model may be estimated before its images are given.)"""
         if not isinstance(request, GenerateRequest):
             raise UserFacingError("Internal error: generate() needs a GenerateRequest.")
         registry = self._reg()
@@ -343,6 +368,9 @@ class Studio:
                 raise UserFacingError(f"{name.capitalize()} {v} is outside what {entry.name} supports ({lo}..{hi} pixels).")
             return v
 
+        inputs, strength, image_size = self._resolve_images(request, entry, FAMILIES[entry.family], lim, estimate)
+        if image_size is not None:  # no size asked for: the input image's, fitted to the model
+            request = replace(request, width=request.width or image_size[0], height=request.height or image_size[1])
         width, height = size("width", request.width), size("height", request.height)
         steps = d.get("steps") if request.steps is None else request.steps
         if isinstance(steps, bool) or not isinstance(steps, (int, float)) or (isinstance(steps, float) and not steps.is_integer()):
@@ -370,7 +398,57 @@ class Studio:
 
             if engine_loader() is None:
                 raise UserFacingError("Disk offload is not available in this build; untick it.")
-        return ResolvedRequest(request, entry, entry.id, prompt, negative, width, height, steps, guidance, seed, settings)
+        if inputs is not None:
+            inputs = self._fit_inputs(inputs, request, entry, FAMILIES[entry.family], lim, (width, height))
+            if strength is not None:
+                from engine.generation.pipelines.images import img2img_steps
+
+                if img2img_steps(FAMILIES[entry.family], steps, strength) < 1:
+                    raise UserFacingError(
+                        f"Strength {strength:g} with {steps} steps runs no denoising step: raise the strength or the steps."
+                    )
+        return ResolvedRequest(request, entry, entry.id, prompt, negative, width, height, steps, guidance, seed, settings, inputs, strength)
+
+    def _resolve_images(
+        self, request: GenerateRequest, entry: Any, family: Any, limits: dict[str, Any], estimate: bool = False
+    ) -> tuple[Any, float | None, tuple[int, int] | None]:
+        """Check the images and strength against the model (engine.generation.input_images);
+        (images read but not yet resized, strength, the size the first image suggests)."""
+        from engine.generation import input_images as ii
+
+        sources = request.images
+        if sources is None:
+            sources = ()
+        elif not isinstance(sources, (list, tuple)):
+            sources = (sources,)
+        mode = family.image_mode
+        if request.strength is not None:
+            strength = ii.finite_strength(request.strength)
+            if not sources:
+                raise UserFacingError("Strength applies to image-to-image: give an input image, or leave strength empty.")
+            if mode == "reference":
+                raise UserFacingError(f"{entry.name} edits from reference images and takes no strength: leave strength empty.")
+        else:
+            strength = None
+        if not sources:
+            if family.requires_image and not estimate:
+                n = family.max_images
+                raise UserFacingError(f"{entry.name} edits images: give 1{f' to {n}' if n > 1 else ''} input image{'s' if n > 1 else ''}.")
+            return None, None, None
+        if mode == "img2img" and strength is None:
+            from engine.generation.pipelines.images import DEFAULT_STRENGTH
+
+            strength = DEFAULT_STRENGTH
+        prepared = ii.prepare_images(list(sources), model_name=entry.name, max_images=family.max_images, limits=limits)
+        return prepared, strength, prepared.size
+
+    def _fit_inputs(self, prepared: Any, request: GenerateRequest, entry: Any, family: Any, limits: dict[str, Any], size: tuple[int, int]) -> Any:
+        """Image-to-image: the input is the output's starting point, so it takes the output's size."""
+        from engine.generation import input_images as ii
+
+        if family.image_mode != "img2img":
+            return prepared
+        return ii.resize_first(prepared, size)
 
     # --- estimate ---------------------------------------------------------------------------------
     def _measured_floor(self, build_key: tuple[Any, ...], activations: int) -> int | None:
@@ -385,9 +463,10 @@ class Studio:
         Once the requested build has run every stage, the smallest feasible limit is the planner's
         own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula.
         `hardware`: estimate for that machine instead of this one (suggest_settings' table tests)."""
-        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
+        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"), estimate=True)
         if hardware is not None:  # another machine: its device kind and its Auto
-            r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu"))
+            gguf = getattr(r.entry, "gguf", None) is not None
+            r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf))
         entry, s, hw = r.entry, r.settings, hardware or self.hardware()
         fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
@@ -410,7 +489,7 @@ class Studio:
         largest, block = units
         largest, block = int(largest * factor), int(block * factor)
         batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
-        act = activation_bytes(r.width, r.height, 2 if batched else 1)
+        act = activation_bytes(r.width, r.height, 2 if batched else 1, *_image_activation_args(fam, r))
         # activations + the streaming reserve: a streamed layer (source + computation form), and on
         # a GPU the scheduler's two slots of the largest block
         slots = 2 * block if s.device.type != "cpu" else 0
@@ -736,6 +815,9 @@ class Studio:
                         "disk_offload": r.settings.disk_offload,
                         "vae_tiling": pipe.vae_tiling,
                         "loras": [(name, strength) for name, strength, _ in loras],
+                        "strength": r.strength,
+                        "input_images": [im.describe() for im in r.inputs.images] if r.inputs is not None else [],
+                        "input_notes": list(r.inputs.notes) if r.inputs is not None else [],
                     },
                 )
             )
@@ -800,6 +882,8 @@ class Studio:
                 on_step=on_step,
                 should_stop=should_stop,
                 on_latents=on_latents if previewer is not None else None,
+                images=[im.image for im in r.inputs.images] if r.inputs is not None else (),
+                strength=r.strength,
             )
         finally:
             pipe.on_stage = None

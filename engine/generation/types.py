@@ -43,6 +43,9 @@ class GenerateRequest:
     # (engine.generation.types.WEIGHTS); a GGUF model stores its file's blocks whatever this says
     weights: str = "auto"
     preview: bool = True  # live preview images of the latents during denoising
+    # input images (PIL images, bytes or file paths): image-to-image, or an edit model's references
+    images: tuple[Any, ...] = ()
+    strength: float | None = None  # image-to-image only: 0 keeps the input, 1 ignores it; None = 0.6
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ encoding for the engine. The catalogue (models.json) lists the models of each fa
 
 from __future__ import annotations
 
-from . import flux1, flux2_klein, qwen_image, sdxl, z_image
+from . import flux1, flux1_kontext, flux2_klein, qwen_image, qwen_image_edit, sdxl, z_image
 from .spec import DECODE, DENOISE, ENCODE, STAGES, Family, LayerMap
 
 __all__ = ["DECODE", "DENOISE", "ENCODE", "FAMILIES", "FAMILY_MODULES", "STAGES", "Family", "LayerMap", "family_for_pipeline"]
 
 #: The family files, in the table's order.
-FAMILY_MODULES = (qwen_image, z_image, flux1, flux2_klein, sdxl)
+FAMILY_MODULES = (qwen_image, z_image, flux1, flux2_klein, sdxl, qwen_image_edit, flux1_kontext)
 
 #: Every supported family, keyed by name (the "family" of a models.json entry).
 FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in FAMILY_MODULES}

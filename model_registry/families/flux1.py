@@ -16,6 +16,7 @@ FAMILY = Family(
     denoiser="transformer",
     text_encoders=("text_encoder", "text_encoder_2"),
     uses_negative_prompt=False,
+    img2img_pipeline="FluxImg2ImgPipeline",
     layer_map=LayerMap(
         model_class="diffusers.models.transformers.transformer_flux.FluxTransformer2DModel",
         layers={

@@ -41,6 +41,7 @@ FAMILY = Family(
     text_encoders=("text_encoder",),
     guidance_arg="true_cfg_scale",
     pair_batched_cfg=True,
+    img2img_pipeline="QwenImageImg2ImgPipeline",
     layer_map=LayerMap(
         model_class="diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel",
         layers={

@@ -18,6 +18,7 @@ FAMILY = Family(
     denoiser="unet",
     text_encoders=("text_encoder", "text_encoder_2"),
     native_batched_cfg=True,
+    img2img_pipeline="StableDiffusionXLImg2ImgPipeline",
     sampler="Euler",
     latent_rgb=SDXL_4CH,
 )

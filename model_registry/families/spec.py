@@ -100,6 +100,28 @@ class Family:
     # unpacked first (engine.generation.preview).
     latent_rgb: LatentRGB | None = None
 
+    # --- images in (engine.generation.pipelines.images) ---------------------------------------
+    # The diffusers image-to-image pipeline built from the same components (None: none), which
+    # takes one input image and a `strength` (0 = keep the image, 1 = ignore it).
+    img2img_pipeline: str | None = None
+    # Reference images the family's own pipeline takes as `image=` (edit models: Qwen-Image-Edit,
+    # FLUX.1 Kontext, FLUX.2 [klein]); 0 = its pipeline takes none.
+    max_reference_images: int = 0
+    # Does the family's own pipeline need at least one reference image (Qwen-Image-Edit)?
+    requires_image: bool = False
+
+    @property
+    def image_mode(self) -> str:
+        """"reference" (images condition an edit), "img2img" (one image and a strength), or "none"."""
+        if self.max_reference_images:
+            return "reference"
+        return "img2img" if self.img2img_pipeline else "none"
+
+    @property
+    def max_images(self) -> int:
+        """How many input images a request may carry."""
+        return self.max_reference_images or (1 if self.img2img_pipeline else 0)
+
     def __post_init__(self) -> None:
         """A role must name a component the repo has, or stage switching would miss it."""
         roles = (self.denoiser, *self.text_encoders)

@@ -19,6 +19,7 @@ FAMILY = Family(
     text_encoders=("text_encoder",),
     native_batched_cfg=True,
     cfg_threshold=0.0,
+    img2img_pipeline="ZImageImg2ImgPipeline",
     layer_map=LayerMap(
         model_class=_TRANSFORMER,
         layers={

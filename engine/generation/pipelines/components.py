@@ -144,4 +144,11 @@ def load_component(
 
 def load_aux_component(name: str, cls: type, root: Path) -> Any:
     """Tokenizers, schedulers, processors."""
-    return cls.from_pretrained(Path(root), subfolder=name)
+    try:
+        return cls.from_pretrained(Path(root), subfolder=name)
+    except ImportError:
+        if "Processor" not in cls.__name__:
+            raise
+        from engine.generation.pipelines.processors import processor_without_video
+
+        return processor_without_video(cls, Path(root) / name)  # no torchvision: no video processor

@@ -35,6 +35,7 @@ from engine.management import (
 from engine.runtime.component import VramRuntime
 from engine.runtime.pool import MemoryPool
 from engine.generation.pipelines.cfg import CfgPairBatcher
+from engine.generation.pipelines import images as image_inputs
 from engine.generation.pipelines.families import DECODE, DENOISE, ENCODE, Family, family_for
 from engine.generation.pipelines.components import (
     component_classes,
@@ -102,13 +103,16 @@ def vae_memory_plan(width: int, height: int, vram_limit_gb: float | None) -> tup
     return tiling, True
 
 
-def activation_bytes(width: int, height: int, batch: int = 1) -> int:
+def activation_bytes(width: int, height: int, batch: int = 1, reference_pixels: int = 0, input_pixels: int = 0) -> int:
     """Rough peak activation bytes of one denoiser step (batch 2 with batched CFG) or of the
-    decode at width x height (bf16)."""
+    decode at width x height (bf16). Reference-image latents join the denoiser's sequence
+    (`reference_pixels`, edit models); an input image is VAE-encoded (`input_pixels`, its
+    largest), which costs about what a decode of that size does."""
     pixels = width * height
-    denoise = int(0.3 * 1024**3 + batch * pixels * 1200)
-    tiling, _ = vae_memory_plan(width, height, None)
-    decode = int(0.5 * 1024**3) if tiling else pixels * DECODE_BYTES_PER_PIXEL
+    denoise = int(0.3 * 1024**3 + batch * (pixels + reference_pixels) * 1200)
+    vae_pixels = max(pixels, input_pixels)
+    tiling = vae_pixels >= TILE_ALWAYS_PIXELS
+    decode = int(0.5 * 1024**3) if tiling else vae_pixels * DECODE_BYTES_PER_PIXEL
     return max(denoise, decode)
 
 
@@ -146,6 +150,17 @@ class ManagedPipeline:
         self._step_mark = StepStats()
         self.stage_floor_bytes: dict[str, int] = {}
         self.last_step = StepStats()
+        # set by build_pipeline: what the diffusers object was built from (image-to-image reuses it)
+        self.parts: dict[str, Any] = dict(getattr(pipe, "components", {}) or {})
+        self.pipe_config: dict[str, Any] = {}
+        self._img2img: Any = None
+        self._encoding_inputs = False  # the VAE runs before the denoiser: it encodes input images
+
+    def img2img_pipe(self) -> Any:
+        """The family's image-to-image pipeline over the same managed components (built once)."""
+        if self._img2img is None:
+            self._img2img = image_inputs.build_img2img(self.pipe, self.family, self.parts, self.pipe_config, execution_device_subclass)
+        return self._img2img
 
     # --- stages -------------------------------------------------------------------------------
     def switch(self, stage: str) -> None:
@@ -164,8 +179,10 @@ class ManagedPipeline:
             self.stage = stage
             if stage == DENOISE:
                 self._step_mark = self.stream_totals()
+                self._encoding_inputs = False
         if self.on_stage is not None:
-            self.on_stage(stage)
+            # the VAE before the denoiser encodes input images: still the encoding phase
+            self.on_stage(ENCODE if stage == DECODE and self._encoding_inputs else stage)
 
     def _on_demand(self, runtime: VramRuntime) -> None:
         name = self._runtime_names.get(id(runtime))
@@ -237,20 +254,23 @@ class ManagedPipeline:
             return None
         return max(self.stage_floor_bytes[stage] for stage in stages) + activation_bytes
 
-    def reserve_activations(self, width: int, height: int, batch: int = 1) -> None:
+    def reserve_activations(self, width: int, height: int, batch: int = 1, reference_pixels: int = 0, input_pixels: int = 0) -> None:
         """On a GPU the VRAM limit covers activations too: the planner keeps room for them. (On the
         CPU the limit only bounds the engine's ledger of weights, so nothing is reserved.)"""
-        reserve = activation_bytes(width, height, batch) if self.device.type != "cpu" else 0
+        reserve = activation_bytes(width, height, batch, reference_pixels, input_pixels) if self.device.type != "cpu" else 0
         if reserve != self.budget.activation_reserve_bytes:
             self.budget.activation_reserve_bytes = reserve
             self.budget.replan()
 
     # --- VAE ------------------------------------------------------------------------------------
-    def configure_vae(self, width: int, height: int) -> None:
+    def configure_vae(self, width: int, height: int, input_pixels: int = 0) -> None:
+        """Tiling/slicing for the decode and for encoding input images (the larger decides)."""
         vae = self.components.get("vae")
         if vae is None:
             return
         tiling, slicing = vae_memory_plan(width, height, self.budget.limit_gb)
+        if input_pixels > width * height:
+            tiling = vae_memory_plan(input_pixels, 1, self.budget.limit_gb)[0]
         if tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
         elif hasattr(vae, "disable_tiling"):
@@ -281,29 +301,40 @@ class ManagedPipeline:
         on_step: Callable[[int, int, StepStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_latents: Callable[[int, int, Any], None] | None = None,
+        images: Any = (),
+        strength: float | None = None,
     ) -> Any:
-        """Run text -> PIL image. `on_step(i, n, stats)` after each step; `should_stop()` True
-        between steps raises GenerationCancelled (nothing is decoded). `on_latents(i, n, latents)`
-        just before `on_step`, with the latents after step i (the live preview)."""
+        """Run text (+ input images) -> PIL image. `on_step(i, n, stats)` after each step (n: the
+        steps that run, fewer than `steps` in image-to-image); `should_stop()` True between steps
+        raises GenerationCancelled (nothing is decoded). `on_latents(i, n, latents)` just before
+        `on_step`, with the latents after step i (the live preview). `images`: PIL RGB images,
+        already of a valid size: the input of image-to-image (with `strength`) or an edit model's
+        references."""
         fam = self.family
-        pipe = self.pipe
-        self.reserve_activations(width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1)
-        self.configure_vae(width, height)
+        images = list(images or ())
+        pipe = self.img2img_pipe() if images and fam.image_mode == "img2img" else self.pipe
+        input_pixels = max((im.width * im.height for im in images), default=0)
+        self.reserve_activations(
+            width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1,
+            image_inputs.reference_pixels(fam, images), input_pixels,
+        )
+        self.configure_vae(width, height, input_pixels)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         forwards_mark = [self.denoiser_forwards()]
 
         def step_end(_pipe: Any, i: int, _t: Any, _kw: dict[str, Any]) -> dict[str, Any]:
-            if i + 2 == steps:  # the next step is the last: as many forwards as this one ran
+            n = int(getattr(_pipe, "_num_timesteps", None) or steps)
+            if i + 2 == n:  # the next step is the last: as many forwards as this one ran
                 self._expect_last_step(self.denoiser_forwards() - forwards_mark[0])
             forwards_mark[0] = self.denoiser_forwards()
             stats = self._mark_step()
             if on_latents is not None:
                 on_latents(i + 1, steps, _kw.get("latents"))
             if on_step is not None:
-                on_step(i + 1, steps, stats)
+                on_step(i + 1, n, stats)
             if should_stop is not None and should_stop():
                 raise GenerationCancelled()
-            if i + 1 == steps:
+            if i + 1 == n:
                 self.switch(DECODE)
             return {}
 
@@ -315,7 +346,9 @@ class ManagedPipeline:
             "output_type": "pil",
             "callback_on_step_end": step_end,
             fam.guidance_arg: guidance,
+            **image_inputs.image_kwargs(fam, images, strength, type(pipe).__call__, width * height),
         }
+        self._encoding_inputs = bool(images)
         if should_stop is not None and should_stop():
             raise GenerationCancelled()
         self.switch(ENCODE)
@@ -331,6 +364,7 @@ class ManagedPipeline:
                     kwargs["negative_prompt"] = negative_prompt
             out = pipe(**kwargs)
         finally:
+            self._encoding_inputs = False
             self._expect_last_step(None)
             if self.batcher is not None:
                 self.batcher.clear()
@@ -397,4 +431,6 @@ def build_pipeline(
     extra = {k: v for k, v in pipeline_config_kwargs(index).items() if k in params}
     pipe = cls(**{k: v for k, v in parts.items() if k in params}, **extra)
     pipe.__dict__["_engine_device"] = config.computation_device
-    return ManagedPipeline(pipe, family, components, budget, config, path)
+    managed = ManagedPipeline(pipe, family, components, budget, config, path)
+    managed.parts, managed.pipe_config = parts, pipeline_config_kwargs(index)
+    return managed
