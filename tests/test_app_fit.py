@@ -87,7 +87,7 @@ def test_fit_on_a_cpu_host_bounds_what_disk_offload_keeps_in_ram(handlers, monke
     assert handlers.vram_limit_value(True, 0, resident, True) == 23.0
     assert handlers.vram_limit_value(True, 0, resident, False) is None
     assert handlers.vram_limit_value(False, 5, None, True) is None
-    text = handlers.estimate("demo", 256, 256, 4, 4.0, True, 0, False, True, resident)
+    text = handlers.estimate("demo", 256, 256, 4, 4.0, True, 0, False, True, resident_limit=resident)
     assert "at most 23 GB resident in RAM" in text and "VRAM" not in text
 
 
@@ -98,7 +98,13 @@ def test_suggest_endpoint_answers_plain_json(handlers):
         handlers.suggest("qwen-image", 1000, 1024)
 
 
-def test_the_streaming_handler_yields_previews_then_the_png(handlers):
+def test_the_streaming_handler_yields_previews_then_the_png(handlers, monkeypatch):
+    # the demo's steps take milliseconds, less than the previewer's interval: preview every step
+    # here (what is under test is that the stream carries them; the pacing has its own tests)
+    import engine.generation.preview as preview
+
+    monkeypatch.setattr(preview, "PREVIEW_INTERVAL_S", 0.0)
+
     async def collect():
         out = []
         async for item in handlers.generate_stream("a cat", model="demo", width=128, height=128, steps=4, seed=2,

@@ -30,9 +30,16 @@ SHORT_STEPS = int(os.environ.get("LVS_BROWSER_SHORT_STEPS", "2"))
 RUN_TIMEOUT_MS = 120_000
 
 
+#: seconds each denoising step lasts at least (tests.serve_app): a demo step takes milliseconds on
+#: an idle CPU, so without it a 20-step run can end between two looks at the page, and whether
+#: the step counter or the queue could be seen depended on how busy the machine was
+STEP_DELAY_S = os.environ.get("LVS_BROWSER_STEP_DELAY_S", "0.15")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("app")) as url:
+    env = {"LVS_TEST_STEP_DELAY_S": STEP_DELAY_S}
+    with running_server(tmp_path_factory.mktemp("app"), env=env, entry=["-m", "tests.serve_app"]) as url:
         yield url
 
 
