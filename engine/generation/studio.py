@@ -386,8 +386,9 @@ class Studio:
         own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula.
         `hardware`: estimate for that machine instead of this one (suggest_settings' table tests)."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
-        if hardware is not None:  # another machine: its device kind and its Auto
-            r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu"))
+        if hardware is not None:  # another machine: its device kind and its Auto (a GGUF entry keeps its blocks)
+            gguf = getattr(r.entry, "gguf", None) is not None
+            r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf))
         entry, s, hw = r.entry, r.settings, hardware or self.hardware()
         fam = FAMILIES[entry.family]
         factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
