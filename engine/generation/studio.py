@@ -505,10 +505,11 @@ class Studio:
         comp = r.entry.components.get(fam.denoiser)
         size = (comp.bytes_bf16 if comp is not None else None) or 2 * 1024**2
         batch = 2 if (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt) else 1
-        return StepWork(int(size), max(1, (r.width // 16) * (r.height // 16)), batch)
+        gguf = getattr(r.entry, "gguf", None)
+        return StepWork(int(size), max(1, (r.width // 16) * (r.height // 16)), batch, gguf.bytes if gguf is not None else None)
 
     def suggest_settings(self, request: GenerateRequest, machine: Machine | None = None) -> SuggestedSettings:
-        """The fastest FP8 / disk offload / VRAM limit whose estimate fits `machine` (default: this
+        """The fastest storage form / disk offload / VRAM limit whose estimate fits `machine` (default: this
         host), for the request's model and size (engine.generation.suggest); no loading."""
         machine = machine or self.machine()
         req = request if (request.prompt or "").strip() else replace(request, prompt="estimate")
