@@ -59,12 +59,12 @@ def handlers(tmp_path_factory):
 
 
 def test_fit_applies_the_suggestion_and_says_why(handlers):
-    auto, slider, fp8, disk, line, resident = handlers.fit("demo", 256, 256, 4, 4.0)
-    assert fp8["value"] is False and disk["value"] is False and resident is None
+    auto, slider, fp8, disk, line, resident, quantize = handlers.fit("demo", 256, 256, 4, 4.0)
+    assert fp8["value"] is False and disk["value"] is False and resident is None and quantize["value"] == "off"
     assert line.startswith("**Applied:** bf16")
     if handlers.hardware.has_gpu:
         assert auto["value"] is True
-    _, _, _, _, bad, _ = handlers.fit("demo", 100, 256, 4, 4.0)
+    _, _, _, _, bad, _, _ = handlers.fit("demo", 100, 256, 4, 4.0)
     assert "Cannot run" in bad and "multiple of" in bad
 
 
@@ -72,17 +72,38 @@ def test_fit_on_a_gpu_sets_the_slider(handlers, monkeypatch):
     got = SuggestedSettings(True, True, False, 9.5, False, 1.0, "FP8 + VRAM limit 9.5 GB: ...")
     monkeypatch.setattr(handlers, "hardware", GPU)
     monkeypatch.setattr(handlers.studio, "suggest_settings", lambda request: got)
-    auto, slider, fp8, disk, line, resident = handlers.fit("demo", 256, 256, 4, 4.0)
+    auto, slider, fp8, disk, line, resident, quantize = handlers.fit("demo", 256, 256, 4, 4.0)
     assert auto["value"] is False and slider["value"] == 9.5 and slider["interactive"] is True and fp8["value"] is True
-    assert resident is None
+    assert resident is None and quantize["value"] == "off"
+
+
+@pytest.mark.parametrize("weights", ["int8", "nf4"])
+def test_fit_applies_a_quantized_form_to_the_quantize_dropdown(handlers, monkeypatch, weights):
+    got = SuggestedSettings(True, False, False, 6.5, False, 2.5, f"{weights} + VRAM limit 6.5 GB: ...", weights=weights)
+    monkeypatch.setattr(handlers, "hardware", GPU)
+    monkeypatch.setattr(handlers.studio, "suggest_settings", lambda request: got)
+    auto, slider, fp8, disk, line, resident, quantize = handlers.fit("demo", 256, 256, 4, 4.0)
+    assert quantize["value"] == weights and fp8["value"] is False and disk["value"] is False and slider["value"] == 6.5
+    # what the page then runs and estimates with: that storage form
+    from ui.handlers import quantize_to_weights
+
+    assert quantize_to_weights(quantize["value"]) == weights
+
+
+def test_fit_on_a_gguf_entry_leaves_its_blocks(handlers, monkeypatch):
+    got = SuggestedSettings(True, False, True, 6.5, False, 2.5, "GGUF + disk offload + VRAM limit 6.5 GB: ...", weights="gguf")
+    monkeypatch.setattr(handlers, "hardware", GPU)
+    monkeypatch.setattr(handlers.studio, "suggest_settings", lambda request: got)
+    _, _, fp8, disk, _, _, quantize = handlers.fit("demo", 256, 256, 4, 4.0)
+    assert quantize["value"] == "off" and fp8["value"] is False and disk["value"] is True
 
 
 def test_fit_on_a_cpu_host_bounds_what_disk_offload_keeps_in_ram(handlers, monkeypatch):
     got = SuggestedSettings(True, False, True, 23.0, False, 900.0, "bf16 + disk offload + resident limit 23 GB: ...")
     monkeypatch.setattr(handlers, "hardware", CPU)
     monkeypatch.setattr(handlers.studio, "suggest_settings", lambda request: got)
-    auto, slider, fp8, disk, line, resident = handlers.fit("demo", 256, 256, 4, 4.0)
-    assert disk["value"] is True and resident == 23.0 and auto is not None
+    auto, slider, fp8, disk, line, resident, quantize = handlers.fit("demo", 256, 256, 4, 4.0)
+    assert disk["value"] is True and resident == 23.0 and auto is not None and quantize["value"] == "off"
     # the page's runs and estimates use it while disk offload is ticked, never the (disabled) slider
     assert handlers.vram_limit_value(True, 0, resident, True) == 23.0
     assert handlers.vram_limit_value(True, 0, resident, False) is None
@@ -94,6 +115,7 @@ def test_fit_on_a_cpu_host_bounds_what_disk_offload_keeps_in_ram(handlers, monke
 def test_suggest_endpoint_answers_plain_json(handlers):
     got = handlers.suggest("qwen-image", 1024, 1024, None, None)
     assert got["fits"] in (True, False) and got["reason"] and "estimate" in got
+    assert got["weights"] in ("bf16", "fp8", "int8", "nf4") and got["fp8"] == (got["weights"] == "fp8")
     with pytest.raises(gr.Error):
         handlers.suggest("qwen-image", 1000, 1024)
 

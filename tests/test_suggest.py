@@ -53,14 +53,17 @@ def test_suggestion_fits_and_is_the_fastest(studio, model, vram, ram, disk):
         assert not got.fits and got.reason.startswith("Nothing fits")
         return
     assert got.fits, got.reason
-    chosen = suggest.Candidate(got.fp8, got.disk_offload, got.vram_limit)
-    est = studio.estimate(dataclasses.replace(req, fp8=got.fp8, disk_offload=got.disk_offload, vram_limit=got.vram_limit),
-                          suggest.hardware_of(machine))
+    chosen = suggest.Candidate(got.weights, got.disk_offload, got.vram_limit)
+    assert got.fp8 == (got.weights == "fp8")
+    gguf = model_registry.get_model(model).gguf is not None
+    assert (got.weights == "gguf") == gguf and (got.weights, got.disk_offload) in suggest.storage_forms(gguf)
+    est = studio.estimate(suggest.request_for(req, chosen), suggest.hardware_of(machine))
+    assert est.storage.split()[0] == got.weights  # the request really runs with that form
     assert est == got.estimate
     assert suggest.fits_on(est, machine, chosen, downloaded)
     assert got.seconds_per_step == pytest.approx(suggest.step_seconds(est, machine, chosen, work))
     assert got.seconds_per_step == pytest.approx(best[0], rel=1e-9), (got, best)
-    assert got.candidates_tried <= len(suggest.candidates(machine))
+    assert got.candidates_tried <= len(suggest.candidates(machine, gguf))
     if vram is None:  # a CPU host: no VRAM limit unless disk offload bounds what stays in RAM
         assert got.vram_limit is None or got.disk_offload
         assert "VRAM" not in got.reason
@@ -70,8 +73,10 @@ def test_suggestion_fits_and_is_the_fastest(studio, model, vram, ram, disk):
 
 def test_the_reason_names_the_choice_and_what_did_not_fit(studio):
     got = studio.suggest_settings(GenerateRequest("", model="qwen-image"), Machine(12, 32, 500))
-    assert got.fits and got.fp8 and not got.disk_offload and got.vram_limit == pytest.approx(10.5)
-    assert got.reason.startswith("FP8 + VRAM limit 10.5 GB: ") and "GB streamed per step" in got.reason
+    # int8 (0.5 of bf16) stores a little less than FP8 (0.52: its scales and bf16 vectors) at the
+    # same dequantization cost, so it streams less
+    assert got.fits and got.weights == "int8" and not got.fp8 and not got.disk_offload and got.vram_limit == pytest.approx(10.5)
+    assert got.reason.startswith("int8 + VRAM limit 10.5 GB: ") and "GB streamed per step" in got.reason
     assert "bf16 does not fit in 32 GB RAM" in got.reason
     assert got.auto  # 10.5 GB is what Auto comes to on a 12 GB card
 
@@ -85,7 +90,7 @@ def test_this_host_and_its_disk(studio):
     m = studio.machine()
     assert m.ram_gb > 0 and m.disk_free_gb is not None and m.disk_free_gb > 0
     got = studio.suggest_settings(GenerateRequest("", model="demo"))
-    assert got.fits and not got.fp8 and not got.disk_offload
+    assert got.fits and got.weights == "bf16" and not got.fp8 and not got.disk_offload
 
 
 def test_the_cost_model_ranks_streaming_and_disk():
@@ -94,12 +99,21 @@ def test_the_cost_model_ranks_streaming_and_disk():
     from engine.generation.types import MemoryEstimate
 
     est = lambda streamed: MemoryEstimate(10, 10, 10, streamed, True)
-    plain = suggest.Candidate(False, False, 10)
+    plain = suggest.Candidate("bf16", False, 10)
     assert suggest.step_seconds(est(0), m, plain, work) < suggest.step_seconds(est(200), m, plain, work)
-    disk = suggest.Candidate(False, True, 10)
+    disk = suggest.Candidate("bf16", True, 10)
     assert suggest.step_seconds(est(50), m, plain, work) < suggest.step_seconds(est(50), m, disk, work)
-    fp8 = suggest.Candidate(True, False, 10)
-    assert suggest.step_seconds(est(0), m, plain, work) < suggest.step_seconds(est(0), m, fp8, work)
+    cost = {w: suggest.step_seconds(est(0), m, suggest.Candidate(w, False, 10), work) for w in suggest.FORMS}
+    # nothing streamed: the dequantization alone ranks the forms (NF4 converts two values a byte)
+    assert cost["bf16"] < cost["int8"] < cost["fp8"] < cost["nf4"]
+    # disk offload reads the bf16 files: what an NF4 step streams is read as ~3.4x the bytes
+    nf4_disk = suggest.step_seconds(est(5), m, suggest.Candidate("nf4", True, 10), work)
+    bf16_disk = suggest.step_seconds(est(5), m, disk, work)
+    assert nf4_disk > bf16_disk
+    # a GGUF file is read as its blocks: the streamed bytes themselves
+    gguf_work = dataclasses.replace(work, gguf_bytes=3 * 1024**3)
+    gguf_disk = suggest.step_seconds(est(5), m, suggest.Candidate("gguf", True, 10), gguf_work)
+    assert gguf_disk == pytest.approx(5 * 1024**3 / suggest.DISK_READ_BPS + 3 * 1024**3 * 6 / suggest.GPU_MEM_BPS)
 
 
 def test_without_a_gpu_ram_is_the_budget(studio):
@@ -108,3 +122,39 @@ def test_without_a_gpu_ram_is_the_budget(studio):
     assert got.estimate.ram_gb + got.estimate.vram_gb <= 0.9 * 32
     assert "resident limit" in got.reason and "read from disk per step" in got.reason and "VRAM" not in got.reason
     assert "does not fit in 32 GB RAM" in got.reason
+
+
+def test_the_grid_has_every_storage_form():
+    forms = suggest.storage_forms()
+    assert forms == [("bf16", False), ("fp8", False), ("int8", False), ("nf4", False),
+                     ("bf16", True), ("fp8", True), ("int8", True), ("nf4", True)]
+    assert suggest.storage_forms(gguf=True) == [("gguf", False), ("gguf", True)]
+    m = Machine(12, 32, 500)
+    assert len(suggest.candidates(m)) == 8 * len(suggest.limit_grid(m, False))
+
+
+def test_only_nf4_fits_in_24_gb_of_ram(studio, monkeypatch):
+    """Qwen-Image (~41 GB bf16) on a 24 GB RAM machine without disk offload: bf16, FP8 (~21 GB)
+    and int8 (~20 GB) do not fit in 0.9 x 24 GB with the rest of the pipeline; NF4 (~29%) does."""
+    monkeypatch.setattr(suggest, "storage_forms", lambda gguf=False: [(w, False) for w in suggest.FORMS])
+    machine = Machine(12, 24, 500)
+    got = studio.suggest_settings(GenerateRequest("", model="qwen-image"), machine)
+    assert got.fits and got.weights == "nf4" and not got.fp8 and not got.disk_offload, got.reason
+    assert got.reason.startswith("NF4 + VRAM limit ") and "; bf16 does not fit in 24 GB RAM" in got.reason
+    req = suggest.request_for(GenerateRequest("estimate", model="qwen-image"), suggest.Candidate("nf4", False, got.vram_limit))
+    assert req.weights == "nf4" and studio.estimate(req, suggest.hardware_of(machine)).storage.startswith("nf4")
+    for weights in ("bf16", "fp8", "int8"):  # what the brute force would have found: nothing else fits
+        est = studio.estimate(dataclasses.replace(req, weights=weights), suggest.hardware_of(machine))
+        assert not est.fits
+
+
+def test_nf4_when_it_is_the_fastest_that_fits(studio):
+    got = studio.suggest_settings(GenerateRequest("", model="flux1-dev"), Machine(8, 16, 200))
+    assert got.fits and got.weights == "nf4" and not got.disk_offload and got.reason.startswith("NF4 + VRAM limit")
+    assert got.as_dict()["weights"] == "nf4" and got.as_dict()["fp8"] is False
+
+
+def test_a_gguf_entry_keeps_its_blocks(studio):
+    got = studio.suggest_settings(GenerateRequest("", model="qwen-image-gguf-q4_k_m"), Machine(12, 32, 500))
+    assert got.fits and got.weights == "gguf" and not got.fp8 and got.reason.startswith("GGUF")
+    assert got.as_dict()["weights"] == "gguf"

@@ -84,6 +84,15 @@ def quantize_to_weights(value: str | None) -> str:
     return "auto" if choice == "off" else choice
 
 
+def weights_to_controls(weights: str) -> tuple[bool, str]:
+    """A storage form (SuggestedSettings.weights) -> the page's (FP8 checkbox, Quantize choice):
+    "int8"/"nf4" -> (off, that), "fp8" -> (on, "off"), "bf16" and a GGUF entry's "gguf" (its file
+    decides) -> (off, "off")."""
+    if weights in QUANTIZE_CHOICES[1:]:
+        return False, weights
+    return weights == "fp8", "off"
+
+
 class Handlers:
     """All callbacks of the page, bound to one Studio."""
 
@@ -226,31 +235,36 @@ class Handlers:
 
     def fit(self, model, width, height, steps, guidance):
         """"Fit to this machine": the fastest settings that fit, applied to the memory controls
-        (Auto, the VRAM slider, FP8, disk offload), and the reason in one line."""
+        (Auto, the VRAM slider, FP8, disk offload, Quantize), and the reason in one line. Outputs:
+        auto, slider, fp8, disk offload, the reason, the resident limit, quantize."""
+        skip = gr.skip
         try:
             got = self._suggest(model, width, height, steps, guidance)
         except UserFacingError as exc:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), formatting.estimate_error_markdown(str(exc)), gr.skip()
+            return skip(), skip(), skip(), skip(), formatting.estimate_error_markdown(str(exc)), skip(), skip()
         except Exception as exc:  # never break the page
             log.exception("suggest_settings failed")
-            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                    formatting.estimate_error_markdown(f"Could not size the settings ({exc})."), gr.skip())
+            return (skip(), skip(), skip(), skip(),
+                    formatting.estimate_error_markdown(f"Could not size the settings ({exc})."), skip(), skip())
         line = formatting.suggestion_markdown(got)
         if not got.fits:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), line, gr.skip()
+            return skip(), skip(), skip(), skip(), line, skip(), skip()
         if self.hardware.has_gpu:
             auto = gr.update(value=bool(got.auto))
             slider = gr.update(value=got.vram_limit, interactive=not got.auto)
             resident = None
         else:  # no GPU: the slider stays off; a bound on what disk offload keeps in RAM rides along
-            auto, slider, resident = gr.skip(), gr.skip(), got.vram_limit
-        return auto, slider, gr.update(value=got.fp8), gr.update(value=got.disk_offload), line, resident
+            auto, slider, resident = skip(), skip(), got.vram_limit
+        fp8, quantize = weights_to_controls(got.weights)
+        return auto, slider, gr.update(value=fp8), gr.update(value=got.disk_offload), line, resident, gr.update(value=quantize)
 
     def suggest(self, model: str | None = None, width: int | None = None, height: int | None = None,
                 steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
-        """The fastest settings that fit this machine for a model and size: fp8, disk_offload,
-        vram_limit (GB; null = unlimited, a host without a GPU), auto, seconds_per_step (the cost
-        model's), the reason in one line, and the estimate of those settings."""
+        """The fastest settings that fit this machine for a model and size: weights (the storage
+        form: "bf16", "fp8", "int8", "nf4", or "gguf" for a GGUF entry; pass it as /generate's
+        `weights`, "auto" for "gguf"), fp8 (weights == "fp8"), disk_offload, vram_limit (GB;
+        null = unlimited, a host without a GPU), auto, seconds_per_step (the cost model's), the
+        reason in one line, and the estimate of those settings."""
         try:
             return self._suggest(model, width, height, steps, guidance).as_dict()
         except UserFacingError as exc:

@@ -314,7 +314,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         gallery.select(h.select_result, results, [parameters, png_file], queue=False, **private)
 
         fit_btn.click(
-            h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason, resident_limit],
+            h.fit, [model, width, height, steps, guidance], [auto, vram_slider, fp8, disk_offload, fit_reason, resident_limit, quantize],
             concurrency_limit=None, concurrency_id="estimate", show_progress="hidden", **private,
         )
         # the reason line speaks of the model and size it was made for: gone when they change

@@ -464,7 +464,7 @@ class Studio:
         own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula.
         `hardware`: estimate for that machine instead of this one (suggest_settings' table tests)."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"), estimate=True)
-        if hardware is not None:  # another machine: its device kind and its Auto
+        if hardware is not None:  # another machine: its device kind and its Auto (a GGUF entry keeps its blocks)
             gguf = getattr(r.entry, "gguf", None) is not None
             r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf))
         entry, s, hw = r.entry, r.settings, hardware or self.hardware()
@@ -583,10 +583,11 @@ class Studio:
         comp = r.entry.components.get(fam.denoiser)
         size = (comp.bytes_bf16 if comp is not None else None) or 2 * 1024**2
         batch = 2 if (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt) else 1
-        return StepWork(int(size), max(1, (r.width // 16) * (r.height // 16)), batch)
+        gguf = getattr(r.entry, "gguf", None)
+        return StepWork(int(size), max(1, (r.width // 16) * (r.height // 16)), batch, gguf.bytes if gguf is not None else None)
 
     def suggest_settings(self, request: GenerateRequest, machine: Machine | None = None) -> SuggestedSettings:
-        """The fastest FP8 / disk offload / VRAM limit whose estimate fits `machine` (default: this
+        """The fastest storage form / disk offload / VRAM limit whose estimate fits `machine` (default: this
         host), for the request's model and size (engine.generation.suggest); no loading."""
         machine = machine or self.machine()
         req = request if (request.prompt or "").strip() else replace(request, prompt="estimate")

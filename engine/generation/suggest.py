@@ -1,4 +1,4 @@
-"""Settings that fit a machine: the fastest FP8 / disk offload / VRAM limit whose estimate fits.
+"""Settings that fit a machine: the fastest storage form / disk offload / VRAM limit whose estimate fits.
 
     suggest_settings(request, machine, estimate, work) -> SuggestedSettings
 
@@ -7,8 +7,9 @@ Everything about memory comes from one function, `estimate(request, hardware) ->
 (measured floors, RAM as a budget on the CPU, other storage forms) the suggestion follows. This
 module adds only
 
-* the grid of candidates: every storage form (`storage_forms`) times the VRAM limits a machine
-  can take (`limit_grid`),
+* the grid of candidates: every storage form (`storage_forms`: bf16, FP8, int8, NF4, each with
+  and without disk offload; a GGUF catalogue entry keeps its file's blocks, so only its disk
+  offload choice varies) times the VRAM limits a machine can take (`limit_grid`),
 * `fits_on`: the estimate fits, and a model that still has to be downloaded fits on the free disk,
 * `step_seconds`: a cost model, seconds per denoising step, to rank the candidates that fit.
 
@@ -18,10 +19,21 @@ measurements of this host, and only their ratios matter for the ranking):
     compute   = 2 * denoiser parameters * tokens * batch / FLOPS     (GPU or CPU figure)
     link      = streamed bytes per step / host-to-device bandwidth    (pinned part at PCIe speed,
                 the part beyond the pinned-RAM budget through the staging buffers, slower)
-    disk      = bytes read from the files per step / disk read rate   (disk offload only; the file
-                form is bf16, so with FP8 the bytes read are the streamed bytes / FP8 factor)
-    dequant   = FP8 bytes of the denoiser * 3 / memory bandwidth       (FP8 -> bf16 each forward)
+    disk      = bytes read from the files per step / disk read rate   (disk offload only; the
+                .safetensors masters are bf16, so with FP8 / int8 / NF4 the bytes read are the
+                streamed bytes / the form's size factor; a GGUF file is read as its blocks, so
+                the bytes read are the streamed bytes)
+    dequant   = stored bytes of the denoiser * DEQUANT_TRAFFIC[form] / memory bandwidth
+                (the form -> bf16 each forward; bf16: none)
     seconds per step = max(compute, link, disk) + dequant
+
+Stored and streamed bytes use the form's size factor (`size_factor`: Studio's FP8_SIZE_FACTOR
+0.52 for FP8, settings.STORAGE_SIZE_FACTORS for int8 0.5 and NF4 0.29; a GGUF denoiser is its
+file's bytes). DEQUANT_TRAFFIC is the memory traffic of the conversion per stored byte: read the
+byte, write the bf16 values it holds. FP8 and int8 hold one value per byte: 1 + 2 = 3 (the per-row
+or per-channel scales are noise). NF4 holds two values per byte: 1 + 4 = 5, plus the codebook
+lookups and the per-group absmax, rounded up to 6. GGUF blocks are mostly 4-5 bit K-quants
+(nested scales): 6 like NF4.
 
 Copies run on their own stream and disk reads ahead of use (engine.transfer / engine.loading),
 so compute, link and disk overlap: the slowest of them sets the pace. tests/test_suggest.py checks
@@ -55,6 +67,12 @@ GPU_MEM_BPS = 400e9
 CPU_MEM_BPS = 30e9
 #: FP8 storage bytes of the bf16 bytes (Studio's FP8_SIZE_FACTOR)
 FP8_FACTOR = 0.52
+#: memory traffic of the form -> bf16 conversion per stored byte (module docstring)
+DEQUANT_TRAFFIC: dict[str, float] = {"bf16": 0.0, "fp8": 3.0, "int8": 3.0, "nf4": 6.0, "gguf": 6.0}
+#: storage forms, most precise first (the order of preference at equal cost)
+FORMS = ("bf16", "fp8", "int8", "nf4")
+#: what the reason line calls each form
+FORM_NAMES: dict[str, str] = {"bf16": "bf16", "fp8": "FP8", "int8": "int8", "nf4": "NF4", "gguf": "GGUF"}
 #: the engine pins this fraction of the RAM by default (app.py --pinned-ram-gb)
 PINNED_FRACTION = 0.5
 #: VRAM limits are proposed in steps of this many GB
@@ -70,13 +88,25 @@ class StepWork:
     denoiser_bytes_bf16: int
     tokens: int  # latent patches of the image (width/16 * height/16)
     batch: int = 1  # 2 with batched classifier-free guidance
+    gguf_bytes: int | None = None  # a GGUF catalogue entry: its denoiser file's bytes (its only form)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    fp8: bool
+    weights: str  # "bf16", "fp8", "int8", "nf4" (GenerateRequest.weights) or "gguf" (a GGUF entry)
     disk_offload: bool
     vram_limit: float | None  # GB; None: unlimited
+
+    @property
+    def fp8(self) -> bool:
+        return self.weights == "fp8"
+
+
+def size_factor(weights: str) -> float:
+    """Stored bytes per bf16 byte of a form (what Studio.estimate uses)."""
+    from engine.generation.settings import STORAGE_SIZE_FACTORS
+
+    return FP8_FACTOR if weights == "fp8" else STORAGE_SIZE_FACTORS[weights]
 
 
 def hardware_of(machine: Machine) -> HardwareInfo:
@@ -89,10 +119,13 @@ def hardware_of(machine: Machine) -> HardwareInfo:
     )
 
 
-def storage_forms() -> list[tuple[bool, bool]]:
-    """(fp8, disk_offload) pairs, in order of preference at equal speed (bf16 before FP8: FP8 loses
-    a little precision; RAM before disk). A new storage form is added here."""
-    return [(False, False), (True, False), (False, True), (True, True)]
+def storage_forms(gguf: bool = False) -> list[tuple[str, bool]]:
+    """(weights, disk_offload) pairs, in order of preference at equal speed: RAM before disk, and
+    within each the more precise forms first (bf16, FP8, int8, NF4: each loses a little more
+    precision). A GGUF entry keeps its file's blocks whatever is asked: ("gguf", False), ("gguf",
+    True). A new storage form is added to FORMS."""
+    forms = ("gguf",) if gguf else FORMS
+    return [(w, disk) for disk in (False, True) for w in forms]
 
 
 def limit_grid(machine: Machine, disk_offload: bool) -> list[float | None]:
@@ -110,9 +143,9 @@ def limit_grid(machine: Machine, disk_offload: bool) -> list[float | None]:
     return ([auto] if auto > top else []) + grid
 
 
-def candidates(machine: Machine) -> list[Candidate]:
+def candidates(machine: Machine, gguf: bool = False) -> list[Candidate]:
     """The whole settings grid (the brute-force search walks all of it)."""
-    return [Candidate(fp8, disk, limit) for fp8, disk in storage_forms() for limit in limit_grid(machine, disk)]
+    return [Candidate(w, disk, limit) for w, disk in storage_forms(gguf) for limit in limit_grid(machine, disk)]
 
 
 def fits_on(est: MemoryEstimate, machine: Machine, candidate: Candidate, downloaded: bool = True) -> bool:
@@ -133,29 +166,36 @@ def step_seconds(est: MemoryEstimate, machine: Machine, candidate: Candidate, wo
     params = work.denoiser_bytes_bf16 / 2
     compute = 2 * params * work.tokens * work.batch / (GPU_FLOPS if gpu else CPU_FLOPS)
     streamed = est.streamed_gb_per_step * GB
-    stored = work.denoiser_bytes_bf16 * (FP8_FACTOR if candidate.fp8 else 1.0)
+    gguf = candidate.weights == "gguf"
+    factor = 1.0 if gguf else size_factor(candidate.weights)
+    stored = (work.gguf_bytes or work.denoiser_bytes_bf16) if gguf else work.denoiser_bytes_bf16 * factor
     link = 0.0
     if gpu and streamed:
         pinned = 0.0 if candidate.disk_offload else min(1.0, PINNED_FRACTION * machine.ram_gb * GB / max(1.0, stored))
         link = streamed * (pinned / H2D_PINNED_BPS + (1 - pinned) / H2D_STAGED_BPS)
     disk = 0.0
     if candidate.disk_offload and streamed:
-        disk = streamed / (FP8_FACTOR if candidate.fp8 else 1.0) / DISK_READ_BPS
-    dequant = stored * 3 / (GPU_MEM_BPS if gpu else CPU_MEM_BPS) if candidate.fp8 else 0.0
+        disk = streamed / factor / DISK_READ_BPS  # bf16 files (a GGUF file: its blocks, factor 1)
+    dequant = stored * DEQUANT_TRAFFIC[candidate.weights] / (GPU_MEM_BPS if gpu else CPU_MEM_BPS)
     return max(compute, link, disk) + dequant
 
 
 EstimateFn = Callable[[GenerateRequest, HardwareInfo], MemoryEstimate]
 
 
-def _request(request: GenerateRequest, c: Candidate) -> GenerateRequest:
-    return replace(request, fp8=c.fp8, disk_offload=c.disk_offload, vram_limit=c.vram_limit)
+def request_for(request: GenerateRequest, c: Candidate) -> GenerateRequest:
+    """The request a candidate runs as: its weights (a GGUF entry: "auto", its file decides), FP8
+    toggle, disk offload and limit."""
+    weights = "auto" if c.weights == "gguf" else c.weights
+    return replace(request, weights=weights, fp8=c.fp8, disk_offload=c.disk_offload, vram_limit=c.vram_limit)
+
+
 
 
 def describe(c: Candidate, gpu: bool = True) -> str:
-    """"FP8 + disk offload + VRAM limit 10.5 GB" and the like (without a GPU the limit bounds
+    """"NF4 + disk offload + VRAM limit 10.5 GB" and the like (without a GPU the limit bounds
     what stays resident in RAM)."""
-    parts = ["FP8" if c.fp8 else "bf16"]
+    parts = [FORM_NAMES[c.weights]]
     if c.disk_offload:
         parts.append("disk offload")
     if c.vram_limit is not None:
@@ -163,9 +203,9 @@ def describe(c: Candidate, gpu: bool = True) -> str:
     return " + ".join(parts)
 
 
-def _why_not(form: tuple[bool, bool], est: MemoryEstimate, machine: Machine, downloaded: bool) -> str:
-    fp8, disk = form
-    name = ("FP8" if fp8 else "bf16") + (" with disk offload" if disk else "")
+def _why_not(form: tuple[str, bool], est: MemoryEstimate, machine: Machine, downloaded: bool) -> str:
+    weights, disk = form
+    name = FORM_NAMES[weights] + (" with disk offload" if disk else "")
     if not downloaded and machine.disk_free_gb is not None and est.disk_gb > machine.disk_free_gb:
         return f"{name} needs {est.disk_gb:.1f} GB of free disk, {machine.disk_free_gb:.1f} GB free"
     if est.ram_gb > 0.9 * machine.ram_gb or (machine.vram_gb is None and disk):
@@ -186,38 +226,43 @@ def suggest_settings(
 
     Per storage form the limits are tried from the highest down and the first that fits is taken:
     a higher limit never streams more (the estimate streams what the limit cannot hold), so it is
-    that form's fastest. Then the forms are compared by `step_seconds`."""
+    that form's fastest. Then the forms are compared by `step_seconds`. The reason line names the
+    choice and the first form (in `storage_forms` order) that did not fit although it would have
+    won (the cost model rates it faster at its highest limit, or as fast and preferred), and why: "NF4 + VRAM limit 10.5 GB: ...; bf16 does
+    not fit in 24 GB RAM"."""
     hw = hardware_of(machine)
+    forms = storage_forms(work.gguf_bytes is not None)
     best: tuple[float, int, Candidate, MemoryEstimate] | None = None
-    rejected: list[tuple[tuple[bool, bool], MemoryEstimate]] = []
+    rejected: list[tuple[tuple[str, bool], MemoryEstimate, float]] = []  # form, estimate and cost at its top limit
     tried = 0
-    for rank, form in enumerate(storage_forms()):
-        first_est: MemoryEstimate | None = None
+    for rank, form in enumerate(forms):
+        first: tuple[Candidate, MemoryEstimate] | None = None
         for limit in limit_grid(machine, form[1]):
             c = Candidate(form[0], form[1], limit)
-            est = estimate(_request(request, c), hw)
+            est = estimate(request_for(request, c), hw)
             tried += 1
-            first_est = first_est or est
+            first = first or (c, est)
             if fits_on(est, machine, c, downloaded):
                 cost = step_seconds(est, machine, c, work)
                 if best is None or (cost, rank) < (best[0], best[1]):
                     best = (cost, rank, c, est)
                 break
         else:
-            if first_est is not None:
-                rejected.append((form, first_est))
+            if first is not None:
+                rejected.append((form, first[1], step_seconds(first[1], machine, first[0], work)))
     if best is None:
-        why = "; ".join(_why_not(f, e, machine, downloaded) for f, e in rejected[:2])
-        return SuggestedSettings(False, True, True, 0.0 if machine.vram_gb is not None else None, False, None,
-                                 f"Nothing fits this machine: {why}.", None, tried)
+        why = "; ".join(_why_not(f, e, machine, downloaded) for f, e, _ in rejected[:2])
+        last = forms[-1][0]
+        return SuggestedSettings(False, last == "fp8", True, 0.0 if machine.vram_gb is not None else None, False, None,
+                                 f"Nothing fits this machine: {why}.", None, tried, last)
     cost, rank, c, est = best
     moved = "streamed" if machine.vram_gb is not None else "read from disk"  # no GPU: disk offload reads per step
     streamed = f"{est.streamed_gb_per_step:.1f} GB {moved} per step" if est.streamed_gb_per_step else f"nothing {moved}"
     head = f"{describe(c, machine.vram_gb is not None)}: {streamed}, about {cost:.2f} s per step"
-    faster = [(f, e) for f, e in rejected if storage_forms().index(f) < rank]
+    faster = [(f, e) for f, e, seconds in rejected if (seconds, forms.index(f)) < (cost, rank)]  # would have won
     reason = head + "".join(f"; {_why_not(f, e, machine, downloaded)}" for f, e in faster[:1])
     auto = machine.vram_gb is not None and c.vram_limit == hw.auto_vram_limit_gb
-    return SuggestedSettings(True, c.fp8, c.disk_offload, c.vram_limit, auto, cost, reason, est, tried)
+    return SuggestedSettings(True, c.fp8, c.disk_offload, c.vram_limit, auto, cost, reason, est, tried, c.weights)
 
 
 def brute_force(
@@ -226,8 +271,8 @@ def brute_force(
     """Every candidate of the grid, the cheapest that fits (the test's reference)."""
     hw = hardware_of(machine)
     best: tuple[float, Candidate, MemoryEstimate] | None = None
-    for c in candidates(machine):
-        est = estimate(_request(request, c), hw)
+    for c in candidates(machine, work.gguf_bytes is not None):
+        est = estimate(request_for(request, c), hw)
         if fits_on(est, machine, c, downloaded):
             cost = step_seconds(est, machine, c, work)
             if best is None or cost < best[0]:

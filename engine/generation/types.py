@@ -153,12 +153,20 @@ class SuggestedSettings:
     reason: str
     estimate: MemoryEstimate | None = None
     candidates_tried: int = 0
+    #: the storage form: "bf16", "fp8", "int8", "nf4" (GenerateRequest.weights) or "gguf" (a GGUF
+    #: entry's file blocks); "" = from `fp8`
+    weights: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            object.__setattr__(self, "weights", "fp8" if self.fp8 else "bf16")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON for the /suggest endpoint."""
         est = self.estimate
         return {
             "fits": self.fits,
+            "weights": self.weights,
             "fp8": self.fp8,
             "disk_offload": self.disk_offload,
             "vram_limit": self.vram_limit,

@@ -114,7 +114,7 @@ def test_suggest_and_generate_stream_through_the_api(server):
 
     client = Client(server, verbose=False)
     got = client.predict(model="qwen-image", width=1024, height=1024, steps=None, guidance=None, api_name="/suggest")
-    assert set(got) >= {"fits", "fp8", "disk_offload", "vram_limit", "reason", "seconds_per_step", "estimate"}
+    assert set(got) >= {"fits", "weights", "fp8", "disk_offload", "vram_limit", "reason", "seconds_per_step", "estimate"}
     assert got["reason"]
     job = client.submit(prompt="a cat", model="demo", width=128, height=128, steps=8, seed=5, api_name="/generate_stream")
     outputs = []
