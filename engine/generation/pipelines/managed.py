@@ -238,11 +238,15 @@ class ManagedPipeline:
         return max(self.stage_floor_bytes[stage] for stage in stages) + activation_bytes
 
     def reserve_activations(self, width: int, height: int, batch: int = 1) -> None:
-        """On a GPU the VRAM limit covers activations too: the planner keeps room for them. (On the
-        CPU the limit only bounds the engine's ledger of weights, so nothing is reserved.)"""
-        reserve = activation_bytes(width, height, batch) if self.device.type != "cpu" else 0
-        if reserve != self.budget.activation_reserve_bytes:
+        """On a GPU the VRAM limit covers activations too: the planner keeps room for them. On the
+        CPU an explicit limit bounds the engine's ledger of weights (nothing reserved in it), and
+        the activations come off the RAM room instead (engine.runtime.ram)."""
+        act = activation_bytes(width, height, batch)
+        reserve = act if self.device.type != "cpu" else 0
+        ram_act = act if self.device.type == "cpu" else 0
+        if reserve != self.budget.activation_reserve_bytes or ram_act != self.budget.ram_activation_bytes:
             self.budget.activation_reserve_bytes = reserve
+            self.budget.ram_activation_bytes = ram_act
             self.budget.replan()
 
     # --- VAE ------------------------------------------------------------------------------------
