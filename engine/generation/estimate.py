@@ -1,0 +1,215 @@
+"""The pre-flight RAM estimate where the computation device is the CPU, from the planner itself.
+
+One source of truth: every component is built on the meta device and managed exactly as the
+loader would manage it (`enable_vram_management` with meta masters in the storage form), so its
+`VramRuntime.costs()` is the very planner input a real load produces (the same layers, module
+map, storage dtypes, FP8 scales and transients). Each stage is then planned with
+`engine.planning.planner.plan` under the limit the pool would use (`engine.runtime.ram.ram_room`
+of the RAM that would be available), and the RAM the stage adds is what that plan keeps
+resident (copies that are not their master) plus the largest transient plus the activations.
+
+    RAM = process baseline + masters in RAM + max over stages (resident copies + transient + activations)
+
+What it cannot know it says: activations follow a rough per-pixel formula
+(`pipelines.managed.activation_bytes`), checked only at the resolutions of bench/results; the
+page cache (disk offload) is the kernel's and is reclaimable, so it is reported apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from engine.config import VramConfig
+from engine.planning import planner
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+#: RssAnon of the app's process before a model loads (torch, diffusers, transformers, tokenizers):
+#: measured 0.30 GiB in bench/realsize (Z-Image-Turbo replica, this machine); rounded up.
+PROCESS_BASELINE_BYTES = int(0.35 * GiB)
+
+
+@dataclass(frozen=True)
+class ComponentCost:
+    """A component as the planner sees it, plus what it holds in RAM whatever the plan."""
+
+    member: planner.MemberCost
+    master_ram_bytes: int  # masters in RAM (0 with disk offload)
+    unmanaged_bytes: int  # parameters the map leaves out and buffers: fixed, in RAM
+    resident_is_master: bool  # a resident copy is the master itself (costs no RAM)
+    largest_layer_bytes: int  # computation form of the largest layer
+
+
+def _meta_master(param: torch.Tensor, place_dtype: Any, comp_dtype: torch.dtype) -> Any:
+    from engine.config import FP8_DTYPES
+    from engine.storage.stored import PlainStored, ScaledFp8Stored, storage_dtype_for
+
+    dtype = param.dtype if param.dtype != torch.float32 else comp_dtype
+    target = storage_dtype_for(dtype, param.ndim, place_dtype, comp_dtype)
+    if target in FP8_DTYPES and param.ndim >= 2 and all(param.shape):
+        scale_shape = (param.shape[0],) + (1,) * (param.ndim - 1)
+        return ScaledFp8Stored(torch.empty(param.shape, dtype=target, device="meta"), torch.empty(scale_shape, device="meta"))
+    return PlainStored(torch.empty(param.shape, dtype=target, device="meta"))
+
+
+@lru_cache(maxsize=64)
+def component_cost(library: str, class_name: str, config_id: str, fp8: bool, disk: bool, device: str) -> ComponentCost:
+    """Build on meta, manage under the app's config for (fp8, disk, device), return its costs."""
+    from engine.generation.settings import vram_config_for
+    from engine.management import enable_vram_management, runtime_of
+    from engine.runtime import ram
+    from engine.runtime.component import bytes_at
+    from engine.runtime.pool import MemoryPool
+    from model_registry.sizes import build_on_meta, load_component_configs
+
+    config = VramConfig.from_dict(vram_config_for(fp8, False, device))  # disk: the same layers, masters not in RAM
+    model = build_on_meta(library, class_name, load_component_configs()[config_id])
+    place = config.place("offload")
+    pool = MemoryPool()
+    model = enable_vram_management(
+        model, vram_config=config, budget=pool, onload=False,
+        master_factory=lambda _n, p: _meta_master(p, place.dtype, config.computation_dtype),
+    )
+    runtime = runtime_of(model)
+    member = runtime.costs()
+    masters = 0 if disk else sum(bytes_at(runtime.shapes(layer), place, config.computation_dtype) for layer in runtime.layers)
+    largest = max((runtime.computation_bytes(layer) for layer in runtime.layers), default=0)
+    unmanaged = runtime.fixed_bytes  # buffers and parameters the map leaves out: in RAM on a CPU
+    return ComponentCost(member, masters, unmanaged, ram.resident_is_master(runtime) and not disk, largest)
+
+
+@dataclass
+class RamEstimate:
+    """Bytes; `stages` maps stage -> RAM that stage adds over the masters."""
+
+    total_bytes: int
+    masters_bytes: int
+    stages: dict[str, int] = field(default_factory=dict)
+    resident_bytes: dict[str, int] = field(default_factory=dict)
+    page_cache_bytes: int = 0
+    notes: tuple[str, ...] = ()
+
+
+def stage_activations(width: int, height: int, batch: int) -> dict[str, int]:
+    """Rough activation bytes per stage (the same constants as `pipelines.managed.activation_bytes`;
+    the text encoders' at prompt length are covered by its fixed 0.3 GiB)."""
+    from engine.generation.pipelines.managed import DECODE_BYTES_PER_PIXEL, vae_memory_plan
+
+    pixels = width * height
+    tiling, _ = vae_memory_plan(width, height, None)
+    return {
+        "encode": int(0.3 * GiB),
+        "denoise": int(0.3 * GiB + batch * pixels * 1200),
+        "decode": int(0.5 * GiB) if tiling else pixels * DECODE_BYTES_PER_PIXEL,
+    }
+
+
+def plan_stage(costs: list[ComponentCost], limit: int | None, activation_bytes: int) -> tuple[int, int]:
+    """(RAM the stage adds, of which resident copies) under the planner with `limit`."""
+    members = [c.member for c in costs]
+    plan = planner.plan(members, planner.Limits(limit, 0, 0, None))
+    resident = transient = 0
+    for c in costs:
+        for layer in c.member.layers:
+            if layer.key in plan.resident:
+                if not c.resident_is_master:
+                    resident += layer.resident_bytes
+                transient = max(transient, layer.transient_resident)
+            else:
+                transient = max(transient, layer.transient_streamed)
+    return resident + transient + activation_bytes, resident
+
+
+def estimate_ram(
+    entry: Any,
+    family: Any,
+    *,
+    fp8: bool,
+    disk: bool,
+    limit_bytes: int | None,
+    activations: dict[str, int],
+    available_bytes: int,
+) -> RamEstimate | None:
+    """The CPU-host RAM estimate of one catalogue entry (None when a component has no config)."""
+    from engine.runtime.ram import RAM_MARGIN_BYTES
+
+    costs: dict[str, ComponentCost] = {}
+    for name in family.weighted:
+        comp = entry.components.get(name)
+        if comp is None or not comp.config_id:
+            return None
+        try:
+            costs[name] = component_cost(comp.library, comp.class_name, comp.config_id, fp8, disk, "cpu")
+        except Exception:  # pragma: no cover - estimate only
+            log.debug("meta build of %s failed", comp.class_name, exc_info=True)
+            return None
+    masters = sum(c.master_ram_bytes + c.unmanaged_bytes for c in costs.values())
+    stages: dict[str, int] = {}
+    resident: dict[str, int] = {}
+    for stage in ("encode", "denoise", "decode"):
+        members = [c for n, c in costs.items() if family.stage_of(n) == stage]
+        if not members:
+            continue
+        act = activations.get(stage, 0)
+        # the pool's RAM room (engine.runtime.ram) with nothing of this stage resident yet
+        held = sum(sum(l.resident_bytes for l in c.member.layers) for c in members if c.resident_is_master)
+        room = max(0, available_bytes - PROCESS_BASELINE_BYTES - masters + held - act - RAM_MARGIN_BYTES)
+        limit = room if limit_bytes is None else min(limit_bytes, room)
+        stages[stage], resident[stage] = plan_stage(members, limit, act)
+    total = PROCESS_BASELINE_BYTES + masters + max(stages.values(), default=0)
+    notes = []
+    cache = 0
+    if disk:
+        cache = sum(int(entry.components[n].bytes_bf16 or 0) for n in costs)
+        notes.append("disk offload: the kernel's page cache may hold up to the model's files; it is reclaimable, not counted")
+    return RamEstimate(total, masters, stages, resident, cache, tuple(notes))
+
+
+# --- the verdict the Studio gives before it loads -------------------------------------------------
+SETTING_NAMES = {(False, False): "bf16 in RAM", (True, False): "FP8", (False, True): "disk offload", (True, True): "FP8 + disk offload"}
+
+
+@dataclass(frozen=True)
+class RamVerdict:
+    estimate: RamEstimate
+    available_bytes: int
+    fits: bool
+    message: str  # why not, and which setting fits ("" when it fits)
+
+
+def cpu_ram_verdict(
+    entry: Any, family: Any, *, fp8: bool, disk: bool, limit_bytes: int | None, width: int, height: int, batch: int,
+    available_bytes: int | None = None,
+) -> RamVerdict | None:
+    """Does this setting fit the RAM available now (CPU host)? If not, which setting does."""
+    from engine.runtime.ram import available_ram_bytes
+
+    free = available_ram_bytes() if available_bytes is None else available_bytes
+    act = stage_activations(width, height, batch)
+    est = estimate_ram(entry, family, fp8=fp8, disk=disk, limit_bytes=limit_bytes, activations=act, available_bytes=free)
+    if est is None:
+        return None
+    fits = est.total_bytes <= free
+    if fits:
+        return RamVerdict(est, free, True, "")
+    fitting = []
+    for alt_fp8, alt_disk in ((True, False), (False, True), (True, True)):
+        if (alt_fp8, alt_disk) == (fp8, disk) or (alt_disk and disk and not alt_fp8):
+            continue
+        alt_limit = 0 if alt_disk else None
+        alt = estimate_ram(entry, family, fp8=alt_fp8, disk=alt_disk, limit_bytes=alt_limit, activations=act, available_bytes=free)
+        if alt is not None and alt.total_bytes <= free:
+            fitting.append(SETTING_NAMES[(alt_fp8, alt_disk)])
+    name = getattr(entry, "name", "this model")
+    tip = f" Use {' or '.join(fitting[:2])}." if fitting else " No setting fits: free some RAM or use a smaller model."
+    message = (
+        f"{name} with {SETTING_NAMES[(fp8, disk)]} needs about {est.total_bytes / GiB:.1f} GiB of RAM "
+        f"({est.masters_bytes / GiB:.1f} GiB of weights in RAM), and {free / GiB:.1f} GiB is available.{tip}"
+    )
+    return RamVerdict(est, free, False, message)
