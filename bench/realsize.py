@@ -116,15 +116,18 @@ def child(spec: dict[str, Any]) -> None:
     est = studio.estimate(request)
     say(estimate={"ram_gb": est.ram_gb, "vram_gb": est.vram_gb, "disk_gb": est.disk_gb, "fits": est.fits, "warnings": list(est.warnings)})
     times: dict[str, float] = {}
-    t = {"stage": "start", "t0": time.perf_counter(), "blocks": 0, "block_t0": None}
+    cpu: dict[str, float] = {}
+    t = {"stage": "start", "t0": time.perf_counter(), "c0": sum(os.times()[:2]), "blocks": 0, "block_t0": None}
     hooks = []
 
     def mark(stage: str) -> None:
         now = time.perf_counter()
         times[t["stage"]] = times.get(t["stage"], 0.0) + now - t["t0"]
-        t["stage"], t["t0"] = stage, now
+        c = sum(os.times()[:2])
+        cpu[t["stage"]] = cpu.get(t["stage"], 0.0) + c - t["c0"]
+        t["stage"], t["t0"], t["c0"] = stage, now, c
         sampler.set_stage(stage)
-        say(stage=stage, peaks=sampler.peaks, times=times)
+        say(stage=stage, peaks=sampler.peaks, times=times, cpu=cpu)
 
     blocks = spec.get("blocks")
     result: dict[str, Any] = {"ok": False}
@@ -171,7 +174,7 @@ def child(spec: dict[str, Any]) -> None:
             result["error"] = f"{type(exc).__name__}: {exc}"
     mark("end")
     sampler.stop()
-    result.update(peaks=sampler.peaks, times=times, threads=torch.get_num_threads())
+    result.update(peaks=sampler.peaks, times=times, cpu=cpu, threads=torch.get_num_threads())
     say(result=result)
 
 
@@ -207,7 +210,7 @@ def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         if "estimate" in item:
             out["estimate"] = item["estimate"]
         if "stage" in item:
-            out["peaks"], out["times"] = item["peaks"], item["times"]
+            out["peaks"], out["times"], out["cpu"] = item["peaks"], item["times"], item.get("cpu", {})
         if "result" in item:
             out.update(item["result"])
     if proc.returncode and "result" not in "".join(json.dumps(x) for x in lines):
@@ -222,9 +225,9 @@ def _gb(v: int | float | None) -> str:
 def table_rows(results: list[dict[str, Any]]) -> list[str]:
     head = (
         "| model | setting | ran | peak RssAnon GiB (load / encode / denoise / decode) | page cache GiB | "
-        "estimate RAM GB (fits) | encode s | s/step | decode s |"
+        "estimate RAM GiB (fits) | encode s | s/step | decode s | wall s (CPU s) |"
     )
-    rows = [head, "|" + "---|" * 9]
+    rows = [head, "|" + "---|" * 10]
     for r in results:
         p = r.get("peaks", {})
         anon = " / ".join(_gb(p.get(s, {}).get("RssAnon")) for s in ("loading", "encoding", "denoise", "decoding"))
@@ -249,7 +252,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
         rows.append(
             f"| {r['spec']['model']} | {r['spec']['setting']} | {ran} | {anon} | {_gb(cache)} | "
             f"{est.get('ram_gb', '-')} ({'fits' if fits else 'does not fit' if fits is False else '-'}) | "
-            f"{'-' if enc is None else f'{enc:.0f}'} | {step} | {'-' if dec is None or not r.get('ok') is True else f'{dec:.0f}'} |"
+            f"{'-' if enc is None else f'{enc:.0f}'} | {step} | {'-' if dec is None or not r.get('ok') is True else f'{dec:.0f}'} | "
+            f"{r.get('wall_s', 0):.0f} ({sum(r.get('cpu', {}).values()):.0f}) |"
         )
     return rows
 
