@@ -60,20 +60,25 @@ def _meta_master(param: torch.Tensor, place_dtype: Any, comp_dtype: torch.dtype)
 
 @lru_cache(maxsize=64)
 def component_cost(library: str, class_name: str, config_id: str, fp8: bool, disk: bool, device: str) -> ComponentCost:
-    """Build on meta, manage under the app's config for (fp8, disk, device), return its costs."""
+    """Build a catalogued component on meta and cost it under the app's config for (fp8, disk, device)."""
+    from model_registry.sizes import build_on_meta, load_component_configs
+
+    return model_cost(build_on_meta(library, class_name, load_component_configs()[config_id]), fp8, disk, device)
+
+
+def model_cost(model: torch.nn.Module, fp8: bool, disk: bool, device: str = "cpu") -> ComponentCost:
+    """Manage a meta-device model under the app's config for (fp8, disk, device), as the loader
+    would (meta masters in the storage form), and return the planner's costs of it."""
     from engine.generation.settings import vram_config_for
     from engine.management import enable_vram_management, runtime_of
     from engine.runtime import ram
     from engine.runtime.component import bytes_at
     from engine.runtime.pool import MemoryPool
-    from model_registry.sizes import build_on_meta, load_component_configs
 
     config = VramConfig.from_dict(vram_config_for(fp8, False, device))  # disk: the same layers, masters not in RAM
-    model = build_on_meta(library, class_name, load_component_configs()[config_id])
     place = config.place("offload")
-    pool = MemoryPool()
     model = enable_vram_management(
-        model, vram_config=config, budget=pool, onload=False,
+        model, vram_config=config, budget=MemoryPool(), onload=False,
         master_factory=lambda _n, p: _meta_master(p, place.dtype, config.computation_dtype),
     )
     runtime = runtime_of(model)
