@@ -270,9 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", help="append the table (markdown) to this file")
     parser.add_argument("--json", help="append raw results (JSON lines) to this file")
+    parser.add_argument("--table", help="only print the table of the results in this JSON-lines file")
     args = parser.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
+        return 0
+    if args.table:
+        print("\n".join(table_rows([json.loads(line) for line in open(args.table) if line.strip()])))
         return 0
     from tools.replica import MARKER, write_replica
 
