@@ -99,6 +99,7 @@ class RamEstimate:
     resident_bytes: dict[str, int] = field(default_factory=dict)
     page_cache_bytes: int = 0
     notes: tuple[str, ...] = ()
+    minimum_bytes: int = 0  # with no resident copies beyond the masters: what it needs to run at all
 
 
 def stage_activations(width: int, height: int, batch: int) -> dict[str, int]:
@@ -157,6 +158,7 @@ def estimate_ram(
     masters = sum(c.master_ram_bytes + c.unmanaged_bytes for c in costs.values())
     stages: dict[str, int] = {}
     resident: dict[str, int] = {}
+    minimum = 0
     for stage in ("encode", "denoise", "decode"):
         members = [c for n, c in costs.items() if family.stage_of(n) == stage]
         if not members:
@@ -167,13 +169,21 @@ def estimate_ram(
         room = max(0, available_bytes - PROCESS_BASELINE_BYTES - masters + held - act - RAM_MARGIN_BYTES)
         limit = room if limit_bytes is None else min(limit_bytes, room)
         stages[stage], resident[stage] = plan_stage(members, limit, act)
+        # resident copies that are their masters cost nothing: only the others can be given up
+        floor_extra = stages[stage] if all(c.resident_is_master for c in members) else plan_stage(members, 0, act)[0]
+        minimum = max(minimum, floor_extra)
     total = PROCESS_BASELINE_BYTES + masters + max(stages.values(), default=0)
     notes = []
+    if any(resident.values()):
+        notes.append(
+            f"keeps up to {max(resident.values()) / GiB:.1f} GiB of dequantized/converted copies while the RAM available allows "
+            f"(re-planned at each stage from the RAM free then); needs at least {(PROCESS_BASELINE_BYTES + masters + minimum) / GiB:.1f} GiB"
+        )
     cache = 0
     if disk:
         cache = sum(int(entry.components[n].bytes_bf16 or 0) for n in costs)
         notes.append("disk offload: the kernel's page cache may hold up to the model's files; it is reclaimable, not counted")
-    return RamEstimate(total, masters, stages, resident, cache, tuple(notes))
+    return RamEstimate(total, masters, stages, resident, cache, tuple(notes), PROCESS_BASELINE_BYTES + masters + minimum)
 
 
 # --- the verdict the Studio gives before it loads -------------------------------------------------
@@ -200,7 +210,7 @@ def cpu_ram_verdict(
     est = estimate_ram(entry, family, fp8=fp8, disk=disk, limit_bytes=limit_bytes, activations=act, available_bytes=free)
     if est is None:
         return None
-    fits = est.total_bytes <= free
+    fits = est.minimum_bytes <= free  # copies beyond the masters adapt to the RAM room
     if fits:
         return RamVerdict(est, free, True, "")
     fitting = []
@@ -209,12 +219,12 @@ def cpu_ram_verdict(
             continue
         alt_limit = 0 if alt_disk else None
         alt = estimate_ram(entry, family, fp8=alt_fp8, disk=alt_disk, limit_bytes=alt_limit, activations=act, available_bytes=free)
-        if alt is not None and alt.total_bytes <= free:
+        if alt is not None and alt.minimum_bytes <= free:
             fitting.append(SETTING_NAMES[(alt_fp8, alt_disk)])
     name = getattr(entry, "name", "this model")
     tip = f" Use {' or '.join(fitting[:2])}." if fitting else " No setting fits: free some RAM or use a smaller model."
     message = (
-        f"{name} with {SETTING_NAMES[(fp8, disk)]} needs about {est.total_bytes / GiB:.1f} GiB of RAM "
+        f"{name} with {SETTING_NAMES[(fp8, disk)]} needs about {est.minimum_bytes / GiB:.1f} GiB of RAM "
         f"({est.masters_bytes / GiB:.1f} GiB of weights in RAM), and {free / GiB:.1f} GiB is available.{tip}"
     )
     return RamVerdict(est, free, False, message)
