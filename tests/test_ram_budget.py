@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -132,3 +133,24 @@ def test_disk_offload_keeps_anonymous_ram_within_the_largest_layer(real_width_mo
     grew = r["peak"] - r["base"]
     assert grew <= largest + 0.3 * GiB + 1 * GiB, r
     assert r["peak"] < 2.0 * GiB, r  # the whole model is 2.4 GB in bf16
+
+
+def test_the_studio_refuses_a_load_that_would_exhaust_ram(tmp_path, monkeypatch):
+    """A real-size Z-Image-Turbo replica (19 GiB of bf16 weights) on a host with 12 GiB available:
+    the estimate says it does not fit and which setting does, and generate refuses before loading."""
+    from engine.generation.studio import Studio
+    from engine.generation.types import UserFacingError
+    from tools import replica
+
+    monkeypatch.setenv("LOWVRAM_RAM_AVAILABLE_GB", "12")
+    replica.write_replica("z-image-turbo", tmp_path / "models")
+    studio = Studio(tmp_path / "models", tmp_path / "out", device="cpu")
+    studio._hardware = CPU_HOST
+    request = GenerateRequest("a cat", model="z-image-turbo", width=256, height=256, steps=1, seed=1)
+    est = studio.estimate(request)
+    assert not est.fits and 19 < est.ram_gb < 21
+    assert any("Use FP8 or disk offload" in w for w in est.warnings), est.warnings
+    assert studio.estimate(dataclasses.replace(request, fp8=True)).fits  # 9.6 GiB of FP8 masters
+    with pytest.raises(UserFacingError, match="Not loading: .*Use FP8 or disk offload"):
+        list(studio.generate(request))
+    assert studio.builds == 0 and studio.pipeline is None
