@@ -225,9 +225,9 @@ def _gb(v: int | float | None) -> str:
 def table_rows(results: list[dict[str, Any]]) -> list[str]:
     head = (
         "| model | setting | ran | peak RssAnon GiB (load / encode / denoise / decode) | page cache GiB | "
-        "estimate RAM GiB (fits) | encode s | s/step | decode s | wall s (CPU s) |"
+        "estimate RAM GiB (fits) | load s (CPU s) | encode s (CPU s) | s/step (CPU s) | decode s (CPU s) | wall s (CPU s) |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for r in results:
         p = r.get("peaks", {})
         anon = " / ".join(_gb(p.get(s, {}).get("RssAnon")) for s in ("loading", "encoding", "denoise", "decoding"))
@@ -240,19 +240,27 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
             ran = f"encode + {r['spec']['blocks']} blocks"
         else:
             ran = "no: " + str(r.get("error", "?"))[:120].replace("|", "/")
+        cpu = r.get("cpu", {})
         if r.get("seconds_per_block"):
-            step = f"{r['seconds_per_block'] * r['blocks_per_step']:.0f} (from {r['seconds_per_block']:.1f} s/block x {r['blocks_per_step']})"
+            per = r["blocks_per_step"]
+            cpu_block = cpu.get("denoise", 0) / r["spec"]["blocks"]
+            step = f"{r['seconds_per_block'] * per:.0f} ({cpu_block * per:.0f}) from {r['spec']['blocks']} of {per} blocks"
         elif r.get("step_seconds"):
-            step = f"{sum(r['step_seconds']) / len(r['step_seconds']):.0f}"
+            n = len(r["step_seconds"])
+            step = f"{sum(r['step_seconds']) / n:.0f} ({cpu.get('denoise', 0) / n:.0f})"
         else:
             step = "-"
         enc = times.get("encoding")
         dec = times.get("decoding")
+        enc = None if enc is None else f"{enc:.0f} ({cpu.get('encoding', 0):.0f})"
+        dec = None if dec is None or r.get("ok") is not True else f"{dec:.0f} ({cpu.get('decoding', 0):.0f})"
+        load = times.get("loading")
+        load = "-" if load is None else f"{load:.0f} ({cpu.get('loading', 0):.0f})"
         fits = est.get("fits")
         rows.append(
             f"| {r['spec']['model']} | {r['spec']['setting']} | {ran} | {anon} | {_gb(cache)} | "
             f"{est.get('ram_gb', '-')} ({'fits' if fits else 'does not fit' if fits is False else '-'}) | "
-            f"{'-' if enc is None else f'{enc:.0f}'} | {step} | {'-' if dec is None or not r.get('ok') is True else f'{dec:.0f}'} | "
+            f"{load} | {enc or '-'} | {step} | {dec or '-'} | "
             f"{r.get('wall_s', 0):.0f} ({sum(r.get('cpu', {}).values()):.0f}) |"
         )
     return rows
