@@ -102,7 +102,11 @@ class RamEstimate:
     minimum_bytes: int = 0  # with no resident copies beyond the masters: what it needs to run at all
 
 
-def stage_activations(width: int, height: int, batch: int) -> dict[str, int]:
+#: Resolutions at which bench/results/realsize-cpu.md checked the estimate against a real-size run.
+MEASURED_SIZES = {(256, 256), (512, 512)}
+
+
+def stage_activations(width: int, height: int, batch: int) -> dict[str, Any]:
     """Rough activation bytes per stage (the same constants as `pipelines.managed.activation_bytes`;
     the text encoders' at prompt length are covered by its fixed 0.3 GiB)."""
     from engine.generation.pipelines.managed import DECODE_BYTES_PER_PIXEL, vae_memory_plan
@@ -110,6 +114,7 @@ def stage_activations(width: int, height: int, batch: int) -> dict[str, int]:
     pixels = width * height
     tiling, _ = vae_memory_plan(width, height, None)
     return {
+        "_size": (width, height),  # type: ignore[dict-item]
         "encode": int(0.3 * GiB),
         "denoise": int(0.3 * GiB + batch * pixels * 1200),
         "decode": int(0.5 * GiB) if tiling else pixels * DECODE_BYTES_PER_PIXEL,
@@ -174,6 +179,11 @@ def estimate_ram(
         minimum = max(minimum, floor_extra)
     total = PROCESS_BASELINE_BYTES + masters + max(stages.values(), default=0)
     notes = []
+    if (width_height := activations.get("_size")) is not None and width_height not in MEASURED_SIZES:
+        notes.append(
+            f"activations at {width_height[0]}x{width_height[1]} are a per-pixel guess (the estimate was checked against "
+            "real-size runs at 256x256 and 512x512 only)"
+        )
     if any(resident.values()):
         notes.append(
             f"keeps up to {max(resident.values()) / GiB:.1f} GiB of dequantized/converted copies while the RAM available allows "
