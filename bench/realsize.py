@@ -222,12 +222,28 @@ def _gb(v: int | float | None) -> str:
     return "-" if v is None else f"{v / GiB:.2f}"
 
 
+def disk_bound(model_id: str, size: int) -> int:
+    """Issue #17's bound for disk offload: the largest layer (computation form) + the stage's
+    activations + 1 GiB (the process baseline included)."""
+    from engine.generation.estimate import component_cost, stage_activations
+    from model_registry import get_model
+    from model_registry.families import FAMILIES
+
+    entry = get_model(model_id)
+    largest = 0
+    for name in FAMILIES[entry.family].weighted:
+        c = entry.components[name]
+        largest = max(largest, component_cost(c.library, c.class_name, c.config_id, False, True, "cpu").largest_layer_bytes)
+    act = max(v for k, v in stage_activations(size, size, 2).items() if k != "_size")
+    return largest + act + GiB
+
+
 def table_rows(results: list[dict[str, Any]]) -> list[str]:
     head = (
-        "| model | setting | ran | peak RssAnon GiB (load / encode / denoise / decode) | page cache GiB | "
+        "| model | setting | ran | peak RssAnon GiB (load / encode / denoise / decode) | disk-offload bound GiB | page cache GiB | "
         "estimate RAM GiB (fits) | load s (CPU s) | encode s (CPU s) | s/step (CPU s) | decode s (CPU s) | wall s (CPU s) |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         p = r.get("peaks", {})
         anon = " / ".join(_gb(p.get(s, {}).get("RssAnon")) for s in ("loading", "encoding", "denoise", "decoding"))
@@ -257,9 +273,19 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
         load = times.get("loading")
         load = "-" if load is None else f"{load:.0f} ({cpu.get('loading', 0):.0f})"
         fits = est.get("fits")
+        bound = "-"
+        match = ""
+        if r.get("ok") and est.get("ram_gb") is not None and p:
+            worst = max(v.get("RssAnon", 0) for v in p.values()) / GiB
+            off = abs(est["ram_gb"] - worst)
+            match = f"; {'within' if off <= max(0.5, 0.1 * worst) else 'MISSED by'} {off:.2f} of the peak"
+        if r["spec"]["setting"].startswith("disk") and p:
+            b = disk_bound(r["spec"]["model"], r["spec"]["size"])
+            worst = max(v.get("RssAnon", 0) for v in p.values())
+            bound = f"{b / GiB:.2f} ({'met' if worst <= b else 'MISSED'})"
         rows.append(
-            f"| {r['spec']['model']} | {r['spec']['setting']} | {ran} | {anon} | {_gb(cache)} | "
-            f"{est.get('ram_gb', '-')} ({'fits' if fits else 'does not fit' if fits is False else '-'}) | "
+            f"| {r['spec']['model']} | {r['spec']['setting']} | {ran} | {anon} | {bound} | {_gb(cache)} | "
+            f"{est.get('ram_gb', '-')} ({'fits' if fits else 'does not fit' if fits is False else '-'}{match}) | "
             f"{load} | {enc or '-'} | {step} | {dec or '-'} | "
             f"{r.get('wall_s', 0):.0f} ({sum(r.get('cpu', {}).values()):.0f}) |"
         )
