@@ -44,3 +44,26 @@ def test_rewrite_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "z-image-turbo").mkdir()
     with pytest.raises(FileExistsError):
         replica.write_replica("z-image-turbo", tmp_path)
+
+
+@pytest.mark.parametrize("model_id,component", [("z-image-turbo", "transformer"), ("qwen-image", "text_encoder")])
+def test_the_estimate_costs_are_the_planner_input_of_a_real_load(tmp_path, model_id, component):
+    """One source of truth (issue #17): the meta-device costs the pre-flight estimate plans with
+    (engine.generation.estimate.model_cost) are, layer by layer, the `VramRuntime.costs()` of the
+    component loaded from its real-size replica (disk offload: nothing is read)."""
+    from engine.generation.estimate import model_cost
+    from engine.generation.pipelines.components import component_classes, read_model_index
+    from engine.generation.settings import vram_config_for
+    from engine.loading.loader import load_model
+    from engine.management import runtime_of
+    from model_registry import get_model
+    from model_registry.sizes import build_on_meta, load_component_configs
+
+    root = replica.write_replica(model_id, tmp_path)
+    cls = component_classes(read_model_index(root))[component]
+    loaded = runtime_of(load_model(cls, root / component, vram_config=vram_config_for(False, True, "cpu"), onload=False)).costs()
+    comp = get_model(model_id).components[component]
+    meta = model_cost(build_on_meta(comp.library, comp.class_name, load_component_configs()[comp.config_id]), False, True).member
+    shape = lambda m: [(l.resident_bytes, l.transient_resident, l.transient_streamed, l.is_leaf) for l in m.layers]
+    assert len(meta.layers) == len(loaded.layers) > 100
+    assert shape(meta) == shape(loaded)
