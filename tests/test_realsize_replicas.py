@@ -52,7 +52,10 @@ def test_the_estimate_costs_are_the_planner_input_of_a_real_load(tmp_path, model
     (engine.generation.estimate.model_cost) are, layer by layer, the `VramRuntime.costs()` of the
     component loaded from its real-size replica (disk offload: nothing is read)."""
     from engine.generation.estimate import model_cost
-    from engine.generation.pipelines.components import component_classes, read_model_index
+    from engine.generation.pipelines.components import (
+        component_classes,
+        read_model_index,
+    )
     from engine.generation.settings import vram_config_for
     from engine.loading.loader import load_model
     from engine.management import runtime_of

@@ -183,7 +183,12 @@ def write_component(
 
 def _write_pipeline_files(root: Path, family: str) -> None:
     """model_index.json, scheduler/ and tokenizers as in the real repo (tokenizers small)."""
-    from model_registry.demo.repo import Z_IMAGE_COMPONENTS, Z_IMAGE_SCHEDULER, quiet_libraries, write_index_and_scheduler
+    from model_registry.demo.repo import (
+        Z_IMAGE_COMPONENTS,
+        Z_IMAGE_SCHEDULER,
+        quiet_libraries,
+        write_index_and_scheduler,
+    )
     from model_registry.demo.tokenizer import qwen_vocab, write_qwen3_tokenizer
     from tests.fixtures import tiny_repos as tr
 
@@ -255,7 +260,11 @@ def check_replica(model_id: str, root: Path) -> dict[str, Any]:
     missing/unexpected/mis-shaped keys; compare the bytes with models.json."""
     import torch
 
-    from engine.generation.pipelines.components import checkpoint_files, component_classes, read_model_index
+    from engine.generation.pipelines.components import (
+        checkpoint_files,
+        component_classes,
+        read_model_index,
+    )
     from engine.loading.loader import load_model
     from model_registry import get_model
     from model_registry.completeness import repo_problems, weight_variant

@@ -109,7 +109,10 @@ MEASURED_SIZES = {(256, 256), (512, 512)}
 def stage_activations(width: int, height: int, batch: int) -> dict[str, Any]:
     """Rough activation bytes per stage (the same constants as `pipelines.managed.activation_bytes`;
     the text encoders' at prompt length are covered by its fixed 0.3 GiB)."""
-    from engine.generation.pipelines.managed import DECODE_BYTES_PER_PIXEL, vae_memory_plan
+    from engine.generation.pipelines.managed import (
+        DECODE_BYTES_PER_PIXEL,
+        vae_memory_plan,
+    )
 
     pixels = width * height
     tiling, _ = vae_memory_plan(width, height, None)

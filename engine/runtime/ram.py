@@ -36,12 +36,12 @@ def available_ram_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def computes_on_cpu(member: "VramRuntime") -> bool:
+def computes_on_cpu(member: VramRuntime) -> bool:
     device = member.comp_device
     return getattr(device, "type", str(device)) == "cpu"
 
 
-def resident_is_master(member: "VramRuntime") -> bool:
+def resident_is_master(member: VramRuntime) -> bool:
     """A resident copy of this member is its RAM master itself (the preparing place is the
     offload place in RAM, so `to_place` returns the master): keeping it costs no RAM."""
     off, prep = member.offload_place, member.preparing_place
@@ -54,7 +54,7 @@ def resident_is_master(member: "VramRuntime") -> bool:
     )
 
 
-def ram_room(members: Iterable["VramRuntime"], fixed_bytes: int, activation_bytes: int, available: int | None = None) -> int | None:
+def ram_room(members: Iterable[VramRuntime], fixed_bytes: int, activation_bytes: int, available: int | None = None) -> int | None:
     """The limit (bytes, in the planner's accounting) that keeps new RAM within what is available;
     None when no member computes on the CPU."""
     members = list(members)
