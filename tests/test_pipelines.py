@@ -50,12 +50,16 @@ def test_vram_config_for_ui_choices():
     plain = VramConfig.from_dict(vram_config_for(False, False, "cpu"))
     assert plain.offload_dtype == torch.bfloat16 and plain.computation_device == torch.device("cpu")
     fp8 = VramConfig.from_dict(vram_config_for(True, False, "cpu"))
-    assert (fp8.offload_dtype, fp8.onload_dtype, fp8.preparing_dtype) == (torch.float8_e4m3fn,) * 3
+    assert (fp8.offload_dtype, fp8.onload_dtype) == (torch.float8_e4m3fn,) * 2
+    # on a CPU a resident copy is RAM: bf16, dequantized once (issue #17); on a GPU it stays FP8
+    assert fp8.preparing_dtype == torch.bfloat16
+    assert vram_config_for(True, False, "cuda")["preparing_dtype"] == torch.float8_e4m3fn
     assert fp8.computation_dtype == torch.bfloat16 and fp8.stores_fp8
     disk = VramConfig.from_dict(vram_config_for(False, True, "cpu"))
     assert disk.uses_disk and disk.onload_device == "disk" and disk.preparing_dtype == torch.bfloat16
     both = VramConfig.from_dict(vram_config_for(True, True, "cpu"))
-    assert both.uses_disk and both.preparing_dtype == torch.float8_e4m3fn
+    assert both.uses_disk and both.preparing_dtype == torch.bfloat16
+    assert vram_config_for(True, True, "cuda")["preparing_dtype"] == torch.float8_e4m3fn
 
 
 def test_vram_limit_from_slider():

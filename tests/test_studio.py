@@ -413,7 +413,7 @@ def test_no_network_through_the_real_registry(tmp_path, monkeypatch):
     studio = Studio(tmp_path / "models", tmp_path / "outputs")
     events = []
     with pytest.raises(UserFacingError, match="not reachable"):
-        for item in studio.generate(GenerateRequest("x", model="qwen-image", width=256, height=256, steps=1)):
+        for item in studio.generate(GenerateRequest("x", model="qwen-image", width=256, height=256, steps=2)):
             events.append(item)
     assert [e.phase for e in events] == ["downloading", "error"]
     assert studio.pipeline is None and studio.builds == 0

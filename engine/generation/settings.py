@@ -8,12 +8,17 @@ and detects what the host has:
 * Weights (`GenerateRequest.weights`, the API's `weights` parameter), one of `WEIGHTS`:
   "auto" (the FP8 toggle decides: "fp8" when on, else "bf16"), "bf16", "fp8" (scaled
   float8_e4m3fn), "int8" (per-channel int8), "nf4" (4-bit NormalFloat, groups of 32). A GGUF
-  catalogue entry stores its file's blocks ("gguf") whatever is chosen. Offload, onload and
-  preparing copies use that form; computation runs in bfloat16 on the computation device.
+  catalogue entry stores its file's blocks ("gguf") whatever is chosen. Offload, onload and,
+  on a GPU, preparing copies use that form; computation runs in bfloat16 on the computation
+  device. On a CPU the resident copies are bfloat16: dequantized once, as far as the RAM room
+  allows, not at every forward.
 * Disk offload on: the master copies stay in their .safetensors files ("disk").
 * Slider: GB for the engine's ledger; "Auto"/None = detected VRAM minus a margin. On a host
   without a GPU everything runs on the CPU (computation_device "cpu", bfloat16) and Auto means
-  unlimited; a number still bounds the engine's ledger (what it would keep resident).
+  "what this machine can hold": the RAM really available bounds residency (engine.runtime.ram),
+  and with disk offload nothing is kept resident (the weights stay out of anonymous RAM; the
+  kernel's page cache, which it can reclaim, caches the files). A number still bounds the
+  engine's ledger (what it would keep resident), within the RAM room too.
 """
 
 from __future__ import annotations
@@ -100,7 +105,9 @@ def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | 
         "offload_device": offload_device,
         "onload_dtype": onload_dtype,
         "onload_device": onload_device,
-        "preparing_dtype": storage,
+        # on a CPU a resident copy is RAM too: keep it in the computation form, so an FP8 layer is
+        # dequantized once (within the RAM room) instead of at every forward (engine.runtime.ram)
+        "preparing_dtype": storage if device.type != "cpu" else COMPUTATION_DTYPE,
         "preparing_device": device,
         "computation_dtype": COMPUTATION_DTYPE,
         "computation_device": device,
@@ -117,6 +124,10 @@ def resolve_vram_limit(value: Any, hardware: HardwareInfo | None = None) -> floa
         return parse_vram_limit(value)
     except ValueError as exc:
         raise UserFacingError(f"VRAM limit: {exc}") from None
+
+
+def _is_auto(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto"))
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,9 @@ class EngineSettings:
         return (self.fp8, self.disk_offload, str(self.device), self.storage_name)
 
     def describe_limit(self) -> str:
-        return "Auto (unlimited)" if self.vram_limit is None else f"{self.vram_limit:g} GB"
+        if self.vram_limit is None:
+            return "Auto (RAM available)" if self.device.type == "cpu" else "Auto (unlimited)"
+        return f"{self.vram_limit:g} GB"
 
 
 def settings_for(
@@ -160,4 +173,6 @@ def settings_for(
         raise UserFacingError("VRAM limit must be 0 GB or more.")
     dev = torch.device(device) if device is not None else computation_device()
     storage = resolve_storage(getattr(request, "weights", None), bool(request.fp8), gguf)
+    if limit is None and dev.type == "cpu" and request.disk_offload and _is_auto(request.vram_limit):
+        limit = 0.0  # Auto on a CPU with disk offload: weights stay in their files (see the module doc)
     return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev, storage)

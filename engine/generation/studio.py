@@ -62,7 +62,7 @@ from engine.generation.pipelines import (
     activation_bytes,
     build_pipeline,
 )
-from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, detect_hardware, settings_for
+from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, _is_auto, detect_hardware, settings_for
 from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
 from engine.generation.preview import Previewer
 from engine.generation.suggest import StepWork, suggest_settings
@@ -506,6 +506,8 @@ class Studio:
         smallest += lora
         weights_peak += lora
         limit = s.vram_limit
+        # Auto on a CPU with disk offload is limit 0 by design (settings_for): not the user's too-small limit
+        explicit = hw.has_gpu or not _is_auto(r.request.vram_limit)
         warnings: list[str] = []
         if limit is None:
             vram = weights_peak + act
@@ -515,7 +517,7 @@ class Studio:
             room = max(0, budget - smallest)
             vram = min(budget, weights_peak + act)
             streamed = max(0, denoiser - room) if budget < weights_peak + act else 0
-            if budget < smallest:
+            if budget < smallest and explicit:
                 warnings.append(
                     f"A VRAM limit of {limit:g} GB is below the smallest that works for this size "
                     f"(about {math.ceil(smallest / GB * 10) / 10:g} GB): activations and the streaming reserve would not fit."
@@ -527,14 +529,22 @@ class Studio:
             ram = total_stored + int(0.5 * GB)
         if not hw.has_gpu:
             ram += act  # computation runs on the CPU
+        verdict = self._cpu_ram_verdict(r) if not hw.has_gpu else None
+        if verdict is not None:  # the planner's own costs, against the RAM available now
+            ram = verdict.estimate.total_bytes
         disk = sum(sizes.values())
         fits = True
         if hw.has_gpu and hw.vram_total_gb is not None and vram > hw.vram_total_gb * GB:
             fits = False
             warnings.append(f"Needs about {vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
-        if limit is not None and int(limit * GB) < smallest:
+        if limit is not None and int(limit * GB) < smallest and explicit:
             fits = False
-        if ram > 0.9 * hw.ram_total_gb * GB:
+        if verdict is not None:
+            if not verdict.fits:
+                fits = False
+                warnings.append(verdict.message)
+            warnings.extend(verdict.estimate.notes)
+        elif ram > 0.9 * hw.ram_total_gb * GB:
             fits = False
             tip = "" if s.disk_offload else " Tick disk offload" + ("" if s.fp8 else " or FP8") + "."
             warnings.append(f"Needs about {ram / GB:.1f} GB of RAM, this machine has {hw.ram_total_gb:.1f} GB.{tip}")
@@ -597,6 +607,22 @@ class Studio:
         except Exception:  # pragma: no cover - estimate only
             downloaded = True
         return suggest_settings(req, machine, self.estimate, self.step_work(req), downloaded)
+
+    def _cpu_ram_verdict(self, r: ResolvedRequest) -> Any:
+        """engine.generation.estimate's verdict for `r` on this CPU host (None: no catalogued configs)."""
+        try:
+            from engine.generation.estimate import cpu_ram_verdict
+
+            fam = FAMILIES[r.entry.family]
+            batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
+            limit = None if r.settings.vram_limit is None else int(r.settings.vram_limit * GB)
+            return cpu_ram_verdict(
+                r.entry, fam, storage=r.settings.storage_name, disk=r.settings.disk_offload, limit_bytes=limit,
+                width=r.width, height=r.height, batch=2 if batched else 1,
+            )
+        except Exception:  # pragma: no cover - estimate only
+            log.debug("RAM estimate failed", exc_info=True)
+            return None
 
     # --- telemetry --------------------------------------------------------------------------------
     def telemetry(self) -> TelemetrySnapshot:
@@ -683,6 +709,10 @@ class Studio:
             return pipe
         self.unload()  # free the old pipeline before anything new is read
         path = self._model_path(r, emit, should_stop)
+        if r.settings.device.type == "cpu":  # refuse a load that would exhaust RAM (engine.generation.estimate)
+            verdict = self._cpu_ram_verdict(r)
+            if verdict is not None and not verdict.fits:
+                raise UserFacingError(f"Not loading: {verdict.message}")
         variant = None
         try:
             variant = self._reg().load_options(r.model_id, path).get("variant")

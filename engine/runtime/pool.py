@@ -52,6 +52,9 @@ class MemoryPool:
         self.on_demand: Callable[[PoolMember], None] | None = None
         self.pinned = pinned if pinned is not None else PROCESS_PINNED_BUDGET
         self.last_plan: planner.Plan | None = None
+        # RAM the coming stage's activations take where the computation device is the CPU (the
+        # pipeline sets it from the resolution); it bounds the RAM room (engine.runtime.ram).
+        self.ram_activation_bytes = 0
 
     def __repr__(self) -> str:
         return f"MemoryPool(limit_gb={self.limit_gb}, members={[m.name for m in self.members]})"
@@ -78,8 +81,22 @@ class MemoryPool:
         self.residency_cap_bytes = cap_bytes
         self.replan()
 
+    def ram_room_bytes(self) -> int | None:
+        """Where a member computes on the CPU: the limit the RAM really available allows
+        (engine.runtime.ram); None on a GPU-only pool."""
+        from engine.runtime import ram
+
+        return ram.ram_room(self.members, self.ledger.fixed_bytes, self.ram_activation_bytes)
+
+    def effective_limit_bytes(self) -> int | None:
+        """The limit the planner works to: the user's, bounded on a CPU by the RAM room."""
+        limit, room = self.limit_bytes, self.ram_room_bytes()
+        if room is None:
+            return limit
+        return room if limit is None else min(limit, room)
+
     def limits(self) -> planner.Limits:
-        return planner.Limits(self.limit_bytes, self.ledger.fixed_bytes, self._activation_reserve_bytes, self.residency_cap_bytes)
+        return planner.Limits(self.effective_limit_bytes(), self.ledger.fixed_bytes, self._activation_reserve_bytes, self.residency_cap_bytes)
 
     # --- the ledger, read-only ----------------------------------------------------------------------
     resident_bytes = property(lambda self: self.ledger.resident_bytes)

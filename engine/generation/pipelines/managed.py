@@ -255,11 +255,15 @@ class ManagedPipeline:
         return max(self.stage_floor_bytes[stage] for stage in stages) + activation_bytes
 
     def reserve_activations(self, width: int, height: int, batch: int = 1, reference_pixels: int = 0, input_pixels: int = 0) -> None:
-        """On a GPU the VRAM limit covers activations too: the planner keeps room for them. (On the
-        CPU the limit only bounds the engine's ledger of weights, so nothing is reserved.)"""
-        reserve = activation_bytes(width, height, batch, reference_pixels, input_pixels) if self.device.type != "cpu" else 0
-        if reserve != self.budget.activation_reserve_bytes:
+        """On a GPU the VRAM limit covers activations too: the planner keeps room for them. On the
+        CPU an explicit limit bounds the engine's ledger of weights (nothing reserved in it), and
+        the activations come off the RAM room instead (engine.runtime.ram)."""
+        act = activation_bytes(width, height, batch, reference_pixels, input_pixels)
+        reserve = act if self.device.type != "cpu" else 0
+        ram_act = act if self.device.type == "cpu" else 0
+        if reserve != self.budget.activation_reserve_bytes or ram_act != self.budget.ram_activation_bytes:
             self.budget.activation_reserve_bytes = reserve
+            self.budget.ram_activation_bytes = ram_act
             self.budget.replan()
 
     # --- VAE ------------------------------------------------------------------------------------
@@ -398,6 +402,48 @@ class ManagedPipeline:
                     log.debug("closing a streamer failed", exc_info=True)
 
 
+def component_config(name: str, cls: type, path: Path, config: VramConfig) -> VramConfig:
+    """The config one component runs under: the pipeline's, except that on a CPU a VAE (all
+    convolutions) computes in float32 when that measures faster than the pipeline's dtype there
+    (engine.runtime.cpu_dtype)."""
+    device = config.computation_device
+    if not (isinstance(device, torch.device) and device.type == "cpu" and cls.__name__.startswith("AutoencoderKL")):
+        return config
+    import dataclasses
+    import json
+
+    from engine.runtime.cpu_dtype import component_conv_dtype
+
+    try:
+        vae_config = json.loads((Path(path) / name / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return config
+    dtype = component_conv_dtype(cls, vae_config, config.computation_dtype)
+    if dtype == config.computation_dtype:
+        return config
+    log.info("%s: computing in %s on the CPU (measured faster than %s)", name, dtype, config.computation_dtype)
+    prep = dtype if config.preparing_dtype == config.computation_dtype else config.preparing_dtype
+    return dataclasses.replace(config, computation_dtype=dtype, preparing_dtype=prep)
+
+
+def cast_latents(vae: nn.Module, dtype: torch.dtype) -> None:
+    """A VAE computing in another dtype than the pipeline: its decode/encode take latents/images
+    in `dtype` (not every pipeline casts them to `vae.dtype` itself, FLUX's does not)."""
+    import functools
+
+    for method in ("decode", "encode"):
+        inner = getattr(vae, method, None)
+        if inner is None:
+            continue
+
+        def cast(x: Any, *args: Any, __inner: Any = inner, **kwargs: Any) -> Any:
+            if torch.is_tensor(x) and x.is_floating_point():
+                x = x.to(dtype)
+            return __inner(x, *args, **kwargs)
+
+        setattr(vae, method, functools.wraps(inner)(cast))
+
+
 def build_pipeline(
     path: str | Path,
     vram_config: dict[str, Any] | VramConfig | None = None,
@@ -419,7 +465,10 @@ def build_pipeline(
     parts: dict[str, Any] = {}
     for name, cls in classes.items():
         if is_weighted(cls):
-            components[name] = load_component(name, cls, path, config, budget, variant)
+            own = component_config(name, cls, path, config)
+            components[name] = load_component(name, cls, path, own, budget, variant)
+            if own.computation_dtype != config.computation_dtype:
+                cast_latents(components[name], own.computation_dtype)
             parts[name] = components[name]
         else:
             parts[name] = load_aux_component(name, cls, path)

@@ -1,0 +1,338 @@
+"""Real-size sparse replicas of the catalogue models.
+
+    python -m tools.replica write qwen-image models/          # models/qwen-image/ (the app finds it)
+    python -m tools.replica check --all /tmp/replicas        # every catalogue model: write + verify
+
+A replica is a pipeline folder in the real repository layout: model_index.json, scheduler/,
+tokenizer files (built locally, small vocabularies), and for every weighted component its real
+config.json (model_registry/component_configs.json) and its weights as .safetensors shards with
+every tensor at its real checkpoint name, shape and dtype, split into the real repository's shard
+count with the index file the real repository ships. The shards hold only their headers: the data
+is a file hole (`truncate`), so a 41 GB transformer costs no disk and reads give zeros. Zero
+weights are fine for memory and speed measurements; they say nothing about numerics.
+
+Checkpoint names are what the libraries write: a meta-device build's state dict, tied weights
+removed, and for transformers the library's own reverse conversion (`revert_weight_conversion`,
+as `save_pretrained` does), so Qwen2.5-VL keeps its on-disk `model.layers.*` / `visual.*` names.
+
+`check` proves for each model: the configs build, the engine's loader (`engine.load_model`, with
+disk offload, which reads no weight) finds no missing, unexpected or mis-shaped key, and the
+stored sizes in models.json equal the replica's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ST_DTYPES = {
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.float64": "F64",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+    "torch.float8_e4m3fn": "F8_E4M3",
+}
+ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
+
+#: Shard counts of the real repositories (files as listed on the hub; 1 = a single file without
+#: an index). SDXL ships every component as one file, in an fp32 main and an fp16 variant.
+SHARDS: dict[tuple[str, str], int] = {
+    ("qwen-image", "text_encoder"): 4,
+    ("qwen-image", "transformer"): 9,
+    ("qwen-image", "vae"): 1,
+    ("z-image-turbo", "text_encoder"): 3,
+    ("z-image-turbo", "transformer"): 3,
+    ("z-image-turbo", "vae"): 1,
+    ("flux1-schnell", "text_encoder"): 1,
+    ("flux1-schnell", "text_encoder_2"): 2,
+    ("flux1-schnell", "transformer"): 3,
+    ("flux1-schnell", "vae"): 1,
+    ("flux1-dev", "text_encoder"): 1,
+    ("flux1-dev", "text_encoder_2"): 2,
+    ("flux1-dev", "transformer"): 3,
+    ("flux1-dev", "vae"): 1,
+    ("flux2-klein-4b", "text_encoder"): 2,
+    ("flux2-klein-4b", "transformer"): 2,
+    ("flux2-klein-4b", "vae"): 1,
+}
+#: Stored dtype of the floating tensors where it is not bf16.
+DTYPES: dict[tuple[str, str], str] = {
+    ("flux1-schnell", "text_encoder"): "BF16",
+    ("flux1-dev", "text_encoder"): "BF16",
+}
+SDXL_VARIANTS = (("fp16", "F16"), (None, "F32"))
+MARKER = "REPLICA.txt"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return ST_BYTES[self.dtype] * math.prod(self.shape)
+
+
+def meta_model(library: str, class_name: str, config: dict[str, Any]) -> Any:
+    from model_registry.sizes import build_on_meta
+
+    return build_on_meta(library, class_name, config)
+
+
+def checkpoint_specs(model: Any, library: str, float_dtype: str) -> list[TensorSpec]:
+    """Every tensor the library would write for `model`, by its on-disk name."""
+    state = model.state_dict()
+    if library == "transformers":
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        state = remove_tied_weights_from_state_dict(state, model)
+        state = revert_weight_conversion(model, state)
+    out = []
+    for name, t in state.items():
+        dtype = float_dtype if t.is_floating_point() else ST_DTYPES[str(t.dtype)]
+        out.append(TensorSpec(name, dtype, tuple(int(d) for d in t.shape)))
+    return out
+
+
+def split_shards(specs: list[TensorSpec], count: int) -> list[list[TensorSpec]]:
+    """`count` shards of about equal bytes, tensors in name order (as save_pretrained fills them)."""
+    specs = sorted(specs, key=lambda s: _natural(s.name))
+    if count <= 1:
+        return [specs]
+    total = sum(s.nbytes for s in specs)
+    target = total / count
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if size + s.nbytes > target and shards[-1] and len(shards) < count:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def write_sparse_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> int:
+    """A .safetensors file whose header is real and whose data is a hole. Returns its size."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)
+    return 8 + len(raw) + offset
+
+
+def write_component(
+    folder: Path, specs: list[TensorSpec], shards: int, library: str, config: dict[str, Any], variant: str | None = None
+) -> dict[str, Any]:
+    """config.json + shards (+ index) of one component."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(config)
+    if library == "diffusers":
+        import diffusers
+
+        cfg.setdefault("_diffusers_version", diffusers.__version__)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    base = "diffusion_pytorch_model" if library == "diffusers" else "model"
+    tag = f".{variant}" if variant else ""
+    parts = split_shards(specs, shards)
+    files: list[str] = []
+    if len(parts) == 1:
+        name = f"{base}{tag}.safetensors"
+        write_sparse_safetensors(folder / name, parts[0])
+        return {"files": [name], "bytes": sum(s.nbytes for s in specs)}
+    weight_map: dict[str, str] = {}
+    for i, part in enumerate(parts, 1):
+        name = f"{base}-{i:05d}-of-{len(parts):05d}{tag}.safetensors"
+        write_sparse_safetensors(folder / name, part)
+        files.append(name)
+        weight_map |= {s.name: name for s in part}
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": dict(sorted(weight_map.items()))}
+    index_name = f"{base}.safetensors.index{tag}.json"
+    (folder / index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return {"files": files, "bytes": index["metadata"]["total_size"]}
+
+
+def _write_pipeline_files(root: Path, family: str) -> None:
+    """model_index.json, scheduler/ and tokenizers as in the real repo (tokenizers small)."""
+    from model_registry.demo.repo import (
+        Z_IMAGE_COMPONENTS,
+        Z_IMAGE_SCHEDULER,
+        quiet_libraries,
+        write_index_and_scheduler,
+    )
+    from model_registry.demo.tokenizer import qwen_vocab, write_qwen3_tokenizer
+    from tests.fixtures import tiny_repos as tr
+
+    with quiet_libraries():
+        if family == "z-image":
+            write_index_and_scheduler(root, family, Z_IMAGE_COMPONENTS, Z_IMAGE_SCHEDULER)
+        else:
+            tr._write_index_and_scheduler(root, family)
+        if family == "qwen-image":
+            tr._write_qwen25vl_tokenizer(root / "tokenizer", qwen_vocab(qwen3=False))
+        elif family in ("z-image", "flux2-klein"):
+            write_qwen3_tokenizer(root / "tokenizer", qwen_vocab(qwen3=True))
+        elif family == "flux1":
+            tr._write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
+            tr._write_t5_tokenizer(root / "tokenizer_2")
+        elif family == "sdxl":
+            tr._write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
+            tr._write_clip_tokenizer(root / "tokenizer_2", pad_token="!")
+
+
+def component_specs(model_id: str) -> dict[str, tuple[Any, list[TensorSpec], str]]:
+    """component -> (catalogue component, specs in the stored dtype, library), meta builds."""
+    from model_registry import get_model
+    from model_registry.sizes import load_component_configs
+
+    entry = get_model(model_id)
+    configs = load_component_configs()
+    out = {}
+    for name, comp in entry.components.items():
+        if comp.config_id is None:
+            continue
+        dtype = DTYPES.get((model_id, name), "F16" if entry.family == "sdxl" else "BF16")
+        model = meta_model(comp.library, comp.class_name, configs[comp.config_id])
+        out[name] = (comp, checkpoint_specs(model, comp.library, dtype), comp.library)
+        del model
+    return out
+
+
+def write_replica(model_id: str, models_dir: str | Path) -> Path:
+    """Write the replica of `model_id` into `models_dir/<model_id>/` (where the app looks)."""
+    from model_registry import get_model
+    from model_registry.sizes import load_component_configs
+
+    entry = get_model(model_id)
+    if entry.is_demo:
+        raise ValueError("the demo is tiny already; replicas are for real models")
+    root = Path(models_dir) / model_id
+    if root.exists():
+        if not (root / MARKER).is_file():
+            raise FileExistsError(f"{root} exists and is not a replica written by this tool: not touching it")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / MARKER).write_text("sparse replica written by tools/replica.py: weights are file holes (zeros)\n", encoding="utf-8")
+    _write_pipeline_files(root, entry.family)
+    configs = load_component_configs()
+    for name, (comp, specs, library) in component_specs(model_id).items():
+        config = configs[comp.config_id]
+        if entry.family == "sdxl":
+            for variant, dtype in SDXL_VARIANTS:
+                typed = [TensorSpec(s.name, dtype if s.dtype in ("F16", "BF16", "F32") else s.dtype, s.shape) for s in specs]
+                write_component(root / name, typed, 1, library, config, variant)
+        else:
+            write_component(root / name, specs, SHARDS.get((model_id, name), 1), library, config)
+    return root
+
+
+def check_replica(model_id: str, root: Path) -> dict[str, Any]:
+    """Load every component with the engine's loader under disk offload (reads no weight): no
+    missing/unexpected/mis-shaped keys; compare the bytes with models.json."""
+    import torch
+
+    from engine.generation.pipelines.components import (
+        checkpoint_files,
+        component_classes,
+        read_model_index,
+    )
+    from engine.loading.loader import load_model
+    from model_registry import get_model
+    from model_registry.completeness import repo_problems, weight_variant
+    from model_registry.families import FAMILIES
+
+    entry = get_model(model_id)
+    family = FAMILIES[entry.family]
+    problems = repo_problems(root, family)
+    if problems:
+        raise AssertionError(f"{model_id}: replica incomplete: {problems}")
+    variant = weight_variant(root, family)
+    classes = component_classes(read_model_index(root))
+    config = {
+        "offload_dtype": "disk", "offload_device": "disk", "onload_dtype": "disk", "onload_device": "disk",
+        "preparing_dtype": torch.bfloat16, "preparing_device": "cpu", "computation_dtype": torch.bfloat16, "computation_device": "cpu",
+    }
+    report: dict[str, Any] = {}
+    for name in family.weighted:
+        t0 = time.perf_counter()
+        model = load_model(classes[name], checkpoint_files(root / name, variant), vram_config=config, onload=False)
+        n = sum(p.numel() for p in model.parameters())  # placeholders: shapes only
+        files = [f for f in (root / name).glob("*.safetensors") if (variant is None or f".{variant}." in f.name)]
+        floats = 0
+        for f in files:
+            with f.open("rb") as fh:
+                (hn,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(hn))
+            header.pop("__metadata__", None)
+            floats += sum(math.prod(t["shape"]) for t in header.values() if t["dtype"] in ("BF16", "F16", "F32"))
+        stored = entry.components[name].bytes_bf16
+        if stored is not None and 2 * floats != stored:
+            raise AssertionError(f"{model_id}/{name}: replica holds {2 * floats} bf16 bytes, models.json says {stored}")
+        report[name] = {
+            "parameters": n, "bytes_bf16": 2 * floats, "shards": len(files), "load_s": round(time.perf_counter() - t0, 1),
+            "disk_blocks_bytes": sum(f.stat().st_blocks * 512 for f in files),
+        }
+        del model
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="write one replica into MODELS_DIR/<id>/")
+    w.add_argument("model_id")
+    w.add_argument("models_dir")
+    c = sub.add_parser("check", help="write and verify replicas")
+    c.add_argument("models_dir")
+    c.add_argument("model_ids", nargs="*")
+    c.add_argument("--all", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cmd == "write":
+        print(write_replica(args.model_id, args.models_dir))
+        return 0
+    from model_registry import list_models
+
+    ids = [e.id for e in list_models() if not e.is_demo] if args.all or not args.model_ids else args.model_ids
+    failed = 0
+    for model_id in ids:
+        try:
+            root = write_replica(model_id, args.models_dir)
+            for name, r in check_replica(model_id, root).items():
+                print(f"{model_id:16s} {name:16s} {r['parameters']:>14,d} params  {r['shards']} shard(s)  loaded (disk) in {r['load_s']} s")
+        except Exception as exc:  # report every model, then fail
+            failed += 1
+            print(f"{model_id}: FAILED: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
