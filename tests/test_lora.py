@@ -1,5 +1,5 @@
 """LoRA under every memory strategy (engine.lora): against diffusers' own loading, across
-vram_limits, disk offload and FP8, hot-swapped without reading a base weight, and bad input.
+vram_limits, disk offload and FP8/int8/NF4 bases, hot-swapped without reading a base weight, and bad input.
 
 LoRAs are made by peft on the tiny real models (tests.fixtures.tiny_loras) and saved in
 diffusers' layout (with the peft config as metadata, so alpha != rank is exercised) and in
@@ -176,18 +176,27 @@ def test_disk_offload_and_hot_swap_read_no_base_weight(tmp_path, monkeypatch):
     assert torch.equal(run_model(model, inputs), expected)
 
 
+QUANTIZED = {
+    "fp8": FP8,
+    "int8": dict(BF16, offload_dtype="int8", onload_dtype="int8", preparing_dtype="int8"),
+    "nf4": dict(BF16, offload_dtype="nf4", onload_dtype="nf4", preparing_dtype="nf4"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(QUANTIZED))
 @pytest.mark.parametrize("name", ["FluxTransformer2DModel", "QwenImageTransformer2DModel"])
-def test_fp8_base_with_lora_no_worse_than_the_base_quantization(name, tmp_path):
-    """int8/4-bit stored forms take the same path (the post-step never reads the stored form)."""
+def test_quantized_base_with_lora_no_worse_than_the_base_quantization(name, form, tmp_path):
+    """FP8, int8 and 4-bit NF4 bases: the LoRA's post-step never reads the stored form, so the
+    error against the bf16 base + LoRA is the base's own quantization error."""
     plain, inputs = tiny_model(name, torch.bfloat16)
     path = _lora_file(name, "diffusers", tmp_path, plain)
     bf16_lora = run_model(reference(plain, path), inputs).float()
     base = run_model(plain, inputs).float()
-    fp8 = enable_vram_management(copy.deepcopy(plain), vram_config=FP8, vram_limit=0)
-    base_err = ((run_model(fp8, inputs).float() - base).norm() / base.norm()).item()
-    load_lora(fp8, path)
-    lora_err = ((run_model(fp8, inputs).float() - bf16_lora).norm() / bf16_lora.norm()).item()
-    assert 0 < lora_err <= base_err * 1.25 + 1e-3, (lora_err, base_err)
+    quantized = enable_vram_management(copy.deepcopy(plain), vram_config=QUANTIZED[form], vram_limit=0)
+    base_err = ((run_model(quantized, inputs).float() - base).norm() / base.norm()).item()
+    load_lora(quantized, path)
+    lora_err = ((run_model(quantized, inputs).float() - bf16_lora).norm() / bf16_lora.norm()).item()
+    assert 0 < lora_err <= base_err * 1.25 + 1e-3, (form, lora_err, base_err)
 
 
 # --- bad input: clear errors, and the previous LoRA set stays active ------------------------------------
