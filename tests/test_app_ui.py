@@ -273,3 +273,21 @@ def test_layout_has_the_lora_picker(tmp_path):
     demo = build_demo(FakeStudio(tmp_path / "m", tmp_path / "o"))
     labels = [getattr(b, "label", None) for b in demo.blocks.values()]
     assert "LoRA 1" in labels and "LoRAs" in labels and "Strength" in labels
+
+
+def test_the_page_estimate_counts_the_input_images(handlers, monkeypatch, tmp_path):
+    """The estimate box hands the page's input images to the Studio's estimate (which counts their
+    encodes and reference latents as activations: tests/test_studio_images.py)."""
+    from PIL import Image
+
+    from ui import inputs
+
+    monkeypatch.setattr(inputs, "upload_folder", lambda: tmp_path.resolve())  # the gallery's files are Gradio uploads
+    path = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "white").save(path)
+    seen = []
+    real = handlers.studio.estimate
+    monkeypatch.setattr(handlers.studio, "estimate", lambda request, *a, **k: (seen.append(request), real(request, *a, **k))[1])
+    handlers.estimate("demo", 64, 64, 2, 0.0, True, 0, False, False, images=[(str(path), None)])
+    handlers.estimate("demo", 64, 64, 2, 0.0, True, 0, False, False)
+    assert len(seen[0].images) == 1 and seen[1].images == ()

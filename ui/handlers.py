@@ -211,12 +211,16 @@ class Handlers:
             image, strength,
         ), preview=bool(preview))
 
-    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off", resident_limit=None) -> str:
-        """Markdown for the estimate box; invalid settings show their message instead."""
+    def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off",
+                 resident_limit=None, images=None) -> str:
+        """Markdown for the estimate box; invalid settings show their message instead. The page's
+        input images count (their encodes and an edit model's reference latents are activations)."""
         try:
+            files, _ = self.page_images(images, None, model)
             request = self.build_request(
                 "", "", model, width, height, steps, guidance, None,
                 self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload, loras, quantize_to_weights(quantize),
+                image=files or None,
             )
             text = formatting.estimate_markdown(self.studio.estimate(request), self.hardware)
             if not self.hardware.has_gpu and request.vram_limit is not None:

@@ -294,9 +294,10 @@ def build_demo(studio: Any) -> gr.Blocks:
         private = {"api_visibility": "private"}
 
         gr.on(
-            triggers=[demo.load, resident_limit.change] + [c.change for c in controls],
+            # the input images count too: their encodes and reference latents are activations
+            triggers=[demo.load, resident_limit.change, input_images.change] + [c.change for c in controls],
             fn=h.estimate,
-            inputs=controls + [resident_limit],
+            inputs=controls + [resident_limit, input_images],
             outputs=estimate,
             show_progress="hidden",
             trigger_mode="always_last",
