@@ -23,10 +23,13 @@ def test_weights_choices_resolve_and_fp8_stays():
         resolve_storage("int4", fp8=False)
     for name in ("int8", "nf4"):
         cfg = VramConfig.from_dict(vram_config_for(False, False, "cpu", name))
-        assert cfg.offload_dtype == cfg.onload_dtype == cfg.preparing_dtype == name
+        # on a CPU a resident copy is RAM too: it takes the computation form (dequantized once)
+        assert cfg.offload_dtype == cfg.onload_dtype == name and cfg.preparing_dtype == torch.bfloat16
+        gpu = vram_config_for(False, False, "cuda", name)  # (a dict: this host has no CUDA to validate it)
+        assert gpu["offload_dtype"] == gpu["onload_dtype"] == gpu["preparing_dtype"] == name
         assert cfg.computation_dtype == torch.bfloat16
         disk = VramConfig.from_dict(vram_config_for(False, True, "cpu", name))
-        assert disk.uses_disk and disk.preparing_dtype == name
+        assert disk.uses_disk and disk.preparing_dtype == torch.bfloat16  # a CPU: the computation form
     assert vram_config_for(True, False, "cpu")["offload_dtype"] == torch.float8_e4m3fn  # unchanged
     s = settings_for(GenerateRequest("x", weights="nf4", vram_limit=1), device="cpu")
     assert s.storage_name == "nf4" and s.build_key != settings_for(GenerateRequest("x", vram_limit=1), device="cpu").build_key
@@ -35,7 +38,9 @@ def test_weights_choices_resolve_and_fp8_stays():
 
 def test_estimate_names_the_storage_and_shrinks_with_it(tmp_path):
     studio = Studio(tmp_path / "m", tmp_path / "o", device="cpu")
-    ests = {w: studio.estimate(GenerateRequest("x", model="qwen-image", vram_limit=8, weights=w)) for w in ("bf16", "fp8", "int8", "nf4")}
+    # limit 0: on a CPU the limit bounds the bf16 copies kept resident in RAM beside quantized
+    # masters (engine.runtime.ram); with none kept, RAM is the stored form's own bytes
+    ests = {w: studio.estimate(GenerateRequest("x", model="qwen-image", vram_limit=0, weights=w)) for w in ("bf16", "fp8", "int8", "nf4")}
     assert ests["nf4"].ram_gb < ests["int8"].ram_gb < ests["bf16"].ram_gb
     assert ests["nf4"].ram_gb < 0.35 * ests["bf16"].ram_gb + 1
     assert ests["nf4"].storage.startswith("nf4") and ests["int8"].storage.startswith("int8")

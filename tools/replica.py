@@ -199,9 +199,11 @@ def _write_pipeline_files(root: Path, family: str) -> None:
             tr._write_index_and_scheduler(root, family)
         if family == "qwen-image":
             tr._write_qwen25vl_tokenizer(root / "tokenizer", qwen_vocab(qwen3=False))
+        elif family == "qwen-image-edit":
+            tr.write_qwen_image_edit_text_files(root)
         elif family in ("z-image", "flux2-klein"):
             write_qwen3_tokenizer(root / "tokenizer", qwen_vocab(qwen3=True))
-        elif family == "flux1":
+        elif family in ("flux1", "flux1-kontext"):
             tr._write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
             tr._write_t5_tokenizer(root / "tokenizer_2")
         elif family == "sdxl":

@@ -207,7 +207,7 @@ SETTING_NAMES = {
     ("nf4", True): "NF4 + disk offload",
 }
 #: what the refusal message offers instead, in this order (least precision lost first)
-ALTERNATIVES = (("fp8", False), ("nf4", False), ("bf16", True), ("fp8", True))
+ALTERNATIVES = (("fp8", False), ("bf16", True), ("nf4", False), ("fp8", True))
 
 
 @dataclass(frozen=True)

@@ -529,8 +529,10 @@ class Studio:
             ram = total_stored + int(0.5 * GB)
         if not hw.has_gpu:
             ram += act  # computation runs on the CPU
-        verdict = self._cpu_ram_verdict(r) if not hw.has_gpu else None
-        if verdict is not None:  # the planner's own costs, against the RAM available now
+        # another machine (suggest_settings' table): its RAM; this host: the RAM available now
+        available = int(hardware.ram_total_gb * GB) if hardware is not None and hardware.ram_total_gb else None
+        verdict = self._cpu_ram_verdict(r, available) if not hw.has_gpu else None
+        if verdict is not None:  # the planner's own costs, against that RAM
             ram = verdict.estimate.total_bytes
         disk = sum(sizes.values())
         fits = True
@@ -588,7 +590,7 @@ class Studio:
 
     def step_work(self, request: GenerateRequest) -> StepWork:
         """What one denoising step of `request` computes (suggest's cost model)."""
-        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"))
+        r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"), estimate=True)
         fam = FAMILIES[r.entry.family]
         comp = r.entry.components.get(fam.denoiser)
         size = (comp.bytes_bf16 if comp is not None else None) or 2 * 1024**2
@@ -601,15 +603,16 @@ class Studio:
         host), for the request's model and size (engine.generation.suggest); no loading."""
         machine = machine or self.machine()
         req = request if (request.prompt or "").strip() else replace(request, prompt="estimate")
-        model_id = self.resolve(req).model_id
+        model_id = self.resolve(req, estimate=True).model_id
         try:
             downloaded = bool(self._reg().is_downloaded(model_id, self.models_dir))
         except Exception:  # pragma: no cover - estimate only
             downloaded = True
         return suggest_settings(req, machine, self.estimate, self.step_work(req), downloaded)
 
-    def _cpu_ram_verdict(self, r: ResolvedRequest) -> Any:
-        """engine.generation.estimate's verdict for `r` on this CPU host (None: no catalogued configs)."""
+    def _cpu_ram_verdict(self, r: ResolvedRequest, available_bytes: int | None = None) -> Any:
+        """engine.generation.estimate's verdict for `r` on a CPU host with `available_bytes` of RAM
+        free (None: this host, now); None when a component has no catalogued config."""
         try:
             from engine.generation.estimate import cpu_ram_verdict
 
@@ -618,7 +621,7 @@ class Studio:
             limit = None if r.settings.vram_limit is None else int(r.settings.vram_limit * GB)
             return cpu_ram_verdict(
                 r.entry, fam, storage=r.settings.storage_name, disk=r.settings.disk_offload, limit_bytes=limit,
-                width=r.width, height=r.height, batch=2 if batched else 1,
+                width=r.width, height=r.height, batch=2 if batched else 1, available_bytes=available_bytes,
             )
         except Exception:  # pragma: no cover - estimate only
             log.debug("RAM estimate failed", exc_info=True)
