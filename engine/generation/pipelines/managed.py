@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from engine.config import VramConfig, parse_vram_limit
+from engine.layers.hooks import ModelHook, register_hook
 from engine.management import (
     layer_state_counts,
     offload_model,
@@ -426,22 +427,40 @@ def component_config(name: str, cls: type, path: Path, config: VramConfig) -> Vr
     return dataclasses.replace(config, computation_dtype=dtype, preparing_dtype=prep)
 
 
-def cast_latents(vae: nn.Module, dtype: torch.dtype) -> None:
-    """A VAE computing in another dtype than the pipeline: its decode/encode take latents/images
-    in `dtype` (not every pipeline casts them to `vae.dtype` itself, FLUX's does not)."""
-    import functools
+class VaeDtypeHook(ModelHook):
+    """A VAE computing in another dtype than the pipeline (a CPU where float32 convolutions
+    measure faster): its encode/decode take their input in the VAE's dtype (not every pipeline
+    casts to `vae.dtype`, FLUX's does not), and encode hands its latents back in the pipeline's
+    (image-to-image and edit latents go into the denoiser). A named hook, removable."""
 
-    for method in ("decode", "encode"):
-        inner = getattr(vae, method, None)
-        if inner is None:
-            continue
+    name = "lowvram.vae_dtype"
+    methods = ("encode", "decode")
 
-        def cast(x: Any, *args: Any, __inner: Any = inner, **kwargs: Any) -> Any:
-            if torch.is_tensor(x) and x.is_floating_point():
-                x = x.to(dtype)
-            return __inner(x, *args, **kwargs)
+    def __init__(self, vae_dtype: torch.dtype, pipeline_dtype: torch.dtype):
+        self.vae_dtype, self.pipeline_dtype = vae_dtype, pipeline_dtype
 
-        setattr(vae, method, functools.wraps(inner)(cast))
+    def call(self, method: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+            args = (args[0].to(self.vae_dtype), *args[1:])
+        out = inner(*args, **kwargs)
+        return _latents_to(out, self.pipeline_dtype) if method == "encode" else out
+
+
+def _latents_to(value: Any, dtype: torch.dtype) -> Any:
+    """An encode's output (AutoencoderKLOutput, its latent distribution, a tuple, a tensor) in `dtype`."""
+    dist = getattr(value, "latent_dist", None)
+    if dist is not None:
+        _latents_to(dist, dtype)
+        return value
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_latents_to(v, dtype) for v in value)
+    for attr in ("parameters", "mean", "logvar", "std", "var"):  # DiagonalGaussianDistribution
+        tensor = getattr(value, attr, None)
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            setattr(value, attr, tensor.to(dtype))
+    return value
 
 
 def build_pipeline(
@@ -468,7 +487,7 @@ def build_pipeline(
             own = component_config(name, cls, path, config)
             components[name] = load_component(name, cls, path, own, budget, variant)
             if own.computation_dtype != config.computation_dtype:
-                cast_latents(components[name], own.computation_dtype)
+                register_hook(components[name], VaeDtypeHook(own.computation_dtype, config.computation_dtype))
             parts[name] = components[name]
         else:
             parts[name] = load_aux_component(name, cls, path)
