@@ -559,13 +559,20 @@ def kill_mid_file(source: str, partial_glob: str, root: Path) -> int:
     import subprocess
     import sys
 
+    def partials() -> dict[Path, int]:
+        return {p: p.stat().st_size for p in root.rglob(partial_glob) if p.is_file()}
+
     proc = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD, MODEL, source], cwd=Path(__file__).parents[1])
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            sizes = [p.stat().st_size for p in root.rglob(partial_glob) if p.is_file()]
-            if sizes and max(sizes) >= 64 * 1024:
-                break
+            big = {p: n for p, n in partials().items() if n >= 64 * 1024}
+            if big:
+                # the stalled file stays partial at one size; a file that was only passing through
+                # (it completes and is renamed) must not be taken for it
+                time.sleep(0.3)
+                if any(partials().get(p) == n for p, n in big.items()):
+                    break
             assert proc.poll() is None, "the download ended before it could be killed"
             time.sleep(0.05)
         else:
