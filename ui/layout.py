@@ -47,9 +47,9 @@ def image_note_markdown(choice) -> str:
     """What the selected model does with input images (its own limit on their number)."""
     mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
     if mode == "img2img":
-        text = "Image-to-image: **1** input image (upload, paste or drop one; it is resized to the output size), with a strength."
+        text = "Image-to-image: <b>1</b> input image (upload, paste or drop one; it is resized to the output size), with a strength."
     elif mode == "reference":
-        text = f"Edit: up to **{n}** reference image{'s' if n != 1 else ''}; no strength."
+        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''}; no strength."
     else:
         text = "This model takes no input image."
     return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'
