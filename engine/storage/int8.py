@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import INT8, Place
-from engine.storage.stored import PlainStored, StoredTensor, register_form, store
+from engine.storage.stored import RowScaledStored, StoredTensor, register_form
 
 QMAX = 127
 #: rows are dequantized in chunks of about this many values (float32 temporaries stay small)
@@ -63,46 +63,20 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return data, scale
 
 
-class Int8Stored(StoredTensor):
+class Int8Stored(RowScaledStored):
     """int8 data with one float32 scale per output channel; dequantized where it computes."""
 
     form = INT8
-
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor):
-        self.data = data
-        self.scale = scale
-        self.shape = data.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes + self.scale.nbytes
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
 
     @property
     def storage_dtype(self) -> str:
         return INT8
 
-    def materialize(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        # the int8 bytes cross first; the upcast happens on the computation device
-        return self.from_parts({"data": self.data.to(device), "scale": self.scale.to(device)}, dtype)
+    def keeps_form(self, place: Place) -> bool:
+        return place.dtype == INT8
 
     def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return dequantize(parts["data"], parts["scale"], dtype)
-
-    def to_place(self, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
-        if place.dtype == INT8:
-            if self.data.device == place.device:
-                return self
-            return Int8Stored(self.data.to(place.device), self.scale.to(place.device))
-        if place.is_quantized:  # another form: requantize from the dequantized values
-            return store(self.materialize(torch.device("cpu"), torch.float32), place, compute_dtype)
-        return PlainStored(self.materialize(place.device, place.dtype))
-
-    def parts(self) -> list[tuple[str, torch.Tensor]]:
-        return [("data", self.data), ("scale", self.scale)]
 
 
 def _make(tensor: torch.Tensor, place: Place) -> StoredTensor:

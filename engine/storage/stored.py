@@ -185,8 +185,10 @@ class PlainStored(StoredTensor):
         return [("tensor", self.tensor)]
 
 
-class ScaledFp8Stored(StoredTensor):
-    """FP8 data with one float32 scale per output channel; dequantized where it computes."""
+class RowScaledStored(StoredTensor):
+    """Quantized data with one float32 scale per output channel (scaled FP8, int8): the bytes
+    cross as they are stored and are dequantized where they compute. Subclasses say which places
+    keep their form (`keeps_form`) and how to dequantize (`from_parts`)."""
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor):
         self.data = data
@@ -201,28 +203,39 @@ class ScaledFp8Stored(StoredTensor):
     def device(self) -> torch.device:
         return self.data.device
 
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return self.data.dtype
+    @abstractmethod
+    def keeps_form(self, place: Place) -> bool:
+        """Does a copy at `place` keep this form (then it is only moved, never requantized)?"""
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        # FP8 bytes cross to the computation device first; the upcast happens there.
-        return dequantize(self.data.to(device), self.scale.to(device), dtype)
-
-    def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(parts["data"], parts["scale"], dtype)
+        # the stored bytes cross to the computation device first; the upcast happens there
+        return self.from_parts({"data": self.data.to(device), "scale": self.scale.to(device)}, dtype)
 
     def to_place(self, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
-        if place.dtype == self.data.dtype:
+        if self.keeps_form(place):
             if self.data.device == place.device:
                 return self
-            return ScaledFp8Stored(self.data.to(place.device), self.scale.to(place.device))
-        if place.is_quantized:  # e4m3 <-> e5m2 or another form: requantize from the dequantized values
-            return PlainStored(self.materialize(torch.device("cpu"), torch.float32)).to_place(place, compute_dtype)
+            return type(self)(self.data.to(place.device), self.scale.to(place.device))
+        if place.is_quantized:  # another quantized form: requantize from the dequantized values
+            return store(self.materialize(torch.device("cpu"), torch.float32), place, compute_dtype)
         return PlainStored(self.materialize(place.device, place.dtype))
 
     def parts(self) -> list[tuple[str, torch.Tensor]]:
         return [("data", self.data), ("scale", self.scale)]
+
+
+class ScaledFp8Stored(RowScaledStored):
+    """FP8 data with one float32 scale per output channel; dequantized where it computes."""
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    def keeps_form(self, place: Place) -> bool:
+        return place.dtype == self.data.dtype  # e4m3 <-> e5m2 is another form
+
+    def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(parts["data"], parts["scale"], dtype)
 
 
 def store(tensor: torch.Tensor, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
