@@ -31,6 +31,9 @@ SETTINGS = {
     "fp8": {"fp8": True, "disk_offload": False},
     "disk": {"fp8": False, "disk_offload": True},
     "disk+fp8": {"fp8": True, "disk_offload": True},
+    "int8": {"weights": "int8", "disk_offload": False},
+    "nf4": {"weights": "nf4", "disk_offload": False},
+    "disk+nf4": {"weights": "nf4", "disk_offload": True},
 }
 
 
@@ -111,6 +114,7 @@ def child(spec: dict[str, Any]) -> None:
         steps=spec["steps"],
         seed=1,
         vram_limit=spec.get("vram_limit"),
+        images=_input_images(studio, spec),
         **SETTINGS[spec["setting"]],
     )
     est = studio.estimate(request)
@@ -178,9 +182,26 @@ def child(spec: dict[str, Any]) -> None:
     say(result=result)
 
 
-def _child_setup() -> None:
-    """Lowest CPU priority, and first in line for the OOM killer (this machine is shared)."""
-    os.nice(19)
+def _input_images(studio: Any, spec: dict[str, Any]) -> tuple[Any, ...]:
+    """An edit model needs a reference image (a gradient at the output size; image-to-image
+    families run text-to-image unless --image): its VAE encode and, for Qwen-Image-Edit, the
+    vision tower then run at their real size too."""
+    from PIL import Image
+
+    from model_registry import get_model
+    from model_registry.families import FAMILIES
+
+    mode = FAMILIES[get_model(spec["model"]).family].image_mode
+    if mode != "reference" and not spec.get("image"):
+        return ()
+    size = spec["size"]
+    gradient = Image.linear_gradient("L").resize((size, size))
+    return (Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180))),)
+
+
+def _child_setup(niceness: int = 19) -> None:
+    """Low CPU priority (19 by default: this machine is shared), and first in line for the OOM killer."""
+    os.nice(niceness)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -192,7 +213,7 @@ def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.realsize", "--child", json.dumps(spec)]
     lines: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=_child_setup)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=lambda: _child_setup(spec.get("nice", 19)))
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     try:
@@ -302,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--blocks", type=int, default=0, help="stop the denoiser after N blocks")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--nice", type=int, default=19, help="the child's niceness (0 on a quiet host)")
+    parser.add_argument("--image", action="store_true", help="image-to-image families: give them an input image too")
     parser.add_argument("--out", help="append the table (markdown) to this file")
     parser.add_argument("--json", help="append raw results (JSON lines) to this file")
     parser.add_argument("--table", help="only print the table of the results in this JSON-lines file")
@@ -323,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {
                 "model": model, "setting": setting, "replicas": args.replicas, "outputs": str(Path(args.replicas) / "_outputs"),
                 "size": args.size, "steps": args.steps, "blocks": args.blocks or None,
+                "nice": args.nice, "image": args.image,
             }
             results.append(run_one(spec, args.timeout))
             if args.json:
