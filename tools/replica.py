@@ -181,6 +181,24 @@ def write_component(
     return {"files": files, "bytes": index["metadata"]["total_size"]}
 
 
+#: Qwen2's first special token (<|endoftext|>) in the real vocabulary: the real text-encoder
+#: config's image_token_id (151655) and vision_start_token_id (151652) count from there
+QWEN_FIRST_SPECIAL_ID = 151643
+
+
+def qwen_vocab_at_real_ids() -> Any:
+    """The small Qwen2.5-VL vocabulary with its special tokens at their real ids (the byte-level
+    BPE stays small): the real config's image token must be the id the processor writes, or the
+    vision tower's features meet no image tokens in the prompt."""
+    from model_registry.demo.tokenizer import QwenVocab, qwen_vocab
+
+    qv = qwen_vocab(qwen3=False)
+    start = min(qv.added.values())
+    added = {t: i - start + QWEN_FIRST_SPECIAL_ID for t, i in qv.added.items()}
+    # in vocab.json too: the tokenizer renumbers added tokens the model vocabulary does not hold
+    return QwenVocab({**qv.vocab, **added}, qv.merges, added)
+
+
 def _write_pipeline_files(root: Path, family: str) -> None:
     """model_index.json, scheduler/ and tokenizers as in the real repo (tokenizers small)."""
     from model_registry.demo.repo import (
@@ -200,7 +218,7 @@ def _write_pipeline_files(root: Path, family: str) -> None:
         if family == "qwen-image":
             tr._write_qwen25vl_tokenizer(root / "tokenizer", qwen_vocab(qwen3=False))
         elif family == "qwen-image-edit":
-            tr.write_qwen_image_edit_text_files(root)
+            tr.write_qwen_image_edit_text_files(root, qwen_vocab_at_real_ids())
         elif family in ("z-image", "flux2-klein"):
             write_qwen3_tokenizer(root / "tokenizer", qwen_vocab(qwen3=True))
         elif family in ("flux1", "flux1-kontext"):
