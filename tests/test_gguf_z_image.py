@@ -226,3 +226,47 @@ def test_a_z_image_gguf_in_diffusers_names_still_loads(z_gguf, tmp_path):
     plain = write_gguf(tmp_path / "diffusers-names.gguf", state, {}, "lumina2", prefix=PREFIX)
     loaded = load_model(cls, plain, vram_config=gguf_config(), config_dir=directory, vram_limit=0)
     assert torch.equal(run_model(loaded, inputs), run_model(model.bfloat16(), inputs))
+
+
+# --- the catalogue entries, end to end on the tiny Z-Image repo ------------------------------------
+def test_z_image_gguf_catalogue_entry_downloads_builds_and_generates(tmp_path, monkeypatch):
+    """The hub is faked (the base repo's snapshot and the one .gguf file); the tiny Z-Image repo's
+    transformer is written as a ComfyUI-layout GGUF; the app's pipeline builds from the download
+    with the transformer as the file's blocks and generates."""
+    import model_registry
+    from engine.generation.pipelines.managed import build_pipeline
+    from engine.generation.settings import vram_config_for
+    from model_registry import hf_source, registry
+    from model_registry.catalog import get_model
+    from tests.fixtures.tiny_repos import write_tiny_repo
+
+    entry = get_model("z-image-turbo-gguf-q4_k_m")
+    assert entry.gguf.repo == "jayn7/Z-Image-Turbo-GGUF" and entry.hf_repo == "Tongyi-MAI/Z-Image-Turbo"
+    base = write_tiny_repo("z-image", tmp_path / "base")
+    from diffusers import ZImageTransformer2DModel
+
+    tiny = ZImageTransformer2DModel.from_pretrained(base / "transformer")
+    state = original_layout(tiny)
+    gguf_path = write_gguf(tmp_path / "hub" / entry.gguf.file, state, qtypes_for(state), "lumina2", prefix=PREFIX)
+    monkeypatch.setattr(hf_source, "snapshot_download", lambda repo, **kw: str(base))
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo, filename, **kw: str(gguf_path))
+    monkeypatch.setattr(hf_source, "unreachable_reason", lambda url: None)
+    monkeypatch.setattr(hf_source, "offline_mode", lambda: False)
+    monkeypatch.setattr(registry, "_existing_copy", lambda e, d: None)
+    models_dir = tmp_path / "models"
+    path = model_registry.download(entry.id, "hf", models_dir=models_dir)
+    assert sorted(p.name for p in (path / "transformer").iterdir()) == ["config.json", entry.gguf.file]
+
+    from model_registry.local import local_copy
+
+    assert local_copy(entry, models_dir) == path
+    # the pipeline the app builds for it (the app's own RAM check judges the real model's size)
+    pipe = build_pipeline(path, vram_config_for(False, False, "cpu", "gguf"), 0)
+    try:
+        transformer = pipe.components["transformer"]
+        masters = [s for r in runtime_of(transformer).layers for s in r.masters.values()]
+        assert {s.qtype for s in masters if isinstance(s, GgufStored)} >= {"Q8_0", "Q4_0"}
+        image = pipe.generate("a fox", width=64, height=64, steps=2, guidance=0.0, seed=3)
+        assert image.size == (64, 64) and np.asarray(image).std() > 0
+    finally:
+        pipe.close()
