@@ -223,7 +223,8 @@ def test_catalogue_marks_gguf_variants_and_sizes_them_by_the_file():
     from model_registry.catalog import get_model, list_models
 
     variants = [e for e in list_models() if e.gguf is not None]
-    assert {e.id for e in variants} >= {"qwen-image-gguf-q4_k_m", "qwen-image-gguf-q8_0", "flux1-dev-gguf-q4_k_s", "flux1-schnell-gguf-q4_k_s"}
+    assert {e.id for e in variants} >= {"qwen-image-gguf-q4_k_m", "qwen-image-gguf-q8_0", "flux1-dev-gguf-q4_k_s", "flux1-schnell-gguf-q4_k_s",
+                                          "z-image-turbo-gguf-q4_k_m", "z-image-turbo-gguf-q8_0"}
     for entry in variants:
         base = get_model(entry.id.split("-gguf-")[0])
         assert not entry.verified and not entry.gguf.verified and "unverified" in entry.name

@@ -53,12 +53,10 @@ from engine.storage.gguf import (
     GgufEntry,
     GgufFile,
     GgufStored,
-    check_architecture,
     dequantize as gguf_dequantize,
     find_gguf,
-    map_flux_keys,
-    map_gguf_keys,
 )
+from engine.storage.gguf_names import check_architecture, map_gguf_keys, original_layout
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
 from engine.management import _plan_wrappers, enable_vram_management, runtime_of
 from engine.loading.prefetch import DiskPrefetcher
@@ -512,9 +510,10 @@ def load_model(
     masters: dict[int, StoredTensor] = {}
     try:
         joined: dict[str, list[TensorEntry]] = {}  # targets made of several row ranges (FLUX GGUF)
+        layout = original_layout(model_class, entries) if is_gguf else None  # FLUX's BFL, Z-Image's own names
         if is_gguf:
-            if model_class.__name__ == "FluxTransformer2DModel" and any(".double_blocks." in "." + k for k in entries):
-                entries, joined = map_flux_keys(entries, model)
+            if layout is not None:
+                entries, joined = layout.map(entries, model)
             else:
                 entries = map_gguf_keys(entries, set(model.state_dict().keys()) | {n for n, _ in model.named_parameters()})
             quantized = [e for e in entries.values() if isinstance(e, GgufEntry)]
@@ -561,6 +560,8 @@ def load_model(
         problems = []
         if missing:
             problems.append(f"missing key(s) (parameters with no tensor in the checkpoint): {_listing(sorted(missing))}")
+            if layout is not None and (absent := layout.names_for(model, missing)):
+                problems[-1] += f" (read from {layout.description} tensor(s) the file lacks: {_listing(absent)})"
         if unexpected:
             problems.append(f"unexpected key(s) (checkpoint tensors the model has no place for): {_listing(sorted(unexpected))}")
         if mismatched:
