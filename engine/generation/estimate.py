@@ -90,6 +90,16 @@ def model_cost(model: torch.nn.Module, storage: str | bool, disk: bool, device: 
     return ComponentCost(member, masters, unmanaged, ram.resident_is_master(runtime) and not disk, largest)
 
 
+def gguf_masters(cost: ComponentCost, file_bytes: int) -> ComponentCost:
+    """A GGUF denoiser's masters are the file's blocks: the catalogue's file size, less what the
+    component keeps unmanaged (its 1-D tensors, counted apart). The meta build sizes them at
+    bf16, which counted a Q4_K FLUX.1 as 22 GiB instead of its 6.4 GB (the estimate refused it
+    on a 24 GiB host). Resident copies on a CPU are bf16 (dequantized once), as planned."""
+    from dataclasses import replace
+
+    return replace(cost, master_ram_bytes=max(0, int(file_bytes) - cost.unmanaged_bytes))
+
+
 @dataclass
 class RamEstimate:
     """Bytes; `stages` maps stage -> RAM that stage adds over the masters."""
@@ -155,15 +165,21 @@ def estimate_ram(
     from engine.runtime.ram import RAM_MARGIN_BYTES
 
     costs: dict[str, ComponentCost] = {}
+    gguf = getattr(entry, "gguf", None) if storage == "gguf" else None
     for name in family.weighted:
         comp = entry.components.get(name)
         if comp is None or not comp.config_id:
             return None
+        # a GGUF entry: only the denoiser comes from the .gguf; the others are the base repo's
+        # .safetensors, plain bf16 like any bf16 load
+        form = storage if gguf is None or name == family.denoiser else "bf16"
         try:
-            costs[name] = component_cost(comp.library, comp.class_name, comp.config_id, storage, disk, "cpu")
+            costs[name] = component_cost(comp.library, comp.class_name, comp.config_id, form, disk, "cpu")
         except Exception:  # pragma: no cover - estimate only
             log.debug("meta build of %s failed", comp.class_name, exc_info=True)
             return None
+    if gguf is not None and family.denoiser in costs and not disk:
+        costs[family.denoiser] = gguf_masters(costs[family.denoiser], gguf.bytes)
     masters = sum(c.master_ram_bytes + c.unmanaged_bytes for c in costs.values())
     stages: dict[str, int] = {}
     resident: dict[str, int] = {}
@@ -204,7 +220,7 @@ def estimate_ram(
 SETTING_NAMES = {
     ("bf16", False): "bf16 in RAM", ("fp8", False): "FP8", ("int8", False): "int8", ("nf4", False): "NF4 (4-bit)",
     ("bf16", True): "disk offload", ("fp8", True): "FP8 + disk offload", ("int8", True): "int8 + disk offload",
-    ("nf4", True): "NF4 + disk offload",
+    ("nf4", True): "NF4 + disk offload", ("gguf", False): "the GGUF file's blocks in RAM", ("gguf", True): "disk offload",
 }
 #: what the refusal message offers instead, in this order (least precision lost first)
 ALTERNATIVES = (("fp8", False), ("bf16", True), ("nf4", False), ("fp8", True))
@@ -234,7 +250,8 @@ def cpu_ram_verdict(
     if fits:
         return RamVerdict(est, free, True, "")
     fitting = []
-    for alt_storage, alt_disk in ALTERNATIVES:
+    # a GGUF entry keeps its file's blocks whatever the storage choice says: only disk offload changes it
+    for alt_storage, alt_disk in ((("gguf", True),) if storage == "gguf" else ALTERNATIVES):
         if (alt_storage, alt_disk) == (storage, disk) or (alt_disk and disk and alt_storage == "bf16"):
             continue
         alt_limit = 0 if alt_disk else None
