@@ -182,17 +182,22 @@ def child(spec: dict[str, Any]) -> None:
     say(result=result)
 
 
+def _image_count(spec: dict[str, Any]) -> int:
+    """Input images a run gives its model: one for an edit model, one with --image, else none."""
+    from model_registry import get_model
+    from model_registry.families import FAMILIES
+
+    mode = FAMILIES[get_model(spec["model"]).family].image_mode
+    return int(mode == "reference" or (mode == "img2img" and bool(spec.get("image"))))
+
+
 def _input_images(studio: Any, spec: dict[str, Any]) -> tuple[Any, ...]:
     """An edit model needs a reference image (a gradient at the output size; image-to-image
     families run text-to-image unless --image): its VAE encode and, for Qwen-Image-Edit, the
     vision tower then run at their real size too."""
     from PIL import Image
 
-    from model_registry import get_model
-    from model_registry.families import FAMILIES
-
-    mode = FAMILIES[get_model(spec["model"]).family].image_mode
-    if mode != "reference" and not spec.get("image"):
+    if not _image_count(spec):
         return ()
     size = spec["size"]
     gradient = Image.linear_gradient("L").resize((size, size))
@@ -243,19 +248,26 @@ def _gb(v: int | float | None) -> str:
     return "-" if v is None else f"{v / GiB:.2f}"
 
 
-def disk_bound(model_id: str, size: int) -> int:
+def disk_bound(model_id: str, size: int, images: int = 0) -> int:
     """Issue #17's bound for disk offload: the largest layer (computation form) + the stage's
-    activations + 1 GiB (the process baseline included)."""
+    activations (with `images` input images of size x size) + 1 GiB (the process baseline included)."""
+    from types import SimpleNamespace
+
     from engine.generation.estimate import component_cost, stage_activations
+    from engine.generation.pipelines.images import reference_pixels, vae_input_pixels
     from model_registry import get_model
     from model_registry.families import FAMILIES
 
     entry = get_model(model_id)
+    fam = FAMILIES[entry.family]
+    pictures = [SimpleNamespace(width=size, height=size)] * images
     largest = 0
     for name in FAMILIES[entry.family].weighted:
         c = entry.components[name]
         largest = max(largest, component_cost(c.library, c.class_name, c.config_id, False, True, "cpu").largest_layer_bytes)
-    act = max(v for k, v in stage_activations(size, size, 2).items() if k != "_size")
+    batch = 2 if fam.pair_batched_cfg or fam.native_batched_cfg else 1  # CFG as one batch of two
+    act = stage_activations(size, size, batch, reference_pixels(fam, pictures), vae_input_pixels(fam, pictures))
+    act = max(v for k, v in act.items() if k != "_size")
     return largest + act + GiB
 
 
@@ -301,7 +313,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
             off = abs(est["ram_gb"] - worst)
             match = f"; {'within' if off <= max(0.5, 0.1 * worst) else 'MISSED by'} {off:.2f} of the peak"
         if r["spec"]["setting"].startswith("disk") and p:
-            b = disk_bound(r["spec"]["model"], r["spec"]["size"])
+            b = disk_bound(r["spec"]["model"], r["spec"]["size"], _image_count(r["spec"]))
             worst = max(v.get("RssAnon", 0) for v in p.values())
             bound = f"{b / GiB:.2f} ({'met' if worst <= b else 'MISSED'})"
         rows.append(

@@ -117,9 +117,12 @@ class RamEstimate:
 MEASURED_SIZES = {(256, 256), (512, 512)}
 
 
-def stage_activations(width: int, height: int, batch: int) -> dict[str, Any]:
+def stage_activations(width: int, height: int, batch: int, reference_pixels: int = 0, input_pixels: int = 0) -> dict[str, Any]:
     """Rough activation bytes per stage (the same constants as `pipelines.managed.activation_bytes`;
-    the text encoders' at prompt length are covered by its fixed 0.3 GiB)."""
+    the text encoders' at prompt length are covered by its fixed 0.3 GiB). Input images are
+    VAE-encoded before the first step (`input_pixels`: the largest, at the size the pipeline
+    encodes it, `pipelines.images.vae_input_pixels`), and an edit model's reference latents join
+    the denoiser's sequence (`reference_pixels`)."""
     from engine.generation.pipelines.managed import (
         DECODE_BYTES_PER_PIXEL,
         vae_memory_plan,
@@ -127,10 +130,13 @@ def stage_activations(width: int, height: int, batch: int) -> dict[str, Any]:
 
     pixels = width * height
     tiling, _ = vae_memory_plan(width, height, None)
+    encode = int(0.3 * GiB)
+    if input_pixels:  # the VAE encode runs in the encoding phase, untiled below TILE_ALWAYS_PIXELS
+        encode += int(0.5 * GiB) if vae_memory_plan(input_pixels, 1, None)[0] else input_pixels * DECODE_BYTES_PER_PIXEL
     return {
         "_size": (width, height),  # type: ignore[dict-item]
-        "encode": int(0.3 * GiB),
-        "denoise": int(0.3 * GiB + batch * pixels * 1200),
+        "encode": encode,
+        "denoise": int(0.3 * GiB + batch * (pixels + reference_pixels) * 1200),
         "decode": int(0.5 * GiB) if tiling else pixels * DECODE_BYTES_PER_PIXEL,
     }
 
@@ -236,13 +242,14 @@ class RamVerdict:
 
 def cpu_ram_verdict(
     entry: Any, family: Any, *, storage: str, disk: bool, limit_bytes: int | None, width: int, height: int, batch: int,
-    available_bytes: int | None = None,
+    available_bytes: int | None = None, reference_pixels: int = 0, input_pixels: int = 0,
 ) -> RamVerdict | None:
-    """Does this setting fit the RAM available now (CPU host)? If not, which setting does."""
+    """Does this setting fit the RAM available now (CPU host)? If not, which setting does.
+    `reference_pixels` / `input_pixels`: the request's input images (`stage_activations`)."""
     from engine.runtime.ram import available_ram_bytes
 
     free = available_ram_bytes() if available_bytes is None else available_bytes
-    act = stage_activations(width, height, batch)
+    act = stage_activations(width, height, batch, reference_pixels, input_pixels)
     est = estimate_ram(entry, family, storage=storage, disk=disk, limit_bytes=limit_bytes, activations=act, available_bytes=free)
     if est is None:
         return None

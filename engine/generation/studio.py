@@ -250,10 +250,10 @@ def _image_activation_args(fam: Any, r: ResolvedRequest) -> tuple[int, int]:
     """(reference pixels, largest input pixels) of the request's input images, for activation_bytes."""
     if r.inputs is None or not r.inputs.images:
         return 0, 0
-    from engine.generation.pipelines.images import reference_pixels
+    from engine.generation.pipelines.images import reference_pixels, vae_input_pixels
 
     images = [im.image for im in r.inputs.images]
-    return reference_pixels(fam, images), max(im.width * im.height for im in images)
+    return reference_pixels(fam, images), vae_input_pixels(fam, images)
 
 
 class Studio:
@@ -619,9 +619,11 @@ class Studio:
             fam = FAMILIES[r.entry.family]
             batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
             limit = None if r.settings.vram_limit is None else int(r.settings.vram_limit * GB)
+            reference, inputs = _image_activation_args(fam, r)
             return cpu_ram_verdict(
                 r.entry, fam, storage=r.settings.storage_name, disk=r.settings.disk_offload, limit_bytes=limit,
                 width=r.width, height=r.height, batch=2 if batched else 1, available_bytes=available_bytes,
+                reference_pixels=reference, input_pixels=inputs,
             )
         except Exception:  # pragma: no cover - estimate only
             log.debug("RAM estimate failed", exc_info=True)

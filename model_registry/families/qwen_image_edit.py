@@ -23,5 +23,6 @@ FAMILY = replace(
     encode_prompts=None,
     img2img_pipeline=None,
     max_reference_images=3,
+    reference_area=1024 * 1024,  # diffusers' QwenImageEditPlusPipeline: VAE_IMAGE_SIZE
     requires_image=True,
 )

@@ -48,11 +48,30 @@ def image_kwargs(
     raise ValueError(f"{family.name} takes no input image")
 
 
+def _vae_pixels(family: Family, image: Any) -> int:
+    """Pixels at which the family's pipeline VAE-encodes a reference (family.reference_area)."""
+    if family.reference_area:
+        return family.reference_area
+    return min(image.width * image.height, REFERENCE_PIXELS_MAX)
+
+
 def reference_pixels(family: Family, images: Sequence[Any]) -> int:
-    """Pixels of input-image latents that join the denoiser's sequence (edit models only)."""
+    """Pixels of input-image latents that join the denoiser's sequence (edit models only). A
+    256x256 reference to Qwen-Image-Edit-2509 is encoded at ~1024x1024: counting its own size
+    under-estimated the real-size run's RAM by 1.1 GiB (bench/results/realsize-cpu.md)."""
     if family.image_mode != "reference":
         return 0
-    return sum(min(im.width * im.height, REFERENCE_PIXELS_MAX) for im in images)
+    return sum(_vae_pixels(family, im) for im in images)
+
+
+def vae_input_pixels(family: Family, images: Sequence[Any]) -> int:
+    """The largest image the VAE encodes for a request: an edit model's references at the size
+    its pipeline resizes them to, the image-to-image input at its own (already fitted) size."""
+    if not images:
+        return 0
+    if family.image_mode == "reference":
+        return max(_vae_pixels(family, im) for im in images)
+    return max(im.width * im.height for im in images)
 
 
 def img2img_steps(family: Family, steps: int, strength: float) -> int:

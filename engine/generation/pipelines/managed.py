@@ -318,12 +318,13 @@ class ManagedPipeline:
         fam = self.family
         images = list(images or ())
         pipe = self.img2img_pipe() if images and fam.image_mode == "img2img" else self.pipe
-        input_pixels = max((im.width * im.height for im in images), default=0)
         self.reserve_activations(
             width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1,
-            image_inputs.reference_pixels(fam, images), input_pixels,
+            image_inputs.reference_pixels(fam, images), image_inputs.vae_input_pixels(fam, images),
         )
-        self.configure_vae(width, height, input_pixels)
+        # tiling follows the images as given (small ones never tile: the tiny edit pipelines give
+        # the same image at every limit), though an edit pipeline encodes them at ~1024²
+        self.configure_vae(width, height, max((im.width * im.height for im in images), default=0))
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         forwards_mark = [self.denoiser_forwards()]
 
