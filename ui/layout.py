@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -24,7 +25,12 @@ CSS = """
 .lvs-layers td { text-align: right; }
 .lvs-msg { font-size: 0.9em; opacity: 0.8; margin: 0.2em 0; }
 #live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.lvs-drop-msg { color: var(--error-text-color); opacity: 1; }
 """
+
+#: The page's one script (ui/drop_results.js): a result dragged from the gallery onto the input
+#: images is uploaded like a file (a browser drag from an <img> carries its URL, not a file).
+HEAD = f"<script>\n{Path(__file__).with_name('drop_results.js').read_text(encoding='utf-8')}</script>"
 
 
 def _limit(choice, key: str, fallback: float) -> float:
@@ -47,9 +53,9 @@ def image_note_markdown(choice) -> str:
     """What the selected model does with input images (its own limit on their number)."""
     mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
     if mode == "img2img":
-        text = "Image-to-image: <b>1</b> input image (upload, paste or drop one; it is resized to the output size), with a strength."
+        text = "Image-to-image: <b>1</b> input image (upload, paste, or drag a result in; it is resized to the output size), with a strength."
     elif mode == "reference":
-        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''}; no strength."
+        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''} (upload, paste, or drag results in); no strength."
     else:
         text = "This model takes no input image."
     return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'
@@ -121,7 +127,8 @@ def build_demo(studio: Any) -> gr.Blocks:
                         columns=4,
                         height=170,
                         object_fit="contain",
-                        sources=["upload", "clipboard"],  # drop files on it, or paste
+                        # drop files on it, or paste; a result dragged onto it: ui/drop_results.js
+                        sources=["upload", "clipboard"],
                     )
                     with gr.Row(equal_height=True):
                         strength = gr.Slider(
