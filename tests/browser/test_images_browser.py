@@ -1,15 +1,18 @@
 """Input images on the page, in Chromium against the real app (demo model): upload, then
 Generate; the strength slider and the model's note; bad uploads give a message and the page
-keeps working; a result goes back in as the input (the button, or dragged from the gallery)."""
+keeps working; a result goes back in as the input (the button, or dragged from the gallery);
+a model that takes no input image (the test-only "text-only-test") hides the input."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.bad_images import BAD_IMAGES, png, noise
+from tests.fixtures.text_only_model import MODEL_NAME as TEXT_ONLY_NAME
 
 from .server import CHROMIUM, running_server
 from .test_app_browser import STEP_DELAY_S, browser, gallery_count, open_page, set_value, toasts, wait_ready, wait_toast  # noqa: F401
@@ -22,7 +25,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    env = {"LVS_TEST_STEP_DELAY_S": STEP_DELAY_S}
+    env = {"LVS_TEST_STEP_DELAY_S": STEP_DELAY_S, "LVS_TEST_TEXT_ONLY_MODEL": "1"}
     with running_server(tmp_path_factory.mktemp("images"), env=env, entry=["-m", "tests.serve_app"]) as url:
         yield url
 
@@ -195,6 +198,45 @@ def test_a_dropped_url_from_elsewhere_is_refused_and_the_page_keeps_working(page
     page.wait_for_function("() => document.querySelector('#parameters textarea').value.startsWith('after refusal')", timeout=120_000)
     wait_ready(page)
     assert f"sha256 {expected}" in page.locator("#parameters textarea").input_value()
+
+
+# ---------------------------------------------------------------- a model that takes no image
+def choose_model(page, name: str) -> None:
+    page.get_by_label("Model", exact=True).click()
+    page.get_by_role("option", name=re.compile(re.escape(name))).click()
+
+
+def test_a_model_that_takes_no_image_hides_the_input_and_keeps_the_image_aside(page, tmp_path):
+    """Choosing it: the note says it takes no input image, the input, "Use result as input" and
+    the strength go; an image already in the input is set aside (the note says so) and is not
+    sent: Generate makes a text-to-image PNG. Choosing the demo again brings the image back."""
+    path = tmp_path / "aside.png"
+    path.write_bytes(png(noise(96, 64, seed=3)))
+    upload(page, path)
+    choose_model(page, TEXT_ONLY_NAME)
+    page.wait_for_function("() => document.querySelector('#image-note').innerText.includes('takes no input image')")
+    note = page.locator("#image-note").inner_text()
+    assert "The 1 input image is set aside, not used" in note, note
+    page.locator("#input-images").wait_for(state="hidden")
+    assert not page.locator("#use-result-btn").is_visible() and not page.locator("#strength").is_visible()
+    before = gallery_count(page)
+    generate(page, "text only model")
+    wait_image(page, before)
+    params = page.locator("#parameters textarea").input_value()
+    assert "Model: text-only-test" in params and "Input image" not in params, params
+    assert "takes no input image" not in toasts(page)
+    # back to an image-to-image model: the image set aside is the input again
+    choose_model(page, "Demo (tiny Z-Image")
+    page.wait_for_function("() => document.querySelector('#image-note').innerText.includes('Image-to-image')")
+    page.locator("#input-images").wait_for(state="visible")
+    page.wait_for_function("() => document.querySelectorAll('#input-images img').length === 1", timeout=30_000)
+    assert page.locator("#use-result-btn").is_visible() and page.locator("#strength").is_visible()
+    before = gallery_count(page)
+    generate(page, "image back")
+    wait_image(page, before)
+    params = page.locator("#parameters textarea").input_value()
+    assert "Input images: 1" in params and "Input image 1: 96x64" in params, params
+
 
 def test_a_file_dropped_on_an_input_that_holds_images_is_added(page, tmp_path):
     """Gradio's drop zone is there only while the input is empty; a file dropped on the images
