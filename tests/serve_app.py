@@ -1,9 +1,11 @@
-"""`python -m tests.serve_app [app.py flags]`: the real app (real Studio, demo model) with two test knobs.
+"""`python -m tests.serve_app [app.py flags]`: the real app (real Studio, demo model) with test knobs.
 
 LVS_TEST_STEP_DELAY_S=0.5   each denoising step lasts at least this long (a run long enough to
                             cancel, drop or close mid-way; the demo's steps take milliseconds)
 LVS_TEST_TINY_MODEL=1       also offer "tiny-flux1", a tiny FLUX.1 pipeline registered like the
                             tiny models of tests/test_studio.py (a second model for the soak test)
+LVS_TEST_TEXT_ONLY_MODEL=1  also offer "text-only-test" in the model dropdown, a model whose family
+                            takes no input image (tests/fixtures/text_only_model.py)
 """
 
 from __future__ import annotations
@@ -73,11 +75,18 @@ def main(argv: list[str]) -> None:
     if delay := float(os.environ.get("LVS_TEST_STEP_DELAY_S") or 0):
         slow_steps(delay)
     factory = None
-    if os.environ.get("LVS_TEST_TINY_MODEL") == "1":
+    tiny = os.environ.get("LVS_TEST_TINY_MODEL") == "1"
+    text_only = os.environ.get("LVS_TEST_TEXT_ONLY_MODEL") == "1"
+    if tiny or text_only:
         from engine.generation.studio import Studio
 
         def factory(models_dir, outputs_dir, source="hf", **kwargs):
-            return Studio(models_dir, outputs_dir, source, registry=TinyFluxRegistry(models_dir), **kwargs)
+            registry = TinyFluxRegistry(models_dir) if tiny else None
+            if text_only:
+                from tests.fixtures.text_only_model import TextOnlyRegistry
+
+                registry = TextOnlyRegistry(registry)
+            return Studio(models_dir, outputs_dir, source, registry=registry, **kwargs)
 
     app.main(argv, studio_factory=factory)
 

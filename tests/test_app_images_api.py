@@ -1,6 +1,7 @@
 """/generate with input images through gradio_client against the running app (demo model):
 `image` (one file or a list) and `strength`, the inputs in the PNG's infotext, and every bad
-input a readable error after which the app keeps serving."""
+input a readable error after which the app keeps serving. The server also offers the test-only
+"text-only-test" (tests/fixtures/text_only_model.py), a model that takes no input image."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from engine.generation.studio import parse_infotext
 from tests.fixtures.bad_images import BAD_IMAGES, CONVERTED_IMAGES, good, noise, png
+from tests.fixtures.text_only_model import MODEL_ID as TEXT_ONLY, MODEL_NAME as TEXT_ONLY_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,7 @@ def server(tmp_path_factory):
     from tests.browser.server import running_server
 
     tmp = tmp_path_factory.mktemp("api-images")
-    with running_server(tmp) as url:
+    with running_server(tmp, env={"LVS_TEST_TEXT_ONLY_MODEL": "1"}, entry=["-m", "tests.serve_app"]) as url:
         yield url, tmp
 
 
@@ -126,3 +128,27 @@ def test_only_files_in_gradios_upload_folder_are_read(tmp_path, monkeypatch):
             inputs.images({"path": outside})
     with pytest.raises(UserFacingError, match="must be an uploaded image file"):
         inputs.images(["/etc/passwd"])
+
+
+@pytest.mark.parametrize("endpoint", ["/generate", "/generate_stream"])
+def test_an_image_for_a_model_that_takes_none_says_what_to_do(client, files, endpoint):
+    """The model's family takes no input image: a readable error that names the model and what to
+    do, before any work; the app keeps serving (that model from text, the demo with the image)."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    image = handle_file(files("for-text-only.png", png(noise(64, 64, seed=5))))
+    with pytest.raises(AppError) as exc:
+        client.predict("a cat", model=TEXT_ONLY, image=image, steps=1, api_name=endpoint)
+    message = str(exc.value)
+    assert f"{TEXT_ONLY_NAME} takes no input image" in message, message
+    assert "remove it, or choose a model that edits or does image-to-image" in message and "Traceback" not in message
+    with pytest.raises(AppError, match="Strength applies to image-to-image: give an input image"):
+        client.predict("a cat", model=TEXT_ONLY, strength=0.5, steps=1, api_name=endpoint)
+
+    image_path, parameters = client.predict("a cat", model=TEXT_ONLY, steps=1, seed=2, api_name="/generate")
+    info = parse_infotext(parameters)
+    assert info["Model"] == TEXT_ONLY and "Input images" not in info and Path(image_path).is_file()
+    _, parameters = client.predict("a cat", model="demo", image=image, steps=2, seed=2, api_name="/generate")
+    assert parse_infotext(parameters)["Input images"] == "1"
+

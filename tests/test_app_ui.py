@@ -291,3 +291,23 @@ def test_the_page_estimate_counts_the_input_images(handlers, monkeypatch, tmp_pa
     handlers.estimate("demo", 64, 64, 2, 0.0, True, 0, False, False, images=[(str(path), None)])
     handlers.estimate("demo", 64, 64, 2, 0.0, True, 0, False, False)
     assert len(seen[0].images) == 1 and seen[1].images == ()
+
+
+def test_a_model_that_takes_no_image_sets_the_input_aside_and_gives_it_back(handlers):
+    """"big" (FakeStudio) takes no input image: the input and its button are hidden, the images
+    in it are set aside (the note counts them), and a model that takes images gets them back."""
+    strength, note, gallery, button, aside = handlers.on_model_images("big", [("/up/a.png", None), ("/up/b.png", None)], None)
+    assert gallery["visible"] is False and gallery["value"] == [] and button["visible"] is False and not strength["visible"]
+    assert aside == ["/up/a.png", "/up/b.png"]
+    assert "takes no input image" in note and "<b>2</b> input images are set aside" in note
+    # another model that takes none: still aside (the hidden input is empty)
+    _, note, gallery, _, aside = handlers.on_model_images("big", [], aside)
+    assert aside == ["/up/a.png", "/up/b.png"] and "value" not in gallery and "<b>2</b>" in note
+    strength, note, gallery, button, aside = handlers.on_model_images("demo", [], aside)
+    assert gallery["visible"] is True and gallery["value"] == ["/up/a.png", "/up/b.png"] and button["visible"] is True
+    assert aside is None and strength["visible"] and "Image-to-image" in note
+    # nothing aside, or images already in the input: the input is left as it is
+    _, _, gallery, _, _ = handlers.on_model_images("demo", [("/up/c.png", None)], ["/up/a.png"])
+    assert "value" not in gallery and gallery["visible"] is True
+    _, note, gallery, _, aside = handlers.on_model_images("big", [], None)
+    assert aside is None and "value" not in gallery and "set aside" not in note

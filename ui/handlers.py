@@ -403,12 +403,24 @@ class Handlers:
             self.tracker.cancel(request.session_hash)
 
     # --- input images -----------------------------------------------------------------------
-    def on_model_images(self, model_id: str | None):
-        """The strength slider (image-to-image models only) and the note on the model's limits."""
-        from .layout import image_mode, image_note_markdown
+    def on_model_images(self, model_id: str | None, current: Any = None, aside: list[str] | None = None):
+        """The image controls for the chosen model: the strength slider (image-to-image only), the
+        note on what it takes, and the input itself. A model that takes no image hides the input
+        and "Use result as input"; images already there are set aside (kept in `aside`, said in the
+        note, never sent) and come back when a model that takes images is chosen, so switching
+        models neither loses an upload nor sends an image to a model that refuses it.
+        Outputs: strength, note, input images, the button, the images set aside."""
+        from .layout import image_mode, image_note_markdown, takes_images
 
         choice = self.model(model_id)
-        return gr.update(visible=image_mode(choice) == "img2img"), image_note_markdown(choice)
+        strength = gr.update(visible=image_mode(choice) == "img2img")
+        paths = self.gallery_paths(current)
+        if choice is not None and not takes_images(choice):
+            aside = paths or list(aside or [])
+            hidden = gr.update(visible=False, value=[]) if paths else gr.update(visible=False)
+            return strength, image_note_markdown(choice, len(aside)), hidden, gr.update(visible=False), aside or None
+        shown = gr.update(visible=True, value=aside) if aside and not paths else gr.update(visible=True)
+        return strength, image_note_markdown(choice), shown, gr.update(visible=True), None
 
     @staticmethod
     def gallery_paths(value: Any) -> list[str]:
@@ -432,6 +444,9 @@ class Handlers:
             return gr.skip()
         choice = self.model(model_id)
         limit = getattr(choice, "max_images", 0) if choice else 0
+        if choice is not None and limit <= 0:  # its button is hidden; a click already on its way
+            gr.Info(f"{choice.name} takes no input image: choose a model that takes images first.")
+            return gr.skip()
         paths = self.gallery_paths(current)
         paths = (paths + [str(path)])[-limit:] if limit > 1 else [str(path)]
         return paths

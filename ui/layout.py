@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -24,7 +25,12 @@ CSS = """
 .lvs-layers td { text-align: right; }
 .lvs-msg { font-size: 0.9em; opacity: 0.8; margin: 0.2em 0; }
 #live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.lvs-drop-msg { color: var(--error-text-color); opacity: 1; }
 """
+
+#: The page's one script (ui/drop_results.js): a result dragged from the gallery onto the input
+#: images is uploaded like a file (a browser drag from an <img> carries its URL, not a file).
+HEAD = f"<script>\n{Path(__file__).with_name('drop_results.js').read_text(encoding='utf-8')}</script>"
 
 
 def _limit(choice, key: str, fallback: float) -> float:
@@ -43,15 +49,26 @@ def image_mode(choice) -> str:
     return getattr(choice, "image_mode", "none") if choice else "none"
 
 
-def image_note_markdown(choice) -> str:
-    """What the selected model does with input images (its own limit on their number)."""
+def takes_images(choice) -> bool:
+    """Does the model take any input image (else the page hides the input)?"""
+    return image_mode(choice) != "none"
+
+
+def image_note_markdown(choice, set_aside: int = 0) -> str:
+    """What the selected model does with input images (its own limit on their number);
+    `set_aside`: input images kept back while this model (which takes none) is chosen."""
     mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
     if mode == "img2img":
-        text = "Image-to-image: <b>1</b> input image (upload, paste or drop one; it is resized to the output size), with a strength."
+        text = "Image-to-image: <b>1</b> input image (upload, paste, or drag a result in; it is resized to the output size), with a strength."
     elif mode == "reference":
-        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''}; no strength."
+        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''} (upload, paste, or drag results in); no strength."
     else:
-        text = "This model takes no input image."
+        text = "This model takes no input image: it generates from the prompt alone."
+        if set_aside:
+            one = set_aside == 1
+            text += (f" The <b>{set_aside}</b> input image{'' if one else 's'} {'is' if one else 'are'} set aside, not used:"
+                     f" {'it comes' if one else 'they come'} back when you choose a model that takes images.")
+        return f'<p class="lvs-msg">{text}</p>'
     return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'
 
 
@@ -121,7 +138,9 @@ def build_demo(studio: Any) -> gr.Blocks:
                         columns=4,
                         height=170,
                         object_fit="contain",
-                        sources=["upload", "clipboard"],  # drop files on it, or paste
+                        # drop files on it, or paste; a result dragged onto it: ui/drop_results.js
+                        sources=["upload", "clipboard"],
+                        visible=takes_images(current),
                     )
                     with gr.Row(equal_height=True):
                         strength = gr.Slider(
@@ -135,7 +154,10 @@ def build_demo(studio: Any) -> gr.Blocks:
                             visible=image_mode(current) == "img2img",
                             scale=4,
                         )
-                        use_result = gr.Button("Use result as input", scale=1, min_width=120, elem_id="use-result-btn")
+                        use_result = gr.Button(
+                            "Use result as input", scale=1, min_width=120, elem_id="use-result-btn",
+                            visible=takes_images(current),
+                        )
                     image_note = gr.Markdown(image_note_markdown(current), elem_id="image-note")
                 with gr.Row():
                     multiple = int(_limit(current, "size_multiple", 16))
@@ -253,6 +275,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         model_shown = gr.State(current.id if current else None)  # the model whose defaults the controls hold
         preview_shown = gr.State(None)  # [run id, previews] this tab shows
         resident_limit = gr.State(None)  # no GPU: the RAM bound on what disk offload keeps resident (Fit)
+        images_aside = gr.State(None)  # input images kept back while a model that takes none is chosen
         timer = gr.Timer(0.5)
 
         # ---------------------------------------------------------------- API-only endpoint
@@ -333,7 +356,11 @@ def build_demo(studio: Any) -> gr.Blocks:
             triggers=[model.change, lora_refresh.click], fn=h.on_lora_family, inputs=[model] + lora_dropdowns,
             outputs=lora_dropdowns, queue=False, show_progress="hidden", **private,
         )
-        model.change(h.on_model_images, model, [strength, image_note], show_progress="hidden", **private)
+        # a model that takes no image hides the input, its images set aside until one that does
+        model.change(
+            h.on_model_images, [model, input_images, images_aside],
+            [strength, image_note, input_images, use_result, images_aside], show_progress="hidden", **private,
+        )
         use_result.click(h.use_result_as_input, [png_file, input_images, model], input_images, queue=False, **private)
         # a new first input image sets the output size to its own, fitted to the model
         input_images.upload(h.size_from_images, [input_images, model], [width, height], queue=False, **private)

@@ -25,6 +25,7 @@ from engine.generation.types import (
 
 DEMO = ModelChoice(
     id="demo", name="Demo (tiny, offline)", size_gb=0.01, downloaded=True, is_demo=True,
+    image_mode="img2img", max_images=1,  # like the real demo; "big" takes no input image
     defaults={"steps": 8, "guidance": 4.0, "width": 256, "height": 256},
     limits={"min_width": 64, "max_width": 1024, "min_height": 64, "max_height": 1024, "min_steps": 1, "max_steps": 100,
             "min_guidance": 0.0, "max_guidance": 20.0},
