@@ -525,6 +525,16 @@ class Handlers:
             entry["seed"],
         )
 
+    def _api_request(self, request: gr.Request | None, *args: Any, **kwargs: Any) -> tuple[GenerateRequest, str]:
+        """The API endpoints' request (build_request's arguments) and its owner (the session, or
+        "api"); a bad value is the endpoint's gr.Error. Gradio reads each endpoint's parameters
+        from its own signature, so /generate and /generate_stream spell them out and share this."""
+        try:
+            req = self.build_request(*args, **kwargs)
+        except UserFacingError as exc:
+            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
+        return req, (request.session_hash if request is not None else None) or "api"
+
     async def generate(
         self,
         prompt: str,
@@ -558,14 +568,8 @@ class Handlers:
         input image and no size, the output takes the image's, fitted); strength: 0..1,
         image-to-image only (empty = 0.6).
         """
-        try:
-            req = self.build_request(
-                prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload, loras, weights, image=image, strength=strength,
-            )
-        except UserFacingError as exc:
-            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
-        owner = (request.session_hash if request is not None else None) or "api"
+        req, owner = self._api_request(request, prompt, negative_prompt, model, width, height, steps, guidance, seed,
+                                       vram_limit, fp8, disk_offload, loras, weights, image=image, strength=strength)
         result = await self._run_watched(req, owner, threading.Event(), progress)
         if result is None:
             raise gr.Error("Generation cancelled.", print_exception=False)
@@ -594,14 +598,9 @@ class Handlers:
         """Generate one image and stream it as it forms: while denoising, (the latest preview of
         the latents, "step i/n · ETA") whenever a step or a preview is new; at the end (the saved
         PNG's path, its parameters text). The parameters are those of /generate."""
-        try:
-            req = self.build_request(
-                prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                vram_limit, fp8, disk_offload, loras, weights, preview=True, image=image, strength=strength,
-            )
-        except UserFacingError as exc:
-            raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
-        owner = (request.session_hash if request is not None else None) or "api"
+        req, owner = self._api_request(request, prompt, negative_prompt, model, width, height, steps, guidance, seed,
+                                       vram_limit, fp8, disk_offload, loras, weights, preview=True, image=image,
+                                       strength=strength)
         cancel = threading.Event()
         events: queue.SimpleQueue = queue.SimpleQueue()
         task = asyncio.ensure_future(self._run_watched(req, owner, cancel, progress, on_event=events.put))
