@@ -17,5 +17,4 @@ FAMILY = replace(
     pipeline_class="FluxKontextPipeline",
     img2img_pipeline=None,
     max_reference_images=1,
-    reference_area=1024 * 1024,  # FluxKontextPipeline's _auto_resize: a preferred resolution of ~1024²
 )

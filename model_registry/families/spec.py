@@ -110,8 +110,8 @@ class Family:
     # Does the family's own pipeline need at least one reference image (Qwen-Image-Edit)?
     requires_image: bool = False
     # Pixels the pipeline resizes every reference to for its VAE, whatever the reference's size
-    # (Qwen-Image-Edit-2509's VAE_IMAGE_SIZE, Kontext's preferred resolutions: about 1024²);
-    # None: references keep their size, only larger ones are reduced (FLUX.2 klein).
+    # (Qwen-Image-Edit-2509's VAE_IMAGE_SIZE: about 1024²); None: references keep their size,
+    # only larger ones are reduced (FLUX.2 klein; Kontext, called with _auto_resize=False).
     reference_area: int | None = None
 
     @property

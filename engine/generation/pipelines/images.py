@@ -17,9 +17,9 @@ from typing import Any
 
 from model_registry.families import Family
 
-# What a reference image costs the denoiser: its latents join the sequence. The edit pipelines
-# resize references to about 1024² pixels for the VAE (Qwen-Image-Edit-2509, Kontext), so that
-# is the most a reference adds.
+# What a reference image costs the denoiser: its latents join the sequence. Qwen-Image-Edit-2509
+# resizes every reference to about 1024² pixels for the VAE (family.reference_area); the others
+# keep it (Kontext is called with _auto_resize=False), and about 1024² is the most one adds.
 REFERENCE_PIXELS_MAX = 1024 * 1024
 
 
