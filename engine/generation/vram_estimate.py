@@ -84,7 +84,7 @@ def pinned_budget_bytes(ram_total_bytes: int | None) -> int:
     if env:
         return int(parse_pinned_ram_gb(env) * GiB)
     if ram_total_bytes is None:
-        return PROCESS_PINNED_BUDGET.limit_bytes
+        return PROCESS_PINNED_BUDGET.planned_limit_bytes()
     return int(ram_total_bytes * DEFAULT_PINNED_SHARE)
 
 
