@@ -25,12 +25,13 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 import model_registry
 from engine.generation.estimate import component_costs
 from engine.generation.pipelines import DECODE, DENOISE, ENCODE, FAMILIES, activation_bytes, build_pipeline, managed
 from engine.generation.settings import auto_vram_limit_gb, vram_config_for
-from engine.generation.studio import Studio, _catalogued_sizes
+from engine.generation.studio import Studio, _catalogued_sizes, _denoiser_forwards
 from engine.generation.types import GenerateRequest, HardwareInfo
 from engine.generation.vram_estimate import gpu_estimate, plan_stage
 from engine.planning import planner
@@ -175,6 +176,36 @@ def test_estimate_matches_the_gpu_path(repo, storage, disk, which, monkeypatch):
         assert est.stages[DENOISE].peak_bytes <= limit  # the plan keeps within the limit it covers
 
 
+@pytest.mark.parametrize("negative", ["blurry", ""], ids=["cfg", "no-negative"])
+def test_two_passes_a_step_stream_twice(tmp_path, negative, monkeypatch):
+    """Qwen-Image-Edit runs classifier-free guidance as two denoiser forwards a step (its pipeline
+    encodes its own prompts, so the engine cannot batch the pair), and only with a negative
+    prompt: the estimate streams what one forward streams once per pass, as the run does."""
+    family = "qwen-image-edit"
+    path = write_tiny_repo(family, tmp_path / family)
+    entry = dataclasses.replace(tiny_entry(), id="tiny-edit", family=family)
+    studio = Studio(tmp_path / "models", tmp_path / "outputs")
+    r = dataclasses.replace(studio.resolve(GenerateRequest("x", model="qwen-image-edit-2509"), estimate=True), negative_prompt=negative)
+    forwards = _denoiser_forwards(FAMILIES[family], r, True)
+    assert forwards == (2 if negative else 1)
+    est = gpu_estimate(entry, FAMILIES[family], storage="bf16", disk=False, limit_bytes=0, activation_bytes=0,
+                       forwards_per_step=forwards, local_path=path)
+    monkeypatch.setenv("LOWVRAM_RAM_AVAILABLE_GB", "64")
+    monkeypatch.setattr(managed, "component_config", lambda name, cls, p, config: config)
+    mp = build_pipeline(path, gpu_path_config("bf16", False), 0)
+    backend, pinned = PinningBackend(), PinnedBudget(limit_bytes=GB)
+    for model in mp.components.values():
+        runtime = runtime_of(model)
+        runtime.use_scheduler(backend, pinned)
+        runtime.execution_order = list(runtime.layers)
+    streamed: list[int] = []
+    mp.generate("a cat", negative, width=64, height=64, steps=3, guidance=4.0, seed=1, images=[Image.new("RGB", (64, 64), "gray")],
+                on_step=lambda i, n, stats: streamed.append(stats.streamed_bytes))
+    backend.check_ordering()
+    print(f"{family} negative={negative!r}: streamed per step {streamed}, estimated {est.streamed_bytes_per_step}")
+    assert streamed[-1] == est.streamed_bytes_per_step == forwards * est.stages[DENOISE].streamed_bytes_per_forward
+
+
 def test_studio_reports_the_planners_figures_for_a_gpu(repo, tmp_path):
     """Studio.estimate for a GPU machine is the planner's figures (activations and all), not the
     size formula: its VRAM, floor and streamed bytes are those of gpu_estimate."""
@@ -246,7 +277,7 @@ def test_every_catalogue_model_is_planned_on_meta(studio, model):
         request = GenerateRequest("x", model=model, weights=weights)
         r = studio.resolve(request, estimate=True)
         batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
-        forwards = 2 if fam.does_cfg(r.guidance, r.negative_prompt) and not batched else 1
+        forwards = _denoiser_forwards(fam, r, fam.does_cfg(r.guidance, r.negative_prompt) and not batched)
         act = activation_bytes(r.width, r.height, 2 if batched else 1)
         storage = "gguf" if gguf else weights
 

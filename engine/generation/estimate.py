@@ -100,9 +100,9 @@ def component_cost(
 
 
 def _gguf_bytes_per_tensor(model: torch.nn.Module, file_bytes: int) -> dict[str, int]:
-    """A documented fallback for a GGUF file not downloaded yet (its per-tensor quant types are in
-    its header): the file's bytes spread over the weight matrices in proportion to their size,
-    after the vectors (kept in bf16); the total is the file's."""
+    """A documented fallback: the estimate does not read a .gguf header (the file may not be
+    downloaded yet), so the file's bytes are spread over the weight matrices in proportion to
+    their size, after the vectors (kept in bf16); the total is the file's."""
     matrices = {n: p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and p.is_floating_point()}
     vectors = sum(2 * p.numel() for n, p in model.named_parameters() if n not in matrices)
     per_value = max(0, file_bytes - vectors) / max(1, sum(matrices.values()))

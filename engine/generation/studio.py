@@ -257,6 +257,15 @@ def _catalogued_sizes(entry: Any, fam: Any) -> dict[str, int]:
     return sizes
 
 
+def _denoiser_forwards(fam: Any, r: "ResolvedRequest", unbatched_cfg: bool) -> int:
+    """Denoiser forwards per step: two where classifier-free guidance runs as two passes. A
+    pipeline that encodes its own prompts is handed the negative prompt only when there is one
+    (ManagedPipeline.generate), and without it Qwen-Image-Edit's true CFG does not run."""
+    if not unbatched_cfg:
+        return 1
+    return 2 if fam.encode_prompts is not None or r.negative_prompt.strip() else 1
+
+
 def _image_activation_args(fam: Any, r: ResolvedRequest) -> tuple[int, int]:
     """(reference pixels, largest input pixels) of the request's input images, for activation_bytes."""
     if r.inputs is None or not r.inputs.images:
@@ -496,7 +505,7 @@ class Studio:
         warnings: list[str] = []
         planned = None
         if s.device.type != "cpu":
-            planned = self._gpu_estimate(r, act, lora, 2 if cfg and not batched else 1, hardware)
+            planned = self._gpu_estimate(r, act, lora, _denoiser_forwards(fam, r, cfg and not batched), hardware)
         if planned is not None:
             vram, smallest, streamed, ram = planned.vram_bytes, planned.smallest_feasible_bytes, planned.streamed_bytes_per_step, planned.ram_bytes
             exact = self._measured_floor(r.build_key, act)

@@ -14,15 +14,16 @@ activation reserve of the resolution. From that one `Plan`, per stage:
     peak      = planner.peak_bytes: fixed + activations + resident + slots + the worst transient
     floor     = planner.smallest_feasible_limit (what the pipeline records per stage, and the pool)
     streamed  = the stored bytes of the layers the plan does not keep resident, as their groups
-                cross to the GPU (per denoiser forward; x2 a step where CFG runs two forwards)
+                cross to the GPU (per denoiser forward; x2 a step where CFG runs as two forwards,
+                `studio._denoiser_forwards`)
 
 and RAM on a GPU host: the process baseline, the masters in RAM (pinned in place: no second
 copy), and two staging buffers of the largest group for each component the pinned budget cannot
 hold whole, or whose masters stay on disk (the pool pins the denoiser first).
 
 What it cannot know it says: the activations are a per-pixel formula
-(`pipelines.managed.activation_bytes`) not yet checked on a GPU; a GGUF file not yet read is
-sized by spreading its bytes over the weight matrices. A run measures at or below the planner's
+(`pipelines.managed.activation_bytes`) not yet checked on a GPU; a GGUF file is sized by
+spreading its bytes over the weight matrices (its header is not read). A run measures at or below the planner's
 figures (`tests/test_gpu_estimate.py`: the ledger's peak per stage, the streamed bytes).
 
 Speed: the meta builds are cached (`component_cost` is an lru_cache), the plans too. The first
@@ -211,7 +212,7 @@ def _estimate(
         f"activations (about {act / GiB:.1f} GiB at this size) are a per-pixel guess, not yet measured on a GPU",
     )
     if storage == "gguf":
-        notes += ("a GGUF file not read yet is sized by spreading its bytes over the weight matrices",)
+        notes += ("the GGUF file's bytes are spread over the weight matrices by size (its header is not read)",)
     return GpuEstimate(
         stages=stages,
         vram_bytes=max(s.peak_bytes for s in stages.values()),
