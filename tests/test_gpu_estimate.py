@@ -29,13 +29,21 @@ from PIL import Image
 
 import model_registry
 from engine.generation.estimate import component_costs
-from engine.generation.pipelines import DECODE, DENOISE, ENCODE, FAMILIES, activation_bytes, build_pipeline, managed
+from engine.generation.pipelines import (
+    DECODE,
+    DENOISE,
+    ENCODE,
+    FAMILIES,
+    activation_bytes,
+    build_pipeline,
+    managed,
+)
 from engine.generation.settings import auto_vram_limit_gb, vram_config_for
 from engine.generation.studio import Studio, _catalogued_sizes, _denoiser_forwards
 from engine.generation.types import GenerateRequest, HardwareInfo
 from engine.generation.vram_estimate import gpu_estimate, plan_stage
-from engine.planning import planner
 from engine.management import runtime_of
+from engine.planning import planner
 from engine.transfer.pinned import PinnedBudget
 from tests.fixtures import tiny_components as tc
 from tests.fixtures.tiny_repos import write_tiny_repo
@@ -281,7 +289,7 @@ def test_every_catalogue_model_is_planned_on_meta(studio, model):
         act = activation_bytes(r.width, r.height, 2 if batched else 1)
         storage = "gguf" if gguf else weights
 
-        def planned(limit_bytes):
+        def planned(limit_bytes, storage=storage, act=act, forwards=forwards):
             est = gpu_estimate(entry, fam, storage=storage, disk=False, limit_bytes=limit_bytes, activation_bytes=act,
                                forwards_per_step=forwards, ram_total_bytes=int(64 * GB))
             assert est is not None, f"{model}: no meta build"

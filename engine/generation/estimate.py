@@ -125,7 +125,11 @@ def model_cost(
     from engine.runtime.component import bytes_at
     from engine.runtime.pool import MemoryPool
     from engine.transfer.pinned import aligned
-    from engine.transfer.scheduler import group_key, planned_group_bytes, planned_piece_bytes
+    from engine.transfer.scheduler import (
+        group_key,
+        planned_group_bytes,
+        planned_piece_bytes,
+    )
 
     name = ("fp8" if storage else "bf16") if isinstance(storage, bool) else storage
     config = VramConfig.from_dict(vram_config_for(False, disk, device, storage_name=name), check_present=False)

@@ -257,7 +257,7 @@ def _catalogued_sizes(entry: Any, fam: Any) -> dict[str, int]:
     return sizes
 
 
-def _denoiser_forwards(fam: Any, r: "ResolvedRequest", unbatched_cfg: bool) -> int:
+def _denoiser_forwards(fam: Any, r: ResolvedRequest, unbatched_cfg: bool) -> int:
     """Denoiser forwards per step: two where classifier-free guidance runs as two passes. A
     pipeline that encodes its own prompts is handed the negative prompt only when there is one
     (ManagedPipeline.generate), and without it Qwen-Image-Edit's true CFG does not run."""

@@ -39,7 +39,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from engine.generation.estimate import PROCESS_BASELINE_BYTES, ComponentCost, component_costs
+from engine.generation.estimate import (
+    PROCESS_BASELINE_BYTES,
+    ComponentCost,
+    component_costs,
+)
 from engine.planning import planner
 
 GiB = 1024**3
@@ -79,7 +83,12 @@ def pinned_budget_bytes(ram_total_bytes: int | None) -> int:
     """The pinned-RAM budget the pool would hand out on that host: $LOWVRAM_PINNED_RAM_GB, else
     half of the RAM (engine.transfer.pinned: half the RAM available; for another machine, half
     its RAM); this host: the process's own budget."""
-    from engine.transfer.pinned import DEFAULT_PINNED_SHARE, PINNED_RAM_ENV, PROCESS_PINNED_BUDGET, parse_pinned_ram_gb
+    from engine.transfer.pinned import (
+        DEFAULT_PINNED_SHARE,
+        PINNED_RAM_ENV,
+        PROCESS_PINNED_BUDGET,
+        parse_pinned_ram_gb,
+    )
 
     env = os.environ.get(PINNED_RAM_ENV)
     if env:
