@@ -1,4 +1,6 @@
-"""The pre-flight RAM estimate where the computation device is the CPU, from the planner itself.
+"""The planner's costs of meta-built components, and the pre-flight RAM estimate where the
+computation device is the CPU (the GPU estimate, engine.generation.vram_estimate, plans the same
+costs built for a CUDA device).
 
 One source of truth: every component is built on the meta device and managed exactly as the
 loader would manage it (`enable_vram_management` with meta masters in the storage form), so its
