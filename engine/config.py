@@ -77,8 +77,10 @@ def parse_dtype(key: str, value: Any, allow_disk: bool) -> torch.dtype | str:
     raise ValueError(f"vram_config[{key!r}] = {value!r} is not a supported dtype{where}. Accepted: {_accepted_dtypes(allow_disk)}.")
 
 
-def parse_device(key: str, value: Any, allow_disk: bool) -> torch.device | str:
-    """Turn a device given as torch.device or string into a torch.device (or "disk")."""
+def parse_device(key: str, value: Any, allow_disk: bool, check_present: bool = True) -> torch.device | str:
+    """Turn a device given as torch.device or string into a torch.device (or "disk").
+    `check_present=False` accepts a CUDA device this host does not have (a config to plan for
+    another machine, as the estimate does on meta builds: nothing is allocated on it)."""
     if isinstance(value, str) and value.strip().lower() == DISK and allow_disk:
         return DISK
     try:
@@ -88,6 +90,8 @@ def parse_device(key: str, value: Any, allow_disk: bool) -> torch.device | str:
     if device is None or device.type not in _DEVICE_TYPES:
         accepted = ", ".join(([DISK] if allow_disk else []) + ["cpu", "cuda", "cuda:N", "mps", "xpu"])
         raise ValueError(f"vram_config[{key!r}] = {value!r} is not a supported device. Accepted: {accepted}.")
+    if not check_present:
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"vram_config[{key!r}] = {value!r} asks for CUDA, but this host has no usable CUDA device. "
@@ -137,10 +141,11 @@ class VramConfig:
     computation_device: torch.device
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any] | "VramConfig" | None) -> "VramConfig":
+    def from_dict(cls, config: Mapping[str, Any] | "VramConfig" | None, *, check_present: bool = True) -> "VramConfig":
         """Validate a user's dict. Missing keys get DiffSynth's usual defaults:
         computation on CUDA if present (else CPU) in bfloat16, preparing = computation,
-        offload on the CPU in the computation dtype, onload = offload."""
+        offload on the CPU in the computation dtype, onload = offload. `check_present=False`:
+        the devices need not exist on this host (planning for another machine, never run)."""
         if isinstance(config, VramConfig):
             return config
         config = dict(config or {})
@@ -154,7 +159,7 @@ class VramConfig:
             value = config.get(key)
             return default if value is None else value
 
-        comp_device = parse_device("computation_device", get("computation_device", default_computation_device()), False)
+        comp_device = parse_device("computation_device", get("computation_device", default_computation_device()), False, check_present)
         comp_dtype = parse_dtype("computation_dtype", get("computation_dtype", torch.bfloat16), False)
         if comp_dtype in FP8_DTYPES or comp_dtype in QUANT_FORMS:
             raise ValueError(
@@ -162,11 +167,11 @@ class VramConfig:
                 "float8_e5m2), int8, nf4 and gguf are storage dtypes here, computation runs in bfloat16/float16/float32. "
                 "Put the storage dtype in offload/onload/preparing_dtype."
             )
-        prep_device = parse_device("preparing_device", get("preparing_device", comp_device), False)
+        prep_device = parse_device("preparing_device", get("preparing_device", comp_device), False, check_present)
         prep_dtype = parse_dtype("preparing_dtype", get("preparing_dtype", comp_dtype), False)
-        off_device = parse_device("offload_device", get("offload_device", "cpu"), True)
+        off_device = parse_device("offload_device", get("offload_device", "cpu"), True, check_present)
         off_dtype = parse_dtype("offload_dtype", get("offload_dtype", comp_dtype), True)
-        on_device = parse_device("onload_device", get("onload_device", off_device), True)
+        on_device = parse_device("onload_device", get("onload_device", off_device), True, check_present)
         on_dtype = parse_dtype("onload_dtype", get("onload_dtype", off_dtype), True)
 
         for state, device, dtype in (("offload", off_device, off_dtype), ("onload", on_device, on_dtype)):

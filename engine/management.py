@@ -102,6 +102,7 @@ def enable_vram_management(
     onload: bool = True,
     master_factory: MasterFactory | None = None,
     host_arena: HostArena | None = None,
+    scheduler: bool | None = None,
 ) -> nn.Module:
     """Manage every weight-holding layer of `model` under `vram_config` within `vram_limit` GB.
 
@@ -109,8 +110,10 @@ def enable_vram_management(
     one VRAM budget; `onload=False` leaves the component offloaded for a pipeline to onload when
     its stage comes. `master_factory` is the loader's hook: it supplies each parameter's master
     copy (e.g. left in its .safetensors file); `host_arena` is the loader's buffer those masters
-    are views of (pinned in place on CUDA). The config, limit and map are validated before
-    anything on the model changes. `disable_vram_management(model)` undoes it.
+    are views of (pinned in place on CUDA). `scheduler`: stream through a TransferScheduler (None:
+    when the computation device is CUDA; False for a meta build that only plans, such as the
+    pre-flight estimate for a GPU, which must not touch CUDA). The config, limit and map are
+    validated before anything on the model changes. `disable_vram_management(model)` undoes it.
     """
     config = VramConfig.from_dict(vram_config)
     limit = parse_vram_limit(vram_limit)
@@ -167,7 +170,7 @@ def enable_vram_management(
     pool.join(runtime)
     model._vram_runtime = runtime
     register_hook(model, StepEntryHook(runtime))
-    if config.computation_device.type == "cuda":
+    if (config.computation_device.type == "cuda") if scheduler is None else scheduler:
         runtime.use_scheduler(backend_for(config.computation_device))
     if onload:
         runtime.onload()

@@ -99,3 +99,23 @@ def test_plan_is_deterministic_and_pure():
     first = plan(members, limits)
     assert all(plan(members, limits) == first for _ in range(5))
     assert members == [member(*(layer(i, (i * 37) % 11 + 1) for i in range(40)), group=12, key="s")]  # inputs untouched
+
+
+def test_peak_bytes_is_what_the_plan_holds_at_its_worst_and_fits_the_limit():
+    """peak = fixed + activations + resident + slots (depth + 1 of the largest group, only for a
+    member that streams) + the largest transient; within any limit that covers the floor."""
+    from engine.planning.planner import peak_bytes, slot_bytes
+
+    everything = plan([SIX], Limits(None))
+    assert slot_bytes([SIX], everything) == 0 and peak_bytes([SIX], Limits(None, 1, 2), everything) == 1 + 2 + 24
+    nothing = plan([SIX], Limits(0))
+    assert slot_bytes([SIX], nothing) == 2 * 4  # depth 1: the group computing and one in flight
+    assert peak_bytes([SIX], Limits(0), nothing) == 4 + 2 * 4 == smallest_feasible_limit([SIX], Limits(0))
+    for limit in range(smallest_feasible_limit([SIX], Limits(0)), 40):
+        limits = Limits(limit, 1, 1)
+        if limit < smallest_feasible_limit([SIX], limits):
+            continue
+        chosen = plan([SIX], limits)
+        held = sum(4 for key in chosen.resident)
+        assert peak_bytes([SIX], limits, chosen) <= limit
+        assert peak_bytes([SIX], limits, chosen) >= 1 + 1 + held

@@ -370,12 +370,22 @@ def test_estimate(studio):
 
 
 def test_estimate_counts_the_gpu_schedulers_slots(tmp_path):
-    """On a GPU the smallest workable limit includes two slots of the largest block (Qwen-Image:
-    one of 60 transformer blocks, ~0.65 GiB in bf16), measured on a meta-device build."""
+    """On a GPU the smallest workable limit is the planner's floor of the hungriest stage, which
+    pays for two scheduler slots of its components' largest group, laid out on meta-device builds.
+    For Qwen-Image that is the encode stage: its text encoder streams its 1.1 GB embedding table
+    (152064 x 3584 in bf16) as one group, so the floor holds two slots and the transient of it.
+    On a CPU there are no slots."""
+    from engine.generation.estimate import component_costs
+    from engine.generation.pipelines import FAMILIES
+
     request = GenerateRequest("x", model="qwen-image", width=1024, height=1024, vram_limit=0.5)
     cpu = Studio(tmp_path / "m", tmp_path / "o", device="cpu").estimate(request)
     gpu = Studio(tmp_path / "m", tmp_path / "o", device="cuda").estimate(request)
-    assert 1.2 <= gpu.smallest_feasible_vram_limit_gb - cpu.smallest_feasible_vram_limit_gb <= 1.4
+    costs = component_costs(model_registry.get_model("qwen-image"), FAMILIES["qwen-image"], "bf16", False, "cuda")
+    embedding = costs["text_encoder"].member.group_bytes
+    assert embedding == max(c.member.group_bytes for c in costs.values()) and embedding >= 152064 * 3584 * 2
+    gap = gpu.smallest_feasible_vram_limit_gb - cpu.smallest_feasible_vram_limit_gb
+    assert 2 * embedding / 1024**3 <= gap <= 3 * embedding / 1024**3, gap
     fp8 = Studio(tmp_path / "m", tmp_path / "o", device="cuda").estimate(dataclasses.replace(request, fp8=True))
     assert fp8.smallest_feasible_vram_limit_gb < gpu.smallest_feasible_vram_limit_gb  # FP8 slots are half
 

@@ -1,4 +1,6 @@
-"""The pre-flight RAM estimate where the computation device is the CPU, from the planner itself.
+"""The planner's costs of meta-built components, and the pre-flight RAM estimate where the
+computation device is the CPU (the GPU estimate, engine.generation.vram_estimate, plans the same
+costs built for a CUDA device).
 
 One source of truth: every component is built on the meta device and managed exactly as the
 loader would manage it (`enable_vram_management` with meta masters in the storage form), so its
@@ -17,6 +19,8 @@ page cache (disk offload) is the kernel's and is reclaimable, so it is reported 
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -41,63 +45,168 @@ class ComponentCost:
 
     member: planner.MemberCost
     master_ram_bytes: int  # masters in RAM (0 with disk offload)
-    unmanaged_bytes: int  # parameters the map leaves out and buffers: fixed, in RAM
+    unmanaged_bytes: int  # parameters the map leaves out and buffers: fixed, on the computation device
     resident_is_master: bool  # a resident copy is the master itself (costs no RAM)
     largest_layer_bytes: int  # computation form of the largest layer
+    # layer key -> bytes its group sends through a slot per forward when it streams (its stored
+    # form's pieces, each 256-byte aligned, as `build_groups` lays them out)
+    stream_bytes: dict[int, int] = field(default_factory=dict, compare=False)
+    staging_bytes: int = 0  # one staging buffer: the largest group as its masters are stored
+    group_keys: tuple[str, ...] = field(default=(), compare=False)  # each layer's group (block), in planning order
 
 
-def _meta_master(param: torch.Tensor, comp_dtype: torch.dtype) -> Any:
+#: planner keys of meta-built layers: unique in the process (ids of dropped meta models are reused)
+_KEYS = itertools.count(1)
+
+
+def _meta_master(param: torch.Tensor, comp_dtype: torch.dtype, gguf_bytes: int | None = None) -> Any:
     """A meta master of the parameter's own shape and (logical) dtype: the runtime sizes every
     stored form from that (engine.runtime.component.bytes_at: stored_layout of the place), so one
-    kind of meta master serves bf16, FP8, int8 and NF4 alike."""
+    kind of meta master serves bf16, FP8, int8 and NF4 alike. `gguf_bytes`: the GGUF blocks this
+    tensor would read from a .gguf file (what the runtime sizes a "gguf" place by)."""
     from engine.storage.stored import PlainStored
 
     dtype = param.dtype if param.dtype != torch.float32 else comp_dtype
-    return PlainStored(torch.empty(param.shape, dtype=dtype, device="meta"))
+    master = PlainStored(torch.empty(param.shape, dtype=dtype, device="meta"))
+    if gguf_bytes is not None:
+        master.gguf_nbytes = gguf_bytes  # type: ignore[attr-defined]  (read by VramRuntime.shapes)
+    return master
 
 
-@lru_cache(maxsize=64)
-def component_cost(library: str, class_name: str, config_id: str, storage: str, disk: bool, device: str) -> ComponentCost:
+def config_of(config_id: str) -> dict[str, Any]:
+    """A component config: a key of model_registry/component_configs.json, or "file:<path>" for
+    the config.json of a model on disk (entries without catalogued configs)."""
+    import json
+    from pathlib import Path
+
+    from model_registry.sizes import load_component_configs
+
+    if config_id.startswith("file:"):
+        return json.loads(Path(config_id[len("file:") :]).read_text(encoding="utf-8"))
+    return load_component_configs()[config_id]
+
+
+@lru_cache(maxsize=256)
+def component_cost(
+    library: str, class_name: str, config_id: str, storage: str, disk: bool, device: str, gguf_bytes: int | None = None
+) -> ComponentCost:
     """Build a catalogued component on meta and cost it under the app's config for (storage,
-    disk, device); `storage` is a storage name ("bf16", "fp8", "int8", "nf4")."""
-    from model_registry.sizes import build_on_meta, load_component_configs
+    disk, device); `storage` is a storage name ("bf16", "fp8", "int8", "nf4", "gguf"), `device`
+    "cpu" or "cuda" (never touched: a meta build only plans). `gguf_bytes`: a GGUF denoiser's
+    file size (its blocks are its stored form). Cached: the first Qwen-Image estimate builds
+    its 20B transformer, its 8B text encoder and its VAE on meta (see engine.generation.vram_estimate)."""
+    from model_registry.sizes import build_on_meta
 
-    return model_cost(build_on_meta(library, class_name, load_component_configs()[config_id]), storage, disk, device)
+    model = build_on_meta(library, class_name, config_of(config_id))
+    return model_cost(model, storage, disk, device, gguf_bytes)
 
 
-def model_cost(model: torch.nn.Module, storage: str | bool, disk: bool, device: str = "cpu") -> ComponentCost:
+def _gguf_bytes_per_tensor(model: torch.nn.Module, file_bytes: int) -> dict[str, int]:
+    """A documented fallback: the estimate does not read a .gguf header (the file may not be
+    downloaded yet), so the file's bytes are spread over the weight matrices in proportion to
+    their size, after the vectors (kept in bf16); the total is the file's."""
+    matrices = {n: p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and p.is_floating_point()}
+    vectors = sum(2 * p.numel() for n, p in model.named_parameters() if n not in matrices)
+    per_value = max(0, file_bytes - vectors) / max(1, sum(matrices.values()))
+    return {n: int(numel * per_value) for n, numel in matrices.items()}
+
+
+def model_cost(
+    model: torch.nn.Module, storage: str | bool, disk: bool, device: str = "cpu", gguf_bytes: int | None = None
+) -> ComponentCost:
     """Manage a meta-device model under the app's config for (storage, disk, device), as the
     loader would, and return the planner's costs of it. `storage`: a storage name, or a bool for
-    the FP8 toggle (True: "fp8", False: "bf16")."""
+    the FP8 toggle (True: "fp8", False: "bf16"). On a GPU (`device` "cuda") every component
+    streams through a transfer scheduler: its `group_bytes` (the slot the planner pays for) is
+    laid out from the shapes at the place it streams from, as `max_group_bytes` would from real
+    copies. Nothing touches CUDA: the config is not checked against this host and no scheduler
+    is made."""
     from engine.generation.settings import vram_config_for
     from engine.management import enable_vram_management, runtime_of
     from engine.runtime import ram
     from engine.runtime.component import bytes_at
     from engine.runtime.pool import MemoryPool
+    from engine.transfer.pinned import aligned
+    from engine.transfer.scheduler import (
+        group_key,
+        planned_group_bytes,
+        planned_piece_bytes,
+    )
 
     name = ("fp8" if storage else "bf16") if isinstance(storage, bool) else storage
-    config = VramConfig.from_dict(vram_config_for(False, False, device, storage_name=name))  # disk: the same layers, masters not in RAM
+    config = VramConfig.from_dict(vram_config_for(False, disk, device, storage_name=name), check_present=False)
     place = config.place("offload")
+    blocks = _gguf_bytes_per_tensor(model, gguf_bytes) if gguf_bytes is not None and name == "gguf" else {}
     model = enable_vram_management(
-        model, vram_config=config, budget=MemoryPool(), onload=False,
-        master_factory=lambda _n, p: _meta_master(p, config.computation_dtype),
+        model, vram_config=config, budget=MemoryPool(), onload=False, scheduler=False,
+        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, blocks.get(n)),
     )
     runtime = runtime_of(model)
-    member = runtime.costs()
-    masters = 0 if disk else sum(bytes_at(runtime.shapes(layer), place, config.computation_dtype) for layer in runtime.layers)
+    order = runtime.planning_order()
+    keys = {id(layer): next(_KEYS) for layer in order}
+    planned = runtime.costs()
+    layers = tuple(dataclasses.replace(layer, key=keys[layer.key]) for layer in planned.layers)
+    source = runtime.offload_place if runtime.onload_is_resident else runtime.onload_place  # what it streams from, onloaded
+    gpu = config.computation_device.type != "cpu"
+    member = planner.MemberCost(next(_KEYS), layers, planned_group_bytes(runtime, order, source) if gpu else None)
+    stream_bytes = {keys[id(layer)]: sum(aligned(n) for n in planned_piece_bytes(runtime, layer, source)) for layer in order}
+    masters = sum(bytes_at(runtime.shapes(layer), place, config.computation_dtype) for layer in runtime.layers)
     largest = max((runtime.computation_bytes(layer) for layer in runtime.layers), default=0)
-    unmanaged = runtime.fixed_bytes  # buffers and parameters the map leaves out: in RAM on a CPU
-    return ComponentCost(member, masters, unmanaged, ram.resident_is_master(runtime) and not disk, largest)
+    unmanaged = runtime.fixed_bytes  # buffers and parameters the map leaves out: on the computation device
+    staging = planned_group_bytes(runtime, order, runtime.offload_place)
+    groups = tuple(group_key(layer) for layer in order)
+    return ComponentCost(member, masters, unmanaged, ram.resident_is_master(runtime), largest, stream_bytes, staging, groups)
 
 
-def gguf_masters(cost: ComponentCost, file_bytes: int) -> ComponentCost:
-    """A GGUF denoiser's masters are the file's blocks: the catalogue's file size, less what the
-    component keeps unmanaged (its 1-D tensors, counted apart). The meta build sizes them at
-    bf16, which counted a Q4_K FLUX.1 as 22 GiB instead of its 6.4 GB (the estimate refused it
-    on a 24 GiB host). Resident copies on a CPU are bf16 (dequantized once), as planned."""
-    from dataclasses import replace
+def component_specs(entry: Any, family: Any, local_path: Any = None) -> dict[str, tuple[str, str, str]] | None:
+    """(library, class name, config id) of each weighted component: the catalogue's config ids,
+    else, for a model on disk (`local_path`), its own model_index.json and config.json ("file:"
+    ids); None when a component has neither (the demo before it is written)."""
+    import json
+    from pathlib import Path
 
-    return replace(cost, master_ram_bytes=max(0, int(file_bytes) - cost.unmanaged_bytes))
+    specs: dict[str, tuple[str, str, str]] = {}
+    index: dict[str, Any] | None = None
+    for name in family.weighted:
+        comp = entry.components.get(name)
+        if comp is not None and comp.config_id:
+            specs[name] = (comp.library, comp.class_name, comp.config_id)
+            continue
+        if local_path is None:
+            return None
+        try:
+            index = index if index is not None else json.loads((Path(local_path) / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        config = Path(local_path) / name / "config.json"
+        listed = index.get(name)
+        if not (isinstance(listed, list) and len(listed) == 2 and config.is_file()):
+            return None
+        specs[name] = (str(listed[0]), str(listed[1]), f"file:{config.resolve()}")
+    return specs
+
+
+def component_costs(
+    entry: Any, family: Any, storage: str, disk: bool, device: str, local_path: Any = None
+) -> dict[str, ComponentCost] | None:
+    """Every weighted component of a catalogue entry, built on meta and costed (None when one has
+    no config, or its meta build fails). A GGUF entry's denoiser is sized by its file's blocks."""
+    specs = component_specs(entry, family, local_path)
+    if specs is None:
+        return None
+    gguf = getattr(entry, "gguf", None)
+    costs: dict[str, ComponentCost] = {}
+    for name, (library, class_name, config_id) in specs.items():
+        blocks = int(gguf.bytes) if gguf is not None and name == family.denoiser and storage == "gguf" else None
+        # a GGUF entry: only the denoiser comes from the .gguf; the others are the base repo's
+        # .safetensors, plain bf16 like any bf16 load
+        form = "bf16" if storage == "gguf" and name != family.denoiser else storage
+        try:
+            costs[name] = component_cost(library, class_name, config_id, form, disk, device, blocks)
+        except Exception:  # pragma: no cover - estimate only
+            log.debug("meta build of %s failed", class_name, exc_info=True)
+            return None
+    return costs
 
 
 @dataclass
@@ -166,26 +275,15 @@ def estimate_ram(
     limit_bytes: int | None,
     activations: dict[str, int],
     available_bytes: int,
+    local_path: Any = None,
 ) -> RamEstimate | None:
-    """The CPU-host RAM estimate of one catalogue entry (None when a component has no config)."""
+    """The CPU-host RAM estimate of one catalogue entry (None when a component has no config;
+    `local_path`: the model's folder, whose config files stand in for missing catalogue configs)."""
     from engine.runtime.ram import RAM_MARGIN_BYTES
 
-    costs: dict[str, ComponentCost] = {}
-    gguf = getattr(entry, "gguf", None) if storage == "gguf" else None
-    for name in family.weighted:
-        comp = entry.components.get(name)
-        if comp is None or not comp.config_id:
-            return None
-        # a GGUF entry: only the denoiser comes from the .gguf; the others are the base repo's
-        # .safetensors, plain bf16 like any bf16 load
-        form = storage if gguf is None or name == family.denoiser else "bf16"
-        try:
-            costs[name] = component_cost(comp.library, comp.class_name, comp.config_id, form, disk, "cpu")
-        except Exception:  # pragma: no cover - estimate only
-            log.debug("meta build of %s failed", comp.class_name, exc_info=True)
-            return None
-    if gguf is not None and family.denoiser in costs and not disk:
-        costs[family.denoiser] = gguf_masters(costs[family.denoiser], gguf.bytes)
+    costs = component_costs(entry, family, storage, disk, "cpu", local_path)
+    if costs is None:
+        return None
     masters = sum(c.master_ram_bytes + c.unmanaged_bytes for c in costs.values())
     stages: dict[str, int] = {}
     resident: dict[str, int] = {}
@@ -217,7 +315,7 @@ def estimate_ram(
         )
     cache = 0
     if disk:
-        cache = sum(int(entry.components[n].bytes_bf16 or 0) for n in costs)
+        cache = sum(int(getattr(entry.components.get(n), "bytes_bf16", 0) or 0) for n in costs)
         notes.append("disk offload: the kernel's page cache may hold up to the model's files; it is reclaimable, not counted")
     return RamEstimate(total, masters, stages, resident, cache, tuple(notes), PROCESS_BASELINE_BYTES + masters + minimum)
 
@@ -242,7 +340,7 @@ class RamVerdict:
 
 def cpu_ram_verdict(
     entry: Any, family: Any, *, storage: str, disk: bool, limit_bytes: int | None, width: int, height: int, batch: int,
-    available_bytes: int | None = None, reference_pixels: int = 0, input_pixels: int = 0,
+    available_bytes: int | None = None, reference_pixels: int = 0, input_pixels: int = 0, local_path: Any = None,
 ) -> RamVerdict | None:
     """Does this setting fit the RAM available now (CPU host)? If not, which setting does.
     `reference_pixels` / `input_pixels`: the request's input images (`stage_activations`)."""
@@ -250,7 +348,9 @@ def cpu_ram_verdict(
 
     free = available_ram_bytes() if available_bytes is None else available_bytes
     act = stage_activations(width, height, batch, reference_pixels, input_pixels)
-    est = estimate_ram(entry, family, storage=storage, disk=disk, limit_bytes=limit_bytes, activations=act, available_bytes=free)
+    est = estimate_ram(
+        entry, family, storage=storage, disk=disk, limit_bytes=limit_bytes, activations=act, available_bytes=free, local_path=local_path
+    )
     if est is None:
         return None
     fits = est.minimum_bytes <= free  # copies beyond the masters adapt to the RAM room
@@ -262,7 +362,10 @@ def cpu_ram_verdict(
         if (alt_storage, alt_disk) == (storage, disk) or (alt_disk and disk and alt_storage == "bf16"):
             continue
         alt_limit = 0 if alt_disk else None
-        alt = estimate_ram(entry, family, storage=alt_storage, disk=alt_disk, limit_bytes=alt_limit, activations=act, available_bytes=free)
+        alt = estimate_ram(
+            entry, family, storage=alt_storage, disk=alt_disk, limit_bytes=alt_limit, activations=act, available_bytes=free,
+            local_path=local_path,
+        )
         if alt is not None and alt.minimum_bytes <= free:
             fitting.append(SETTING_NAMES[(alt_storage, alt_disk)])
     name = getattr(entry, "name", "this model")

@@ -246,6 +246,26 @@ def _stream_unit_bytes(library: str, class_name: str, config_id: str) -> tuple[i
     return largest, block
 
 
+def _catalogued_sizes(entry: Any, fam: Any) -> dict[str, int]:
+    """bf16 bytes of each catalogued component (a GGUF denoiser: its file's bytes); the demo's
+    tiny sizes when none are catalogued. The download figure, and the size formula's input."""
+    sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
+    if getattr(entry, "gguf", None) is not None and fam.denoiser in sizes:  # the file's blocks, as stored
+        sizes[fam.denoiser] = entry.gguf.bytes
+    if not sizes:  # the demo: tiny, sizes not catalogued
+        sizes = {"text_encoder": 2 * 1024**2, fam.denoiser: 2 * 1024**2, "vae": 1024**2}
+    return sizes
+
+
+def _denoiser_forwards(fam: Any, r: ResolvedRequest, unbatched_cfg: bool) -> int:
+    """Denoiser forwards per step: two where classifier-free guidance runs as two passes. A
+    pipeline that encodes its own prompts is handed the negative prompt only when there is one
+    (ManagedPipeline.generate), and without it Qwen-Image-Edit's true CFG does not run."""
+    if not unbatched_cfg:
+        return 1
+    return 2 if fam.encode_prompts is not None or r.negative_prompt.strip() else 1
+
+
 def _image_activation_args(fam: Any, r: ResolvedRequest) -> tuple[int, int]:
     """(reference pixels, largest input pixels) of the request's input images, for activation_bytes."""
     if r.inputs is None or not r.inputs.images:
@@ -459,79 +479,50 @@ class Studio:
         return pipe.smallest_feasible_limit_bytes(activations)
 
     def estimate(self, request: GenerateRequest, hardware: HardwareInfo | None = None) -> MemoryEstimate:
-        """What `request` needs, from the registry's sizes and the planner's rules (nothing loads).
-        Once the requested build has run every stage, the smallest feasible limit is the planner's
-        own figure (ManagedPipeline.smallest_feasible_limit_bytes) instead of the size formula.
-        `hardware`: estimate for that machine instead of this one (suggest_settings' table tests)."""
+        """What `request` needs, before anything loads. On a GPU (this host's, or `hardware`'s)
+        the VRAM peak, the smallest feasible limit, the bytes streamed per step and the RAM come
+        from the planner's plan of each stage over meta-built components (engine.generation.
+        vram_estimate: the same costs and limits the memory pool would use); on a CPU host the RAM
+        comes from the planner too (engine.generation.estimate) and the resident bound from the
+        registry's sizes. An entry whose components have no config (the demo) falls back to the
+        size formula (`_formula_figures`). Once the requested build has run every stage, the
+        smallest feasible limit is the pipeline's own record (ManagedPipeline.
+        smallest_feasible_limit_bytes). `hardware`: estimate for that machine instead of this one
+        (suggest_settings' table tests)."""
         r = self.resolve(request if (request.prompt or "").strip() else replace(request, prompt="estimate"), estimate=True)
         if hardware is not None:  # another machine: its device kind and its Auto (a GGUF entry keeps its blocks)
             gguf = getattr(r.entry, "gguf", None) is not None
             r = replace(r, settings=settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf))
         entry, s, hw = r.entry, r.settings, hardware or self.hardware()
         fam = FAMILIES[entry.family]
-        factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
-        sizes = {name: (c.bytes_bf16 or 0) for name, c in entry.components.items() if c.bytes_bf16 is not None}
-        if getattr(entry, "gguf", None) is not None and fam.denoiser in sizes:  # the file's blocks, as stored
-            sizes[fam.denoiser] = entry.gguf.bytes
-        if not sizes:  # the demo: tiny, sizes not catalogued
-            sizes = {"text_encoder": 2 * 1024**2, fam.denoiser: 2 * 1024**2, "vae": 1024**2}
-        stored = {n: int(b * factor) for n, b in sizes.items()}
-        stage_bytes: dict[str, int] = {}
-        for name, b in stored.items():
-            stage = fam.stage_of(name)
-            stage_bytes[stage] = stage_bytes.get(stage, 0) + b
-        weights_peak = max(stage_bytes.values())
-        denoiser = stored.get(fam.denoiser, 0)
-        comp = entry.components.get(fam.denoiser)
-        units = _stream_unit_bytes(comp.library, comp.class_name, comp.config_id) if comp is not None and comp.config_id else None
-        if units is None:  # no catalogued config: a layer (and a block) as ~3% of the denoiser
-            units = (0.03 * sizes.get(fam.denoiser, 0),) * 2
-        largest, block = units
-        largest, block = int(largest * factor), int(block * factor)
-        batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
+        cfg = fam.does_cfg(r.guidance, r.negative_prompt)
+        batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and cfg
         act = activation_bytes(r.width, r.height, 2 if batched else 1, *_image_activation_args(fam, r))
-        # activations + the streaming reserve: a streamed layer (source + computation form), and on
-        # a GPU the scheduler's two slots of the largest block
-        slots = 2 * block if s.device.type != "cpu" else 0
-        smallest = act + 2 * largest + slots
-        exact = self._measured_floor(r.build_key, act)
-        if exact is not None:  # this build already ran every stage: the planner's own figure
-            smallest = exact
-            pipe = self._pipeline
-            if pipe is not None:  # the live LoRAs are in the planner's figure already: count the wanted ones
-                from engine.lora.loras import lora_bytes
-
-                smallest -= lora_bytes(pipe)
         lora = self._lora_bytes_wanted(r.request)  # fixed bytes on the computation device
-        smallest += lora
-        weights_peak += lora
         limit = s.vram_limit
+        budget = None if limit is None else int(limit * GB)
+        sizes = _catalogued_sizes(entry, fam)
+        warnings: list[str] = []
+        planned = None
+        if s.device.type != "cpu":
+            planned = self._gpu_estimate(r, act, lora, _denoiser_forwards(fam, r, cfg and not batched), hardware)
+        if planned is not None:
+            vram, smallest, streamed, ram = planned.vram_bytes, planned.smallest_feasible_bytes, planned.streamed_bytes_per_step, planned.ram_bytes
+            exact = self._measured_floor(r.build_key, act)
+            if exact is not None:  # this build already ran every stage: the pipeline's record, with the wanted LoRAs
+                smallest = exact - _live_lora_bytes(self._pipeline) + lora
+        else:
+            vram, smallest, streamed, ram = self._formula_figures(r, sizes, act, lora, budget)
         # Auto on a CPU with disk offload is limit 0 by design (settings_for): not the user's too-small limit
         explicit = hw.has_gpu or not _is_auto(r.request.vram_limit)
-        warnings: list[str] = []
-        if limit is None:
-            vram = weights_peak + act
-            streamed = 0
-        else:
-            budget = int(limit * GB)
-            room = max(0, budget - smallest)
-            vram = min(budget, weights_peak + act)
-            streamed = max(0, denoiser - room) if budget < weights_peak + act else 0
-            if budget < smallest and explicit:
-                warnings.append(
-                    f"A VRAM limit of {limit:g} GB is below the smallest that works for this size "
-                    f"(about {math.ceil(smallest / GB * 10) / 10:g} GB): activations and the streaming reserve would not fit."
-                )
-        total_stored = sum(stored.values())
-        if s.disk_offload:
-            ram = 2 * largest + int(0.5 * GB)
-        else:
-            ram = total_stored + int(0.5 * GB)
-        if not hw.has_gpu:
-            ram += act  # computation runs on the CPU
+        if budget is not None and budget < smallest and explicit:
+            warnings.append(
+                f"A VRAM limit of {limit:g} GB is below the smallest that works for this size "
+                f"(about {math.ceil(smallest / GB * 10) / 10:g} GB): activations and the streaming reserve would not fit."
+            )
         # another machine (suggest_settings' table): its RAM; this host: the RAM available now
         available = int(hardware.ram_total_gb * GB) if hardware is not None and hardware.ram_total_gb else None
-        verdict = self._cpu_ram_verdict(r, available) if not hw.has_gpu else None
+        verdict = self._cpu_ram_verdict(r, available) if s.device.type == "cpu" else None
         if verdict is not None:  # the planner's own costs, against that RAM
             ram = verdict.estimate.total_bytes
         disk = sum(sizes.values())
@@ -539,7 +530,7 @@ class Studio:
         if hw.has_gpu and hw.vram_total_gb is not None and vram > hw.vram_total_gb * GB:
             fits = False
             warnings.append(f"Needs about {vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
-        if limit is not None and int(limit * GB) < smallest and explicit:
+        if budget is not None and budget < smallest and explicit:
             fits = False
         if verdict is not None:
             if not verdict.fits:
@@ -552,6 +543,8 @@ class Studio:
             warnings.append(f"Needs about {ram / GB:.1f} GB of RAM, this machine has {hw.ram_total_gb:.1f} GB.{tip}")
         if streamed:
             warnings.append(f"Streams about {streamed / GB:.1f} GB of weights per step: steps will be slower than with a higher limit.")
+        if planned is not None:
+            warnings.extend(planned.notes)
         try:
             downloaded = self._reg().is_downloaded(r.model_id, self.models_dir)
         except Exception:  # pragma: no cover - estimate only
@@ -569,6 +562,78 @@ class Studio:
             smallest_feasible_vram_limit_gb=math.ceil(smallest / GB * 10) / 10,
             lora_bytes=lora,
         )
+
+    def _local_path(self, r: ResolvedRequest) -> Path | None:
+        """The model's folder when it is on disk (not the demo, which would be written now):
+        its config files stand in for configs the catalogue does not list (None when it lists
+        them all: no file system look-up in suggest_settings' loops)."""
+        components = r.entry.components
+        listed = all(components.get(n) is not None and components[n].config_id for n in FAMILIES[r.entry.family].weighted)
+        if r.entry.is_demo or listed:
+            return None
+        try:
+            registry = self._reg()
+            if not registry.is_downloaded(r.model_id, self.models_dir):
+                return None
+            path = registry.local_path(r.model_id, self.models_dir)
+        except Exception:  # pragma: no cover - estimate only
+            return None
+        return Path(path) if path is not None else None
+
+    def _gpu_estimate(self, r: ResolvedRequest, act: int, lora: int, forwards: int, hardware: HardwareInfo | None) -> Any:
+        """engine.generation.vram_estimate's plans for `r` on a GPU (None: a component without a
+        config, or a meta build that failed; the formula stands in)."""
+        try:
+            from engine.generation.vram_estimate import gpu_estimate
+
+            s = r.settings
+            ram_total = int(hardware.ram_total_gb * GB) if hardware is not None and hardware.ram_total_gb else None
+            return gpu_estimate(
+                r.entry, FAMILIES[r.entry.family], storage=s.storage_name, disk=s.disk_offload,
+                limit_bytes=None if s.vram_limit is None else int(s.vram_limit * GB), activation_bytes=act, lora_bytes=lora,
+                forwards_per_step=forwards, ram_total_bytes=ram_total, local_path=self._local_path(r),
+            )
+        except Exception:  # pragma: no cover - estimate only
+            log.debug("GPU estimate failed", exc_info=True)
+            return None
+
+    def _formula_figures(self, r: ResolvedRequest, sizes: dict[str, int], act: int, lora: int, budget: int | None) -> tuple[int, int, int, int]:
+        """(VRAM, smallest feasible limit, streamed bytes per step, RAM) from the registry's sizes:
+        the fallback for entries without configs (the demo) and the resident bound on a CPU host.
+        Stored bytes are the bf16 sizes times the form's factor; the smallest limit is the
+        activations, a streamed layer (source + computation form) and on a GPU the scheduler's two
+        slots of the largest block; what the limit cannot hold of the denoiser streams."""
+        entry, s = r.entry, r.settings
+        fam = FAMILIES[entry.family]
+        factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
+        stored = {n: int(b * factor) for n, b in sizes.items()}
+        stage_bytes: dict[str, int] = {}
+        for name, b in stored.items():
+            stage_bytes[fam.stage_of(name)] = stage_bytes.get(fam.stage_of(name), 0) + b
+        weights_peak = max(stage_bytes.values())
+        denoiser = stored.get(fam.denoiser, 0)
+        comp = entry.components.get(fam.denoiser)
+        units = _stream_unit_bytes(comp.library, comp.class_name, comp.config_id) if comp is not None and comp.config_id else None
+        if units is None:  # no catalogued config: a layer (and a block) as ~3% of the denoiser
+            units = (0.03 * sizes.get(fam.denoiser, 0),) * 2
+        largest, block = int(units[0] * factor), int(units[1] * factor)
+        slots = 2 * block if s.device.type != "cpu" else 0
+        smallest = act + 2 * largest + slots
+        exact = self._measured_floor(r.build_key, act)
+        if exact is not None:  # this build already ran every stage: the planner's own figure
+            smallest = exact - _live_lora_bytes(self._pipeline)
+        smallest += lora
+        weights_peak += lora
+        if budget is None:
+            vram, streamed = weights_peak + act, 0
+        else:
+            room = max(0, budget - smallest)
+            vram = min(budget, weights_peak + act)
+            streamed = max(0, denoiser - room) if budget < weights_peak + act else 0
+        ram = (2 * largest if s.disk_offload else sum(stored.values())) + int(0.5 * GB)
+        if s.device.type == "cpu":
+            ram += act  # computation runs on the CPU
+        return vram, smallest, streamed, ram
 
     # --- settings that fit ------------------------------------------------------------------------
     def machine(self) -> Machine:
@@ -623,7 +688,7 @@ class Studio:
             return cpu_ram_verdict(
                 r.entry, fam, storage=r.settings.storage_name, disk=r.settings.disk_offload, limit_bytes=limit,
                 width=r.width, height=r.height, batch=2 if batched else 1, available_bytes=available_bytes,
-                reference_pixels=reference, input_pixels=inputs,
+                reference_pixels=reference, input_pixels=inputs, local_path=self._local_path(r),
             )
         except Exception:  # pragma: no cover - estimate only
             log.debug("RAM estimate failed", exc_info=True)

@@ -3,7 +3,7 @@
     suggest_settings(request, machine, estimate, work) -> SuggestedSettings
 
 Everything about memory comes from one function, `estimate(request, hardware) -> MemoryEstimate`
-(Studio.estimate: the registry's sizes and the planner's rules), so whatever the estimate learns
+(Studio.estimate: the planner's plans of meta-built components), so whatever the estimate learns
 (measured floors, RAM as a budget on the CPU, other storage forms) the suggestion follows. This
 module adds only
 
@@ -27,9 +27,9 @@ measurements of this host, and only their ratios matter for the ranking):
                 (the form -> bf16 each forward; bf16: none)
     seconds per step = max(compute, link, disk) + dequant
 
-Stored and streamed bytes use the form's size factor (`size_factor`: Studio's FP8_SIZE_FACTOR
-0.52 for FP8, settings.STORAGE_SIZE_FACTORS for int8 0.5 and NF4 0.29; a GGUF denoiser is its
-file's bytes). DEQUANT_TRAFFIC is the memory traffic of the conversion per stored byte: read the
+The streamed bytes are the estimate's; the stored bytes (dequant, the pinned share) use the
+form's size factor (`size_factor`: Studio's FP8_SIZE_FACTOR 0.52 for FP8,
+settings.STORAGE_SIZE_FACTORS for int8 0.5 and NF4 0.29; a GGUF denoiser is its file's bytes). DEQUANT_TRAFFIC is the memory traffic of the conversion per stored byte: read the
 byte, write the bf16 values it holds. FP8 and int8 hold one value per byte: 1 + 2 = 3 (the per-row
 or per-channel scales are noise). NF4 holds two values per byte: 1 + 4 = 5, plus the codebook
 lookups and the per-group absmax, rounded up to 6. GGUF blocks are mostly 4-5 bit K-quants
@@ -224,9 +224,10 @@ def suggest_settings(
 ) -> SuggestedSettings:
     """The fastest candidate that fits `machine` (ties: the earlier storage form, the higher limit).
 
-    Per storage form the limits are tried from the highest down and the first that fits is taken:
-    a higher limit never streams more (the estimate streams what the limit cannot hold), so it is
-    that form's fastest. Then the forms are compared by `step_seconds`. The reason line names the
+    Per storage form the limits are tried from the highest down, until one fits that streams
+    nothing: a higher limit does not always stream less, since the planner buys a second group in
+    flight (prefetch depth 2) before residency, so just above that threshold a little more
+    streams than just below it. Then the forms are compared by `step_seconds`. The reason line names the
     choice and the first form (in `storage_forms` order) that did not fit although it would have
     won (the cost model rates it faster at its highest limit, or as fast and preferred), and why: "NF4 + VRAM limit 10.5 GB: ...; bf16 does
     not fit in 24 GB RAM"."""
@@ -237,19 +238,21 @@ def suggest_settings(
     tried = 0
     for rank, form in enumerate(forms):
         first: tuple[Candidate, MemoryEstimate] | None = None
+        fitted = False
         for limit in limit_grid(machine, form[1]):
             c = Candidate(form[0], form[1], limit)
             est = estimate(request_for(request, c), hw)
             tried += 1
             first = first or (c, est)
             if fits_on(est, machine, c, downloaded):
+                fitted = True
                 cost = step_seconds(est, machine, c, work)
                 if best is None or (cost, rank) < (best[0], best[1]):
                     best = (cost, rank, c, est)
-                break
-        else:
-            if first is not None:
-                rejected.append((form, first[1], step_seconds(first[1], machine, first[0], work)))
+                if not est.streamed_gb_per_step:
+                    break  # nothing streams: no lower limit of this form is faster
+        if not fitted and first is not None:
+            rejected.append((form, first[1], step_seconds(first[1], machine, first[0], work)))
     if best is None:
         why = "; ".join(_why_not(f, e, machine, downloaded) for f, e, _ in rejected[:2])
         last = forms[-1][0]

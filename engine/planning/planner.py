@@ -98,6 +98,37 @@ def smallest_feasible_limit(members: Sequence[MemberCost], limits: Limits) -> in
     return limits.fixed_bytes + limits.activation_reserve_bytes + streaming_reserve(members)
 
 
+def streams(member: MemberCost, plan: Plan) -> bool:
+    """Does `member` stream any layer under `plan` (so its scheduler holds slots)?"""
+    return any(layer.key not in plan.resident for layer in member.layers)
+
+
+def slot_bytes(members: Sequence[MemberCost], plan: Plan) -> int:
+    """The device slots the schedulers hold under `plan`, as the planner pays for them: depth + 1
+    slots of the member's largest group, for each scheduled member that streams anything (the
+    scheduler allocates fewer when fewer groups stream than its depth, and sizes its slots to
+    the largest group that streams)."""
+    return sum((plan.depth.get(m.key, 1) + 1) * (m.group_bytes or 0) for m in _scheduled(members) if streams(m, plan))
+
+
+def peak_bytes(members: Sequence[MemberCost], limits: Limits, plan: Plan) -> int:
+    """The most these members hold on the computation device under `plan` at their worst moment,
+    in the planner's own accounting: fixed bytes, the activation reserve, the resident copies,
+    the slots, and the largest transient of one layer's forward (containers' own weights stay
+    materialized around their children). Within the limit whenever the limit covers
+    `smallest_feasible_limit`; what a run measures (the ledger's peak) stays at or below it."""
+    resident = leaf = containers = 0
+    for layer in _layers(members):
+        kept = layer.key in plan.resident
+        resident += layer.resident_bytes if kept else 0
+        cost = layer.transient_resident if kept else layer.transient_streamed
+        if layer.is_leaf:
+            leaf = max(leaf, cost)
+        else:
+            containers += cost
+    return limits.fixed_bytes + limits.activation_reserve_bytes + resident + leaf + containers + slot_bytes(members, plan)
+
+
 def _first_fit(layers: Sequence[LayerCost], room: int) -> frozenset[int]:
     chosen: set[int] = set()
     used = 0

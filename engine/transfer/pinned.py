@@ -67,6 +67,16 @@ class PinnedBudget:
                 self._limit = int(psutil.virtual_memory().available * DEFAULT_PINNED_SHARE)
         return self._limit
 
+    def planned_limit_bytes(self) -> int:
+        """The limit this budget has, or would take if first asked now, without fixing it (the
+        estimate asks before anything is pinned)."""
+        if self._limit is not None:
+            return self._limit
+        env = os.environ.get(PINNED_RAM_ENV)
+        if env:
+            return int(parse_pinned_ram_gb(env) * 1024**3)
+        return int(psutil.virtual_memory().available * DEFAULT_PINNED_SHARE)
+
     def take(self, wanted: int) -> int:
         with self._lock:
             granted = max(0, min(wanted, self.limit_bytes - self.used))

@@ -39,6 +39,7 @@ import torch
 from torch.autograd import profiler as autograd_profiler
 from torch.profiler import record_function
 
+from engine.config import GGUF, Place
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
 from engine.storage.stored import stored_layout
@@ -155,6 +156,30 @@ def max_group_bytes(runtime: StreamedComponent, records: list[LayerRecord]) -> i
         return _largest_group(records, lambda r: _stored_bytes(runtime.stream_source(r)))
     except TypeError:
         return 0
+
+
+def planned_piece_bytes(runtime: StreamedComponent, record: LayerRecord, place: Place) -> list[int]:
+    """Bytes of each piece a layer's copy at `place` sends through a slot, from its shapes alone
+    (`build_groups` lays out the real copies; a meta build for the estimate has none): the stored
+    form's pieces (FP8, int8 and NF4 data and scales), GGUF blocks as they are in the file, and a
+    disk master as its file entry (the file's dtype, or its blocks)."""
+    pieces: list[int] = []
+    for item in runtime.shapes(record).values():  # (shape, dtype[, GGUF block bytes])
+        shape, dtype = item[0], item[1]
+        gguf_bytes = item[2] if len(item) > 2 else None
+        if gguf_bytes is not None and (place.on_disk or place.dtype == GGUF):
+            pieces.append(gguf_bytes)
+        elif place.on_disk:
+            pieces.append(math.prod(shape) * dtype.itemsize)
+        else:
+            pieces += [math.prod(s) * d.itemsize for s, d in stored_layout(shape, dtype, place.dtype, runtime.comp_dtype)]
+    return pieces
+
+
+def planned_group_bytes(runtime: StreamedComponent, records: list[LayerRecord], place: Place) -> int:
+    """`max_group_bytes` from shapes: the largest group's slot bytes if `records` all streamed
+    from `place` (the estimate's meta builds, whose masters are placeholders)."""
+    return _largest_group(records, lambda r: planned_piece_bytes(runtime, r, place))
 
 
 def staging_bytes(runtime: StreamedComponent, records: list[LayerRecord]) -> int:
