@@ -335,12 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print("\n".join(table_rows([json.loads(line) for line in open(args.table) if line.strip()])))
         return 0
-    from tools.replica import MARKER, write_replica
+    from tools.replica import is_current_replica, write_replica
 
     results = []
     for model in args.models.split(","):
         root = Path(args.replicas) / model
-        if not (root / MARKER).is_file():
+        if not is_current_replica(model, root):
             write_replica(model, args.replicas)
         for setting in args.settings.split(","):
             spec = {
