@@ -383,8 +383,9 @@ def check_replica(model_id: str, root: Path) -> dict[str, Any]:
 def check_gguf_denoiser(model_id: str, root: Path, model_class: type, vram_config: dict[str, Any]) -> dict[str, Any]:
     """A GGUF entry's denoiser: its .gguf file is there (the only weights of the folder), the
     engine's loader maps every tensor of it onto the model with none missing (disk offload: the
-    blocks stay in the file, but for FLUX's final modulation, whose swapped halves are read: ~10 MB), the file holds the catalogue's parameters; its size is compared
-    with the catalogue's `gguf.bytes` (a ratio: the replica's type mix approximates llama.cpp's)."""
+    blocks stay in the file, but for FLUX's final modulation, whose swapped halves are read: ~10
+    MB), the file holds the catalogue's parameters; its size is compared with the catalogue's
+    `gguf.bytes` (a ratio: the replica's type mix approximates llama.cpp's)."""
     from collections import Counter
 
     import torch
