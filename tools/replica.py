@@ -309,7 +309,8 @@ def write_gguf_denoiser(model_id: str, root: Path) -> Path:
     from tools.gguf_replica import write_denoiser_gguf
 
     entry = get_model(model_id)
-    assert entry.gguf is not None
+    if entry.gguf is None:
+        raise ValueError(f"{model_id} is not a GGUF entry (models.json has no `gguf` for it)")
     name = entry.adapter.denoiser
     comp = entry.components[name]
     config = load_component_configs()[comp.config_id]
@@ -397,7 +398,8 @@ def check_gguf_denoiser(model_id: str, root: Path, model_class: type, vram_confi
     from model_registry import get_model
 
     entry = get_model(model_id)
-    assert entry.gguf is not None
+    if entry.gguf is None:
+        raise ValueError(f"{model_id} is not a GGUF entry (models.json has no `gguf` for it)")
     name = entry.adapter.denoiser
     folder = root / name
     path = folder / entry.gguf.file
