@@ -86,42 +86,15 @@ def write_safetensors_replica(directory: Path, layers: int | None) -> Path:
 
 
 def write_gguf_replica(path: Path, layers: int | None) -> Path:
-    """Q4_K for matrices whose rows split into 256, BF16 for other matrices, F32 for 1-D; data a hole."""
-    import gguf
+    """The sparse Q4_K_M-style replica tools/gguf_replica.py writes for the catalogue (Q4_K for
+    matrices whose rows split into 256, BF16 for other matrices, F32 for 1-D; data a hole)."""
+    from tools.gguf_replica import write_denoiser_gguf
 
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = meta_model(layers)
     model.save_config(path.parent)
-    writer = gguf.GGUFWriter(str(path), "qwen_image")
-    total = 0
-    align = writer.data_alignment if hasattr(writer, "data_alignment") else 32
-    import numpy as np
-
-    for name, p in model.state_dict().items():
-        shape = tuple(p.shape)
-        if len(shape) >= 2 and shape[-1] % 256 == 0:
-            qt = gguf.GGMLQuantizationType.Q4_K
-            nbytes = math.prod(shape) // 256 * 144
-            byte_shape = (*shape[:-1], shape[-1] // 256 * 144)
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qt)
-        elif len(shape) >= 2:
-            nbytes = math.prod(shape) * 2
-            writer.add_tensor_info(name, shape, np.dtype(np.float16), nbytes, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            nbytes = math.prod(shape) * 4
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes)
-        total += nbytes + (-nbytes % align)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.fout[0].flush() if isinstance(writer.fout, list) else writer.fout.flush()
-    f = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
-    end = f.tell()
-    start = end + (-end % align)
-    f.truncate(start + total)
-    f.close()
+    write_denoiser_gguf(path, model, "Q4_K_M")
     return path
 
 

@@ -5,7 +5,7 @@
     python -m bench.realsize --models qwen-image --settings disk --blocks 3   # encode + 3 blocks
 
 Each run goes through the app's own `Studio` as a user would: the pre-flight estimate, then
-generate (256x256, 1 step unless --steps). In the child a sampler thread reads
+generate (256x256, 1 step or the model's minimum unless --steps). In the child a sampler thread reads
 /proc/self/status every 0.2 s and keeps per-stage peaks of RssAnon (anonymous RSS: what the
 kernel can only reclaim by killing) and RssFile; page cache is the system's "Cached" growth from
 the start (other programs share it: a rough figure). `--blocks N` stops the denoiser after N of
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="bf16,fp8,disk")
     parser.add_argument("--replicas", default="/tmp/replicas")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 1, or the model's minimum)")
     parser.add_argument("--blocks", type=int, default=0, help="stop the denoiser after N blocks")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--nice", type=int, default=19, help="the child's niceness (0 on a quiet host)")
@@ -347,17 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print("\n".join(table_rows([json.loads(line) for line in open(args.table) if line.strip()])))
         return 0
-    from tools.replica import MARKER, write_replica
+    from model_registry import get_model
+    from tools.replica import is_current_replica, write_replica
 
     results = []
     for model in args.models.split(","):
         root = Path(args.replicas) / model
-        if not (root / MARKER).is_file():
+        if not is_current_replica(model, root):
             write_replica(model, args.replicas)
         for setting in args.settings.split(","):
             spec = {
                 "model": model, "setting": setting, "replicas": args.replicas, "outputs": str(Path(args.replicas) / "_outputs"),
-                "size": args.size, "steps": args.steps, "blocks": args.blocks or None,
+                "size": args.size, "steps": args.steps or max(1, int(get_model(model).limits.get("min_steps", 1))), "blocks": args.blocks or None,
                 "nice": args.nice, "image": args.image,
             }
             results.append(run_one(spec, args.timeout))

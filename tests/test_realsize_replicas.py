@@ -4,7 +4,8 @@ For each model, tools/replica writes a sparse replica (real configs, real checkp
 shapes, dtypes, shard split and index files; data as file holes, so no disk and no reads), and
 the engine's loader loads every component under disk offload (meta-device build, headers only,
 no weight read): no missing, unexpected or mis-shaped key, and the replica's bytes equal the
-sizes stored in models.json.
+sizes stored in models.json. A GGUF entry's denoiser is its .gguf file (issue #12), checked the
+same way, named as the published files are (FLUX: BFL's names).
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import json
 
 import pytest
 
-from model_registry import list_models
-from tools import replica
+from model_registry import get_model, list_models
+from tools import gguf_replica, replica
 
 MODELS = [e.id for e in list_models() if not e.is_demo]
+GGUF_MODELS = [e.id for e in list_models() if e.gguf is not None]
+#: a replica's file against the catalogue's `gguf.bytes`: the type mix approximates llama.cpp's
+#: (Q4_K_M puts some tensors in Q6_K, which the replica keeps in Q4_K), so not 1.0, but a wrong
+#: type (bf16 matrices, Q8_0 for Q4) would be far outside
+GGUF_RATIO = (0.85, 1.05)
 
 
 @pytest.mark.parametrize("model_id", MODELS)
@@ -24,12 +30,19 @@ def test_replica_loads_with_real_names_shapes_and_shards(tmp_path, model_id):
     root = replica.write_replica(model_id, tmp_path)
     report = replica.check_replica(model_id, root)  # raises on missing/unexpected/mis-shaped keys
     for name, r in report.items():
-        want = replica.SHARDS.get((model_id, name), 1)
+        want = replica.shard_count(model_id, name)
         assert r["shards"] == want, (name, r)
         assert r["disk_blocks_bytes"] < 64 * 1024**2, "a replica must be sparse"
     for index in root.glob("*/*.index*.json"):
         data = json.loads(index.read_text())
-        assert len(set(data["weight_map"].values())) == replica.SHARDS[(model_id, index.parent.name)]
+        assert len(set(data["weight_map"].values())) == replica.shard_count(model_id, index.parent.name)
+    entry = get_model(model_id)
+    if entry.gguf is not None:
+        r = report[entry.adapter.denoiser]
+        assert r["format"] == "gguf" and r["file"] == entry.gguf.file, r
+        assert not list((root / entry.adapter.denoiser).glob("*.safetensors"))
+        assert GGUF_RATIO[0] < r["ratio"] < GGUF_RATIO[1], r
+        print(f"{model_id}: {r['file']} {r['file_bytes'] / 1e9:.2f} GB, {r['ratio']:.3f}x the catalogue's {r['catalogue_bytes'] / 1e9:.2f} GB")
 
 
 def test_qwen25vl_keeps_its_on_disk_names(tmp_path):
@@ -70,3 +83,42 @@ def test_the_estimate_costs_are_the_planner_input_of_a_real_load(tmp_path, model
     shape = lambda m: [(l.resident_bytes, l.transient_resident, l.transient_streamed, l.is_leaf) for l in m.layers]
     assert len(meta.layers) == len(loaded.layers) > 100
     assert shape(meta) == shape(loaded)
+
+
+def _flux_gguf(tmp_path, monkeypatch, edit):
+    """The FLUX.1-schnell Q4_K_S denoiser folder with `edit` applied to its tensor list."""
+    write = gguf_replica.denoiser_tensors
+    monkeypatch.setattr(gguf_replica, "denoiser_tensors", lambda model, quant: edit(write(model, quant)))
+    model_id = "flux1-schnell-gguf-q4_k_s"
+    replica.write_gguf_denoiser(model_id, tmp_path)
+    return model_id
+
+
+@pytest.mark.parametrize(
+    "edit,error",
+    [
+        (lambda ts: [t for t in ts if t[0] != "single_blocks.3.linear1.weight"], r"missing key.*single_transformer_blocks\.3\."),
+        (lambda ts: [(n.replace("img_attn.qkv", "img_attn.QKV"), s, q) for n, s, q in ts], r"unexpected key.*double_blocks\.0\.img_attn\.QKV"),
+        (lambda ts: [(n, (s[0] + 256, *s[1:]) if n == "final_layer.linear.weight" else s, q) for n, s, q in ts], "shape mismatch.*proj_out"),
+    ],
+    ids=["missing", "unmapped", "mis-shaped"],
+)
+def test_a_gguf_denoiser_that_does_not_map_fails_the_check(tmp_path, monkeypatch, edit, error):
+    from diffusers import FluxTransformer2DModel
+
+    from engine.storage.disk import CheckpointError
+
+    model_id = _flux_gguf(tmp_path, monkeypatch, edit)
+    with pytest.raises(CheckpointError, match=error):
+        replica.check_gguf_denoiser(model_id, tmp_path, FluxTransformer2DModel, replica.DISK_OFFLOAD)
+
+
+def test_a_missing_gguf_file_fails_the_check(tmp_path, monkeypatch):
+    from diffusers import FluxTransformer2DModel
+
+    model_id = _flux_gguf(tmp_path, monkeypatch, lambda ts: ts)
+    r = replica.check_gguf_denoiser(model_id, tmp_path, FluxTransformer2DModel, replica.DISK_OFFLOAD)
+    assert r["architecture"] == "flux" and set(r["types"]) == {"Q4_K", "BF16", "F32"}
+    (tmp_path / "transformer" / get_model(model_id).gguf.file).unlink()
+    with pytest.raises(AssertionError, match="GGUF denoiser flux1-schnell-Q4_K_S.gguf is missing"):
+        replica.check_gguf_denoiser(model_id, tmp_path, FluxTransformer2DModel, replica.DISK_OFFLOAD)

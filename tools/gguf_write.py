@@ -1,5 +1,8 @@
 """Write .gguf files from tensors with the `gguf` package's GGUFWriter (for tests and benchmarks).
 
+`write_gguf` writes real data; `write_sparse_gguf` writes the header and tensor infos of any
+tensors (name, shape, type) and leaves their data a file hole (sparse replicas, tools/gguf_replica.py).
+
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are quantized by the gguf package itself. It has no quantizer for
 the K-quants, so `quantize_q4_k` is a plain min/max one (one scale and min per 32 values, 6-bit
 sub-scales per 256; llama.cpp's quantizer searches scales and does better), and `random_blocks`
@@ -9,8 +12,9 @@ dequantization; they are not the tensor's values).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -104,3 +108,50 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def write_sparse_gguf(
+    path: str | Path,
+    tensors: Sequence[tuple[str, tuple[int, ...], str]],
+    architecture: str,
+    name: str | None = None,
+    file_type: int | None = None,
+) -> int:
+    """A .gguf file whose header, metadata and tensor infos are real and whose data is a hole.
+
+    `tensors`: (name, torch-order shape, GGML type name: "Q4_K", "Q8_0", "BF16", "F32", ...) in
+    file order. `file_type`: llama.cpp's `general.file_type` (gguf.LlamaFileType). Returns the
+    file's size (what the tensors' data plus the header take, as the real file would)."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    if name:
+        writer.add_name(name)
+    if file_type is not None:
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    align = writer.data_alignment
+    data = 0
+    for key, shape, qname in tensors:
+        qt = gguf.GGMLQuantizationType[qname]
+        block, type_size = gguf.GGML_QUANT_SIZES[qt]
+        if shape[-1] % block:
+            raise ValueError(f"{key}: rows of {shape[-1]} values do not split into {qname} blocks of {block}")
+        nbytes = math.prod(shape) // block * type_size
+        if block > 1:  # a quantized type: the writer takes the byte shape [..., bytes per row]
+            writer.add_tensor_info(key, (*shape[:-1], shape[-1] // block * type_size), np.dtype(np.uint8), nbytes, raw_dtype=qt)
+        else:
+            writer.add_tensor_info(key, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
+        data += gguf.GGUFWriter.ggml_pad(nbytes, align)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    (f,) = writer.fout
+    f.flush()
+    size = gguf.GGUFWriter.ggml_pad(f.tell(), align) + data
+    f.truncate(size)  # the data: a hole
+    writer.close()
+    return size

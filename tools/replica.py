@@ -15,9 +15,17 @@ Checkpoint names are what the libraries write: a meta-device build's state dict,
 removed, and for transformers the library's own reverse conversion (`revert_weight_conversion`,
 as `save_pretrained` does), so Qwen2.5-VL keeps its on-disk `model.layers.*` / `visual.*` names.
 
+A GGUF entry (models.json `gguf`) is laid out as `download_gguf` assembles a download: the base
+repository's components, and a denoiser folder with the base config.json and the entry's .gguf
+file (its `gguf.file` name), written by tools/gguf_replica.py in the published files' names,
+architecture and (approximately) quantization types, its data a hole too.
+
 `check` proves for each model: the configs build, the engine's loader (`engine.load_model`, with
 disk offload, which reads no weight) finds no missing, unexpected or mis-shaped key, and the
-stored sizes in models.json equal the replica's bytes.
+stored sizes in models.json equal the replica's bytes; for a GGUF denoiser, that it is loaded from
+the .gguf (every tensor), that its tensors hold the catalogue's parameter count, and the file's
+size against the catalogue's `gguf.bytes` (reported as a ratio: the replica's type mix is an
+approximation of llama.cpp's).
 """
 
 from __future__ import annotations
@@ -75,7 +83,35 @@ DTYPES: dict[tuple[str, str], str] = {
     ("flux1-dev", "text_encoder"): "BF16",
 }
 SDXL_VARIANTS = (("fp16", "F16"), (None, "F32"))
+#: the vram_config `check` loads with: every weight stays in its file (nothing is read)
+DISK_OFFLOAD: dict[str, Any] = {
+    "offload_dtype": "disk", "offload_device": "disk", "onload_dtype": "disk", "onload_device": "disk",
+    "preparing_dtype": "bfloat16", "preparing_device": "cpu", "computation_dtype": "bfloat16", "computation_device": "cpu",
+}
 MARKER = "REPLICA.txt"
+MARKER_TEXT = "sparse replica written by tools/replica.py: weights are file holes (zeros)\n"
+
+
+def base_id(model_id: str) -> str:
+    """The catalogue entry whose repository a GGUF entry takes its other components from (the
+    entry itself for any other): its files are that repository's, so are their shard counts."""
+    from model_registry import get_model, list_models
+
+    entry = get_model(model_id)
+    if entry.gguf is None:
+        return model_id
+    return next((e.id for e in list_models() if e.gguf is None and e.hf_repo == entry.hf_repo and not e.is_demo), model_id)
+
+
+def shard_count(model_id: str, component: str) -> int:
+    """How many files the real repository splits `component` of `model_id` into (`SHARDS`; a GGUF
+    entry's denoiser is its one .gguf file)."""
+    from model_registry import get_model
+
+    entry = get_model(model_id)
+    if entry.gguf is not None and component == entry.adapter.denoiser:
+        return 1
+    return SHARDS.get((base_id(model_id), component), 1)
 
 
 @dataclass(frozen=True)
@@ -150,10 +186,8 @@ def write_sparse_safetensors(path: Path, specs: list[TensorSpec], metadata: dict
     return 8 + len(raw) + offset
 
 
-def write_component(
-    folder: Path, specs: list[TensorSpec], shards: int, library: str, config: dict[str, Any], variant: str | None = None
-) -> dict[str, Any]:
-    """config.json + shards (+ index) of one component."""
+def write_config(folder: Path, library: str, config: dict[str, Any]) -> None:
+    """The component's config.json, as the library writes it."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(config)
     if library == "diffusers":
@@ -161,6 +195,13 @@ def write_component(
 
         cfg.setdefault("_diffusers_version", diffusers.__version__)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def write_component(
+    folder: Path, specs: list[TensorSpec], shards: int, library: str, config: dict[str, Any], variant: str | None = None
+) -> dict[str, Any]:
+    """config.json + shards (+ index) of one component."""
+    write_config(folder, library, config)
     base = "diffusion_pytorch_model" if library == "diffusers" else "model"
     tag = f".{variant}" if variant else ""
     parts = split_shards(specs, shards)
@@ -230,7 +271,8 @@ def _write_pipeline_files(root: Path, family: str) -> None:
 
 
 def component_specs(model_id: str) -> dict[str, tuple[Any, list[TensorSpec], str]]:
-    """component -> (catalogue component, specs in the stored dtype, library), meta builds."""
+    """component -> (catalogue component, specs in the stored dtype, library), meta builds; a GGUF
+    entry's denoiser is not one of them (`write_gguf_denoiser`)."""
     from model_registry import get_model
     from model_registry.sizes import load_component_configs
 
@@ -238,9 +280,9 @@ def component_specs(model_id: str) -> dict[str, tuple[Any, list[TensorSpec], str
     configs = load_component_configs()
     out = {}
     for name, comp in entry.components.items():
-        if comp.config_id is None:
+        if comp.config_id is None or (entry.gguf is not None and name == entry.adapter.denoiser):
             continue
-        dtype = DTYPES.get((model_id, name), "F16" if entry.family == "sdxl" else "BF16")
+        dtype = DTYPES.get((base_id(model_id), name), "F16" if entry.family == "sdxl" else "BF16")
         model = meta_model(comp.library, comp.class_name, configs[comp.config_id])
         out[name] = (comp, checkpoint_specs(model, comp.library, dtype), comp.library)
         del model
@@ -261,7 +303,7 @@ def write_replica(model_id: str, models_dir: str | Path) -> Path:
             raise FileExistsError(f"{root} exists and is not a replica written by this tool: not touching it")
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    (root / MARKER).write_text("sparse replica written by tools/replica.py: weights are file holes (zeros)\n", encoding="utf-8")
+    (root / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     _write_pipeline_files(root, entry.family)
     configs = load_component_configs()
     for name, (comp, specs, library) in component_specs(model_id).items():
@@ -271,15 +313,46 @@ def write_replica(model_id: str, models_dir: str | Path) -> Path:
                 typed = [TensorSpec(s.name, dtype if s.dtype in ("F16", "BF16", "F32") else s.dtype, s.shape) for s in specs]
                 write_component(root / name, typed, 1, library, config, variant)
         else:
-            write_component(root / name, specs, SHARDS.get((model_id, name), 1), library, config)
+            write_component(root / name, specs, shard_count(model_id, name), library, config)
+    if entry.gguf is not None:
+        write_gguf_denoiser(model_id, root)
     return root
+
+
+def write_gguf_denoiser(model_id: str, root: Path) -> Path:
+    """A GGUF entry's denoiser folder as `download_gguf` leaves it: the base config.json and the
+    entry's .gguf file (sparse), named, typed and with the architecture of the published file."""
+    from model_registry import get_model
+    from model_registry.sizes import load_component_configs
+    from tools.gguf_replica import write_denoiser_gguf
+
+    entry = get_model(model_id)
+    if entry.gguf is None:
+        raise ValueError(f"{model_id} is not a GGUF entry (models.json has no `gguf` for it)")
+    name = entry.adapter.denoiser
+    comp = entry.components[name]
+    config = load_component_configs()[comp.config_id]
+    write_config(root / name, comp.library, config)
+    path = root / name / entry.gguf.file
+    write_denoiser_gguf(path, meta_model(comp.library, comp.class_name, config), entry.gguf.quant, name=entry.name)
+    return path
+
+
+def is_current_replica(model_id: str, root: Path) -> bool:
+    """True when `root` is a replica of `model_id` that this version of the tool would write as it
+    is (an older one left a GGUF entry's denoiser in .safetensors: rewrite it)."""
+    from model_registry import get_model
+
+    if not (root / MARKER).is_file():
+        return False
+    entry = get_model(model_id)
+    return entry.gguf is None or (root / entry.adapter.denoiser / entry.gguf.file).is_file()
 
 
 def check_replica(model_id: str, root: Path) -> dict[str, Any]:
     """Load every component with the engine's loader under disk offload (reads no weight): no
-    missing/unexpected/mis-shaped keys; compare the bytes with models.json."""
-    import torch
-
+    missing/unexpected/mis-shaped keys; compare the bytes with models.json. A GGUF entry's
+    denoiser is checked in its .gguf file (`check_gguf_denoiser`)."""
     from engine.generation.pipelines.components import (
         checkpoint_files,
         component_classes,
@@ -297,13 +370,14 @@ def check_replica(model_id: str, root: Path) -> dict[str, Any]:
         raise AssertionError(f"{model_id}: replica incomplete: {problems}")
     variant = weight_variant(root, family)
     classes = component_classes(read_model_index(root))
-    config = {
-        "offload_dtype": "disk", "offload_device": "disk", "onload_dtype": "disk", "onload_device": "disk",
-        "preparing_dtype": torch.bfloat16, "preparing_device": "cpu", "computation_dtype": torch.bfloat16, "computation_device": "cpu",
-    }
+    config = DISK_OFFLOAD
     report: dict[str, Any] = {}
     for name in family.weighted:
         t0 = time.perf_counter()
+        if entry.gguf is not None and name == family.denoiser:
+            report[name] = check_gguf_denoiser(model_id, root, classes[name], config)
+            report[name]["load_s"] = round(time.perf_counter() - t0, 1)
+            continue
         model = load_model(classes[name], checkpoint_files(root / name, variant), vram_config=config, onload=False)
         n = sum(p.numel() for p in model.parameters())  # placeholders: shapes only
         files = [f for f in (root / name).glob("*.safetensors") if (variant is None or f".{variant}." in f.name)]
@@ -323,6 +397,56 @@ def check_replica(model_id: str, root: Path) -> dict[str, Any]:
         }
         del model
     return report
+
+
+def check_gguf_denoiser(model_id: str, root: Path, model_class: type, vram_config: dict[str, Any]) -> dict[str, Any]:
+    """A GGUF entry's denoiser: its .gguf file is there (the only weights of the folder), the
+    engine's loader maps every tensor of it onto the model with none missing (disk offload: the
+    blocks stay in the file, but for FLUX's final modulation, whose swapped halves are read: ~10
+    MB), the file holds the catalogue's parameters; its size is compared with the catalogue's
+    `gguf.bytes` (a ratio: the replica's type mix approximates llama.cpp's)."""
+    from collections import Counter
+
+    import torch
+
+    from engine.loading.loader import load_model
+    from engine.management import runtime_of
+    from engine.storage.disk import DiskStored
+    from engine.storage.gguf import GgufDiskStored, GgufEntry, GgufFile
+    from model_registry import get_model
+
+    entry = get_model(model_id)
+    if entry.gguf is None:
+        raise ValueError(f"{model_id} is not a GGUF entry (models.json has no `gguf` for it)")
+    name = entry.adapter.denoiser
+    folder = root / name
+    path = folder / entry.gguf.file
+    if not path.is_file():
+        raise AssertionError(f"{model_id}/{name}: the GGUF denoiser {entry.gguf.file} is missing from {folder}")
+    others = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".gguf", ".bin") and f != path)
+    if others:
+        raise AssertionError(f"{model_id}/{name}: weights beside {entry.gguf.file}: {others}")
+    model = load_model(model_class, folder, vram_config=vram_config, onload=False)  # raises on missing/unexpected/mis-shaped
+    masters = [s for layer in runtime_of(model).layers for s in layer.masters.values()]
+    in_file = [s for s in masters if isinstance(s, DiskStored)]
+    if not any(isinstance(s, GgufDiskStored) for s in in_file) or any(s.entry.file.path != path for s in in_file):
+        raise AssertionError(f"{model_id}/{name}: the denoiser was not streamed from {path.name}")
+    parameters = sum(p.numel() for p in model.parameters())
+    del model, masters, in_file
+    gguf = GgufFile(path)
+    shapes = {k: (e.logical_shape if isinstance(e, GgufEntry) else e.shape) for k, e in gguf.entries.items()}
+    elements = sum(math.prod(s) for s in shapes.values())
+    comp = entry.components[name]
+    if comp.parameters is not None and elements != comp.parameters:
+        raise AssertionError(f"{model_id}/{name}: {path.name} holds {elements} values, models.json says {comp.parameters} parameters")
+    size = path.stat().st_size
+    floats = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    types = Counter(e.qtype if isinstance(e, GgufEntry) else floats[e.dtype] for e in gguf.entries.values())
+    return {
+        "format": "gguf", "file": path.name, "architecture": gguf.architecture, "parameters": parameters, "tensors": len(shapes),
+        "bytes_bf16": 2 * elements, "shards": 1, "file_bytes": size, "catalogue_bytes": entry.gguf.bytes,
+        "ratio": size / entry.gguf.bytes, "types": dict(sorted(types.items())), "disk_blocks_bytes": path.stat().st_blocks * 512,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +471,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             root = write_replica(model_id, args.models_dir)
             for name, r in check_replica(model_id, root).items():
-                print(f"{model_id:16s} {name:16s} {r['parameters']:>14,d} params  {r['shards']} shard(s)  loaded (disk) in {r['load_s']} s")
+                where = f"{r['shards']} shard(s)"
+                if r.get("format") == "gguf":
+                    types = ", ".join(f"{n} {t}" for t, n in r["types"].items())
+                    where = (f"{r['file']} ({r['architecture']}; {types}) {r['file_bytes'] / 1e9:.2f} GB = {r['ratio']:.3f}x "
+                             f"the catalogue's {r['catalogue_bytes'] / 1e9:.2f} GB")
+                print(f"{model_id:24s} {name:16s} {r['parameters']:>14,d} params  {where}  loaded (disk) in {r['load_s']} s")
         except Exception as exc:  # report every model, then fail
             failed += 1
             print(f"{model_id}: FAILED: {exc}", file=sys.stderr)
