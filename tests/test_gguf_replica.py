@@ -1,7 +1,7 @@
 """tools/gguf_replica.py: the sparse GGUF replicas of the catalogue's GGUF entries (issues #12, #17).
 
 The BFL layout of the FLUX replicas is the inversion of the engine's own table
-(`engine.storage.gguf._flux_sources`); here it is checked independently: diffusers'
+(`engine.storage.gguf_names.flux_sources`); here it is checked independently: diffusers'
 `convert_flux_transformer_checkpoint_to_diffusers` (the converter diffusers' single-file loader
 runs on BFL checkpoints) must turn it back into the diffusers state dict, name for name and row
 for row, consuming every BFL tensor.
@@ -37,7 +37,7 @@ def test_the_bfl_inversion_is_what_diffusers_converts_back(config_id):
         # only takes row ranges), 1-D tensors keep their length
         shape = (t.shape[0], 2) if t.ndim == 2 else tuple(t.shape)
         state[name] = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) + 1e7 * i
-    bfl = gguf_replica.bfl_state(state, model)
+    bfl = gguf_replica.original_state(state, model)
     assert "single_blocks.0.linear1.weight" in bfl and "double_blocks.1.img_attn.qkv.bias" in bfl
     assert ("guidance_in.in_layer.weight" in bfl) == model.config.guidance_embeds
     checkpoint = dict(bfl)
@@ -62,8 +62,8 @@ def test_an_incomplete_table_is_refused():
     model = flux_meta("flux1-schnell-transformer", layers=1)
     state = dict(model.state_dict())
     state["not_in_the_table.weight"] = torch.empty(4, 4, device="meta")
-    with pytest.raises(ValueError, match="no BFL source"):
-        gguf_replica.bfl_state(state, model)
+    with pytest.raises(ValueError, match="no BFL FLUX source"):
+        gguf_replica.original_state(state, model)
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,24 @@ def test_sparse_gguf_reads_back_with_the_gguf_reader(tmp_path):
     del reader
     with pytest.raises(ValueError, match="do not split into Q4_K blocks"):
         write_sparse_gguf(tmp_path / "y.gguf", [("w", (4, 100), "Q4_K")], "flux")
+
+
+def test_the_z_image_replica_keeps_the_original_names_diffusers_converts_back():
+    """Z-Image's GGUFs keep the original (ComfyUI Lumina2) names: the replica's are those, and
+    diffusers' own converter takes them back to the model's names, row for row."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    config = dict(load_component_configs()["z-image-turbo-transformer"], n_layers=1, n_refiner_layers=1)
+    model = build_on_meta("diffusers", "ZImageTransformer2DModel", config)
+    state = {}
+    for i, (name, t) in enumerate(model.state_dict().items()):
+        shape = (t.shape[0], 2) if t.ndim == 2 else tuple(t.shape)
+        state[name] = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) + 1e7 * i
+    original = gguf_replica.original_state(state, model)
+    assert "layers.0.attention.qkv.weight" in original and "layers.0.attention.to_q.weight" not in original
+    back = convert_z_image_transformer_checkpoint_to_diffusers(dict(original))
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+    names = [n for n, _, _ in gguf_replica.denoiser_tensors(model, "Q4_K_M")]
+    assert "layers.0.attention.qkv.weight" in names

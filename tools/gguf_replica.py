@@ -6,13 +6,15 @@ of the checkpoint they were converted from:
 - Qwen-Image (and the other diffusers-format originals): diffusers' own module names;
 - FLUX.1: BFL's names, with fused tensors: `double_blocks.N.img_attn.qkv` (q, k, v),
   `single_blocks.N.linear1` (q, k, v and the MLP's input), and `final_layer.adaLN_modulation.1`
-  as [shift, scale] where diffusers keeps [scale, shift].
+  as [shift, scale] where diffusers keeps [scale, shift];
+- Z-Image: the original (ComfyUI Lumina2) names, with each block's `attention.qkv` fused.
 
-The BFL layout is not written out here a second time: `bfl_state` inverts the engine's own table
-(`engine.storage.gguf._flux_sources`, diffusers name -> BFL rows), each BFL tensor being the union
-of its targets' row ranges, so a replica and the loader cannot drift apart silently.
-tests/test_gguf_replica.py checks the inversion independently, with diffusers'
-`convert_flux_transformer_checkpoint_to_diffusers`.
+These layouts are not written out here a second time: `original_state` inverts the engine's own
+tables (`engine.storage.gguf_names.LAYOUTS`, diffusers name -> original rows), each original
+tensor being the union of its targets' row ranges, so a replica and the loader cannot drift apart
+silently. tests/test_gguf_replica.py checks the FLUX inversion independently, with diffusers'
+`convert_flux_transformer_checkpoint_to_diffusers` (tests/test_gguf_z_image.py checks the Z-Image
+table against diffusers' converter).
 
 Types approximate the named quantization (`tensor_type`): Q8_0 -> every matrix whose rows split
 into blocks of 32 in Q8_0; Q4_K_M / Q4_K_S -> every matrix whose rows split into 256 in Q4_K.
@@ -48,16 +50,18 @@ def tensor_type(shape: tuple[int, ...], quant: str) -> str:
     return qname if shape[-1] % block == 0 else "BF16"
 
 
-def bfl_state(state: Mapping[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
-    """A FluxTransformer2DModel state dict (diffusers names; any device, meta included) under
-    BFL's names, by inverting `engine.storage.gguf._flux_sources`: each target's rows go to the
-    rows its entry names, and a BFL tensor must be tiled exactly by its targets' row ranges."""
-    from engine.storage.gguf import _flux_sources
+def original_state(state: Mapping[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """A state dict (diffusers names; any device, meta included) of a model whose published GGUFs
+    keep their original layout (FLUX.1, Z-Image), under the original names, by inverting the
+    engine's table for it (`engine.storage.gguf_names.LAYOUTS`): each target's rows go to the rows
+    its entry names, and an original tensor must be tiled exactly by its targets' row ranges."""
+    from engine.storage.gguf_names import LAYOUTS
 
-    sources = _flux_sources(model)
+    layout = LAYOUTS[type(model).__name__]
+    sources = layout.sources(model)
     unmapped = sorted(set(state) - set(sources))
     if unmapped:
-        raise ValueError(f"{len(unmapped)} FLUX tensor(s) have no BFL source in the engine's table, e.g. {unmapped[:3]}")
+        raise ValueError(f"{len(unmapped)} tensor(s) have no {layout.description} source in the engine's table, e.g. {unmapped[:3]}")
     pieces: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
     for target, parts in sources.items():
         if target not in state:  # e.g. the guidance embedder of a model without guidance
@@ -85,16 +89,18 @@ def bfl_state(state: Mapping[str, torch.Tensor], model: Any) -> dict[str, torch.
 def denoiser_tensors(model: Any, quant: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, GGML type) of every tensor of the published GGUF of `model` (a meta build),
     in natural name order (block 0, 1, 2, ... as the loader streams them)."""
+    from engine.storage.gguf_names import LAYOUTS
+
     state = model.state_dict()
-    if type(model).__name__ == "FluxTransformer2DModel":
-        state = bfl_state(state, model)
+    if type(model).__name__ in LAYOUTS:
+        state = original_state(state, model)
     natural = lambda name: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]  # noqa: E731
     return [(n, tuple(int(d) for d in state[n].shape), tensor_type(tuple(state[n].shape), quant)) for n in sorted(state, key=natural)]
 
 
 def architecture_of(model: Any) -> str:
     """`general.architecture` as the published files of `model`'s class write it."""
-    from engine.storage.gguf import ARCHITECTURES
+    from engine.storage.gguf_names import ARCHITECTURES
 
     name = type(model).__name__
     if name not in ARCHITECTURES:
