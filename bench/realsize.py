@@ -34,6 +34,7 @@ SETTINGS = {
     "int8": {"weights": "int8", "disk_offload": False},
     "nf4": {"weights": "nf4", "disk_offload": False},
     "disk+nf4": {"weights": "nf4", "disk_offload": True},
+    "gguf": {"disk_offload": False},  # a GGUF entry in RAM: the file's blocks whatever the weights say
 }
 
 

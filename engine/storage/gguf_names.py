@@ -129,7 +129,7 @@ class OriginalLayout:
 
 
 # --- FLUX: BFL's names ------------------------------------------------------------------------
-def _flux_sources(model) -> SourceTable:
+def flux_sources(model) -> SourceTable:
     """diffusers name -> [(BFL name, first row, end row)] for FluxTransformer2DModel: the layout of
     BFL's own checkpoints, which the published FLUX GGUFs keep (diffusers'
     convert_flux_transformer_checkpoint_to_diffusers does the same on tensors)."""
@@ -236,7 +236,7 @@ def _z_image_sources(model) -> SourceTable:
 
 #: the model classes whose GGUFs may keep their original layout, and how it is recognised
 LAYOUTS: dict[str, OriginalLayout] = {
-    "FluxTransformer2DModel": OriginalLayout("BFL FLUX", (".double_blocks.",), _flux_sources),
+    "FluxTransformer2DModel": OriginalLayout("BFL FLUX", (".double_blocks.",), flux_sources),
     # norm_final.weight: Lumina2's unused final RMSNorm, in some files; diffusers' converter drops it
     "ZImageTransformer2DModel": OriginalLayout(
         "original Z-Image (ComfyUI Lumina2)", (".attention.qkv.", ".x_embedder.", ".final_layer."),
