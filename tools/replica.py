@@ -76,11 +76,22 @@ SHARDS: dict[tuple[str, str], int] = {
     ("flux2-klein-4b", "text_encoder"): 2,
     ("flux2-klein-4b", "transformer"): 2,
     ("flux2-klein-4b", "vae"): 1,
+    # the edit repositories hold the same models at the same sizes as their text-to-image
+    # siblings, saved the same way: their shard counts are taken from those (not confirmed
+    # against the hub, which this machine cannot reach)
+    ("qwen-image-edit-2509", "text_encoder"): 4,
+    ("qwen-image-edit-2509", "transformer"): 9,
+    ("qwen-image-edit-2509", "vae"): 1,
+    ("flux1-kontext-dev", "text_encoder"): 1,
+    ("flux1-kontext-dev", "text_encoder_2"): 2,
+    ("flux1-kontext-dev", "transformer"): 3,
+    ("flux1-kontext-dev", "vae"): 1,
 }
 #: Stored dtype of the floating tensors where it is not bf16.
 DTYPES: dict[tuple[str, str], str] = {
     ("flux1-schnell", "text_encoder"): "BF16",
     ("flux1-dev", "text_encoder"): "BF16",
+    ("flux1-kontext-dev", "text_encoder"): "BF16",
 }
 SDXL_VARIANTS = (("fp16", "F16"), (None, "F32"))
 #: the vram_config `check` loads with: every weight stays in its file (nothing is read)
