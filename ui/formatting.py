@@ -219,3 +219,31 @@ def caption(settings: dict[str, Any]) -> str:
         return ""
     first, rest = parts[0], "".join(parts[1:])
     return f"{first} · {rest}" if rest else first
+
+
+# --- input images ----------------------------------------------------------------------------
+def image_mode(choice) -> str:
+    return getattr(choice, "image_mode", "none") if choice else "none"
+
+
+def takes_images(choice) -> bool:
+    """Does the model take any input image (else the page hides the input)?"""
+    return image_mode(choice) != "none"
+
+
+def image_note_markdown(choice, set_aside: int = 0) -> str:
+    """What the selected model does with input images (its own limit on their number);
+    `set_aside`: input images kept back while this model (which takes none) is chosen."""
+    mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
+    if mode == "img2img":
+        text = "Image-to-image: <b>1</b> input image (upload, paste, or drag a result in; it is resized to the output size), with a strength."
+    elif mode == "reference":
+        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''} (upload, paste, or drag results in); no strength."
+    else:
+        text = "This model takes no input image: it generates from the prompt alone."
+        if set_aside:
+            one = set_aside == 1
+            text += (f" The <b>{set_aside}</b> input image{'' if one else 's'} {'is' if one else 'are'} set aside, not used:"
+                     f" {'it comes' if one else 'they come'} back when you choose a model that takes images.")
+        return f'<p class="lvs-msg">{text}</p>'
+    return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'

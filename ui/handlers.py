@@ -27,6 +27,7 @@ from engine.generation.types import (
 )
 
 from . import formatting, inputs
+from .formatting import image_mode, image_note_markdown, takes_images
 from .runs import RunTracker
 
 log = logging.getLogger("lowvram_studio.ui")
@@ -410,8 +411,6 @@ class Handlers:
         note, never sent) and come back when a model that takes images is chosen, so switching
         models neither loses an upload nor sends an image to a model that refuses it.
         Outputs: strength, note, input images, the button, the images set aside."""
-        from .layout import image_mode, image_note_markdown, takes_images
-
         choice = self.model(model_id)
         strength = gr.update(visible=image_mode(choice) == "img2img")
         paths = self.gallery_paths(current)
@@ -471,8 +470,6 @@ class Handlers:
     def page_images(self, value: Any, strength: Any, model_id: str | None) -> tuple[list[dict[str, str]], Any]:
         """The page's input images as the API's (uploads Gradio already holds), and the strength
         only for an image-to-image model."""
-        from .layout import image_mode
-
         files = [{"path": p} for p in self.gallery_paths(value)]
         if not files or image_mode(self.model(model_id)) != "img2img":
             strength = None

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from . import formatting
+from .formatting import image_mode, image_note_markdown, takes_images
 from .handlers import GPU_QUEUE, Handlers
 from .inputs import raw
 
@@ -43,33 +44,6 @@ def _default(choice, key: str, fallback: Any) -> Any:
 
 
 LORA_SLOTS = 3  # LoRAs the picker offers at once (the API takes any number)
-
-
-def image_mode(choice) -> str:
-    return getattr(choice, "image_mode", "none") if choice else "none"
-
-
-def takes_images(choice) -> bool:
-    """Does the model take any input image (else the page hides the input)?"""
-    return image_mode(choice) != "none"
-
-
-def image_note_markdown(choice, set_aside: int = 0) -> str:
-    """What the selected model does with input images (its own limit on their number);
-    `set_aside`: input images kept back while this model (which takes none) is chosen."""
-    mode, n = image_mode(choice), getattr(choice, "max_images", 0) if choice else 0
-    if mode == "img2img":
-        text = "Image-to-image: <b>1</b> input image (upload, paste, or drag a result in; it is resized to the output size), with a strength."
-    elif mode == "reference":
-        text = f"Edit: up to <b>{n}</b> reference image{'s' if n != 1 else ''} (upload, paste, or drag results in); no strength."
-    else:
-        text = "This model takes no input image: it generates from the prompt alone."
-        if set_aside:
-            one = set_aside == 1
-            text += (f" The <b>{set_aside}</b> input image{'' if one else 's'} {'is' if one else 'are'} set aside, not used:"
-                     f" {'it comes' if one else 'they come'} back when you choose a model that takes images.")
-        return f'<p class="lvs-msg">{text}</p>'
-    return f'<p class="lvs-msg">{text} Files up to 20 MB.</p>'
 
 
 def _any_files(component: Any) -> Any:
