@@ -33,6 +33,7 @@ from engine.management import (
     runtime_of,
     set_vram_limit,
 )
+from engine.runtime import ram
 from engine.runtime.component import VramRuntime
 from engine.runtime.pool import MemoryPool
 from engine.generation.pipelines.cfg import CfgPairBatcher
@@ -173,6 +174,8 @@ class ManagedPipeline:
             for name, model in self.components.items():
                 if name not in names:
                     offload_model(model)
+            if self.device.type == "cpu":  # what the offloads freed must show in MemAvailable before the onloads plan
+                ram.return_freed_memory()
             for name in names:
                 onload_model(self.components[name])
             # the planner's own floor for this stage, activations aside (they follow the resolution)
