@@ -115,7 +115,7 @@ def child(spec: dict[str, Any]) -> None:
         steps=spec["steps"],
         seed=1,
         vram_limit=spec.get("vram_limit"),
-        images=_input_images(studio, spec),
+        images=_input_images(spec),
         **SETTINGS[spec["setting"]],
     )
     est = studio.estimate(request)
@@ -192,7 +192,7 @@ def _image_count(spec: dict[str, Any]) -> int:
     return int(mode == "reference" or (mode == "img2img" and bool(spec.get("image"))))
 
 
-def _input_images(studio: Any, spec: dict[str, Any]) -> tuple[Any, ...]:
+def _input_images(spec: dict[str, Any]) -> tuple[Any, ...]:
     """An edit model needs a reference image (a gradient at the output size; image-to-image
     families run text-to-image unless --image): its VAE encode and, for Qwen-Image-Edit, the
     vision tower then run at their real size too."""
@@ -263,7 +263,7 @@ def disk_bound(model_id: str, size: int, images: int = 0) -> int:
     fam = FAMILIES[entry.family]
     pictures = [SimpleNamespace(width=size, height=size)] * images
     largest = 0
-    for name in FAMILIES[entry.family].weighted:
+    for name in fam.weighted:
         c = entry.components[name]
         largest = max(largest, component_cost(c.library, c.class_name, c.config_id, False, True, "cpu").largest_layer_bytes)
     batch = 2 if fam.pair_batched_cfg or fam.native_batched_cfg else 1  # CFG as one batch of two
