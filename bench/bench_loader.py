@@ -83,6 +83,21 @@ class _Peak:
             time.sleep(0.0002)
 
 
+def qwen_inputs(side: int, text: int) -> dict:
+    """One Qwen-Image DiT forward's inputs (seeded): a side x side latent, `text` prompt tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(1, side * side, 64, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, text, 3584, generator=g).bfloat16(),
+        encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long),
+        timestep=torch.tensor([0.5]).bfloat16(),
+        img_shapes=[(1, side, side)],
+        return_dict=False,
+    )
+
+
 def generate(path: Path, layers: int) -> None:
     import torch
     from diffusers import QwenImageTransformer2DModel
@@ -110,15 +125,7 @@ def child(case: str, path: str, forwards: int, side: int, text: int, out_file: s
     torch.set_num_threads(os.cpu_count() or 1)
     label, kind, limit = CASES[case]
     cpu = {"computation_device": "cpu", "computation_dtype": torch.bfloat16}
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(
-        hidden_states=torch.randn(1, side * side, 64, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, text, 3584, generator=g).bfloat16(),
-        encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long),
-        timestep=torch.tensor([0.5]).bfloat16(),
-        img_shapes=[(1, side, side)],
-        return_dict=False,
-    )
+    inputs = qwen_inputs(side, text)
     base = _rss()
     base_file = _rss("RssFile:")
     peak = _Peak()

@@ -24,9 +24,10 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from bench.bench_loader import _Peak, _rss, qwen_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -99,14 +100,6 @@ def write_gguf_replica(path: Path, layers: int | None) -> Path:
 
 
 # --- child ---------------------------------------------------------------------------------------
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(kind: str, path: str) -> dict:
     import torch
     from diffusers import QwenImageTransformer2DModel
@@ -116,25 +109,17 @@ def child(kind: str, path: str) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     base = _rss()
-    peak = [base]
-    stop = [False]
-
-    def sample() -> None:
-        while not stop[0]:
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak = _Peak()  # RssAnon every ms
     form = {"nf4": "nf4", "gguf": "gguf", "int8": "int8"}[kind]
     cfg = {"offload_dtype": form, "onload_dtype": form, "preparing_dtype": form, "computation_device": "cpu", "computation_dtype": torch.bfloat16}
     t0 = time.perf_counter()
     model = load_model(QwenImageTransformer2DModel, path, vram_config=cfg, vram_limit=0)
     seconds = time.perf_counter() - t0
-    stop[0] = True
+    peak.stop = True
     time.sleep(0.01)
     runtime = runtime_of(model)
     stored = sum(s.nbytes for r in runtime.layers for n, s in r.masters.items() if n in r.owned)
-    return {"kind": kind, "load_s": seconds, "peak_over_base": peak[0] - base, "stored": stored, "after": _rss() - base,
+    return {"kind": kind, "load_s": seconds, "peak_over_base": peak.value - base, "stored": stored, "after": _rss() - base,
             "arena": runtime.host_arena.nbytes if runtime.host_arena is not None else 0}
 
 
@@ -152,16 +137,7 @@ def streamed_bytes(layers: int) -> list[str]:
 
     from engine import enable_vram_management, runtime_of
 
-    side, text = 8, 16
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(
-        hidden_states=torch.randn(1, side * side, 64, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, text, 3584, generator=g).bfloat16(),
-        encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long),
-        timestep=torch.tensor([0.5]).bfloat16(),
-        img_shapes=[(1, side, side)],
-        return_dict=False,
-    )
+    inputs = qwen_inputs(side=8, text=16)
     rows = [
         f"Bytes streamed per step at vram_limit=0: Qwen-Image DiT, real width, {layers} blocks (N(0, 0.02) weights), CPU",
         "",
