@@ -159,7 +159,7 @@ def enable_vram_management(
             undo.append((layer, layer.install()))
             wrapper.wrap(module)
             module._vram = layer
-        runtime.fixed_bytes = _place_unmanaged(model, config)
+        runtime.unmanaged_bytes = _place_unmanaged(model, config)
     except BaseException:
         for layer, originals in reversed(undo):
             layer.uninstall(originals)

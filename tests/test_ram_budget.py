@@ -66,7 +66,7 @@ def test_unlimited_on_the_cpu_is_bounded_by_the_ram_room(monkeypatch):
 def test_bf16_masters_on_the_cpu_are_their_own_resident_copies(monkeypatch):
     monkeypatch.setenv("LOWVRAM_RAM_AVAILABLE_GB", "1.01")  # barely above the margin
     model = enable_vram_management(_model(), vram_config=vram_config_for(False, False, "cpu"), vram_limit=None)
-    assert ram.resident_is_master(runtime_of(model))
+    assert runtime_of(model).resident_is_master()
     model(torch.randn(2, 1024, dtype=torch.bfloat16))
     assert vram_budget(model).resident_bytes == 6 * 1024 * 1024 * 2  # costs no RAM: all resident
 

@@ -123,7 +123,6 @@ def model_cost(
     is made."""
     from engine.generation.settings import vram_config_for
     from engine.management import enable_vram_management, runtime_of
-    from engine.runtime import ram
     from engine.runtime.component import bytes_at
     from engine.runtime.pool import MemoryPool
     from engine.transfer.pinned import aligned
@@ -155,7 +154,7 @@ def model_cost(
     unmanaged = runtime.fixed_bytes  # buffers and parameters the map leaves out: on the computation device
     staging = planned_group_bytes(runtime, order, runtime.offload_place)
     groups = tuple(group_key(layer) for layer in order)
-    return ComponentCost(member, masters, unmanaged, ram.resident_is_master(runtime), largest, stream_bytes, staging, groups)
+    return ComponentCost(member, masters, unmanaged, runtime.resident_is_master(), largest, stream_bytes, staging, groups)
 
 
 def component_specs(entry: Any, family: Any, local_path: Any = None) -> dict[str, tuple[str, str, str]] | None:

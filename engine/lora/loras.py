@@ -9,8 +9,9 @@
 `components` mapping of managed modules and, ideally, a diffusers pipeline whose LoRA loader
 converts the family's formats) or one managed component (a denoiser: its family's converter is
 picked by class). The factors go to each layer's `ManagedLayer` (engine.layers.adapters) on the
-computation device, in the computation dtype, and are counted as fixed bytes of that component
-in the pool's ledger, so the planner leaves room for them. The stored masters (bf16, FP8, disk)
+computation device, in the computation dtype, through the component (`VramRuntime.attach_adapters`),
+which counts them among its fixed bytes and tells its pool; the pool re-reads them and re-plans,
+so the planner leaves room for them. This module never writes the ledger. The stored masters (bf16, FP8, disk)
 are never touched, so every storage form and every vram_limit takes a LoRA the same way.
 
 Loading is all or nothing: the file is read, converted and checked against every component
@@ -167,37 +168,33 @@ def load_lora(target: Any, path: str | Path, strength: float = 1.0, name: str | 
             runtime = _runtime(model)
             assert runtime is not None
             modules = dict(model.named_modules())
-            layers = []
-            nbytes = 0
-            for f in factors:
-                module = modules[f.module]
-                a, b = f.a, f.b
-                if isinstance(module, nn.Conv2d):
-                    a = a if a.ndim == 4 else a[:, :, None, None]
-                    b = b if b.ndim == 4 else b[:, :, None, None]
-                dev, dt = runtime.comp_device, runtime.comp_dtype
-                adapter = Adapter(
-                    handle.id,
-                    a.to(device=dev, dtype=dt).contiguous(),
-                    b.to(device=dev, dtype=dt).contiguous(),
-                    float(f.alpha),
-                    float(f.divisor),
-                    strength=handle.strength,
-                    b_bias=f.b_bias.to(device=dev, dtype=dt) if f.b_bias is not None else None,
-                )
-                module._vram.attach_adapter(adapter)
-                layers.append(module._vram)
-                nbytes += adapter.nbytes
-            runtime.fixed_bytes += nbytes
-            runtime.ledger.add_fixed(nbytes)
-            applied.per_runtime.append((runtime, layers, nbytes))
+            adapters = [(modules[f.module]._vram, _adapter(handle, f, modules[f.module], runtime)) for f in factors]
+            nbytes = runtime.attach_adapters(adapters)  # the component counts them; the pool re-plans
+            applied.per_runtime.append((runtime, [layer for layer, _ in adapters], nbytes))
             handle.nbytes += nbytes
-            handle.layers += len(layers)
+            handle.layers += len(adapters)
         handle.components = tuple(c for c, _, _ in plan)
         _set_of(key).applied[handle.id] = applied
-        runtime.pool.replan()
     log.info("LoRA %s: %d layers in %s, %.1f MiB of factors", label, handle.layers, ", ".join(handle.components), handle.nbytes / 2**20)
     return handle
+
+
+def _adapter(handle: LoraHandle, f: LayerFactors, module: nn.Module, runtime: VramRuntime) -> Adapter:
+    """One layer's factors on the component's computation device, in its computation dtype."""
+    a, b = f.a, f.b
+    if isinstance(module, nn.Conv2d):
+        a = a if a.ndim == 4 else a[:, :, None, None]
+        b = b if b.ndim == 4 else b[:, :, None, None]
+    dev, dt = runtime.comp_device, runtime.comp_dtype
+    return Adapter(
+        handle.id,
+        a.to(device=dev, dtype=dt).contiguous(),
+        b.to(device=dev, dtype=dt).contiguous(),
+        float(f.alpha),
+        float(f.divisor),
+        strength=handle.strength,
+        b_bias=f.b_bias.to(device=dev, dtype=dt) if f.b_bias is not None else None,
+    )
 
 
 def _applied(target: Any, handle: LoraHandle | int) -> tuple[LoraSet, _Applied]:
@@ -226,16 +223,9 @@ def remove_lora(target: Any, handle: LoraHandle | int) -> None:
     """Take an active LoRA off: its factors leave the computation device and the ledger."""
     lora_set, applied = _applied(target, handle)
     with _LOCK:
-        pool = None
-        for runtime, layers, nbytes in applied.per_runtime:
-            for layer in layers:
-                layer.detach_adapters(applied.handle.id)
-            runtime.fixed_bytes -= nbytes
-            runtime.ledger.remove_fixed(nbytes)
-            pool = runtime.pool
+        for runtime, _, _ in applied.per_runtime:
+            runtime.detach_adapters(applied.handle.id)  # the component's fixed bytes shrink; the pool re-plans
         del lora_set.applied[applied.handle.id]
-        if pool is not None:
-            pool.replan()
 
 
 def active_loras(target: Any) -> list[LoraHandle]:

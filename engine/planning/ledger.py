@@ -5,6 +5,12 @@ here (resident weights, transient computation copies, streaming slots, fixed byt
 buffers), so the same accounting runs, and can be tested, when the computation device is the
 CPU. The ledger only counts; deciding what to keep is the planner's job (engine.planning.planner)
 and applying it the memory pool's (engine.runtime.pool).
+
+Its writers are the code that makes the bytes, and no one else: a member (engine.runtime.
+component.VramRuntime) enters its resident copies and the transient copies of its synchronous
+forwards; its transfer scheduler (engine.transfer.scheduler) its slots and the copies it makes
+from them; the pool sets the fixed bytes to the sum its members report (`set_fixed`), so code that
+changes a member's fixed bytes (a LoRA's factors) tells the pool instead of writing here.
 """
 
 from __future__ import annotations
@@ -62,11 +68,9 @@ class VramLedger:
     def remove_transient(self, nbytes: int) -> None:
         self._add("transient", -nbytes)
 
-    def add_fixed(self, nbytes: int) -> None:
-        self._add("fixed", nbytes)
-
-    def remove_fixed(self, nbytes: int) -> None:
-        self._add("fixed", -nbytes)
+    def set_fixed(self, nbytes: int) -> None:
+        """The fixed bytes of every member together (the pool's sum of what they report)."""
+        self._add("fixed", int(nbytes) - self.fixed_bytes)  # one writer (the pool), so no race
 
     def add_slots(self, nbytes: int) -> None:
         self._add("slot", nbytes)

@@ -9,31 +9,34 @@ computation is transient, only inside forward.
 A layer's forward takes one of four routes (`forward_layer`): in place (resident in
 computation form, handled by the layer class itself), from its resident copy, through the
 transfer scheduler's slots, or synchronously from the copy it streams from.
+
+A component is a member of a memory pool (engine.runtime.pool): it reports its costs, fixed and
+held bytes through `PoolMember` and takes its part of the pool's plan; when it changes something
+the plan depends on (onloaded, offloaded, a scheduler started, its LoRA factors) it tells the pool
+through the one path back, `pool.member_changed` (engine.runtime.member), and never plans itself.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from engine.config import Place, VramConfig
+from engine.config import GGUF, INT8, NF4, Place, VramConfig
+from engine.layers.adapters import Adapter
 from engine.layers.state import STATES, LayerState, ManagedLayer
 from engine.planning.ledger import VramLedger
 from engine.planning.planner import LayerCost, MemberCost
-from engine.config import GGUF, INT8, NF4
+from engine.runtime.member import Change, Coordinator
 from engine.storage.stored import PlainStored, StoredTensor, layout_nbytes, stored_layout
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import HostArena
 from engine.transfer.pinned import PinnedArena, PinnedBudget
 from engine.transfer.scheduler import TransferScheduler, max_group_bytes, pin_and_stage
 from engine.transfer.streamed import StreamStats
-
-if TYPE_CHECKING:
-    from engine.runtime.pool import MemoryPool
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,10 @@ def bytes_at(shapes: dict[str, tuple], place: Place, compute_dtype: torch.dtype)
 class VramRuntime:
     """The managed layers of one model (a pipeline component) and how they move."""
 
-    def __init__(self, model: nn.Module, config: VramConfig, pool: "MemoryPool", name: str):
+    def __init__(self, model: nn.Module, config: VramConfig, pool: Coordinator, name: str):
         self.model = model
         self.config = config
-        self.pool = pool
+        self.pool = pool  # its coordinator (engine.runtime.pool.MemoryPool), told of changes only
         self.ledger: VramLedger = pool.ledger  # the pool's, which counts for every member
         self.name = name
         self.layers: list[ManagedLayer] = []
@@ -85,7 +88,8 @@ class VramRuntime:
         self.execution_order: list[ManagedLayer] | None = None
         self.trace: list[ManagedLayer] | None = None
         self.stats = StreamStats()
-        self.fixed_bytes = 0
+        # buffers and parameters a module map leaves out, on the computation device (set at enable)
+        self.unmanaged_bytes = 0
         self.comp_device = config.computation_device
         self.comp_dtype = config.computation_dtype
         self.preparing_place = config.place("preparing")
@@ -115,7 +119,7 @@ class VramRuntime:
         self.forwards_left: int | None = None
 
     @property
-    def budget(self) -> "MemoryPool":
+    def budget(self) -> Coordinator:
         return self.pool
 
     def __deepcopy__(self, memo: dict) -> Any:
@@ -123,6 +127,39 @@ class VramRuntime:
             f"{self.name}: a model under VRAM management cannot be deep-copied: call "
             "engine.disable_vram_management(model) first, copy the plain model, then manage each copy"
         )
+
+    # --- what the pool reads (engine.runtime.member.PoolMember) ----------------------------------
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes on the computation device whatever the plan: buffers and parameters a map leaves
+        out, and the LoRA factors its layers hold (engine.layers.adapters)."""
+        return self.unmanaged_bytes + self.adapter_bytes()
+
+    def adapter_bytes(self) -> int:
+        return sum(layer.lora.nbytes for layer in self.layers if layer.lora is not None)
+
+    @property
+    def computes_on_cpu(self) -> bool:
+        return getattr(self.comp_device, "type", str(self.comp_device)) == "cpu"
+
+    def resident_is_master(self) -> bool:
+        """A resident copy of this component is its RAM master itself (the preparing place is the
+        offload place in RAM, so `to_place` returns the master): keeping it costs no RAM."""
+        off, prep = self.offload_place, self.preparing_place
+        return (
+            self.computes_on_cpu
+            and not off.on_disk
+            and getattr(off.device, "type", None) == "cpu"
+            and getattr(prep.device, "type", None) == "cpu"
+            and off.dtype == prep.dtype
+        )
+
+    def ram_held_bytes(self) -> int:
+        """What the planner counts for this component that is already in RAM: its resident
+        copies, or, when those are its masters, the resident cost of its layers while onloaded."""
+        if self.resident_is_master():
+            return sum(self.resident_cost(layer) for layer in self.layers) if self.active else 0
+        return sum(layer.resident_bytes for layer in self.layers)
 
     # --- sizes -------------------------------------------------------------------------------
     def shapes(self, layer: ManagedLayer) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -205,9 +242,7 @@ class VramRuntime:
         separate_copy = self.onload_place != self.offload_place and not self.onload_is_resident
         for layer in self.layers:
             layer.onload({n: s.to_place(self.onload_place, self.comp_dtype) for n, s in layer.masters.items()} if separate_copy else None)
-        if self.needs_pinning():
-            self.pool.assign_pinned()
-        self.pool.replan()
+        self.pool.member_changed(self, Change.ONLOADED)
 
     def offload(self) -> None:
         """The component will not run soon: drop every copy but the master."""
@@ -218,7 +253,7 @@ class VramRuntime:
             self.prefetcher.clear()
         for layer in self.layers:
             self.ledger.remove_resident(layer.offload())
-        self.pool.replan()
+        self.pool.member_changed(self, Change.OFFLOADED)
 
     # --- residency ----------------------------------------------------------------------------
     def apply_plan(self, resident: frozenset[int], depth: int) -> None:
@@ -250,7 +285,7 @@ class VramRuntime:
     def forward_layer(self, layer: ManagedLayer, args: tuple, kwargs: dict) -> Any:
         """A layer's forward when it is not resident in computation form (the class's fast path)."""
         if not self.active:
-            self.pool.bring_up(self)
+            self.pool.member_changed(self, Change.NEEDED)  # the owner's stage switch decides
         if self.trace is not None:
             self.trace.append(layer)
         resident = layer.resident
@@ -327,18 +362,32 @@ class VramRuntime:
         self.backend = backend
         self.pinned_budget = pinned_budget
         self.scheduler = TransferScheduler(self, backend, None)
-        if self.active:
-            self.pool.assign_pinned()
-        self.pool.replan()
+        self.pool.member_changed(self, Change.STREAMING)
 
     def needs_pinning(self) -> bool:
         return self.scheduler is not None and self.arena is None
 
-    def pin_masters(self) -> None:
-        """Pin what the budget grants and start a staging worker for what cannot be copied
-        asynchronously as it is (engine.transfer.scheduler.pin_and_stage)."""
+    def pin_masters(self, budget: PinnedBudget) -> None:
+        """Pin what the budget grants (its own, when `use_scheduler` was given one, else the
+        pool's `budget`) and start a staging worker for what cannot be copied asynchronously as it
+        is (engine.transfer.scheduler.pin_and_stage)."""
         assert self.backend is not None and self.scheduler is not None
-        self.arena, self.scheduler.stager = pin_and_stage(self, self.backend, self.pinned_budget or self.pool.pinned)
+        self.arena, self.scheduler.stager = pin_and_stage(self, self.backend, self.pinned_budget or budget)
+
+    # --- LoRA factors (engine.lora converts the files; the component owns what its layers hold) ----
+    def attach_adapters(self, adapters: list[tuple[ManagedLayer, Adapter]]) -> int:
+        """Apply each adapter to its layer, after the ones already there; returns their bytes. The
+        pool re-reads this component's fixed bytes and re-plans."""
+        for layer, adapter in adapters:
+            layer.attach_adapter(adapter)
+        self.pool.member_changed(self, Change.FIXED)
+        return sum(adapter.nbytes for _, adapter in adapters)
+
+    def detach_adapters(self, key: int) -> int:
+        """Take LoRA `key`'s adapters off every layer; returns their bytes (the pool re-plans)."""
+        freed = sum(layer.detach_adapters(key) for layer in self.layers)
+        self.pool.member_changed(self, Change.FIXED)
+        return freed
 
     def drop_schedule(self) -> None:
         """Free the scheduler's slots; it lays its groups out again at the next forward."""

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.runtime.member import Change
+
 if TYPE_CHECKING:
     from engine.runtime.component import VramRuntime
 
@@ -32,13 +34,9 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def recover(runtime: "VramRuntime") -> int:
-    """Free what the failed step held and halve residency. Returns the new residency cap in bytes."""
-    pool = runtime.pool
-    for member in pool.members:
-        member.drop_schedule()
-        member.abandon_trace()
-    cap = pool.ledger.resident_bytes // 2
-    pool.cap_residency(cap)
+    """Tell the pool: it frees what the failed step held (every member's slots and trace) and
+    halves residency (engine.runtime.pool). Returns the new residency cap in bytes."""
+    runtime.pool.member_changed(runtime, Change.OUT_OF_MEMORY)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return cap
+    return runtime.pool.residency_cap_bytes or 0

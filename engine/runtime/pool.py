@@ -6,35 +6,24 @@ members, the ledger (engine.planning.ledger) and the limits; `replan` hands the 
 the plan that concerns it, which applies only what changed. It also hands out the pinned-RAM
 budget by priority: the component streamed every step (the denoiser) is pinned first, after
 loading, not whichever component happened to load first.
+
+Only the pool plans. It reads its members through `PoolMember` (engine.runtime.member), and a
+member tells it what changed through `member_changed` (the table in engine.runtime.member); the
+pool never imports the member's class, the member never imports the pool.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 from engine.config import limit_to_bytes, parse_vram_limit
 from engine.planning import planner
 from engine.planning.ledger import LedgerSnapshot, VramLedger
+from engine.runtime import ram
+from engine.runtime.member import Change, PoolMember
 from engine.transfer.pinned import PROCESS_PINNED_BUDGET, PinnedBudget
 
-
-
-class PoolMember(Protocol):
-    """What the pool needs of a member (engine.runtime.component.VramRuntime)."""
-
-    name: str
-    active: bool
-    fixed_bytes: int
-    pin_priority: int
-
-    def costs(self) -> planner.MemberCost: ...
-
-    def apply_plan(self, resident: frozenset[int], depth: int) -> None: ...
-
-    def needs_pinning(self) -> bool: ...
-
-    def pin_masters(self) -> None: ...
+__all__ = ["Change", "MemoryPool", "PoolMember"]
 
 
 class MemoryPool:
@@ -76,6 +65,14 @@ class MemoryPool:
     def activation_reserve_bytes(self, nbytes: int) -> None:
         self._activation_reserve_bytes = int(nbytes)
 
+    def set_activations(self, device_bytes: int, ram_bytes: int) -> None:
+        """The coming stage's activations: reserved within the limit on the computation device
+        (`device_bytes`), or taken off the RAM room where it is the CPU (`ram_bytes`); re-plans
+        when either changed."""
+        if int(device_bytes) != self._activation_reserve_bytes or int(ram_bytes) != self.ram_activation_bytes:
+            self._activation_reserve_bytes, self.ram_activation_bytes = int(device_bytes), int(ram_bytes)
+            self.replan()
+
     def cap_residency(self, cap_bytes: int) -> None:
         """OOM recovery: keep resident bytes under `cap_bytes` until the limit is set again."""
         self.residency_cap_bytes = cap_bytes
@@ -83,10 +80,12 @@ class MemoryPool:
 
     def ram_room_bytes(self) -> int | None:
         """Where a member computes on the CPU: the limit the RAM really available allows
-        (engine.runtime.ram); None on a GPU-only pool."""
-        from engine.runtime import ram
-
-        return ram.ram_room(self.members, self.ledger.fixed_bytes, self.ram_activation_bytes)
+        (engine.runtime.ram), from what the members say they already hold in RAM; None on a
+        GPU-only pool."""
+        cpu = [m for m in self.members if m.computes_on_cpu]
+        if not cpu:
+            return None
+        return ram.ram_room(sum(m.ram_held_bytes() for m in cpu), self.ledger.fixed_bytes, self.ram_activation_bytes)
 
     def effective_limit_bytes(self) -> int | None:
         """The limit the planner works to: the user's, bounded on a CPU by the RAM room."""
@@ -115,18 +114,40 @@ class MemoryPool:
     # --- members ----------------------------------------------------------------------------------
     def join(self, member: PoolMember) -> None:
         self.members.append(member)
-        self.ledger.add_fixed(member.fixed_bytes)
+        self._count_fixed()
 
     def leave(self, member: PoolMember) -> None:
         """A member leaves management (engine.disable_vram_management)."""
         self.members.remove(member)
-        self.ledger.remove_fixed(member.fixed_bytes)
+        self._count_fixed()
         self.replan()
 
-    def bring_up(self, member: PoolMember) -> None:
-        """A layer of `member` runs while it is offloaded: the pipeline's stage switch decides."""
-        if self.on_demand is not None:
-            self.on_demand(member)
+    def _count_fixed(self) -> None:
+        """The ledger's fixed bytes are what the members report: the pool is their one writer."""
+        self.ledger.set_fixed(sum(m.fixed_bytes for m in self.members))
+
+    def member_changed(self, member: PoolMember, change: Change) -> None:
+        """The one path from a member back to the pool (the table in engine.runtime.member)."""
+        if change is Change.NEEDED:
+            if self.on_demand is not None:
+                self.on_demand(member)
+            return
+        if change is Change.OUT_OF_MEMORY:
+            self._recover_from_oom()
+            return
+        if change is Change.FIXED:
+            self._count_fixed()
+        if change in (Change.ONLOADED, Change.STREAMING) and member.active and member.needs_pinning():
+            self.assign_pinned()
+        self.replan()
+
+    def _recover_from_oom(self) -> None:
+        """Free what the failed step held (every member's slots and partial trace) and halve
+        residency until the limit is set again (engine.runtime.oom)."""
+        for member in self.members:
+            member.drop_schedule()
+            member.abandon_trace()
+        self.cap_residency(self.ledger.resident_bytes // 2)
 
     # --- planning ---------------------------------------------------------------------------------
     def member_costs(self) -> list[planner.MemberCost]:
@@ -156,4 +177,4 @@ class MemoryPool:
         lowest), so a text encoder loaded first cannot take the pinned RAM the denoiser needs."""
         waiting = [m for m in self.members if m.needs_pinning()]
         for member in sorted(waiting, key=lambda m: m.pin_priority):
-            member.pin_masters()
+            member.pin_masters(self.pinned)

@@ -15,11 +15,6 @@ leave RAM to other programs).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.runtime.component import VramRuntime
 
 GiB = 1024**3
 #: RAM left to the rest of the process (Python, torch's allocator, tokenizers) and the system.
@@ -52,37 +47,10 @@ def return_freed_memory() -> bool:
     return True
 
 
-def computes_on_cpu(member: VramRuntime) -> bool:
-    device = member.comp_device
-    return getattr(device, "type", str(device)) == "cpu"
-
-
-def resident_is_master(member: VramRuntime) -> bool:
-    """A resident copy of this member is its RAM master itself (the preparing place is the
-    offload place in RAM, so `to_place` returns the master): keeping it costs no RAM."""
-    off, prep = member.offload_place, member.preparing_place
-    return (
-        computes_on_cpu(member)
-        and not off.on_disk
-        and getattr(off.device, "type", None) == "cpu"
-        and getattr(prep.device, "type", None) == "cpu"
-        and off.dtype == prep.dtype
-    )
-
-
-def ram_room(members: Iterable[VramRuntime], fixed_bytes: int, activation_bytes: int, available: int | None = None) -> int | None:
-    """The limit (bytes, in the planner's accounting) that keeps new RAM within what is available;
-    None when no member computes on the CPU."""
-    members = list(members)
-    cpu = [m for m in members if computes_on_cpu(m)]
-    if not cpu:
-        return None
+def ram_room(held_bytes: int, fixed_bytes: int, activation_bytes: int, available: int | None = None) -> int:
+    """The limit (bytes, in the planner's accounting) that keeps new RAM within what is available:
+    MemAvailable + `held_bytes` (what the planner counts that is already in RAM, so no longer in
+    MemAvailable; each member reports its own, `PoolMember.ram_held_bytes`) + fixed bytes - the
+    coming stage's activations - the margin."""
     free = available_ram_bytes() if available is None else available
-    held = 0  # what the planner counts that is already in RAM (so not in MemAvailable any more)
-    for m in cpu:
-        if resident_is_master(m):
-            if m.active:
-                held += sum(m.resident_cost(layer) for layer in m.layers)
-        else:
-            held += sum(layer.resident_bytes for layer in m.layers)
-    return max(0, free + held + fixed_bytes - activation_bytes - RAM_MARGIN_BYTES)
+    return max(0, free + held_bytes + fixed_bytes - activation_bytes - RAM_MARGIN_BYTES)

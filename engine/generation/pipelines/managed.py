@@ -263,12 +263,8 @@ class ManagedPipeline:
         CPU an explicit limit bounds the engine's ledger of weights (nothing reserved in it), and
         the activations come off the RAM room instead (engine.runtime.ram)."""
         act = activation_bytes(width, height, batch, reference_pixels, input_pixels)
-        reserve = act if self.device.type != "cpu" else 0
-        ram_act = act if self.device.type == "cpu" else 0
-        if reserve != self.budget.activation_reserve_bytes or ram_act != self.budget.ram_activation_bytes:
-            self.budget.activation_reserve_bytes = reserve
-            self.budget.ram_activation_bytes = ram_act
-            self.budget.replan()
+        on_cpu = self.device.type == "cpu"
+        self.budget.set_activations(0 if on_cpu else act, act if on_cpu else 0)
 
     # --- VAE ------------------------------------------------------------------------------------
     def configure_vae(self, width: int, height: int, input_pixels: int = 0) -> None:
