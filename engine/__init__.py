@@ -5,14 +5,38 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
     from engine import enable_vram_management, layer_state_counts, layer_state_bytes, set_vram_limit
     from engine import ManagedLinear, ManagedModule, load_model, disable_vram_management
     from engine import load_lora, set_lora_strength, remove_lora, active_loras
+    from engine import ModelTables, register_model_tables   # a model class's layer map, LoRA loader, GGUF names
 
 Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
 UI needs) imports without torch. The sub-packages and their one-way import order are described
 in docs/engine.md and checked by tests/test_layering.py.
+
+What the engine knows of particular model classes is data (engine.model_tables): this facade adds
+the app's model families as its provider, so a plain diffusers transformer managed through
+`enable_vram_management` gets its family's layer map and `load_lora` its family's converter.
 """
 
 import importlib
+from collections.abc import Iterable
 from typing import Any
+
+from engine import model_tables as _model_tables
+
+
+def _shipped_tables() -> Iterable[Any]:
+    """The app's model families' tables (layer maps, LoRA loaders, GGUF names), registered on the
+    first table lookup: the memory engine takes them as data and never reads the catalogue itself
+    (engine.model_tables). Without the catalogue (the engine used on its own) there are none."""
+    try:
+        from engine.generation.family_tables import shipped_tables
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "model_registry":
+            raise
+        return []
+    return shipped_tables()
+
+
+_model_tables.add_provider(_shipped_tables)
 
 _EXPORTS = {
     "DISK": "engine.config",
@@ -29,6 +53,8 @@ _EXPORTS = {
     "ManagedLinear": "engine.layers.managed",
     "ManagedModule": "engine.layers.managed",
     "MemoryPool": "engine.runtime.pool",
+    "ModelTables": "engine.model_tables",
+    "register_model_tables": "engine.model_tables",
     "load_model": "engine.loading.loader",
     "LoraError": "engine.lora.formats",
     "LoraHandle": "engine.lora.loras",

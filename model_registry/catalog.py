@@ -1,7 +1,8 @@
 """The model catalogue: models.json read into typed, immutable entries.
 
 All facts about a model (repos, licence, component sizes, defaults, limits) live in the
-data file so that adding a model is an edit to one JSON entry, not to code.
+data file so that adding a model is an edit to one JSON entry, not to code: models.json, or the
+catalogue JSON a family file may bring next to it (`<family module>.json`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .families import FAMILIES, Family
+from .families import FAMILIES, Family, catalogue_files
 from .types import UserFacingError
 
 MODELS_FILE = Path(__file__).with_name("models.json")
@@ -176,7 +177,19 @@ def read_catalogue_file(path: Path = MODELS_FILE) -> dict[str, Any]:
 
 @lru_cache(maxsize=1)
 def _entries() -> tuple[ModelEntry, ...]:
-    return tuple(_entry(raw) for raw in read_catalogue_file()["models"])
+    """models.json's entries, then those of the family files' own catalogue JSON
+    (model_registry.families.catalogue_files); a model id appears once."""
+    entries = [_entry(raw) for raw in read_catalogue_file()["models"]]
+    for path in catalogue_files():
+        entries += [_entry(raw) for raw in read_catalogue_file(path).get("models", [])]
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.id in seen:
+            raise ValueError(f"the catalogue lists the model id {entry.id!r} twice (models.json and the family files' JSON)")
+        if entry.family not in FAMILIES:
+            raise ValueError(f"catalogue entry {entry.id!r}: no family file defines the family {entry.family!r}")
+        seen.add(entry.id)
+    return tuple(entries)
 
 
 def list_models() -> list[ModelEntry]:

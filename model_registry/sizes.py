@@ -25,9 +25,18 @@ class ComponentSize:
 
 
 def load_component_configs() -> dict[str, dict[str, Any]]:
-    """The real component configs, keyed by config id (see component_configs.json)."""
+    """The real component configs, keyed by config id: component_configs.json's, then the
+    `component_configs` of the family files' own catalogue JSON (a config id appears once)."""
+    from .families import catalogue_files
+
     data = json.loads(CONFIGS_FILE.read_text(encoding="utf-8"))
-    return {key: value for key, value in data.items() if not key.startswith("_")}
+    configs = {key: value for key, value in data.items() if not key.startswith("_")}
+    for path in catalogue_files():
+        extra = json.loads(path.read_text(encoding="utf-8")).get("component_configs", {})
+        if twice := sorted(set(extra) & set(configs)):
+            raise ValueError(f"{path}: config ids {twice} are defined already (component_configs.json or another family's JSON)")
+        configs.update(extra)
+    return configs
 
 
 def build_on_meta(library: str, class_name: str, config: dict[str, Any]) -> Any:

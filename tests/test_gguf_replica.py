@@ -1,7 +1,7 @@
 """tools/gguf_replica.py: the sparse GGUF replicas of the catalogue's GGUF entries (issues #12, #17).
 
-The BFL layout of the FLUX replicas is the inversion of the engine's own table
-(`engine.storage.gguf_names.flux_sources`); here it is checked independently: diffusers'
+The BFL layout of the FLUX replicas is the inversion of the table the loader reads (FLUX.1's
+family spec, `model_registry.families.flux1.flux_sources`); here it is checked independently: diffusers'
 `convert_flux_transformer_checkpoint_to_diffusers` (the converter diffusers' single-file loader
 runs on BFL checkpoints) must turn it back into the diffusers state dict, name for name and row
 for row, consuming every BFL tensor.

@@ -156,11 +156,11 @@ def test_each_family_file_defines_one_family_whose_layer_map_fits_its_denoiser(m
         if entry.family == family.name
     }
     assert catalogue == {(type(denoiser).__module__.partition(".")[0], type(denoiser).__name__)}
+    assert import_object(family.denoiser_class) is type(denoiser)
     layer_map = family.layer_map
     if layer_map is None:  # the engine's default rule, no blocks
         assert registered_map_for(denoiser) is None and block_paths_for(denoiser) == []
         return
-    assert import_object(layer_map.model_class) is type(denoiser)
     mapping = normalize_module_map(layer_map.layers)
     assert mapping and all(issubclass(wrapper, ManagedModule) for wrapper in mapping.values())
     assert registered_map_for(denoiser) == {"layers": dict(layer_map.layers), "blocks": list(layer_map.blocks)}

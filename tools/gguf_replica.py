@@ -9,8 +9,9 @@ of the checkpoint they were converted from:
   as [shift, scale] where diffusers keeps [scale, shift];
 - Z-Image: the original (ComfyUI Lumina2) names, with each block's `attention.qkv` fused.
 
-These layouts are not written out here a second time: `original_state` inverts the engine's own
-tables (`engine.storage.gguf_names.LAYOUTS`, diffusers name -> original rows), each original
+These layouts are not written out here a second time: `original_state` inverts the tables the
+loader reads (the model class's `gguf_layout`, engine.model_tables: FLUX.1's and Z-Image's family
+specs declare them; diffusers name -> original rows), each original
 tensor being the union of its targets' row ranges, so a replica and the loader cannot drift apart
 silently. tests/test_gguf_replica.py checks the FLUX inversion independently, with diffusers'
 `convert_flux_transformer_checkpoint_to_diffusers` (tests/test_gguf_z_image.py checks the Z-Image
@@ -53,11 +54,12 @@ def tensor_type(shape: tuple[int, ...], quant: str) -> str:
 def original_state(state: Mapping[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
     """A state dict (diffusers names; any device, meta included) of a model whose published GGUFs
     keep their original layout (FLUX.1, Z-Image), under the original names, by inverting the
-    engine's table for it (`engine.storage.gguf_names.LAYOUTS`): each target's rows go to the rows
-    its entry names, and an original tensor must be tiled exactly by its targets' row ranges."""
-    from engine.storage.gguf_names import LAYOUTS
-
-    layout = LAYOUTS[type(model).__name__]
+    table the loader reads (`gguf_layout` of the class's tables, engine.model_tables): each target's
+    rows go to the rows its entry names, and an original tensor must be tiled exactly by its
+    targets' row ranges."""
+    layout = _tables(model).gguf_layout
+    if layout is None:
+        raise ValueError(f"{type(model).__name__}: its GGUFs keep diffusers' names (no original layout)")
     sources = layout.sources(model)
     unmapped = sorted(set(state) - set(sources))
     if unmapped:
@@ -89,23 +91,27 @@ def original_state(state: Mapping[str, torch.Tensor], model: Any) -> dict[str, t
 def denoiser_tensors(model: Any, quant: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, GGML type) of every tensor of the published GGUF of `model` (a meta build),
     in natural name order (block 0, 1, 2, ... as the loader streams them)."""
-    from engine.storage.gguf_names import LAYOUTS
-
     state = model.state_dict()
-    if type(model).__name__ in LAYOUTS:
+    if _tables(model).gguf_layout is not None:
         state = original_state(state, model)
     natural = lambda name: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]  # noqa: E731
     return [(n, tuple(int(d) for d in state[n].shape), tensor_type(tuple(state[n].shape), quant)) for n in sorted(state, key=natural)]
 
 
+def _tables(model: Any) -> Any:
+    """The registered tables of `model`'s class (engine.model_tables; importing any engine module
+    runs the facade, which adds the model families' tables)."""
+    from engine.model_tables import ModelTables, tables_for
+
+    return tables_for(type(model)) or ModelTables(model_class=type(model).__name__)
+
+
 def architecture_of(model: Any) -> str:
     """`general.architecture` as the published files of `model`'s class write it."""
-    from engine.storage.gguf_names import ARCHITECTURES
-
-    name = type(model).__name__
-    if name not in ARCHITECTURES:
-        raise ValueError(f"no GGUF architecture known for {name}")
-    return ARCHITECTURES[name][0]
+    architectures = _tables(model).gguf_architectures
+    if not architectures:
+        raise ValueError(f"no GGUF architecture known for {type(model).__name__}")
+    return architectures[0]
 
 
 def write_denoiser_gguf(path: str | Path, model: Any, quant: str, name: str | None = None) -> int:

@@ -3,7 +3,8 @@
 A LoRA is named by an id: a file's path relative to the LoRA folder without ".safetensors"
 (`style`, `flux/ink`), or `hf:owner/repo` / `hf:owner/repo/file.safetensors` (downloaded into
 `<lora dir>/hf/owner/repo/` once, like models, with progress). The family comes from the
-file's header (layer names only, no tensor is read), so the picker can offer only the LoRAs of
+file's header (layer names only, no tensor is read; each family's spec declares the names that
+give its LoRAs away, `Family.lora_signatures`), so the picker can offer only the LoRAs of
 the chosen model's family; a LoRA whose family cannot be told is offered for every family and
 judged when it is applied (engine.lora raises a clear error that names its keys).
 
@@ -25,20 +26,6 @@ from model_registry.types import UserFacingError
 
 HF_PREFIX = "hf:"
 
-# Layer-name signatures of each family's LoRAs (diffusers, kohya and original-code names)
-# (checked in this order: a name two families share goes to the first that has it; FLUX.1 and
-# FLUX.2 share their block names, so an attention-only FLUX.2 LoRA in original names reads as
-# FLUX.1 and is judged when applied)
-_SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("sdxl", ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "lora_te1_", "lora_te2_", "text_encoder_2")),
-    ("flux2-klein", ("double_stream_modulation", "single_stream_modulation", "to_qkv_mlp_proj", "ff.linear_in", "ff_linear_in")),
-    ("flux1", ("double_blocks", "single_blocks", "single_transformer_blocks", "proj_mlp")),
-    ("qwen-image", ("img_mlp", "txt_mlp", "img_mod", "txt_mod")),
-    ("z-image", ("noise_refiner", "context_refiner", "feed_forward", "adaln_modulation", "attention.to_q", "attention_to_q")),
-    ("flux1", ("ff_context", "img_attn", "txt_attn", "to_add_out")),
-)
-
-
 @dataclass(frozen=True)
 class LoraChoice:
     """One LoRA the picker can offer."""
@@ -50,9 +37,22 @@ class LoraChoice:
     size_bytes: int = 0
 
 
+def signatures() -> list[tuple[int, str, tuple[str, ...]]]:
+    """(rank, family, layer names) of every family's LoRA signatures (model_registry/families/:
+    `Family.lora_signatures`), in the order they are tried: by rank, then the family table's order."""
+    from model_registry.families import FAMILIES
+
+    found = [(sig.rank, i, name, sig.names) for i, (name, fam) in enumerate(FAMILIES.items()) for sig in fam.lora_signatures]
+    return [(rank, name, names) for rank, _, name, names in sorted(found)]
+
+
 def family_of_keys(keys: list[str]) -> str | None:
+    """The family a LoRA file is for, from its layer names: the first signature (by rank) any of
+    whose names a key contains (a name two families share goes to the lower rank: FLUX.1 and
+    FLUX.2 share their block names, so an attention-only FLUX.2 LoRA in original names reads as
+    FLUX.1 and is judged when applied); None when none does."""
     text = " ".join(keys).lower()
-    for family, needles in _SIGNATURES:
+    for _, family, needles in signatures():
         if any(n in text for n in needles):
             return family
     return None

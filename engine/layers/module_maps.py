@@ -4,31 +4,34 @@
 norms with affine weights, RMSNorm variants, containers with direct parameters such as pad
 tokens), so no parameter is left unmanaged. The per-model maps are declarative data in the
 DiffSynth style (dotted class paths), plus the names of the block lists that group layers for
-streaming; each family's spec (model_registry.families) holds its denoiser's map, and tests
-check each map against the real classes.
+streaming: the `layers` and `blocks` of a model class's registered tables (engine.model_tables;
+the app's model families register theirs, and tests check each shipped map against the real
+classes). Besides managed classes and their dotted paths, a map's values may be the words
+"linear" and "module" (engine.model_tables.LINEAR / MODULE), so data that names no engine class
+can still say which one a layer gets.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Any, Mapping
 
 from torch import nn
 
 from engine.layers.managed import ManagedLinear, ManagedModule, is_plain_linear
+from engine.model_tables import LINEAR, MODULE, all_tables, tables_for
+
+#: the managed class each word of a layer map stands for
+_WORDS: dict[str, type[ManagedModule]] = {LINEAR: ManagedLinear, MODULE: ManagedModule}
 
 
-@functools.cache
 def shipped_module_maps() -> dict[str, dict[str, Any]]:
-    """Denoiser class (dotted path) -> {"layers": {layer class -> managed class}, "blocks": [block
-    list attribute paths]}, read from the family specs (model_registry.families) on first use."""
-    from model_registry.families import FAMILIES
-
+    """Model class (dotted path) -> {"layers": {layer class -> managed class}, "blocks": [block
+    list attribute paths]}, for every registered model class that has a layer map."""
     return {
-        spec.model_class: {"layers": dict(spec.layers), "blocks": list(spec.blocks)}
-        for spec in (family.layer_map for family in FAMILIES.values())
-        if spec is not None
+        path: {"layers": dict(t.layers), "blocks": list(t.blocks)}
+        for path, t in all_tables().items()
+        if t.layers is not None
     }
 
 
@@ -41,6 +44,8 @@ def import_object(path: str) -> Any:
 
 
 def _as_class(value: Any, what: str) -> type:
+    if isinstance(value, str) and value in _WORDS and what == "value":
+        return _WORDS[value]
     cls = import_object(value) if isinstance(value, str) else value
     if not isinstance(cls, type):
         raise ValueError(f"module_map {what} {value!r} is not a class")
@@ -67,13 +72,11 @@ def normalize_module_map(module_map: Mapping[Any, Any]) -> dict[type, type[Manag
 
 
 def registered_map_for(model: nn.Module) -> dict[str, Any] | None:
-    """The declarative map for this model's class, if we ship one."""
-    cls = ManagedModule.unwrap_class(model)
-    for klass in cls.__mro__:
-        entry = shipped_module_maps().get(f"{klass.__module__}.{klass.__qualname__}")
-        if entry is not None:
-            return entry
-    return None
+    """The declarative map registered for this model's class (engine.model_tables), if any."""
+    tables = tables_for(ManagedModule.unwrap_class(model))
+    if tables is None or tables.layers is None:
+        return None
+    return {"layers": dict(tables.layers), "blocks": list(tables.blocks)}
 
 
 def has_direct_parameters(module: nn.Module) -> bool:
@@ -99,5 +102,6 @@ def wrapper_from_map(module: nn.Module, module_map: dict[type, type[ManagedModul
 
 
 def block_paths_for(model: nn.Module) -> list[str]:
-    entry = registered_map_for(model)
-    return list(entry["blocks"]) if entry else []
+    """The block lists that group this model's layers for streaming (its registered tables')."""
+    tables = tables_for(ManagedModule.unwrap_class(model))
+    return list(tables.blocks) if tables is not None else []

@@ -1,7 +1,8 @@
 """LoRA files: reading (.safetensors only), format conversion, per-layer factors and scales.
 
 Conversion is diffusers' own: the family's LoRA loader mixin (`lora_state_dict`, e.g.
-`FluxLoraLoaderMixin`) turns kohya/sd-scripts, xlabs, ComfyUI, ... layouts into diffusers'
+`FluxLoraLoaderMixin`, named by the denoiser class's registered tables, engine.model_tables: the
+app's model families declare theirs in their spec files) turns kohya/sd-scripts, xlabs, ComfyUI, ... layouts into diffusers'
 layout, and the same steps `load_lora_adapter` (denoisers) and `_load_lora_into_text_encoder`
 (text encoders) take next give peft-style keys (`<module>.lora_A.weight`, `.lora_B.weight`) and
 the rank/alpha patterns (`get_peft_kwargs`, or the file's `lora_adapter_metadata`). The scale of
@@ -29,15 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# Denoiser class -> (diffusers LoRA loader mixin, the component prefix its files use)
-DENOISER_LOADERS: dict[str, tuple[str, str]] = {
-    "QwenImageTransformer2DModel": ("QwenImageLoraLoaderMixin", "transformer"),
-    "FluxTransformer2DModel": ("FluxLoraLoaderMixin", "transformer"),
-    "Flux2Transformer2DModel": ("Flux2LoraLoaderMixin", "transformer"),
-    "ZImageTransformer2DModel": ("ZImageLoraLoaderMixin", "transformer"),
-    "UNet2DConditionModel": ("StableDiffusionXLLoraLoaderMixin", "unet"),
-}
-DENOISER_PREFIXES = ("transformer", "unet")
+from engine.model_tables import ModelTables, all_tables, tables_for
+
 REFUSED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 _SHOWN_KEYS = 5
 
@@ -97,13 +91,25 @@ def addnet_hash(path: str | Path) -> str:
 
 
 # --- conversion (diffusers) -------------------------------------------------------------------
-def loader_for_class(class_name: str) -> Any | None:
-    """The diffusers LoRA loader mixin for a denoiser class name (None: not a known denoiser)."""
-    entry = DENOISER_LOADERS.get(class_name)
-    if entry is None:
+def lora_format(model_class: type) -> ModelTables | None:
+    """The registered tables of a denoiser class that has a LoRA format (loader and prefix)."""
+    tables = tables_for(model_class)
+    return tables if tables is not None and tables.lora_loader and tables.lora_prefix else None
+
+
+def denoiser_prefixes() -> set[str]:
+    """The component prefixes denoiser LoRA files use ("transformer", "unet"), over every
+    registered LoRA format."""
+    return {t.lora_prefix for t in all_tables().values() if t.lora_loader and t.lora_prefix}
+
+
+def loader_for_class(model_class: type) -> Any | None:
+    """The diffusers LoRA loader mixin of a denoiser class (None: no LoRA format registered)."""
+    tables = lora_format(model_class)
+    if tables is None:
         return None
     module = importlib.import_module("diffusers.loaders.lora_pipeline")
-    return getattr(module, entry[0])
+    return getattr(module, str(tables.lora_loader))
 
 
 def convert(loader: Any | None, state_dict: dict[str, torch.Tensor], name: str, unet_config: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

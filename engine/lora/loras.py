@@ -7,8 +7,8 @@
 
 `target` is a managed pipeline (engine.generation's ManagedPipeline, or any object with a
 `components` mapping of managed modules and, ideally, a diffusers pipeline whose LoRA loader
-converts the family's formats) or one managed component (a denoiser: its family's converter is
-picked by class). The factors go to each layer's `ManagedLayer` (engine.layers.adapters) on the
+converts the family's formats) or one managed component (a denoiser: its converter is the one
+its class's registered tables name, engine.model_tables). The factors go to each layer's `ManagedLayer` (engine.layers.adapters) on the
 computation device, in the computation dtype, through the component (`VramRuntime.attach_adapters`),
 which counts them among its fixed bytes and tells its pool; the pool re-reads them and re-plans,
 so the planner leaves room for them. This module never writes the ledger. The stored masters (bf16, FP8, disk)
@@ -33,13 +33,13 @@ from torch import nn
 
 from engine.layers.adapters import Adapter
 from engine.lora.formats import (
-    DENOISER_LOADERS,
-    DENOISER_PREFIXES,
     LayerFactors,
     LoraError,
     addnet_hash,
     convert,
+    denoiser_prefixes,
     loader_for_class,
+    lora_format,
     parse_component,
     read_lora_file,
     split_by_component,
@@ -90,9 +90,9 @@ def _runtime(module: Any) -> VramRuntime | None:
     return getattr(module, "_vram_runtime", None)
 
 
-def _class_name(module: nn.Module) -> str:
-    """The model's own class name (a root with parameters of its own is a managed subclass)."""
-    return getattr(type(module), "_vram_original_class", type(module)).__name__
+def _model_class(module: nn.Module) -> type:
+    """The model's own class (a root with parameters of its own is a managed subclass)."""
+    return getattr(type(module), "_vram_original_class", type(module))
 
 
 def _resolve(target: Any) -> tuple[dict[str, nn.Module], Any, str | None, Any]:
@@ -101,10 +101,10 @@ def _resolve(target: Any) -> tuple[dict[str, nn.Module], Any, str | None, Any]:
         runtime = _runtime(target)
         if runtime is None:
             raise LoraError(f"{type(target).__name__} is not managed: LoRAs are applied by the engine's managed layers (engine.enable_vram_management first)")
-        name = _class_name(target)
-        entry = DENOISER_LOADERS.get(name)
-        if entry is not None:
-            return {entry[1]: target}, loader_for_class(name), entry[1], runtime.pool
+        tables = lora_format(_model_class(target))
+        if tables is not None:
+            prefix = str(tables.lora_prefix)
+            return {prefix: target}, loader_for_class(_model_class(target)), prefix, runtime.pool
         return {"text_encoder": target}, None, None, runtime.pool
     comps = getattr(target, "components", None)
     if not isinstance(comps, dict):
@@ -113,11 +113,11 @@ def _resolve(target: Any) -> tuple[dict[str, nn.Module], Any, str | None, Any]:
     if not managed:
         raise LoraError(f"{type(target).__name__} has no managed component")
     family = getattr(target, "family", None)
-    denoiser = getattr(family, "denoiser", None) or next((n for n in DENOISER_PREFIXES if n in managed), None)
+    denoiser = getattr(family, "denoiser", None) or next((n for n in sorted(denoiser_prefixes()) if n in managed), None)
     pipe = getattr(target, "pipe", target)
     loader = type(pipe) if hasattr(type(pipe), "lora_state_dict") else None
     if loader is None and denoiser in managed:
-        loader = loader_for_class(_class_name(managed[denoiser]))
+        loader = loader_for_class(_model_class(managed[denoiser]))
     return managed, loader, denoiser, _runtime(next(iter(managed.values()))).pool
 
 
@@ -154,7 +154,7 @@ def load_lora(target: Any, path: str | Path, strength: float = 1.0, name: str | 
     plan: list[tuple[str, nn.Module, list[LayerFactors]]] = []
     for comp_name, sd in parts.items():
         model = components[comp_name]
-        is_denoiser = comp_name == denoiser or comp_name in DENOISER_PREFIXES
+        is_denoiser = comp_name == denoiser or comp_name in denoiser_prefixes()
         factors = parse_component(path.name, sd, alphas, metadata, comp_name, model, is_denoiser)
         if factors:
             plan.append((comp_name, model, factors))

@@ -51,11 +51,11 @@ def conv_dtype(kind: str, channels: int, preferred: torch.dtype = torch.bfloat16
     return torch.float32 if slow > MARGIN * fast else preferred
 
 
-def component_conv_dtype(model_class: type, config: dict, preferred: torch.dtype = torch.bfloat16) -> torch.dtype:
-    """The computation dtype a component with convolutions should use on the CPU: its widest
+def component_conv_dtype(kind: str, config: dict, preferred: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The computation dtype a component with convolutions of `kind` ("Conv2d"/"Conv3d": data its
+    owner declares, e.g. a model family's `cpu_conv_probes`) should use on the CPU: its widest
     convolution (from its config's block_out_channels) decides."""
     channels = config.get("block_out_channels") or config.get("dim_mult") and [config.get("base_dim", 96) * m for m in config["dim_mult"]]
     if not channels:
         return preferred
-    kind = "Conv3d" if "QwenImage" in model_class.__name__ or "Wan" in model_class.__name__ else "Conv2d"
     return conv_dtype(kind, int(max(channels)), preferred)

@@ -17,4 +17,6 @@ FAMILY = replace(
     pipeline_class="FluxKontextPipeline",
     img2img_pipeline=None,
     max_reference_images=1,
+    # FLUX.1's LoRA files are tagged flux1 by the LoRA library, as they always were
+    lora_signatures=(),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .latent_rgb import WAN21_16CH
-from .spec import MANAGED_LINEAR, MANAGED_MODULE, Family, LayerMap
+from .spec import DECODE, DENOISE, ENCODE, LINEAR, MODULE, Family, GgufNames, LayerMap, LoraSignature
 
 
 def encode_prompts(pipe: Any, prompt: str, negative_prompt: str, cfg: bool, device: Any) -> dict[str, Any]:
@@ -35,21 +35,27 @@ def encode_prompts(pipe: Any, prompt: str, negative_prompt: str, cfg: bool, devi
 FAMILY = Family(
     name="qwen-image",
     pipeline_class="QwenImagePipeline",
-    weighted=("text_encoder", "transformer", "vae"),
+    stages={"text_encoder": ENCODE, "transformer": DENOISE, "vae": DECODE},
     tokenizers=("tokenizer",),
     denoiser="transformer",
+    denoiser_class="diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel",
     text_encoders=("text_encoder",),
     guidance_arg="true_cfg_scale",
     pair_batched_cfg=True,
     img2img_pipeline="QwenImageImg2ImgPipeline",
     layer_map=LayerMap(
-        model_class="diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel",
         layers={
-            "torch.nn.Linear": MANAGED_LINEAR,
-            "diffusers.models.normalization.RMSNorm": MANAGED_MODULE,
+            "torch.nn.Linear": LINEAR,
+            "diffusers.models.normalization.RMSNorm": MODULE,
         },
         blocks=("transformer_blocks",),
     ),
+    lora_loader="QwenImageLoraLoaderMixin",
+    lora_signatures=(LoraSignature(40, ("img_mlp", "txt_mlp", "img_mod", "txt_mod")),),
+    # the published Qwen-Image GGUFs use diffusers' own names (a ComfyUI prefix at most)
+    gguf=GgufNames(("qwen_image", "qwenimage")),
+    # its VAE (Wan 2.1's) is 3-D: the CPU dtype probe times a Conv3d
+    cpu_conv_probes={"vae": "Conv3d"},
     encode_prompts=encode_prompts,
     latent_rgb=WAN21_16CH,
 )

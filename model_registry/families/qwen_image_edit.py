@@ -25,4 +25,6 @@ FAMILY = replace(
     max_reference_images=3,
     reference_area=1024 * 1024,  # diffusers' QwenImageEditPlusPipeline: VAE_IMAGE_SIZE
     requires_image=True,
+    # Qwen-Image's LoRA files are tagged qwen-image by the LoRA library, as they always were
+    lora_signatures=(),
 )

@@ -1,14 +1,20 @@
-"""What a family spec is: the `Family` dataclass every family file fills in, and its layer map.
+"""What a family spec is: the `Family` dataclass every family file fills in, and its tables.
 
 The catalogue (models.json) says *what* a model is; its family says how a pipeline of that
 kind is laid out on disk, so downloads fetch only what `from_pretrained` reads and the
-completeness check knows what "whole" means, which component plays which part at run time,
-so the engine knows what to onload for each stage and how the pipeline does guidance, which
-managed class each layer of its denoiser gets, and, where the engine encodes the prompts
-itself, how.
+completeness check knows what "whole" means; which stage each component runs in and which
+component plays which part, so the engine knows what to onload for each stage and how the
+pipeline does guidance; and the tables the memory engine needs of its denoiser class (the layer
+map, the LoRA loader, the GGUF names and architectures) and its dtype needs, and, where the
+engine encodes the prompts itself, how.
 
-Data flows ui -> engine -> model_registry, so the specs live here and the engine reads them;
-nothing here imports the engine (the layer maps name its classes by dotted path).
+Data flows ui -> engine -> model_registry, so the specs live here and the generation layer reads
+them (engine.generation.family_tables registers each family's tables with the memory engine);
+nothing here imports the engine, and nothing here names an engine class (a layer map says
+LINEAR or MODULE).
+
+A family is one file in this package (or in a directory on $LOWVRAM_FAMILY_PATH) that defines
+`FAMILY`, plus its catalogue JSON (docs/pipelines.md, "Adding a family").
 """
 
 from __future__ import annotations
@@ -31,24 +37,67 @@ _OTHER_VARIANTS = ("fp16", "bf16", "fp32")
 ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
 STAGES: tuple[str, ...] = (ENCODE, DENOISE, DECODE)
 
-# The engine's managed layer classes, the values of a layer map (DiffSynth-style dotted paths).
-MANAGED_LINEAR = "engine.layers.managed.ManagedLinear"
-MANAGED_MODULE = "engine.layers.managed.ManagedModule"
+# The values of a layer map: which of the engine's managed classes a layer gets (the engine
+# reads these words, engine.model_tables.LINEAR / MODULE; no engine class is named here).
+LINEAR = "linear"  # an nn.Linear whose weights go straight into F.linear
+MODULE = "module"  # any other layer: its own forward runs with the computation parameters
 
 
 @dataclass(frozen=True)
 class LayerMap:
     """Which managed class each layer class of a denoiser gets, and its block lists.
 
-    `model_class` is the denoiser class's dotted path (the engine looks maps up by it, along
-    the model's MRO), `layers` maps layer classes to MANAGED_LINEAR / MANAGED_MODULE (dotted
-    paths on both sides), `blocks` names the block-list attributes that group layers for
-    streaming. tests/test_registry.py checks each map against the real classes.
+    `layers` maps layer classes (dotted paths) to LINEAR / MODULE, `blocks` names the block-list
+    attributes that group layers for streaming. The engine looks the map up by the family's
+    `denoiser_class`, along the model's MRO. tests/test_registry.py checks each map against the
+    real classes.
     """
 
-    model_class: str
     layers: Mapping[str, str] = field(hash=False)
     blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraSignature:
+    """Layer names a LoRA file of this family contains (diffusers, kohya or original-code names),
+    by which the app's LoRA library tags a file with its family from its header alone.
+
+    Signatures are tried across every family in the order of their `rank`, lowest first (a name
+    two families share goes to the lower rank: FLUX.2's `to_qkv_mlp_proj` before FLUX.1's
+    `single_transformer_blocks`); a family may hold a second, weaker signature at a high rank."""
+
+    rank: int
+    names: tuple[str, ...]
+
+
+#: a GGUF layout's table: diffusers name -> [(file tensor name, first row, end row or -1)]
+SourceTable = dict[str, list[tuple[str, int, int]]]
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """The original tensor layout a family's published GGUFs keep instead of diffusers' names.
+
+    `markers`: substrings of ".name" only that layout has (how a file is recognised);
+    `sources(model)`: the table diffusers name -> [(file name, first row, end row or -1 for all
+    rows)] for that model's config (a fused qkv becomes three row ranges of the same bytes; a
+    target listed with several ranges is joined at load); `unused`: file tensors the diffusers
+    model has no place for and diffusers' converter drops. engine.storage.gguf_names applies it."""
+
+    description: str
+    markers: tuple[str, ...]
+    sources: Callable[[Any], SourceTable]
+    unused: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GgufNames:
+    """The `general.architecture` values of the family's GGUF files (a file of another one is
+    refused before anything is read) and the original layout they may keep (None: diffusers'
+    own names, a ComfyUI prefix at most)."""
+
+    architectures: tuple[str, ...]
+    layout: GgufLayout | None = None
 
 
 #: encode_prompts(pipe, prompt, negative_prompt, cfg, device) -> the pipeline call's embedding kwargs.
@@ -59,23 +108,30 @@ PromptEncoder = Callable[[Any, str, str, bool, Any], dict[str, Any]]
 class Family:
     """One kind of diffusers pipeline: its repo layout and the part each component plays.
 
-    Layout: `weighted` components have a config.json and safetensors weights (single file or
-    shards + index), `tokenizers` a folder of tokenizer files, `schedulers` a
-    scheduler_config.json. `variant` is diffusers' weight-file variant to fetch when the
-    repo offers several precisions (SDXL: fp16 instead of fp32, half the download).
+    Layout and stages: `stages` names every weighted component (a config.json and safetensors
+    weights, single file or shards + index) and the stage it runs in (ENCODE, DENOISE, DECODE):
+    the pipeline onloads a stage's components and offloads the rest, and a weighted component
+    the family does not declare is refused when a pipeline is built. `tokenizers` are folders of
+    tokenizer files, `schedulers` hold a scheduler_config.json. `variant` is diffusers'
+    weight-file variant to fetch when the repo offers several precisions (SDXL: fp16 instead of
+    fp32, half the download).
 
-    Roles: `denoiser` (the transformer / UNet) and `text_encoders` are weighted components;
-    the rest says how the pipeline's __call__ does classifier-free guidance (CFG), how the
-    denoiser's layers are managed (`layer_map`) and who encodes the prompts (`encode_prompts`).
+    Roles: `denoiser` (the transformer / UNet, of class `denoiser_class`) runs in DENOISE, the
+    `text_encoders` in ENCODE; the rest says how the pipeline's __call__ does classifier-free
+    guidance (CFG), who encodes the prompts (`encode_prompts`), and what the memory engine needs
+    of the denoiser class: its layer map, LoRA loader and GGUF names (registered with the engine
+    by engine.generation.family_tables), and which components pick their CPU dtype by timing a
+    convolution (`cpu_conv_probes`).
     """
 
     name: str
     pipeline_class: str
-    weighted: tuple[str, ...]
+    stages: Mapping[str, str] = field(hash=False)
     tokenizers: tuple[str, ...]
     schedulers: tuple[str, ...] = ("scheduler",)
     variant: str | None = None
     denoiser: str
+    denoiser_class: str  # dotted path of the denoiser's class (the engine's tables are keyed by it)
     text_encoders: tuple[str, ...]
     guidance_arg: str = "guidance_scale"  # the __call__ argument the UI's "guidance" goes to
     # The pipeline itself runs cond + uncond as one batched forward (SDXL, Z-Image) ...
@@ -90,6 +146,18 @@ class Family:
     # The denoiser's layer map (None: the engine's default rule, every module with parameters
     # of its own is managed, and no block lists).
     layer_map: LayerMap | None = None
+    # The diffusers LoRA loader mixin (diffusers.loaders.lora_pipeline) that converts the
+    # family's LoRA files, whose denoiser keys carry the `denoiser` prefix; None: no LoRAs.
+    lora_loader: str | None = None
+    # How the app's LoRA library tells this family's LoRA files by their layer names (none: it
+    # never tags a file with this family).
+    lora_signatures: tuple[LoraSignature, ...] = ()
+    # The family's GGUF files: their architectures and original layout (None: no GGUF support
+    # beyond diffusers' names, and no architecture check).
+    gguf: GgufNames | None = None
+    # Components whose computation dtype on a CPU is chosen by timing a convolution of this kind
+    # ("Conv2d", "Conv3d") in bf16 and float32 (engine.runtime.cpu_dtype): the all-convolution VAE.
+    cpu_conv_probes: Mapping[str, str] = field(default_factory=lambda: {"vae": "Conv2d"}, hash=False)
     # Prompt encoding the engine runs itself in the encode stage (None: the pipeline encodes
     # the prompt in its own __call__). A family whose CFG pair the engine batches returns
     # prompt_embeds, prompt_embeds_mask and, with CFG, negative_prompt_embeds and
@@ -127,10 +195,23 @@ class Family:
         return self.max_reference_images or (1 if self.img2img_pipeline else 0)
 
     def __post_init__(self) -> None:
-        """A role must name a component the repo has, or stage switching would miss it."""
+        """Every weighted component runs in a known stage, and a role names a component in the
+        stage it plays in, or stage switching would miss it."""
+        if bad := {c: s for c, s in self.stages.items() if s not in STAGES}:
+            raise ValueError(f"family {self.name!r}: stages {bad} are not among {STAGES}")
         roles = (self.denoiser, *self.text_encoders)
         if missing := [r for r in roles if r not in self.weighted]:
             raise ValueError(f"family {self.name!r}: {missing} are not among its weighted components {self.weighted}")
+        expected = {self.denoiser: DENOISE, **{name: ENCODE for name in self.text_encoders}}
+        if wrong := {c: self.stages[c] for c, s in expected.items() if self.stages[c] != s}:
+            raise ValueError(f"family {self.name!r}: {wrong}: the denoiser runs in {DENOISE!r}, text encoders in {ENCODE!r}")
+        if stray := set(self.cpu_conv_probes) - set(self.weighted):
+            raise ValueError(f"family {self.name!r}: cpu_conv_probes names {sorted(stray)}, not among its weighted components")
+
+    @property
+    def weighted(self) -> tuple[str, ...]:
+        """The components with weights (config.json + safetensors): those `stages` declares."""
+        return tuple(self.stages)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -138,14 +219,20 @@ class Family:
         return tuple(sorted(self.weighted + self.tokenizers + self.schedulers))
 
     def stage_of(self, component: str) -> str:
-        """The stage during which `component` must be onloaded (anything unknown: encode)."""
-        if component == self.denoiser:
-            return DENOISE
-        if component in self.text_encoders:
-            return ENCODE
-        if component == "vae":
-            return DECODE
-        return ENCODE
+        """The stage during which `component` must be onloaded, as the family declares it; a
+        component it does not declare is an error (a pipeline built with one is refused)."""
+        stage = self.stages.get(component)
+        if stage is None:
+            raise ValueError(self.no_stage(component))
+        return stage
+
+    def no_stage(self, component: str) -> str:
+        """What to do about a component the family declares no stage for."""
+        return (
+            f"family {self.name!r} declares no stage for component {component!r} (its weighted components: "
+            f"{', '.join(self.weighted)}); add it to the family's `stages` in its spec file "
+            f"(model_registry/families/), with the stage it runs in: {', '.join(STAGES)}"
+        )
 
     def does_cfg(self, guidance: float, negative_prompt: str = "") -> bool:
         """Classifier-free guidance at this guidance? (Qwen-Image: with an empty negative prompt

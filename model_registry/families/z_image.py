@@ -5,6 +5,7 @@ because the pipeline pads every prompt to 512 tokens before the 4B text encoder 
 only the real tokens: with right padding and causal attention the real tokens never see the
 padding, so encoding just the real tokens gives the same embeddings at a fraction of the cost
 (a 30-token prompt: ~17x fewer tokens; tests/test_min_steps.py checks the equality).
+Its published GGUFs keep the original Z-Image / ComfyUI Lumina2 names (`z_image_sources` maps them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .latent_rgb import FLUX1_16CH
-from .spec import MANAGED_LINEAR, MANAGED_MODULE, Family, LayerMap
+from .spec import DECODE, DENOISE, ENCODE, LINEAR, MODULE, Family, GgufLayout, GgufNames, LayerMap, LoraSignature, SourceTable
 
 _TRANSFORMER = "diffusers.models.transformers.transformer_z_image.ZImageTransformer2DModel"
 
@@ -46,27 +47,86 @@ def encode_prompts(pipe: Any, prompt: str, negative_prompt: str, cfg: bool, devi
     return out
 
 
+#: diffusers' infix -> the original one, inside a block (`layers.N.`, `noise_refiner.N.`,
+#: `context_refiner.N.`, `siglip_refiner.N.`): the inverse of the renames in diffusers'
+#: convert_z_image_transformer_checkpoint_to_diffusers (loaders/single_file_utils.py); the
+#: original names are those of ComfyUI's comfy/ldm/lumina/model.py (JointAttention's `qkv`, `out`,
+#: `q_norm`, `k_norm`), the Z-Image code the published Z-Image GGUFs were converted from
+_Z_IMAGE_BLOCK_RENAMES = (
+    (".attention.to_out.0.", ".attention.out."),
+    (".attention.norm_q.", ".attention.q_norm."),
+    (".attention.norm_k.", ".attention.k_norm."),
+)
+_QKV = ("to_q", "to_k", "to_v")
+
+
+def z_image_sources(model: Any) -> SourceTable:
+    """diffusers name -> [(original name, first row, end row)] for ZImageTransformer2DModel.
+
+    As diffusers' converter: `x_embedder.` / `final_layer.` are the model's one patch size's
+    `all_x_embedder.{p}-{f}.` / `all_final_layer.{p}-{f}.` (the converter writes "2-1", Z-Image's
+    only patch size; here it is read from the config's first entry), a block's
+    `attention.qkv.weight` is [to_q; to_k; to_v] by rows (the converter's torch.chunk into 3: the
+    row counts are read from the model, equal for Z-Image), `attention.out` is `to_out.0`,
+    `q_norm`/`k_norm` are `norm_q`/`norm_k`; every other name (feed_forward.w1/w2/w3,
+    attention_norm1/2, ffn_norm1/2, adaLN_modulation.0, t_embedder.mlp.*, cap_embedder.*,
+    x_pad_token, cap_pad_token, siglip_*) is the same in both."""
+    cfg = model.config
+    patch = f"{cfg.all_patch_size[0]}-{cfg.all_f_patch_size[0]}"
+    state = model.state_dict()
+    out: SourceTable = {}
+    for target in state:
+        block, sep, tail = target.partition(".attention.")
+        if sep and tail in tuple(f"{q}.weight" for q in _QKV):
+            sizes = [state[f"{block}.attention.{q}.weight"].shape[0] for q in _QKV]
+            j = _QKV.index(tail.removesuffix(".weight"))
+            r0 = sum(sizes[:j])
+            out[target] = [(f"{block}.attention.qkv.weight", r0, r0 + sizes[j])]
+            continue
+        source = target
+        if target.startswith(("all_x_embedder.", "all_final_layer.")):
+            group, key, rest = target.split(".", 2)
+            if key != patch:
+                continue  # another patch size: the original layout has one (left missing)
+            source = f"{group.removeprefix('all_')}.{rest}"
+        for new, old in _Z_IMAGE_BLOCK_RENAMES:
+            source = source.replace(new, old)
+        out[target] = [(source, 0, -1)]
+    return out
+
+
 FAMILY = Family(
     name="z-image",
     pipeline_class="ZImagePipeline",
-    weighted=("text_encoder", "transformer", "vae"),
+    stages={"text_encoder": ENCODE, "transformer": DENOISE, "vae": DECODE},
     tokenizers=("tokenizer",),
     denoiser="transformer",
+    denoiser_class=_TRANSFORMER,
     text_encoders=("text_encoder",),
     native_batched_cfg=True,
     cfg_threshold=0.0,
     img2img_pipeline="ZImageImg2ImgPipeline",
     encode_prompts=encode_prompts,
     layer_map=LayerMap(
-        model_class=_TRANSFORMER,
         layers={
-            "torch.nn.Linear": MANAGED_LINEAR,
-            "torch.nn.RMSNorm": MANAGED_MODULE,
-            "diffusers.models.normalization.RMSNorm": MANAGED_MODULE,
-            "torch.nn.LayerNorm": MANAGED_MODULE,
-            _TRANSFORMER: MANAGED_MODULE,  # pad tokens are direct parameters of the model itself
+            "torch.nn.Linear": LINEAR,
+            "torch.nn.RMSNorm": MODULE,
+            "diffusers.models.normalization.RMSNorm": MODULE,
+            "torch.nn.LayerNorm": MODULE,
+            _TRANSFORMER: MODULE,  # pad tokens are direct parameters of the model itself
         },
         blocks=("noise_refiner", "context_refiner", "layers"),
+    ),
+    lora_loader="ZImageLoraLoaderMixin",
+    lora_signatures=(
+        LoraSignature(50, ("noise_refiner", "context_refiner", "feed_forward", "adaln_modulation", "attention.to_q", "attention_to_q")),
+    ),
+    # the published Z-Image GGUFs keep the original Z-Image / ComfyUI Lumina2 names; norm_final.weight
+    # is Lumina2's unused final RMSNorm, in some files (diffusers' converter drops it)
+    gguf=GgufNames(
+        ("lumina2", "z_image", "zimage"),
+        GgufLayout("original Z-Image (ComfyUI Lumina2)", (".attention.qkv.", ".x_embedder.", ".final_layer."),
+                   z_image_sources, unused=("norm_final.weight",)),
     ),
     latent_rgb=FLUX1_16CH,
 )

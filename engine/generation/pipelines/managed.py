@@ -403,12 +403,12 @@ class ManagedPipeline:
                     log.debug("closing a streamer failed", exc_info=True)
 
 
-def component_config(name: str, cls: type, path: Path, config: VramConfig) -> VramConfig:
-    """The config one component runs under: the pipeline's, except that on a CPU a VAE (all
-    convolutions) computes in float32 when that measures faster than the pipeline's dtype there
-    (engine.runtime.cpu_dtype)."""
+def component_config(name: str, conv_kind: str | None, path: Path, config: VramConfig) -> VramConfig:
+    """The config one component runs under: the pipeline's, except that on a CPU a component its
+    family names in `cpu_conv_probes` (the VAE, all convolutions of `conv_kind`) computes in
+    float32 when that measures faster than the pipeline's dtype there (engine.runtime.cpu_dtype)."""
     device = config.computation_device
-    if not (isinstance(device, torch.device) and device.type == "cpu" and cls.__name__.startswith("AutoencoderKL")):
+    if not (isinstance(device, torch.device) and device.type == "cpu" and conv_kind):
         return config
     import dataclasses
     import json
@@ -419,7 +419,7 @@ def component_config(name: str, cls: type, path: Path, config: VramConfig) -> Vr
         vae_config = json.loads((Path(path) / name / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return config
-    dtype = component_conv_dtype(cls, vae_config, config.computation_dtype)
+    dtype = component_conv_dtype(conv_kind, vae_config, config.computation_dtype)
     if dtype == config.computation_dtype:
         return config
     log.info("%s: computing in %s on the CPU (measured faster than %s)", name, dtype, config.computation_dtype)
@@ -480,11 +480,14 @@ def build_pipeline(
     index = read_model_index(path)
     family = family_for(index["_class_name"])
     classes = component_classes(index)
+    for name, cls in classes.items():  # a weighted component with no declared stage: refused before any load
+        if is_weighted(cls) and name not in family.stages:
+            raise ValueError(f"{path}: model_index.json lists the weighted component {name!r} ({cls.__name__}); {family.no_stage(name)}")
     components: dict[str, nn.Module] = {}
     parts: dict[str, Any] = {}
     for name, cls in classes.items():
         if is_weighted(cls):
-            own = component_config(name, cls, path, config)
+            own = component_config(name, family.cpu_conv_probes.get(name), path, config)
             components[name] = load_component(name, cls, path, own, budget, variant)
             if own.computation_dtype != config.computation_dtype:
                 register_hook(components[name], VaeDtypeHook(own.computation_dtype, config.computation_dtype))
