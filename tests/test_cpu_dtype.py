@@ -36,3 +36,20 @@ def test_vae_in_float32_on_the_cpu_when_measured_faster(tmp_path, monkeypatch):
         images[choice] = np.asarray(mp.generate("a cat", "", width=64, height=64, steps=2, guidance=0.0, seed=1)).astype(int)
     cpu_dtype.conv_dtype.cache_clear()
     assert np.abs(images["float32"] - images["bfloat16"]).max() <= 8
+
+
+def test_each_family_declares_which_convolution_its_vae_is_timed_with(tmp_path, monkeypatch):
+    """Qwen-Image's VAE (Wan 2.1's) is 3-D, the others 2-D: the family says so
+    (`Family.cpu_conv_probes`); no class name is guessed from."""
+    from engine.config import VramConfig
+    from engine.generation.pipelines import FAMILIES, managed
+
+    kinds = []
+    monkeypatch.setattr(cpu_dtype, "conv_dtype", lambda kind, channels, preferred=torch.bfloat16: kinds.append((kind, channels)) or torch.float32)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"block_out_channels": [8, 16]}')
+    config = VramConfig.from_dict(vram_config_for(False, False, "cpu"))
+    for family in ("qwen-image", "qwen-image-edit", "flux1", "z-image", "sdxl"):
+        assert managed.component_config("vae", FAMILIES[family].cpu_conv_probes.get("vae"), tmp_path, config).computation_dtype == torch.float32
+    assert kinds == [("Conv3d", 16), ("Conv3d", 16), ("Conv2d", 16), ("Conv2d", 16), ("Conv2d", 16)]
+    assert managed.component_config("text_encoder", FAMILIES["flux1"].cpu_conv_probes.get("text_encoder"), tmp_path, config) is config

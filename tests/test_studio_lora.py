@@ -185,3 +185,21 @@ def test_bad_lora_pairs_are_refused_before_anything_loads(setup):
     for bad in ((("ink",),), (("ink", "x"),), (("", 1.0),), (("ink", 7.0),)):
         with pytest.raises(UserFacingError, match="LoRA"):
             studio.resolve(GenerateRequest("x", model="tiny-flux1", loras=bad))
+
+
+def test_each_familys_signatures_tag_its_lora_files():
+    """The families' spec files declare the layer names that give their LoRAs away
+    (`Family.lora_signatures`); tried by rank they are the library's table as it always was."""
+    from engine.generation.lora_library import family_of_keys, signatures
+
+    assert [(family, names[0]) for _, family, names in signatures()] == [
+        ("sdxl", "down_blocks"), ("flux2-klein", "double_stream_modulation"), ("flux1", "double_blocks"),
+        ("qwen-image", "img_mlp"), ("z-image", "noise_refiner"), ("flux1", "ff_context"),
+    ]
+    assert family_of_keys(["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"]) == "flux2-klein"
+    assert family_of_keys(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]) == "flux1"
+    assert family_of_keys(["transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight",
+                           "transformer.transformer_blocks.0.attn.to_add_out.lora_A.weight"]) == "qwen-image"
+    assert family_of_keys(["transformer.transformer_blocks.0.attn.to_add_out.lora_A.weight"]) == "flux1"
+    assert family_of_keys(["transformer.layers.0.feed_forward.w1.lora_A.weight"]) == "z-image"
+    assert family_of_keys(["something.else.lora_A.weight"]) is None
