@@ -11,7 +11,7 @@ pipeline this layer builds, or a plain user's `engine.enable_vram_management(tra
 
 from __future__ import annotations
 
-from engine.model_tables import ModelTables, register
+from engine.model_tables import ModelTables
 from model_registry.families import FAMILIES, Family
 
 
@@ -34,8 +34,3 @@ def shipped_tables() -> list[ModelTables]:
     Qwen-Image and Qwen-Image-Edit, declare the same tables; engine.model_tables refuses two
     different ones)."""
     return [tables_of(family) for family in FAMILIES.values()]
-
-
-def register_family(family: Family) -> None:
-    """Register one family's tables now (a family added at run time, as tests do)."""
-    register(tables_of(family))

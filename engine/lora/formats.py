@@ -1,9 +1,9 @@
 """LoRA files: reading (.safetensors only), format conversion, per-layer factors and scales.
 
 Conversion is diffusers' own: the family's LoRA loader mixin (`lora_state_dict`, e.g.
-`FluxLoraLoaderMixin`, named by the denoiser class's registered tables, engine.model_tables: the
-app's model families declare theirs in their spec files) turns kohya/sd-scripts, xlabs, ComfyUI, ... layouts into diffusers'
-layout, and the same steps `load_lora_adapter` (denoisers) and `_load_lora_into_text_encoder`
+`FluxLoraLoaderMixin`, named by the denoiser class's registered tables, engine.model_tables; the
+app's model families declare theirs in their spec files) turns kohya/sd-scripts, xlabs, ComfyUI,
+... layouts into diffusers' layout, and the same steps `load_lora_adapter` (denoisers) and `_load_lora_into_text_encoder`
 (text encoders) take next give peft-style keys (`<module>.lora_A.weight`, `.lora_B.weight`) and
 the rank/alpha patterns (`get_peft_kwargs`, or the file's `lora_adapter_metadata`). The scale of
 each layer is then peft's: alpha / rank (alpha / sqrt(rank) for rsLoRA), alpha and rank looked up

@@ -8,10 +8,11 @@
 `target` is a managed pipeline (engine.generation's ManagedPipeline, or any object with a
 `components` mapping of managed modules and, ideally, a diffusers pipeline whose LoRA loader
 converts the family's formats) or one managed component (a denoiser: its converter is the one
-its class's registered tables name, engine.model_tables). The factors go to each layer's `ManagedLayer` (engine.layers.adapters) on the
-computation device, in the computation dtype, through the component (`VramRuntime.attach_adapters`),
-which counts them among its fixed bytes and tells its pool; the pool re-reads them and re-plans,
-so the planner leaves room for them. This module never writes the ledger. The stored masters (bf16, FP8, disk)
+its class's registered tables name, engine.model_tables). The factors go to each layer's
+`ManagedLayer` (engine.layers.adapters) on the computation device, in the computation dtype,
+through the component (`VramRuntime.attach_adapters`), which counts them among its fixed bytes
+and tells its pool; the pool re-reads them and re-plans, so the planner leaves room for them.
+This module never writes the ledger. The stored masters (bf16, FP8, disk)
 are never touched, so every storage form and every vram_limit takes a LoRA the same way.
 
 Loading is all or nothing: the file is read, converted and checked against every component

@@ -6,13 +6,17 @@ member (engine.runtime.component.VramRuntime) never plans and never calls into t
 planning: when something about it changes that the plan depends on, it says so through the one
 path back, `Coordinator.member_changed(member, change)`, and the pool decides what follows.
 
-    change          sent by                                    the pool then
-    ONLOADED        a member that made its onload copies       pins waiting members by priority (if this one waits), re-plans
-    OFFLOADED       a member that dropped every copy but its masters      re-plans
-    STREAMING       a member that started a transfer scheduler pins waiting members (if this one is onloaded and waits), re-plans
-    FIXED           a member whose fixed bytes changed (LoRA factors attached or removed)   re-reads every member's fixed bytes, re-plans
-    NEEDED          a layer of an offloaded member runs        asks its owner's stage switch (`MemoryPool.on_demand`)
-    OUT_OF_MEMORY   a step ran out of device memory            frees every member's slots and trace, halves residency, re-plans
+    ONLOADED       a member made its onload copies: the pool pins waiting members by priority
+                   (if this one waits), re-plans
+    OFFLOADED      a member dropped every copy but its masters: re-plans
+    STREAMING      a member started a transfer scheduler: pins waiting members (if this one is
+                   onloaded and waits), re-plans
+    FIXED          a member's fixed bytes changed (LoRA factors attached or removed): re-reads
+                   every member's fixed bytes into the ledger, re-plans
+    NEEDED         a layer of an offloaded member runs: asks its owner's stage switch
+                   (`MemoryPool.on_demand`)
+    OUT_OF_MEMORY  a step ran out of device memory: drops every member's slots and partial
+                   trace, halves residency, re-plans
 
 Neither side imports the other (tests/test_layering.py checks every module of a package for
 import circles): both import this module.
