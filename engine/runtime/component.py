@@ -25,11 +25,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from engine.config import GGUF, INT8, NF4, Place, VramConfig
+from engine.config import Place, VramConfig
 from engine.layers.adapters import Adapter
 from engine.layers.state import STATES, LayerState, ManagedLayer
 from engine.planning.ledger import VramLedger
 from engine.planning.planner import LayerCost, MemberCost
+from engine.config import GGUF, INT8, NF4
 from engine.runtime.member import Change, Coordinator
 from engine.storage.stored import PlainStored, StoredTensor, layout_nbytes, stored_layout
 from engine.transfer.devices import DeviceBackend
