@@ -30,6 +30,7 @@ import torch
 
 from engine.config import VramConfig
 from engine.planning import planner
+from engine.storage.forms import get_form
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,18 @@ class ComponentCost:
 _KEYS = itertools.count(1)
 
 
-def _meta_master(param: torch.Tensor, comp_dtype: torch.dtype, gguf_bytes: int | None = None) -> Any:
+def _meta_master(param: torch.Tensor, comp_dtype: torch.dtype, encoded: tuple[str, int] | None = None) -> Any:
     """A meta master of the parameter's own shape and (logical) dtype: the runtime sizes every
     stored form from that (engine.runtime.component.bytes_at: stored_layout of the place), so one
-    kind of meta master serves bf16, FP8, int8 and NF4 alike. `gguf_bytes`: the GGUF blocks this
-    tensor would read from a .gguf file (what the runtime sizes a "gguf" place by)."""
+    kind of meta master serves every form alike. `encoded`: (form, bytes) of the blocks this
+    tensor would read from a checkpoint file in that form (GGUF: what the runtime sizes a "gguf"
+    place by; `StoredTensor.encoded`)."""
     from engine.storage.stored import PlainStored
 
     dtype = param.dtype if param.dtype != torch.float32 else comp_dtype
     master = PlainStored(torch.empty(param.shape, dtype=dtype, device="meta"))
-    if gguf_bytes is not None:
-        master.gguf_nbytes = gguf_bytes  # type: ignore[attr-defined]  (read by VramRuntime.shapes)
+    if encoded is not None:
+        master.encoded = encoded  # read by VramRuntime.shapes
     return master
 
 
@@ -136,10 +138,11 @@ def model_cost(
     name = ("fp8" if storage else "bf16") if isinstance(storage, bool) else storage
     config = VramConfig.from_dict(vram_config_for(False, disk, device, storage_name=name), check_present=False)
     place = config.place("offload")
-    blocks = _gguf_bytes_per_tensor(model, gguf_bytes) if gguf_bytes is not None and name == "gguf" else {}
+    from_file = gguf_bytes is not None and get_form(name).from_file
+    blocks = _gguf_bytes_per_tensor(model, gguf_bytes) if from_file else {}
     model = enable_vram_management(
         model, vram_config=config, budget=MemoryPool(), onload=False, scheduler=False,
-        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, blocks.get(n)),
+        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, (name, blocks[n]) if n in blocks else None),
     )
     runtime = runtime_of(model)
     order = runtime.planning_order()
