@@ -60,8 +60,9 @@ def _accepted_dtypes(allow_disk: bool) -> str:
     return ", ".join(([DISK] if allow_disk else []) + names) + " (or the torch.dtype itself)"
 
 
-def _form_value(form: Any) -> torch.dtype | str:
-    """What a vram_config holds for a storage form: its torch dtype, or its own name."""
+def form_value(form: Any) -> torch.dtype | str:
+    """What a vram_config holds for a storage form (engine.storage.forms.StorageForm): its torch
+    dtype, or its own name."""
     return getattr(torch, form.dtype) if form.dtype else form.name
 
 
@@ -82,7 +83,7 @@ def parse_dtype(key: str, value: Any, allow_disk: bool) -> torch.dtype | str:
             return _DTYPE_ALIASES[name]
         form = find_form(name)
         if form is not None:
-            return _form_value(form)
+            return form_value(form)
     where = "" if allow_disk else f' ("{DISK}" is only accepted for the offload_* and onload_* keys)'
     raise ValueError(f"vram_config[{key!r}] = {value!r} is not a supported dtype{where}. Accepted: {_accepted_dtypes(allow_disk)}.")
 
