@@ -27,10 +27,10 @@ from typing import Any
 
 GiB = 1024**3
 SETTINGS = {
-    "bf16": {"fp8": False, "disk_offload": False},
-    "fp8": {"fp8": True, "disk_offload": False},
-    "disk": {"fp8": False, "disk_offload": True},
-    "disk+fp8": {"fp8": True, "disk_offload": True},
+    "bf16": {"weights": "bf16", "disk_offload": False},
+    "fp8": {"weights": "fp8", "disk_offload": False},
+    "disk": {"weights": "bf16", "disk_offload": True},
+    "disk+fp8": {"weights": "fp8", "disk_offload": True},
     "int8": {"weights": "int8", "disk_offload": False},
     "nf4": {"weights": "nf4", "disk_offload": False},
     "disk+nf4": {"weights": "nf4", "disk_offload": True},

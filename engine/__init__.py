@@ -6,6 +6,7 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
     from engine import ManagedLinear, ManagedModule, load_model, disable_vram_management
     from engine import load_lora, set_lora_strength, remove_lora, active_loras
     from engine import ModelTables, register_model_tables   # a model class's layer map, LoRA loader, GGUF names
+    from engine import StorageForm, register_form, get_form   (the storage forms' registry)
 
 Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
 UI needs) imports without torch. The sub-packages and their one-way import order are described
@@ -44,6 +45,9 @@ _EXPORTS = {
     "parse_vram_limit": "engine.config",
     "STATES": "engine.layers.state",
     "LayerState": "engine.layers.state",
+    "StorageForm": "engine.storage.forms",
+    "register_form": "engine.storage.forms",
+    "get_form": "engine.storage.forms",
     "CheckpointError": "engine.storage.disk",
     "DiskStored": "engine.storage.disk",
     "Int8Stored": "engine.storage.int8",

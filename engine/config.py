@@ -13,22 +13,24 @@ from typing import Any, Mapping
 
 import torch
 
+from engine.storage.forms import find_form, forms
+
 DISK = "disk"
 
 STATES: tuple[str, ...] = ("offload", "onload", "preparing", "computation")
 CONFIG_KEYS: tuple[str, ...] = tuple(f"{state}_{what}" for state in STATES for what in ("dtype", "device"))
 
+# torch dtypes by name; the storage forms' names ("bf16", "fp8", "int8", ...) come from the
+# registry (engine.storage.forms)
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "float": torch.float32,
     "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
     "float8_e4m3fn": torch.float8_e4m3fn,
-    "fp8": torch.float8_e4m3fn,
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "float8_e5m2": torch.float8_e5m2,
     "fp8_e5m2": torch.float8_e5m2,
@@ -42,37 +44,46 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
 )
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-# Storage forms that are not torch dtypes (engine.storage.int8 / nf4 / gguf). Like FP8 they are
-# storage-only: the bytes cross as stored and are dequantized on the computation device.
-INT8 = "int8"  # symmetric int8, one float32 scale per output channel
-NF4 = "nf4"  # 4-bit NormalFloat codes, one bfloat16 absmax scale per group of 32 inputs
-GGUF = "gguf"  # a .gguf checkpoint's blocks as they are in the file (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, ...)
-QUANT_FORMS: tuple[str, ...] = (INT8, NF4, GGUF)
-_FORM_ALIASES: dict[str, str] = {"int8": INT8, "nf4": NF4, "gguf": GGUF}
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
+def quant_forms() -> tuple[str, ...]:
+    """The storage forms that are names of their own in a vram_config, not torch dtypes ("int8",
+    "nf4", "gguf", ...: engine.storage.forms). Like FP8 they are storage-only: the bytes cross as
+    stored and are dequantized on the computation device."""
+    return tuple(f.name for f in forms() if f.dtype is None)
+
+
 def _accepted_dtypes(allow_disk: bool) -> str:
-    names = sorted(_DTYPE_ALIASES) + list(QUANT_FORMS)
+    dtype_names = set(_DTYPE_ALIASES) | {f.name for f in forms() if f.dtype is not None}
+    names = sorted(dtype_names) + list(quant_forms())
     return ", ".join(([DISK] if allow_disk else []) + names) + " (or the torch.dtype itself)"
 
 
+def form_value(form: Any) -> torch.dtype | str:
+    """What a vram_config holds for a storage form (engine.storage.forms.StorageForm): its torch
+    dtype, or its own name."""
+    return getattr(torch, form.dtype) if form.dtype else form.name
+
+
 def parse_dtype(key: str, value: Any, allow_disk: bool) -> torch.dtype | str:
-    """Turn a dtype given as torch.dtype or name into a torch.dtype, a storage form name
-    ("int8", "nf4", "gguf") or the string "disk"."""
+    """Turn a dtype given as torch.dtype or name into a torch.dtype, a storage form's name
+    ("int8", "nf4", "gguf", ...: engine.storage.forms) or the string "disk"."""
     if isinstance(value, torch.dtype):
         if value in SUPPORTED_DTYPES:
             return value
-        if value == torch.int8:
-            return INT8
+        form = find_form(value)  # torch.int8 names the int8 form
+        if form is not None and form.dtype is None:
+            return form.name
     elif isinstance(value, str):
         name = value.strip().lower().removeprefix("torch.")
         if name == DISK and allow_disk:
             return DISK
         if name in _DTYPE_ALIASES:
             return _DTYPE_ALIASES[name]
-        if name in _FORM_ALIASES:
-            return _FORM_ALIASES[name]
+        form = find_form(name)
+        if form is not None:
+            return form_value(form)
     where = "" if allow_disk else f' ("{DISK}" is only accepted for the offload_* and onload_* keys)'
     raise ValueError(f"vram_config[{key!r}] = {value!r} is not a supported dtype{where}. Accepted: {_accepted_dtypes(allow_disk)}.")
 
@@ -123,8 +134,9 @@ class Place:
 
     @property
     def is_quantized(self) -> bool:
-        """A storage-only form (FP8, int8, nf4, gguf): dequantized on the computation device."""
-        return self.dtype in FP8_DTYPES or self.dtype in QUANT_FORMS
+        """A storage-only form (FP8, int8, nf4, gguf, ...: a registered form with a codec):
+        dequantized on the computation device."""
+        return is_storage_only(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -161,10 +173,12 @@ class VramConfig:
 
         comp_device = parse_device("computation_device", get("computation_device", default_computation_device()), False, check_present)
         comp_dtype = parse_dtype("computation_dtype", get("computation_dtype", torch.bfloat16), False)
-        if comp_dtype in FP8_DTYPES or comp_dtype in QUANT_FORMS:
+        if is_storage_only(comp_dtype):
+            named = [f"{f.title} ({', '.join((f.dtype,) + f.also_dtypes)})" if f.dtype else f.name for f in forms() if f.quantized]
+            storage_only = ", ".join(named[:-1]) + " and " + named[-1]
             raise ValueError(
-                f"vram_config['computation_dtype'] = {config.get('computation_dtype')!r}: FP8 (float8_e4m3fn, "
-                "float8_e5m2), int8, nf4 and gguf are storage dtypes here, computation runs in bfloat16/float16/float32. "
+                f"vram_config['computation_dtype'] = {config.get('computation_dtype')!r}: {storage_only} are "
+                "storage dtypes here, computation runs in bfloat16/float16/float32. "
                 "Put the storage dtype in offload/onload/preparing_dtype."
             )
         prep_device = parse_device("preparing_device", get("preparing_device", comp_device), False, check_present)
@@ -209,6 +223,13 @@ class VramConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in CONFIG_KEYS}
+
+
+def is_storage_only(dtype: torch.dtype | str) -> bool:
+    """Is a vram_config dtype a storage-only form (one with a codec: scaled FP8, int8, nf4, gguf,
+    ...)? Plain float dtypes and "disk" are not."""
+    form = find_form(dtype)
+    return form is not None and form.quantized
 
 
 def storage_name(dtype: torch.dtype | str) -> str:

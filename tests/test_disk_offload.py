@@ -19,7 +19,8 @@ import torch
 from engine import DiskStored, load_model, runtime_of
 from engine.config import Place
 from engine.storage.disk import SafetensorsFile
-from engine.storage.stored import ScaledFp8Stored, store
+from engine.storage.fp8 import ScaledFp8Stored
+from engine.storage.stored import store
 from tests.fixtures.tiny_models import random_bf16_model, run_model
 from tests.test_loader import DISK, RAM
 

@@ -70,7 +70,7 @@ def _estimate(fp8: bool, disk: bool) -> int:
     from tools import replica
 
     config = dict(load_component_configs()["qwen3-4b"], **CONFIG_OVERRIDES)
-    cost = model_cost(replica.meta_model("transformers", "Qwen3Model", config), fp8, disk)
+    cost = model_cost(replica.meta_model("transformers", "Qwen3Model", config), "fp8" if fp8 else "bf16", disk)
     extra, _resident = plan_stage([cost], 0 if disk else None, 0)
     return cost.master_ram_bytes + cost.unmanaged_bytes + extra
 

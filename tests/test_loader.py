@@ -20,7 +20,8 @@ from engine import CheckpointError, DiskStored, enable_vram_management, load_mod
 from engine.config import Place
 from engine.storage.disk import SafetensorsFile
 from engine.loading.loader import read_stored
-from engine.storage.stored import ScaledFp8Stored, store
+from engine.storage.fp8 import ScaledFp8Stored
+from engine.storage.stored import store
 from tests.fixtures.tiny_models import run_model, save_sharded, tiny_model
 
 RAM = {"offload_dtype": torch.bfloat16, "offload_device": "cpu", "computation_dtype": torch.bfloat16, "computation_device": "cpu"}
@@ -140,7 +141,7 @@ def test_chunked_fp8_read_is_bitwise_store(tmp_path, monkeypatch):
     tensors["w"][5] = 0
     save_file(tensors, tmp_path / "q.safetensors")
     shard = SafetensorsFile(tmp_path / "q.safetensors")
-    monkeypatch.setattr(loader, "FP8_CHUNK_BYTES", 10_000)  # many chunks per tensor
+    monkeypatch.setattr(loader, "QUANT_CHUNK_BYTES", 10_000)  # many chunks per tensor
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         place = Place(torch.device("cpu"), dtype)
         for key, tensor in tensors.items():

@@ -28,7 +28,7 @@ from engine.transfer.devices import RegisteredRanges
 from engine.transfer.host_arena import release_free_heap
 from engine.loading.loader import read_stored
 from engine.transfer.pinned import PinnedBudget
-from engine.storage.stored import ScaledFp8Stored
+from engine.storage.fp8 import ScaledFp8Stored
 from tests.test_scheduler import Block, PinningBackend, Stack, log_computes, name_blocks
 
 GB = 1024**3

@@ -73,9 +73,9 @@ def test_vram_limit_from_slider():
         resolve_vram_limit(-1, gpu)
     with pytest.raises(UserFacingError, match="VRAM limit"):
         resolve_vram_limit("lots", gpu)
-    s = settings_for(GenerateRequest("x", vram_limit=2, fp8=True), cpu, "cpu")
+    s = settings_for(GenerateRequest("x", vram_limit=2, weights="fp8"), cpu, "cpu")
     assert s.vram_limit == 2 and s.fp8 and s.device == torch.device("cpu")
-    assert s.build_key == settings_for(GenerateRequest("x", vram_limit=5, fp8=True), cpu, "cpu").build_key
+    assert s.build_key == settings_for(GenerateRequest("x", vram_limit=5, weights="fp8"), cpu, "cpu").build_key
 
 
 def test_vae_memory_plan():

@@ -69,3 +69,34 @@ def test_demo_generates_in_int8_and_nf4_and_the_png_says_so(tmp_path, weights):
     assert snapshots[-1].storage == weights
     pipe = studio.pipeline
     assert pipe is not None
+
+
+def test_fp8_ticked_with_int8_chosen_reuses_the_live_pipeline_and_the_png_says_int8(tmp_path):
+    """The FP8 switch and the weights choice are one storage decision, folded at the UI's boundary
+    (ui.inputs): "auto" with FP8 is "fp8", an explicit form wins. Ticking FP8 while int8 is chosen
+    changes nothing below the UI: the live pipeline is reused (it used to be rebuilt from disk, the
+    FP8 switch being part of the build key) and the PNG says int8 throughout (it used to say
+    "FP8: on, Weights: int8")."""
+    import numpy as np
+
+    from ui import inputs
+
+    def request(fp8: bool, weights: str) -> GenerateRequest:
+        return GenerateRequest(**inputs.request_fields("a fox", "", None, None, None, 2, None, 3, 0, fp8, False, "", weights))
+
+    assert request(True, "auto").weights == "fp8" and request(False, "auto").weights == "auto"
+    assert request(True, "int8").weights == request(False, "int8").weights == "int8"
+
+    def run(fp8: bool) -> GenerationResult:
+        return [i for i in studio.generate(request(fp8, "int8")) if isinstance(i, GenerationResult)][0]
+
+    studio = Studio(tmp_path / "models", tmp_path / "outputs", device="cpu")
+    first = run(False)
+    builds, pipe = studio.builds, studio.pipeline
+    second = run(True)
+    assert studio.builds == builds and studio.pipeline is pipe
+    for result in (first, second):
+        fields = parse_infotext(result.parameters)
+        assert fields["Weights"] == "int8" and fields["FP8"] == "off", result.parameters
+        assert result.settings["weights"] == "int8" and result.settings["fp8"] is False
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))

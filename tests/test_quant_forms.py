@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from engine import enable_vram_management, layer_state_bytes, load_model, runtime_of, vram_budget
-from engine.config import INT8, NF4, Place, VramConfig
+from engine.config import Place, VramConfig
+from engine.storage.forms import INT8, NF4
 from engine.loading.loader import read_stored
 from engine.runtime.component import bytes_at
 from engine.storage.disk import SafetensorsFile
@@ -127,7 +128,7 @@ def test_load_model_quantizes_chunk_by_chunk_bitwise_like_store(qwen_checkpoint,
     import engine.loading.loader as loader
 
     cls, directory, plain, inputs = qwen_checkpoint
-    monkeypatch.setattr(loader, "FP8_CHUNK_BYTES", 4096)  # many chunks per tensor
+    monkeypatch.setattr(loader, "QUANT_CHUNK_BYTES", 4096)  # many chunks per tensor
     place = Place(CPU, form)
     for shard in directory.glob("*.safetensors"):
         f = SafetensorsFile(shard)

@@ -150,7 +150,7 @@ def test_the_studio_refuses_a_load_that_would_exhaust_ram(tmp_path, monkeypatch)
     est = studio.estimate(request)
     assert not est.fits and 19 < est.ram_gb < 21
     assert any("Use FP8 or disk offload" in w for w in est.warnings), est.warnings
-    assert studio.estimate(dataclasses.replace(request, fp8=True)).fits  # 9.6 GiB of FP8 masters
+    assert studio.estimate(dataclasses.replace(request, weights="fp8")).fits  # 9.6 GiB of FP8 masters
     with pytest.raises(UserFacingError, match="Not loading: .*Use FP8 or disk offload"):
         list(studio.generate(request))
     assert studio.builds == 0 and studio.pipeline is None

@@ -79,7 +79,7 @@ def test_the_estimate_costs_are_the_planner_input_of_a_real_load(tmp_path, model
     cls = component_classes(read_model_index(root))[component]
     loaded = runtime_of(load_model(cls, root / component, vram_config=vram_config_for(False, True, "cpu"), onload=False)).costs()
     comp = get_model(model_id).components[component]
-    meta = model_cost(build_on_meta(comp.library, comp.class_name, load_component_configs()[comp.config_id]), False, True).member
+    meta = model_cost(build_on_meta(comp.library, comp.class_name, load_component_configs()[comp.config_id]), "bf16", True).member
     shape = lambda m: [(l.resident_bytes, l.transient_resident, l.transient_streamed, l.is_leaf) for l in m.layers]
     assert len(meta.layers) == len(loaded.layers) > 100
     assert shape(meta) == shape(loaded)

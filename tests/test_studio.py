@@ -166,11 +166,11 @@ def test_vram_limit_change_replans_other_settings_rebuild(studio, registry, monk
             assert studio.pipeline is pipe and pipe.budget.limit_gb == limit
             assert np.array_equal(pixels(r), pixels(base))  # bf16: identical at every limit
     assert studio.builds == builds
-    collect(studio, GenerateRequest("a bowl of fruit", seed=3, fp8=True))
+    collect(studio, GenerateRequest("a bowl of fruit", seed=3, weights="fp8"))
     assert studio.builds == builds + 1 and studio.pipeline is not pipe
-    collect(studio, GenerateRequest("a bowl of fruit", seed=3, fp8=True, vram_limit=1))
+    collect(studio, GenerateRequest("a bowl of fruit", seed=3, weights="fp8", vram_limit=1))
     assert studio.builds == builds + 1
-    collect(studio, GenerateRequest("a bowl of fruit", model="tiny-flux1", seed=3, fp8=True, vram_limit=1))
+    collect(studio, GenerateRequest("a bowl of fruit", model="tiny-flux1", seed=3, weights="fp8", vram_limit=1))
     assert studio.builds == builds + 2
 
 
@@ -186,7 +186,7 @@ STRATEGIES = {
 def test_families_under_fp8_disk_and_limits(studio, model):
     bf16 = []
     for fp8, disk, limit in STRATEGIES[model]:
-        request = GenerateRequest("a cat in a garden", negative_prompt="ugly", model=model, seed=5, fp8=fp8, disk_offload=disk, vram_limit=limit)
+        request = GenerateRequest("a cat in a garden", negative_prompt="ugly", model=model, seed=5, weights="fp8" if fp8 else "auto", disk_offload=disk, vram_limit=limit)
         events, r = collect(studio, request)
         assert r is not None and r.image.size == (64, 64), (fp8, disk, limit)
         fields = parse_infotext(Image.open(r.path).text["parameters"])
@@ -361,11 +361,11 @@ def test_estimate(studio):
     big = studio.estimate(GenerateRequest("x", model="qwen-image", width=1024, height=1024, vram_limit=0.5))
     assert not big.fits and big.smallest_feasible_vram_limit_gb > 0.5
     assert any("below the smallest" in w for w in big.warnings)
-    ok = studio.estimate(GenerateRequest("x", model="qwen-image", width=1024, height=1024, vram_limit=8, fp8=True, disk_offload=True))
+    ok = studio.estimate(GenerateRequest("x", model="qwen-image", width=1024, height=1024, vram_limit=8, weights="fp8", disk_offload=True))
     assert ok.vram_gb <= 8 and ok.streamed_gb_per_step > 0 and ok.disk_gb > 40
     plain = studio.estimate(GenerateRequest("x", model="qwen-image", width=1024, height=1024, vram_limit=8))
     assert plain.ram_gb > ok.ram_gb  # disk offload + FP8 need far less RAM
-    assert studio.estimate(GenerateRequest("x", model="qwen-image", vram_limit=8, fp8=True)).streamed_gb_per_step < plain.streamed_gb_per_step
+    assert studio.estimate(GenerateRequest("x", model="qwen-image", vram_limit=8, weights="fp8")).streamed_gb_per_step < plain.streamed_gb_per_step
     assert "" not in (studio.estimate(GenerateRequest("", model="qwen-image")).warnings or ("x",))  # empty prompt is fine for an estimate
 
 
@@ -386,7 +386,7 @@ def test_estimate_counts_the_gpu_schedulers_slots(tmp_path):
     assert embedding == max(c.member.group_bytes for c in costs.values()) and embedding >= 152064 * 3584 * 2
     gap = gpu.smallest_feasible_vram_limit_gb - cpu.smallest_feasible_vram_limit_gb
     assert 2 * embedding / 1024**3 <= gap <= 3 * embedding / 1024**3, gap
-    fp8 = Studio(tmp_path / "m", tmp_path / "o", device="cuda").estimate(dataclasses.replace(request, fp8=True))
+    fp8 = Studio(tmp_path / "m", tmp_path / "o", device="cuda").estimate(dataclasses.replace(request, weights="fp8"))
     assert fp8.smallest_feasible_vram_limit_gb < gpu.smallest_feasible_vram_limit_gb  # FP8 slots are half
 
 
@@ -406,7 +406,7 @@ def test_estimate_uses_the_planners_floor_once_the_build_has_run(tmp_path, regis
     measured = studio.estimate(request)
     assert measured.smallest_feasible_vram_limit_gb > 7 and not measured.fits
     assert measured.smallest_feasible_vram_limit_gb == math.ceil((7 * 1024**3 + _activations(studio, request)) / 1024**3 * 10) / 10
-    other_build = studio.estimate(dataclasses.replace(request, fp8=True))  # not the pipeline that ran
+    other_build = studio.estimate(dataclasses.replace(request, weights="fp8"))  # not the pipeline that ran
     assert other_build.smallest_feasible_vram_limit_gb < 7
     assert by_formula < 7
 

@@ -59,6 +59,12 @@ def model_choices(models: Sequence[ModelChoice]) -> list[tuple[str, str]]:
     return [(model_label(m), m.id) for m in models]
 
 
+def quantize_info(forms: Iterable[Any]) -> str:
+    """The "Quantize" dropdown's note: each form's size against bf16 (engine.storage.forms)."""
+    sizes = ", ".join(f"{f.name} ~{f.size_factor:.2g}x" for f in forms)
+    return f"On the fly: {sizes} the memory; wins over FP8"
+
+
 def hardware_note(hw: HardwareInfo) -> str:
     """One line under the VRAM controls."""
     if not hw.has_gpu:

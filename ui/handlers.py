@@ -25,6 +25,7 @@ from engine.generation.types import (
     ModelChoice,
     UserFacingError,
 )
+from engine.storage.forms import FP8, StorageForm, offered_forms
 
 from . import formatting, inputs
 from .formatting import image_mode, image_note_markdown, takes_images
@@ -76,8 +77,15 @@ WATCH_INTERVAL_S = 0.25
 STREAM_POLL_S = 0.1
 GPU_QUEUE = "gpu"  # the concurrency group of every generation (page and API)
 
-#: the UI's "Quantize" choices -> GenerateRequest.weights ("off": the FP8 toggle decides)
-QUANTIZE_CHOICES = ("off", "int8", "nf4")
+def quantize_forms() -> tuple[StorageForm, ...]:
+    """The forms the page's "Quantize" dropdown offers: every quantized form the registry offers
+    but FP8, which has its own checkbox (engine.storage.forms: int8, nf4, ...)."""
+    return tuple(f for f in offered_forms() if f.quantized and f.name != FP8)
+
+
+def quantize_choices() -> tuple[str, ...]:
+    """The "Quantize" dropdown's choices -> GenerateRequest.weights ("off": the FP8 toggle decides)."""
+    return ("off",) + tuple(f.name for f in quantize_forms())
 
 
 def quantize_to_weights(value: str | None) -> str:
@@ -87,11 +95,11 @@ def quantize_to_weights(value: str | None) -> str:
 
 def weights_to_controls(weights: str) -> tuple[bool, str]:
     """A storage form (SuggestedSettings.weights) -> the page's (FP8 checkbox, Quantize choice):
-    "int8"/"nf4" -> (off, that), "fp8" -> (on, "off"), "bf16" and a GGUF entry's "gguf" (its file
-    decides) -> (off, "off")."""
-    if weights in QUANTIZE_CHOICES[1:]:
+    a Quantize form ("int8", "nf4", ...) -> (off, that), "fp8" -> (on, "off"), "bf16" and a GGUF
+    entry's "gguf" (its file decides) -> (off, "off")."""
+    if weights in quantize_choices()[1:]:
         return False, weights
-    return weights == "fp8", "off"
+    return weights == FP8, "off"
 
 
 class Handlers:
@@ -559,8 +567,8 @@ class Handlers:
         loras: comma-separated `id[:strength]` (strength 1 when left out), applied in that order,
         e.g. "ink:0.8, hf:owner/repo:0.5"; A1111's "<lora:ink:0.8>" works too. An id is a file in
         the LoRA folder (its path there without .safetensors) or hf:owner/repo[/file.safetensors].
-        weights: how the weights are stored, "auto" (fp8 decides), "bf16", "fp8", "int8" or "nf4"
-        (a GGUF model keeps its file's blocks).
+        weights: how the weights are stored, "auto" (fp8 decides) or a storage form the app offers
+        ("bf16", "fp8", "int8", "nf4", ...: engine.storage.forms; a GGUF model keeps its file's blocks).
         image: one uploaded image or a list (image-to-image, or an edit model's references; with an
         input image and no size, the output takes the image's, fitted); strength: 0..1,
         image-to-image only (empty = 0.6).

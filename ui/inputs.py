@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.generation.lora_library import parse_lora_spec
-from engine.generation.types import WEIGHTS, UserFacingError
+from engine.generation.types import UserFacingError
+from engine.storage.forms import FP8, weights_choices
 
 TRUE_STRINGS = ("true", "1")
 FALSE_STRINGS = ("false", "0")
@@ -130,7 +131,9 @@ def request_fields(
     guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any, loras: Any = "", weights: Any = "auto",
     image: Any = None, strength_value: Any = None,
 ) -> dict[str, Any]:
-    """The GenerateRequest fields, each checked; UserFacingError names the first bad one."""
+    """The GenerateRequest fields, each checked; UserFacingError names the first bad one. The
+    `fp8` switch (the page's checkbox, the API's `fp8`) is folded into `weights` here: below the
+    UI a request carries one storage decision."""
     return dict(
         prompt=text("prompt", prompt, required=True),
         negative_prompt=text("negative_prompt", negative_prompt),
@@ -141,22 +144,28 @@ def request_fields(
         guidance=real("guidance", guidance, "a number, or null for the model's default"),
         seed=seed(seed_value),
         vram_limit=vram_limit(vram),
-        fp8=flag("fp8", fp8),
         disk_offload=flag("disk_offload", disk_offload),
         loras=lora_list(loras),
-        weights=weights_choice(weights),
+        weights=with_fp8(weights_choice(weights), flag("fp8", fp8)),
         images=images(image),
         strength=strength(strength_value),
     )
 
 
 def weights_choice(value: Any) -> str:
-    """`weights`: how the weights are stored (engine.generation.types.WEIGHTS)."""
+    """`weights`: how the weights are stored (engine.storage.forms.weights_choices())."""
+    accepted = weights_choices()
     if value is None:
         return "auto"
-    if not isinstance(value, str) or value.strip().lower() not in WEIGHTS:
-        raise bad("weights", value, "one of " + ", ".join(f'"{w}"' for w in WEIGHTS) + ' ("auto": the fp8 switch decides)')
+    if not isinstance(value, str) or value.strip().lower() not in accepted:
+        raise bad("weights", value, "one of " + ", ".join(f'"{w}"' for w in accepted) + ' ("auto": the fp8 switch decides)')
     return value.strip().lower()
+
+
+def with_fp8(weights: str, fp8: bool) -> str:
+    """The one storage decision from the page's two controls (the API's `weights` and `fp8`):
+    the FP8 switch stands for "fp8" when `weights` is "auto"; an explicit form wins."""
+    return FP8 if fp8 and weights == "auto" else weights
 
 
 def lora_list(value: Any) -> tuple[tuple[str, float], ...]:

@@ -11,9 +11,11 @@ from typing import Any
 
 import gradio as gr
 
+from engine.storage.forms import weights_choices
+
 from . import formatting
 from .formatting import image_mode, image_note_markdown, takes_images
-from .handlers import GPU_QUEUE, Handlers
+from .handlers import GPU_QUEUE, Handlers, quantize_choices, quantize_forms
 from .inputs import raw
 
 TITLE = "lowvram-studio"
@@ -191,8 +193,8 @@ def build_demo(studio: Any) -> gr.Blocks:
                     with gr.Row():
                         fp8 = gr.Checkbox(label="FP8", value=False, info="Store weights in scaled FP8: half the memory")
                         quantize = gr.Dropdown(
-                            label="Quantize", choices=["off", "int8", "nf4"], value="off", elem_id="quantize",
-                            info="On the fly: int8 ~half, nf4 (4-bit) ~0.28x the memory; wins over FP8",
+                            label="Quantize", choices=list(quantize_choices()), value="off", elem_id="quantize",
+                            info=formatting.quantize_info(quantize_forms()),
                         )
                         disk_offload = gr.Checkbox(
                             label="Disk offload", value=False, info="Keep offloaded weights on disk instead of RAM"
@@ -268,7 +270,7 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Checkbox(label="fp8", value=False),
                 gr.Checkbox(label="disk_offload", value=False),
                 gr.Textbox(label="loras", value="", info='comma-separated "id:strength", e.g. "ink:0.8, hf:owner/repo:0.5"'),
-                gr.Dropdown(label="weights", choices=["auto", "bf16", "fp8", "int8", "nf4"], value="auto"),
+                gr.Dropdown(label="weights", choices=list(weights_choices()), value="auto"),
                 _any_files(gr.File(label="image", file_count="multiple", file_types=["image"], value=None)),
                 gr.Number(label="strength", value=None),
             )]

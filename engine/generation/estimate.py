@@ -30,6 +30,7 @@ import torch
 
 from engine.config import VramConfig
 from engine.planning import planner
+from engine.storage.forms import default_form, get_form, offered_forms
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,18 @@ class ComponentCost:
 _KEYS = itertools.count(1)
 
 
-def _meta_master(param: torch.Tensor, comp_dtype: torch.dtype, gguf_bytes: int | None = None) -> Any:
+def _meta_master(param: torch.Tensor, comp_dtype: torch.dtype, encoded: tuple[str, int] | None = None) -> Any:
     """A meta master of the parameter's own shape and (logical) dtype: the runtime sizes every
     stored form from that (engine.runtime.component.bytes_at: stored_layout of the place), so one
-    kind of meta master serves bf16, FP8, int8 and NF4 alike. `gguf_bytes`: the GGUF blocks this
-    tensor would read from a .gguf file (what the runtime sizes a "gguf" place by)."""
+    kind of meta master serves every form alike. `encoded`: (form, bytes) of the blocks this
+    tensor would read from a checkpoint file in that form (GGUF: what the runtime sizes a "gguf"
+    place by; `StoredTensor.encoded`)."""
     from engine.storage.stored import PlainStored
 
     dtype = param.dtype if param.dtype != torch.float32 else comp_dtype
     master = PlainStored(torch.empty(param.shape, dtype=dtype, device="meta"))
-    if gguf_bytes is not None:
-        master.gguf_nbytes = gguf_bytes  # type: ignore[attr-defined]  (read by VramRuntime.shapes)
+    if encoded is not None:
+        master.encoded = encoded  # read by VramRuntime.shapes
     return master
 
 
@@ -91,7 +93,7 @@ def component_cost(
     library: str, class_name: str, config_id: str, storage: str, disk: bool, device: str, gguf_bytes: int | None = None
 ) -> ComponentCost:
     """Build a catalogued component on meta and cost it under the app's config for (storage,
-    disk, device); `storage` is a storage name ("bf16", "fp8", "int8", "nf4", "gguf"), `device`
+    disk, device); `storage` is a storage form's name (engine.storage.forms), `device`
     "cpu" or "cuda" (never touched: a meta build only plans). `gguf_bytes`: a GGUF denoiser's
     file size (its blocks are its stored form). Cached: the first Qwen-Image estimate builds
     its 20B transformer, its 8B text encoder and its VAE on meta (see engine.generation.vram_estimate)."""
@@ -112,11 +114,10 @@ def _gguf_bytes_per_tensor(model: torch.nn.Module, file_bytes: int) -> dict[str,
 
 
 def model_cost(
-    model: torch.nn.Module, storage: str | bool, disk: bool, device: str = "cpu", gguf_bytes: int | None = None
+    model: torch.nn.Module, storage: str, disk: bool, device: str = "cpu", gguf_bytes: int | None = None
 ) -> ComponentCost:
     """Manage a meta-device model under the app's config for (storage, disk, device), as the
-    loader would, and return the planner's costs of it. `storage`: a storage name, or a bool for
-    the FP8 toggle (True: "fp8", False: "bf16"). On a GPU (`device` "cuda") every component
+    loader would, and return the planner's costs of it. `storage`: a storage form's name. On a GPU (`device` "cuda") every component
     streams through a transfer scheduler: its `group_bytes` (the slot the planner pays for) is
     laid out from the shapes at the place it streams from, as `max_group_bytes` would from real
     copies. Nothing touches CUDA: the config is not checked against this host and no scheduler
@@ -132,13 +133,14 @@ def model_cost(
         planned_piece_bytes,
     )
 
-    name = ("fp8" if storage else "bf16") if isinstance(storage, bool) else storage
+    name = storage
     config = VramConfig.from_dict(vram_config_for(False, disk, device, storage_name=name), check_present=False)
     place = config.place("offload")
-    blocks = _gguf_bytes_per_tensor(model, gguf_bytes) if gguf_bytes is not None and name == "gguf" else {}
+    from_file = gguf_bytes is not None and get_form(name).from_file
+    blocks = _gguf_bytes_per_tensor(model, gguf_bytes) if from_file else {}
     model = enable_vram_management(
         model, vram_config=config, budget=MemoryPool(), onload=False, scheduler=False,
-        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, blocks.get(n)),
+        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, (name, blocks[n]) if n in blocks else None),
     )
     runtime = runtime_of(model)
     order = runtime.planning_order()
@@ -194,12 +196,13 @@ def component_costs(
     if specs is None:
         return None
     gguf = getattr(entry, "gguf", None)
+    from_file = get_form(storage).from_file
     costs: dict[str, ComponentCost] = {}
     for name, (library, class_name, config_id) in specs.items():
-        blocks = int(gguf.bytes) if gguf is not None and name == family.denoiser and storage == "gguf" else None
+        blocks = int(gguf.bytes) if gguf is not None and name == family.denoiser and from_file else None
         # a GGUF entry: only the denoiser comes from the .gguf; the others are the base repo's
         # .safetensors, plain bf16 like any bf16 load
-        form = "bf16" if storage == "gguf" and name != family.denoiser else storage
+        form = default_form().name if from_file and name != family.denoiser else storage
         try:
             costs[name] = component_cost(library, class_name, config_id, form, disk, device, blocks)
         except Exception:  # pragma: no cover - estimate only
@@ -320,13 +323,28 @@ def estimate_ram(
 
 
 # --- the verdict the Studio gives before it loads -------------------------------------------------
-SETTING_NAMES = {
-    ("bf16", False): "bf16 in RAM", ("fp8", False): "FP8", ("int8", False): "int8", ("nf4", False): "NF4 (4-bit)",
-    ("bf16", True): "disk offload", ("fp8", True): "FP8 + disk offload", ("int8", True): "int8 + disk offload",
-    ("nf4", True): "NF4 + disk offload", ("gguf", False): "the GGUF file's blocks in RAM", ("gguf", True): "disk offload",
-}
-#: what the refusal message offers instead, in this order (least precision lost first)
-ALTERNATIVES = (("fp8", False), ("bf16", True), ("nf4", False), ("fp8", True))
+def setting_name(storage: str, disk: bool) -> str:
+    """A setting as the refusal message names it: "FP8", "NF4 + disk offload", "bf16 in RAM",
+    "the GGUF file's blocks in RAM", "disk offload" (the default form or a file's blocks on disk)."""
+    form = get_form(storage)
+    if form.name == default_form().name or form.from_file:
+        if disk:
+            return "disk offload"
+        return f"the {form.title} file's blocks in RAM" if form.from_file else f"{form.title} in RAM"
+    return form.title + (" + disk offload" if disk else "")
+
+
+def alternatives(storage: str) -> tuple[tuple[str, bool], ...]:
+    """What the refusal message offers instead, in this order (least precision lost first): the
+    most precise quantized form the UI offers (FP8), disk offload, the smallest form (NF4), the
+    first again with disk offload. A GGUF entry keeps its file's blocks: only disk offload."""
+    if get_form(storage).from_file:
+        return ((storage, True),)
+    quantized = [f for f in offered_forms() if f.quantized]
+    if not quantized:
+        return ((default_form().name, True),)
+    first, smallest = quantized[0].name, min(quantized, key=lambda f: f.size_factor).name
+    return ((first, False), (default_form().name, True), (smallest, False), (first, True))
 
 
 @dataclass(frozen=True)
@@ -357,8 +375,8 @@ def cpu_ram_verdict(
         return RamVerdict(est, free, True, "")
     fitting = []
     # a GGUF entry keeps its file's blocks whatever the storage choice says: only disk offload changes it
-    for alt_storage, alt_disk in ((("gguf", True),) if storage == "gguf" else ALTERNATIVES):
-        if (alt_storage, alt_disk) == (storage, disk) or (alt_disk and disk and alt_storage == "bf16"):
+    for alt_storage, alt_disk in alternatives(storage):
+        if (alt_storage, alt_disk) == (storage, disk) or (alt_disk and disk and alt_storage == default_form().name):
             continue
         alt_limit = 0 if alt_disk else None
         alt = estimate_ram(
@@ -366,11 +384,11 @@ def cpu_ram_verdict(
             local_path=local_path,
         )
         if alt is not None and alt.minimum_bytes <= free:
-            fitting.append(SETTING_NAMES[(alt_storage, alt_disk)])
+            fitting.append(setting_name(alt_storage, alt_disk))
     name = getattr(entry, "name", "this model")
     tip = f" Use {' or '.join(fitting[:2])}." if fitting else " No setting fits: free some RAM or use a smaller model."
     message = (
-        f"{name} with {SETTING_NAMES.get((storage, disk), storage)} needs about {est.minimum_bytes / GiB:.1f} GiB of RAM "
+        f"{name} with {setting_name(storage, disk)} needs about {est.minimum_bytes / GiB:.1f} GiB of RAM "
         f"({est.masters_bytes / GiB:.1f} GiB of weights in RAM), and {free / GiB:.1f} GiB is available.{tip}"
     )
     return RamVerdict(est, free, False, message)

@@ -2,16 +2,18 @@
 
 The UI offers four memory controls: an FP8 toggle, a "quantize" choice (8-bit int or 4-bit
 NF4 storage, on the fly), a disk-offload checkbox and a VRAM slider ("Auto" or a number of GB).
-This module turns them into the eight-key `vram_config` and the `vram_limit` the engine takes,
-and detects what the host has:
+The UI folds the FP8 toggle into the storage choice at its boundary (`resolve_storage`'s `fp8`);
+below it a request carries one storage decision, `GenerateRequest.weights`. This module turns
+the choices into the eight-key `vram_config` and the `vram_limit` the engine takes, and detects
+what the host has:
 
-* Weights (`GenerateRequest.weights`, the API's `weights` parameter), one of `WEIGHTS`:
-  "auto" (the FP8 toggle decides: "fp8" when on, else "bf16"), "bf16", "fp8" (scaled
-  float8_e4m3fn), "int8" (per-channel int8), "nf4" (4-bit NormalFloat, groups of 32). A GGUF
-  catalogue entry stores its file's blocks ("gguf") whatever is chosen. Offload, onload and,
-  on a GPU, preparing copies use that form; computation runs in bfloat16 on the computation
-  device. On a CPU the resident copies are bfloat16: dequantized once, as far as the RAM room
-  allows, not at every forward.
+* Weights (`GenerateRequest.weights`, the API's `weights` parameter), one of
+  `engine.storage.forms.weights_choices()`: "auto" (the default form, bf16), or a registered form
+  the UI offers ("bf16", "fp8": scaled float8_e4m3fn, "int8": per-channel int8, "nf4": 4-bit
+  NormalFloat, groups of 32, ...). A GGUF catalogue entry stores its file's blocks ("gguf")
+  whatever is chosen. Offload, onload and, on a GPU, preparing copies use that form; computation
+  runs in bfloat16 on the computation device. On a CPU the resident copies are bfloat16:
+  dequantized once, as far as the RAM room allows, not at every forward.
 * Disk offload on: the master copies stay in their .safetensors files ("disk").
 * Slider: GB for the engine's ledger; "Auto"/None = detected VRAM minus a margin. On a host
   without a GPU everything runs on the CPU (computation_device "cpu", bfloat16) and Auto means
@@ -29,8 +31,9 @@ from typing import Any
 
 import torch
 
-from engine.generation.types import WEIGHTS, GenerateRequest, HardwareInfo, UserFacingError
-from engine.config import DISK, VramConfig, parse_vram_limit
+from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
+from engine.config import DISK, VramConfig, form_value, parse_vram_limit
+from engine.storage.forms import FP8, default_form, file_form, get_form, weights_choices
 
 GB = 1024**3
 
@@ -40,27 +43,27 @@ AUTO_MARGIN_GB = 1.5
 AUTO_MARGIN_FRACTION = 0.08
 
 COMPUTATION_DTYPE = torch.bfloat16
-FP8_DTYPE = torch.float8_e4m3fn
-
-#: storage name -> the vram_config dtype or form
-STORAGE_DTYPES: dict[str, Any] = {"bf16": COMPUTATION_DTYPE, "fp8": FP8_DTYPE, "int8": "int8", "nf4": "nf4", "gguf": "gguf"}
-#: stored bytes per bf16 byte of a model, for the estimate (matrices dominate; scales included)
-STORAGE_SIZE_FACTORS: dict[str, float] = {"bf16": 1.0, "fp8": 0.5, "int8": 0.5, "nf4": 0.29, "gguf": 1.0}
-#: what the UI and the infotext call each storage
-STORAGE_LABELS: dict[str, str] = {
-    "bf16": "bf16", "fp8": "fp8 (scaled e4m3)", "int8": "int8 (per channel)", "nf4": "nf4 (4-bit, groups of 32)", "gguf": "gguf (file's blocks)",
-}
 
 
-def resolve_storage(weights: str | None, fp8: bool, gguf: bool = False) -> str:
-    """The storage a request runs with: "bf16", "fp8", "int8", "nf4" or "gguf" (a GGUF entry)."""
+def __getattr__(name: str) -> Any:
+    if name == "WEIGHTS":  # the accepted `weights`, as registered now (engine.storage.forms)
+        return weights_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_storage(weights: str | None, fp8: bool = False, gguf: bool = False) -> str:
+    """The storage form a request runs with (a registered form's name). `weights` is one of
+    `weights_choices()`: "auto" is the default form (bf16). `fp8` is the UI's FP8 toggle, folded
+    in at the UI's boundary: with "auto" it means "fp8"; an explicit form wins. `gguf`: the model
+    is a GGUF catalogue entry, whose file's blocks are its storage whatever is asked."""
     if gguf:
-        return "gguf"
+        return file_form().name  # type: ignore[union-attr]
     choice = (weights or "auto").strip().lower()
-    if choice not in WEIGHTS:
-        raise UserFacingError(f"weights={weights!r} is not a storage choice. Use one of: {', '.join(WEIGHTS)}.")
+    accepted = weights_choices()
+    if choice not in accepted:
+        raise UserFacingError(f"weights={weights!r} is not a storage choice. Use one of: {', '.join(accepted)}.")
     if choice == "auto":
-        return "fp8" if fp8 else "bf16"
+        return FP8 if fp8 else default_form().name
     return choice
 
 
@@ -90,11 +93,12 @@ def detect_hardware() -> HardwareInfo:
 
 
 def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None) -> dict[str, Any]:
-    """The eight-key vram_config for the UI's FP8 toggle (or a storage name, which wins) and disk
-    checkbox. With disk offload the masters stay in their files and the resident copies take the
-    storage form."""
+    """The eight-key vram_config for a storage form (`storage_name`, a registered form; None: the
+    UI's FP8 toggle decides between "fp8" and the default form) and the disk checkbox. With disk
+    offload the masters stay in their files and the resident copies take the storage form."""
     device = torch.device(device) if device is not None else computation_device()
-    storage = STORAGE_DTYPES[storage_name] if storage_name else (FP8_DTYPE if fp8 else COMPUTATION_DTYPE)
+    form = get_form(storage_name or resolve_storage("auto", fp8))
+    storage = form_value(form)
     if disk_offload:
         offload_device = onload_device = offload_dtype = onload_dtype = DISK
     else:
@@ -132,30 +136,40 @@ def _is_auto(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """What one generation runs under. `build_key` decides whether the live pipeline can be
-    reused (only the vram_limit changed: re-plan) or must be rebuilt."""
+    """What one generation runs under: one storage decision (`storage`, a registered form's
+    name), disk offload, the limit and the device. `build_key` decides whether the live pipeline
+    can be reused (only the vram_limit changed: re-plan) or must be rebuilt."""
 
-    fp8: bool
     disk_offload: bool
     vram_limit: float | None
     device: torch.device
-    storage: str = ""  # resolve_storage's answer; "" = from the FP8 toggle
+    storage: str  # resolve_storage's answer
 
     @property
     def storage_name(self) -> str:
-        return self.storage or ("fp8" if self.fp8 else "bf16")
+        return self.storage
+
+    @property
+    def fp8(self) -> bool:
+        """The weights are stored in FP8 (for display: the infotext's "FP8" field)."""
+        return self.storage == FP8
 
     @property
     def storage_label(self) -> str:
-        return STORAGE_LABELS[self.storage_name]
+        return get_form(self.storage).label
+
+    @property
+    def size_factor(self) -> float:
+        """Stored bytes per bf16 byte of the model (engine.storage.forms.StorageForm.size_factor)."""
+        return get_form(self.storage).size_factor
 
     @property
     def vram_config(self) -> VramConfig:
-        return VramConfig.from_dict(vram_config_for(self.fp8, self.disk_offload, self.device, self.storage_name))
+        return VramConfig.from_dict(vram_config_for(False, self.disk_offload, self.device, self.storage))
 
     @property
-    def build_key(self) -> tuple[bool, bool, str, str]:
-        return (self.fp8, self.disk_offload, str(self.device), self.storage_name)
+    def build_key(self) -> tuple[bool, str, str]:
+        return (self.disk_offload, str(self.device), self.storage)
 
     def describe_limit(self) -> str:
         if self.vram_limit is None:
@@ -172,7 +186,7 @@ def settings_for(
     if limit is not None and (math.isnan(limit) or limit < 0):
         raise UserFacingError("VRAM limit must be 0 GB or more.")
     dev = torch.device(device) if device is not None else computation_device()
-    storage = resolve_storage(getattr(request, "weights", None), bool(request.fp8), gguf)
+    storage = resolve_storage(request.weights, gguf=gguf)
     if limit is None and dev.type == "cpu" and request.disk_offload and _is_auto(request.vram_limit):
         limit = 0.0  # Auto on a CPU with disk offload: weights stay in their files (see the module doc)
-    return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev, storage)
+    return EngineSettings(bool(request.disk_offload), limit, dev, storage)

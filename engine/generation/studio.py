@@ -18,7 +18,7 @@ A1111-style "parameters" text chunk) is already on disk. Setting `cancel` stops 
 a "cancelled" event ends the stream and nothing is decoded. A failure yields an "error" event and
 then raises (UserFacingError for problems the user can fix). The Studio stays usable afterwards.
 
-One live pipeline, rebuilt lazily: another model, or another FP8/disk choice, rebuilds it at
+One live pipeline, rebuilt lazily: another model, or another storage/disk choice, rebuilds it at
 generate time; another VRAM limit only re-plans the shared budget (no file is read).
 """
 
@@ -62,7 +62,7 @@ from engine.generation.pipelines import (
     activation_bytes,
     build_pipeline,
 )
-from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, _is_auto, detect_hardware, settings_for
+from engine.generation.settings import EngineSettings, _is_auto, detect_hardware, settings_for
 from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
 from engine.generation.preview import Previewer
 from engine.generation.suggest import StepWork, suggest_settings
@@ -75,7 +75,6 @@ BUSY_WAIT_S = 60.0
 #: the temporary name a PNG is written under before it is renamed into place
 PARTIAL_SUFFIX = ".partial"
 SEED_MAX = 2**32 - 1
-FP8_SIZE_FACTOR = 0.52  # FP8 weight matrices + per-row scales + the bf16 vectors, of the bf16 bytes
 
 
 def _default_registry() -> Any:
@@ -605,7 +604,7 @@ class Studio:
         slots of the largest block; what the limit cannot hold of the denoiser streams."""
         entry, s = r.entry, r.settings
         fam = FAMILIES[entry.family]
-        factor = FP8_SIZE_FACTOR if s.storage_name == "fp8" else STORAGE_SIZE_FACTORS[s.storage_name]
+        factor = s.size_factor
         stored = {n: int(b * factor) for n, b in sizes.items()}
         stage_bytes: dict[str, int] = {}
         for name, b in stored.items():

@@ -7,9 +7,10 @@ Everything about memory comes from one function, `estimate(request, hardware) ->
 (measured floors, RAM as a budget on the CPU, other storage forms) the suggestion follows. This
 module adds only
 
-* the grid of candidates: every storage form (`storage_forms`: bf16, FP8, int8, NF4, each with
-  and without disk offload; a GGUF catalogue entry keeps its file's blocks, so only its disk
-  offload choice varies) times the VRAM limits a machine can take (`limit_grid`),
+* the grid of candidates: every storage form the UI offers (`storage_forms`: the registry's,
+  engine.storage.forms: bf16, FP8, int8, NF4, ..., each with and without disk offload; a GGUF
+  catalogue entry keeps its file's blocks, so only its disk offload choice varies) times the VRAM
+  limits a machine can take (`limit_grid`),
 * `fits_on`: the estimate fits, and a model that still has to be downloaded fits on the free disk,
 * `step_seconds`: a cost model, seconds per denoising step, to rank the candidates that fit.
 
@@ -23,14 +24,14 @@ measurements of this host, and only their ratios matter for the ranking):
                 .safetensors masters are bf16, so with FP8 / int8 / NF4 the bytes read are the
                 streamed bytes / the form's size factor; a GGUF file is read as its blocks, so
                 the bytes read are the streamed bytes)
-    dequant   = stored bytes of the denoiser * DEQUANT_TRAFFIC[form] / memory bandwidth
+    dequant   = stored bytes of the denoiser * the form's dequant_traffic / memory bandwidth
                 (the form -> bf16 each forward; bf16: none)
     seconds per step = max(compute, link, disk) + dequant
 
 The streamed bytes are the estimate's; the stored bytes (dequant, the pinned share) use the
-form's size factor (`size_factor`: Studio's FP8_SIZE_FACTOR 0.52 for FP8,
-settings.STORAGE_SIZE_FACTORS for int8 0.5 and NF4 0.29; a GGUF denoiser is its file's bytes). DEQUANT_TRAFFIC is the memory traffic of the conversion per stored byte: read the
-byte, write the bf16 values it holds. FP8 and int8 hold one value per byte: 1 + 2 = 3 (the per-row
+form's size factor (`StorageForm.size_factor`, the figure the estimate uses too: FP8 0.52, int8
+0.5, NF4 0.29; a GGUF denoiser is its file's bytes). `StorageForm.dequant_traffic` is the memory
+traffic of the conversion per stored byte: read the byte, write the bf16 values it holds. FP8 and int8 hold one value per byte: 1 + 2 = 3 (the per-row
 or per-channel scales are noise). NF4 holds two values per byte: 1 + 4 = 5, plus the codebook
 lookups and the per-group absmax, rounded up to 6. GGUF blocks are mostly 4-5 bit K-quants
 (nested scales): 6 like NF4.
@@ -47,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from engine.generation.types import GenerateRequest, HardwareInfo, Machine, MemoryEstimate, SuggestedSettings
+from engine.storage.forms import FP8, file_form, get_form, offered_forms
 
 GB = 1024**3
 
@@ -62,17 +64,9 @@ H2D_PINNED_BPS = 24e9
 H2D_STAGED_BPS = 12e9
 #: sequential reads of a .safetensors file: a PCIe 3.0 NVMe SSD (~3 GB/s) with some margin
 DISK_READ_BPS = 2.5e9
-#: memory bandwidth the FP8 -> bf16 conversion runs at (GPU: GDDR6X ~500 GB/s; CPU: DDR5 dual channel)
+#: memory bandwidth a form -> bf16 conversion runs at (GPU: GDDR6X ~500 GB/s; CPU: DDR5 dual channel)
 GPU_MEM_BPS = 400e9
 CPU_MEM_BPS = 30e9
-#: FP8 storage bytes of the bf16 bytes (Studio's FP8_SIZE_FACTOR)
-FP8_FACTOR = 0.52
-#: memory traffic of the form -> bf16 conversion per stored byte (module docstring)
-DEQUANT_TRAFFIC: dict[str, float] = {"bf16": 0.0, "fp8": 3.0, "int8": 3.0, "nf4": 6.0, "gguf": 6.0}
-#: storage forms, most precise first (the order of preference at equal cost)
-FORMS = ("bf16", "fp8", "int8", "nf4")
-#: what the reason line calls each form
-FORM_NAMES: dict[str, str] = {"bf16": "bf16", "fp8": "FP8", "int8": "int8", "nf4": "NF4", "gguf": "GGUF"}
 #: the engine pins this fraction of the RAM by default (app.py --pinned-ram-gb)
 PINNED_FRACTION = 0.5
 #: VRAM limits are proposed in steps of this many GB
@@ -93,20 +87,25 @@ class StepWork:
 
 @dataclass(frozen=True)
 class Candidate:
-    weights: str  # "bf16", "fp8", "int8", "nf4" (GenerateRequest.weights) or "gguf" (a GGUF entry)
+    weights: str  # a storage form: one the UI offers (GenerateRequest.weights) or "gguf" (a GGUF entry)
     disk_offload: bool
     vram_limit: float | None  # GB; None: unlimited
 
     @property
     def fp8(self) -> bool:
-        return self.weights == "fp8"
+        """For the page's FP8 checkbox and the /suggest answer (SuggestedSettings.fp8)."""
+        return self.weights == FP8
 
 
 def size_factor(weights: str) -> float:
-    """Stored bytes per bf16 byte of a form (what Studio.estimate uses)."""
-    from engine.generation.settings import STORAGE_SIZE_FACTORS
+    """Stored bytes per bf16 byte of a form (the registry's figure, which Studio.estimate uses)."""
+    return get_form(weights).size_factor
 
-    return FP8_FACTOR if weights == "fp8" else STORAGE_SIZE_FACTORS[weights]
+
+def __getattr__(name: str) -> object:
+    if name == "FORMS":  # the forms the grid tries, as registered now
+        return tuple(f.name for f in offered_forms())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def hardware_of(machine: Machine) -> HardwareInfo:
@@ -121,10 +120,10 @@ def hardware_of(machine: Machine) -> HardwareInfo:
 
 def storage_forms(gguf: bool = False) -> list[tuple[str, bool]]:
     """(weights, disk_offload) pairs, in order of preference at equal speed: RAM before disk, and
-    within each the more precise forms first (bf16, FP8, int8, NF4: each loses a little more
-    precision). A GGUF entry keeps its file's blocks whatever is asked: ("gguf", False), ("gguf",
-    True). A new storage form is added to FORMS."""
-    forms = ("gguf",) if gguf else FORMS
+    within each the more precise forms first (the registry's order: bf16, FP8, int8, NF4, ...:
+    each loses a little more precision). A GGUF entry keeps its file's blocks whatever is asked:
+    ("gguf", False), ("gguf", True). A form registered as offered joins the grid."""
+    forms = (file_form().name,) if gguf else tuple(f.name for f in offered_forms())  # type: ignore[union-attr]
     return [(w, disk) for disk in (False, True) for w in forms]
 
 
@@ -166,9 +165,9 @@ def step_seconds(est: MemoryEstimate, machine: Machine, candidate: Candidate, wo
     params = work.denoiser_bytes_bf16 / 2
     compute = 2 * params * work.tokens * work.batch / (GPU_FLOPS if gpu else CPU_FLOPS)
     streamed = est.streamed_gb_per_step * GB
-    gguf = candidate.weights == "gguf"
-    factor = 1.0 if gguf else size_factor(candidate.weights)
-    stored = (work.gguf_bytes or work.denoiser_bytes_bf16) if gguf else work.denoiser_bytes_bf16 * factor
+    form = get_form(candidate.weights)
+    factor = 1.0 if form.from_file else form.size_factor
+    stored = (work.gguf_bytes or work.denoiser_bytes_bf16) if form.from_file else work.denoiser_bytes_bf16 * factor
     link = 0.0
     if gpu and streamed:
         pinned = 0.0 if candidate.disk_offload else min(1.0, PINNED_FRACTION * machine.ram_gb * GB / max(1.0, stored))
@@ -176,7 +175,7 @@ def step_seconds(est: MemoryEstimate, machine: Machine, candidate: Candidate, wo
     disk = 0.0
     if candidate.disk_offload and streamed:
         disk = streamed / factor / DISK_READ_BPS  # bf16 files (a GGUF file: its blocks, factor 1)
-    dequant = stored * DEQUANT_TRAFFIC[candidate.weights] / (GPU_MEM_BPS if gpu else CPU_MEM_BPS)
+    dequant = stored * form.dequant_traffic / (GPU_MEM_BPS if gpu else CPU_MEM_BPS)
     return max(compute, link, disk) + dequant
 
 
@@ -184,10 +183,10 @@ EstimateFn = Callable[[GenerateRequest, HardwareInfo], MemoryEstimate]
 
 
 def request_for(request: GenerateRequest, c: Candidate) -> GenerateRequest:
-    """The request a candidate runs as: its weights (a GGUF entry: "auto", its file decides), FP8
-    toggle, disk offload and limit."""
-    weights = "auto" if c.weights == "gguf" else c.weights
-    return replace(request, weights=weights, fp8=c.fp8, disk_offload=c.disk_offload, vram_limit=c.vram_limit)
+    """The request a candidate runs as: its weights (a GGUF entry: "auto", its file decides),
+    disk offload and limit."""
+    weights = "auto" if get_form(c.weights).from_file else c.weights
+    return replace(request, weights=weights, disk_offload=c.disk_offload, vram_limit=c.vram_limit)
 
 
 
@@ -195,7 +194,7 @@ def request_for(request: GenerateRequest, c: Candidate) -> GenerateRequest:
 def describe(c: Candidate, gpu: bool = True) -> str:
     """"NF4 + disk offload + VRAM limit 10.5 GB" and the like (without a GPU the limit bounds
     what stays resident in RAM)."""
-    parts = [FORM_NAMES[c.weights]]
+    parts = [get_form(c.weights).title]
     if c.disk_offload:
         parts.append("disk offload")
     if c.vram_limit is not None:
@@ -205,7 +204,7 @@ def describe(c: Candidate, gpu: bool = True) -> str:
 
 def _why_not(form: tuple[str, bool], est: MemoryEstimate, machine: Machine, downloaded: bool) -> str:
     weights, disk = form
-    name = FORM_NAMES[weights] + (" with disk offload" if disk else "")
+    name = get_form(weights).title + (" with disk offload" if disk else "")
     if not downloaded and machine.disk_free_gb is not None and est.disk_gb > machine.disk_free_gb:
         return f"{name} needs {est.disk_gb:.1f} GB of free disk, {machine.disk_free_gb:.1f} GB free"
     if est.ram_gb > 0.9 * machine.ram_gb or (machine.vram_gb is None and disk):
@@ -256,7 +255,7 @@ def suggest_settings(
     if best is None:
         why = "; ".join(_why_not(f, e, machine, downloaded) for f, e, _ in rejected[:2])
         last = forms[-1][0]
-        return SuggestedSettings(False, last == "fp8", True, 0.0 if machine.vram_gb is not None else None, False, None,
+        return SuggestedSettings(False, last == FP8, True, 0.0 if machine.vram_gb is not None else None, False, None,
                                  f"Nothing fits this machine: {why}.", None, tried, last)
     cost, rank, c, est = best
     moved = "streamed" if machine.vram_gb is not None else "read from disk"  # no GPU: disk offload reads per step

@@ -11,11 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.storage.forms import FP8, default_form, weights_choices
+
 # re-exported: model_registry defines them (data flows ui -> engine -> model_registry)
 from model_registry.types import ModelChoice, UserFacingError  # noqa: F401
 
-#: accepted values of GenerateRequest.weights (the API's `weights`): "auto" lets the fp8 switch decide
-WEIGHTS: tuple[str, ...] = ("auto", "bf16", "fp8", "int8", "nf4")
+
+def __getattr__(name: str) -> Any:
+    # WEIGHTS: the accepted values of GenerateRequest.weights (the API's `weights`), as registered
+    # now: "auto" (the default form, bf16) and every form the UI offers (engine.storage.forms)
+    if name == "WEIGHTS":
+        return weights_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 Phase = Literal["queued", "downloading", "loading", "encoding", "denoising", "decoding", "done", "cancelled", "error"]
 
@@ -35,12 +42,12 @@ class GenerateRequest:
     guidance: float | None = None
     seed: int | None = None  # None or -1 = random
     vram_limit: float | None = None
-    fp8: bool = False
     disk_offload: bool = False
     # LoRAs to apply, in order: (id, strength); ids as engine.generation.lora_library names them
     loras: tuple[tuple[str, float], ...] = ()
-    # storage of the weights: "auto" (the fp8 toggle decides), "bf16", "fp8", "int8", "nf4"
-    # (engine.generation.types.WEIGHTS); a GGUF model stores its file's blocks whatever this says
+    # the one storage decision: "auto" (the default form, bf16) or a form the UI offers ("bf16",
+    # "fp8", "int8", "nf4", ...: engine.storage.forms.weights_choices()); a GGUF model stores its
+    # file's blocks whatever this says. (The UI's FP8 toggle is folded into it by the UI.)
     weights: str = "auto"
     preview: bool = True  # live preview images of the latents during denoising
     # input images (PIL images, bytes or file paths): image-to-image, or an edit model's references
@@ -65,7 +72,7 @@ class TelemetrySnapshot:
     slots_in_flight: int = 0
     timestamp: float = 0.0
     lora_bytes: int = 0  # LoRA factors on the computation device (counted in the VRAM ledger)
-    storage: str = ""  # the live pipeline's weight storage ("bf16", "fp8", "int8", "nf4", "gguf"); "" = none loaded
+    storage: str = ""  # the live pipeline's weight storage (a form's name: "bf16", "fp8", "nf4", "gguf", ...); "" = none loaded
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""
@@ -114,7 +121,7 @@ class MemoryEstimate:
     warnings: tuple[str, ...] = ()
     smallest_feasible_vram_limit_gb: float | None = None
     lora_bytes: int = 0  # the LoRAs' factors, included in vram_gb
-    storage: str = ""  # how the weights are stored (engine.generation.settings.STORAGE_LABELS)
+    storage: str = ""  # how the weights are stored (the form's label: engine.storage.forms.StorageForm.label)
 
 
 @dataclass(frozen=True)
@@ -153,13 +160,14 @@ class SuggestedSettings:
     reason: str
     estimate: MemoryEstimate | None = None
     candidates_tried: int = 0
-    #: the storage form: "bf16", "fp8", "int8", "nf4" (GenerateRequest.weights) or "gguf" (a GGUF
-    #: entry's file blocks); "" = from `fp8`
+    #: the storage form: a form the UI offers ("bf16", "fp8", "int8", "nf4", ...:
+    #: GenerateRequest.weights) or "gguf" (a GGUF entry's file blocks); "" = from `fp8` (the UI's
+    #: FP8 toggle, which this carries for the page's checkbox and the /suggest answer)
     weights: str = ""
 
     def __post_init__(self) -> None:
         if not self.weights:
-            object.__setattr__(self, "weights", "fp8" if self.fp8 else "bf16")
+            object.__setattr__(self, "weights", FP8 if self.fp8 else default_form().name)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON for the /suggest endpoint."""

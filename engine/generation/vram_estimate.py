@@ -45,6 +45,7 @@ from engine.generation.estimate import (
     component_costs,
 )
 from engine.planning import planner
+from engine.storage.forms import get_form
 
 GiB = 1024**3
 #: stages in the order a generation runs them
@@ -220,8 +221,8 @@ def _estimate(
     notes = (
         f"activations (about {act / GiB:.1f} GiB at this size) are a per-pixel guess, not yet measured on a GPU",
     )
-    if storage == "gguf":
-        notes += ("the GGUF file's bytes are spread over the weight matrices by size (its header is not read)",)
+    if get_form(storage).from_file:
+        notes += (f"the {get_form(storage).title} file's bytes are spread over the weight matrices by size (its header is not read)",)
     return GpuEstimate(
         stages=stages,
         vram_bytes=max(s.peak_bytes for s in stages.values()),

@@ -44,23 +44,14 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import FP8_DTYPES, GGUF, INT8, NF4, Place, VramConfig, parse_vram_limit
-from engine.storage import int8 as int8_form
-from engine.storage import nf4 as nf4_form
+from engine.config import Place, VramConfig, parse_vram_limit
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
-from engine.storage.gguf import (
-    GgufDiskStored,
-    GgufEntry,
-    GgufFile,
-    GgufStored,
-    dequantize as gguf_dequantize,
-    find_gguf,
-)
+from engine.storage.gguf import GgufFile, find_gguf
 from engine.storage.gguf_names import check_architecture, map_gguf_keys, original_layout
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
 from engine.management import _plan_wrappers, enable_vram_management, runtime_of
 from engine.loading.prefetch import DiskPrefetcher
-from engine.storage.stored import PlainStored, ScaledFp8Stored, StoredTensor, storage_dtype_for, store, stored_layout
+from engine.storage.stored import Codec, FileBlocksCodec, PlainStored, StoredTensor, codec_for, keeps_encoded, storage_dtype_for, store, stored_layout
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +266,12 @@ def _by_file_order(items: Iterable[tuple[str, TensorEntry]]) -> list[tuple[str, 
     return sorted(items, key=lambda kv: (files[kv[1].file.path], kv[1].offset))
 
 
-FP8_CHUNK_BYTES = 16 * 1024 * 1024
+#: a quantized checkpoint tensor is read and quantized this many bytes of float32 rows at a time
+QUANT_CHUNK_BYTES = 16 * 1024 * 1024
 
 
-class _Fp8Workspace:
-    """Reusable buffers for chunked FP8 quantization (no large temporaries, so glibc's heap does
+class _QuantWorkspace:
+    """Reusable buffers for chunked quantization (no large temporaries, so glibc's heap does
     not fill with holes between the long-lived storage tensors)."""
 
     def __init__(self) -> None:
@@ -295,72 +287,86 @@ class _Fp8Workspace:
         return self.raw, self.w32
 
 
-def _quantized(entry: TensorEntry, target: torch.dtype | str) -> bool:
-    """Does `store` keep this tensor in a quantized form (FP8, int8, nf4), from the header?"""
-    quantized = target in FP8_DTYPES or target in (INT8, NF4)
-    return quantized and entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape)
+def _quantizing_codec(entry: TensorEntry, target: torch.dtype | str) -> Codec | None:
+    """The codec `store` quantizes this tensor with (a floating matrix at a quantized place), from
+    the header; None when it is stored as is or cast."""
+    codec = codec_for(target)
+    if codec is None or isinstance(codec, FileBlocksCodec) or target == entry.dtype:
+        return None
+    return codec if entry.dtype.is_floating_point and len(entry.shape) >= 2 and all(entry.shape) else None
+
+
+def _blocks_codec(entry: TensorEntry) -> FileBlocksCodec | None:
+    """The codec of the form an entry's bytes already are in (a GGUF tensor's blocks), or None."""
+    return codec_for(entry.form) if entry.form is not None else None  # type: ignore[return-value]
 
 
 def storage_layout(entry: TensorEntry, place: Place, compute_dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) tensors `read_stored` makes of `entry` at `place`: known from the header
     alone, so a host arena can be sized before anything is read."""
-    if isinstance(entry, GgufEntry):
-        if place.dtype == GGUF:
-            return [(entry.shape, torch.uint8)]  # the blocks as they are in the file
-        return stored_layout(entry.logical_shape, torch.float32, place.dtype, compute_dtype)
+    blocks = _blocks_codec(entry)
+    if blocks is not None:
+        if keeps_encoded(place.dtype, (entry.form, entry.length)):
+            return blocks.entry_layout(entry)  # the blocks as they are in the file
+        return stored_layout(logical_shape(entry), torch.float32, place.dtype, compute_dtype)
     return stored_layout(entry.shape, entry.dtype, place.dtype, compute_dtype)
 
 
 def read_entry(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A checkpoint tensor as a CPU tensor (GGUF blocks dequantized, to `dtype` or float32)."""
-    if isinstance(entry, GgufEntry):
-        return gguf_dequantize(entry.file.read(entry), entry.qtype, entry.logical_shape, dtype or torch.float32)
+    """A checkpoint tensor as a CPU tensor (blocks of a form decoded, to `dtype` or float32)."""
+    blocks = _blocks_codec(entry)
+    if blocks is not None:
+        return blocks.decode(entry, dtype or torch.float32)
     return entry.file.read(entry)
 
 
 def read_joined(parts: list[TensorEntry], place: Place, compute_dtype: torch.dtype) -> StoredTensor:
     """One tensor made of row ranges of checkpoint tensors, in RAM (it is no single byte range of
-    the file, so it cannot stay on disk): GGUF blocks of one type are concatenated as they are
-    (blocks never cross a row) when the place keeps GGUF blocks; otherwise the values are
-    concatenated and stored at `place`."""
-    qtypes = {e.qtype for e in parts if isinstance(e, GgufEntry)}
-    if len(qtypes) == 1 and all(isinstance(e, GgufEntry) for e in parts) and place.dtype == GGUF:
-        blocks = torch.cat([e.file.read(e) for e in parts])
-        shape = (sum(e.logical_shape[0] for e in parts),) + tuple(parts[0].logical_shape[1:])
-        return GgufStored(blocks, qtypes.pop(), shape)
+    the file, so it cannot stay on disk): blocks of one kind are joined as they are (GGUF blocks
+    never cross a row) when the place keeps them; otherwise the values are concatenated and
+    stored at `place`."""
+    blocks = _blocks_codec(parts[0])
+    if blocks is not None and keeps_encoded(place.dtype, (parts[0].form, 0)):
+        joined = blocks.join(parts)
+        if joined is not None:
+            return joined
     return store(torch.cat([read_entry(e) for e in parts]), place, compute_dtype)
 
 
 def logical_shape(entry: TensorEntry) -> tuple[int, ...]:
-    return entry.logical_shape if isinstance(entry, GgufEntry) else entry.shape
+    """The shape of the tensor an entry holds (for blocks of a form: the values', not the bytes')."""
+    return entry.logical_shape if entry.form is not None else entry.shape  # type: ignore[attr-defined]
 
 
 def read_stored(
     entry: TensorEntry,
     place: Place,
     compute_dtype: torch.dtype,
-    workspace: _Fp8Workspace | None = None,
+    workspace: _QuantWorkspace | None = None,
     arena: HostArena | None = None,
 ) -> StoredTensor:
     """One checkpoint tensor in its storage form at a RAM `place`, bitwise what
     `engine.storage.stored.store` makes of the whole tensor, without ever holding the whole tensor in
-    the file's dtype when the place is quantized (FP8, int8, nf4): rows are read and quantized a
-    chunk at a time (scales are per row or per group within a row, so chunking by rows changes
-    nothing), in reused buffers. With `arena`, the stored tensors are views of it
-    (`storage_layout` sized it)."""
+    the file's dtype when the place is quantized (FP8, int8, nf4, ...): rows are read and quantized a
+    chunk at a time by the form's codec (`Codec.quantize_rows_into`: scales are per row or per group
+    within a row, so chunking by rows changes nothing), in reused buffers. With `arena`, the stored
+    tensors are views of it (`storage_layout` sized it)."""
     on_cpu = _on_cpu(place)
     if arena is not None and not on_cpu:
         raise ValueError(f"a host arena holds CPU tensors; the place is {place.device}")
-    if isinstance(entry, GgufEntry):
-        if place.dtype == GGUF:  # the blocks as they are in the file
-            blocks = arena.take(entry.shape, torch.uint8) if arena is not None else torch.empty(entry.shape, dtype=torch.uint8)
-            entry.file.read_into(entry, blocks)
-            return GgufStored(blocks if on_cpu else blocks.to(place.device), entry.qtype, entry.logical_shape)
-        # another form: dequantize this one tensor (float32), then store it in that form
+    new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    blocks = _blocks_codec(entry)
+    if blocks is not None:
+        if keeps_encoded(place.dtype, (entry.form, entry.length)):  # the blocks as they are in the file
+            (shape, dtype), = blocks.entry_layout(entry)
+            stored = blocks.read_blocks(entry, new(shape, dtype))
+            return stored if on_cpu else stored.to_place(place, compute_dtype)
+        # another form: decode this one tensor (float32), then store it in that form
         stored = store(read_entry(entry), place, compute_dtype)
         return stored if arena is None else _into_arena(stored, arena)
     target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, compute_dtype)
-    if not (on_cpu and _quantized(entry, target)):
+    codec = _quantizing_codec(entry, target)
+    if not (on_cpu and codec is not None):
         if arena is None:
             return store(entry.file.read(entry), place, compute_dtype)
         out = arena.take(entry.shape, target)
@@ -369,45 +375,23 @@ def read_stored(
         else:
             out.copy_(entry.file.read(entry))
         return PlainStored(out)
-    workspace = workspace or _Fp8Workspace()
+    workspace = workspace or _QuantWorkspace()
     numel = entry.length // entry.dtype.itemsize
     rows = entry.shape[0]
     row_bytes = entry.length // rows
     row_elems = numel // rows
-    chunk_rows = max(1, FP8_CHUNK_BYTES // max(1, row_elems * 4))
+    chunk_rows = max(1, QUANT_CHUNK_BYTES // max(1, row_elems * 4))
     raw, w32 = workspace.get(min(chunk_rows, rows) * row_elems, entry.dtype)
-    reduce_dims = tuple(range(1, len(entry.shape)))
-    (data_shape, data_dtype), (scale_shape, scale_dtype) = storage_layout(entry, place, compute_dtype)
-    new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    data = new(data_shape, data_dtype)
-    scale = new(scale_shape, scale_dtype)
-    fmax = torch.finfo(target).max if target in FP8_DTYPES else 0.0
+    parts = [new(shape, dtype) for shape, dtype in codec.layout(tuple(entry.shape), target)]
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         shape = (n,) + entry.shape[1:]
         part = raw[: n * row_bytes].view(entry.dtype).view(shape)
         entry.file.read_into(entry, part, start=r0 * row_bytes)
         w = w32[: n * row_elems].view(shape)
-        w.copy_(part)  # exact upcast, as quantize_per_channel's .to(float32)
-        if target == INT8:
-            int8_form.quantize_rows_into(w, data[r0 : r0 + n], scale[r0 : r0 + n])
-            continue
-        if target == NF4:
-            nf4_form.quantize_rows_into(w.view(n, -1), data[r0 : r0 + n], scale[r0 : r0 + n])
-            continue
-        lo, hi = torch.aminmax(w, dim=reduce_dims[0], keepdim=True) if len(reduce_dims) == 1 else (
-            w.amin(dim=reduce_dims, keepdim=True), w.amax(dim=reduce_dims, keepdim=True))
-        amax = torch.maximum(lo.abs_(), hi)  # == w.abs().amax(...) without a tensor-sized temporary
-        sc = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-        torch.div(w, sc, out=w)
-        w.clamp_(-fmax, fmax)
-        data[r0 : r0 + n].copy_(w)
-        scale[r0 : r0 + n].copy_(sc)
-    if target == INT8:
-        return int8_form.Int8Stored(data, scale)
-    if target == NF4:
-        return nf4_form.Nf4Stored(data, scale, torch.Size(entry.shape))
-    return ScaledFp8Stored(data, scale)
+        w.copy_(part)  # exact upcast, as the whole tensor's .to(float32)
+        codec.quantize_rows_into(w, [p[r0 : r0 + n] for p in parts], target)
+    return codec.wrap(parts, tuple(entry.shape), target)
 
 
 def _into_arena(stored: StoredTensor, arena: HostArena) -> StoredTensor:
@@ -417,11 +401,7 @@ def _into_arena(stored: StoredTensor, arena: HostArena) -> StoredTensor:
         view = arena.take(tensor.shape, tensor.dtype)
         view.copy_(tensor)
         views.append(view)
-    if isinstance(stored, PlainStored):
-        return PlainStored(views[0])
-    if isinstance(stored, nf4_form.Nf4Stored):
-        return nf4_form.Nf4Stored(views[0], views[1], stored.shape)
-    return type(stored)(views[0], views[1])  # ScaledFp8Stored, Int8Stored: (data, scale)
+    return stored.with_parts(views)
 
 
 def _on_cpu(place: Place) -> bool:
@@ -516,12 +496,12 @@ def load_model(
                 entries, joined = layout.map(entries, model)
             else:
                 entries = map_gguf_keys(entries, set(model.state_dict().keys()) | {n for n, _ in model.named_parameters()})
-            quantized = [e for e in entries.values() if isinstance(e, GgufEntry)]
-            if quantized and not offload_place.on_disk and offload_place.dtype != GGUF:
+            quantized = [e for e in entries.values() if e.form is not None]
+            if quantized and not offload_place.on_disk and not keeps_encoded(offload_place.dtype, (quantized[0].form, 0)):
                 log.warning(
                     "%s: %d GGUF-quantized tensors are dequantized at load and stored as %s (offload_dtype); "
-                    "use offload_dtype \"gguf\" to keep the file's blocks, or \"disk\" to stream them from the file",
-                    shards[0].path.name, len(quantized), offload_place.dtype,
+                    "use offload_dtype \"%s\" to keep the file's blocks, or \"disk\" to stream them from the file",
+                    shards[0].path.name, len(quantized), offload_place.dtype, quantized[0].form,
                 )
         plan = map_keys(model, library, entries)
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -601,19 +581,21 @@ def load_model(
                 masters[id(p)] = None  # type: ignore[assignment]
                 continue
             if offload_place.on_disk:
-                masters[id(p)] = GgufDiskStored(entry) if isinstance(entry, GgufEntry) else DiskStored(entry)
+                blocks = _blocks_codec(entry)
+                masters[id(p)] = blocks.disk_master(entry) if blocks is not None else DiskStored(entry)
             else:
                 masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
                 to_read.append((id(p), entry))
         arena = None
         if to_read and _on_cpu(offload_place):
             arena = HostArena(layout_bytes([part for _, e in to_read for part in storage_layout(e, offload_place, comp_dtype)]))
-        workspace = _Fp8Workspace()
+        workspace = _QuantWorkspace()
         for key, entry in to_read:
             masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
         for target, parts in joined.items():  # row ranges in another order than the file's
             # on "disk" these few tensors are kept in RAM, as GGUF blocks where they are blocks
-            value = read_joined(parts, Place(torch.device("cpu"), GGUF) if offload_place.on_disk else offload_place, comp_dtype)
+            kept = Place(torch.device("cpu"), parts[0].form or comp_dtype)
+            value = read_joined(parts, kept if offload_place.on_disk else offload_place, comp_dtype)
             p = params.get(target)
             if p is None or id(p) not in managed_ids:
                 tensor = value.materialize(torch.device("cpu"), comp_dtype)

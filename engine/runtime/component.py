@@ -30,9 +30,8 @@ from engine.layers.adapters import Adapter
 from engine.layers.state import STATES, LayerState, ManagedLayer
 from engine.planning.ledger import VramLedger
 from engine.planning.planner import LayerCost, MemberCost
-from engine.config import GGUF, INT8, NF4
 from engine.runtime.member import Change, Coordinator
-from engine.storage.stored import PlainStored, StoredTensor, layout_nbytes, stored_layout
+from engine.storage.stored import PlainStored, StoredTensor, piece_bytes, workspace_bytes
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import HostArena
 from engine.transfer.pinned import PinnedArena, PinnedBudget
@@ -59,20 +58,12 @@ class ReadAhead(Protocol):
 
 def bytes_at(shapes: dict[str, tuple], place: Place, compute_dtype: torch.dtype) -> int:
     """Bytes a layer's parameters take when stored at `place`: the real bytes of each form, its
-    scales included (FP8 and int8: 4 per output channel; nf4: 2 per group of 32). An entry may
-    carry a third item, the bytes of GGUF blocks read from a .gguf file, which is what such a
-    tensor takes at a "gguf" place (blocks are moved as they are)."""
-    total = 0
-    for item in shapes.values():
-        shape, dtype = item[0], item[1]
-        if place.on_disk:
-            continue
-        gguf_bytes = item[2] if len(item) > 2 else None
-        if gguf_bytes is not None and place.dtype == GGUF:
-            total += gguf_bytes
-            continue
-        total += layout_nbytes(stored_layout(shape, dtype, place.dtype, compute_dtype))
-    return total
+    scales included (engine.storage.stored.piece_bytes). An entry may carry a third item, the
+    (form, bytes) of blocks a checkpoint file already holds in a form (GGUF), which is what such a
+    tensor takes at a place of that form (blocks are moved as they are)."""
+    if place.on_disk:
+        return 0
+    return sum(sum(piece_bytes(item, place.dtype, compute_dtype)) for item in shapes.values())
 
 
 class VramRuntime:
@@ -166,7 +157,7 @@ class VramRuntime:
     def shapes(self, layer: ManagedLayer) -> dict[str, tuple[torch.Size, torch.dtype]]:
         key = id(layer)
         if key not in self._shapes:
-            self._shapes[key] = {name: (s.shape, _logical_dtype(s), getattr(s, "gguf_nbytes", None)) for name, s in layer.masters.items()}
+            self._shapes[key] = {name: (s.shape, _logical_dtype(s), s.encoded) for name, s in layer.masters.items()}
         return self._shapes[key]
 
     def resident_cost(self, layer: ManagedLayer) -> int:
@@ -193,26 +184,15 @@ class VramRuntime:
         comp = self.computation_bytes(layer) + self._dequant_workspace(layer, source)
         if source.on_disk:
             # a .safetensors tensor lands in its file dtype (bf16: as is); GGUF blocks land, then dequantize
-            return comp + sum(item[2] for item in self.shapes(layer).values() if item[2] is not None)
+            return comp + sum(item[2][1] for item in self.shapes(layer).values() if item[2] is not None)
         if source.dtype != self.comp_dtype:  # the source form lands first, then converts
             return comp + bytes_at(self.shapes(layer), Place(self.comp_device, source.dtype), self.comp_dtype)
         return comp
 
     def _dequant_workspace(self, layer: ManagedLayer, source: Place) -> int:
-        """Temporaries of dequantizing int8, nf4 codes or GGUF blocks (float32, in row chunks of
-        `engine.storage.nf4.CHUNK_VALUES` values, ~16 bytes a value at most), largest tensor."""
-        from engine.storage.nf4 import CHUNK_VALUES
-
-        most = 0
-        for item in self.shapes(layer).values():
-            shape, dtype, gguf_bytes = item
-            if gguf_bytes is not None or source.dtype in (NF4, INT8):
-                numel = 1
-                for d in shape:
-                    numel *= d
-                if gguf_bytes is not None or (dtype.is_floating_point and len(shape) >= 2):
-                    most = max(most, min(numel, CHUNK_VALUES) * 16)
-        return most
+        """Temporaries of rebuilding the layer's largest tensor from its stored form on the
+        computation device (the form's codec: int8, nf4 codes, GGUF blocks; none for FP8)."""
+        return max((workspace_bytes(item, source.dtype) for item in self.shapes(layer).values()), default=0)
 
     def stream_source(self, layer: ManagedLayer) -> dict[str, StoredTensor]:
         """The copy a non-resident layer streams from: its onload copy while the component is

@@ -20,6 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -57,8 +58,11 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor's bytes are: `file` at absolute `offset`, `length` bytes."""
+    """Where one tensor's bytes are: `file` at absolute `offset`, `length` bytes. `form`: the
+    storage form its bytes already are in (a GGUF tensor's blocks, engine.storage.gguf); None
+    for a tensor of a plain dtype."""
 
+    form: ClassVar[str | None] = None
     file: "SafetensorsFile"
     key: str
     dtype: torch.dtype
@@ -191,7 +195,7 @@ class DiskStored(StoredTensor):
     """A master copy that stays in its .safetensors file.
 
     `materialize` reads the bytes (positional read into a fresh tensor) and converts on the target
-    device; `to_place` makes a RAM/VRAM copy (quantized with engine.storage.fp8 when the place is FP8).
+    device; `to_place` makes a RAM/VRAM copy (in the place's storage form).
     `nbytes` is the size in the file: what a streamed forward reads.
     """
 

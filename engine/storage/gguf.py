@@ -1,6 +1,7 @@
 """GGUF checkpoints: their blocks kept as they are in the file, dequantized on the computation device.
 
-A .gguf file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is parsed with the
+The "gguf" storage form (engine.storage.forms; a file's own blocks: only a model whose checkpoint
+is a .gguf file has it). A .gguf file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is parsed with the
 `gguf` package's reader (header, metadata, tensor infos); every tensor is then known by (file,
 absolute offset, length), like a .safetensors tensor (engine.storage.disk), and read with
 positional reads into our own memory: the reader's memory map is dropped after parsing, so no
@@ -27,12 +28,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Sequence
 
 import torch
 
-from engine.config import GGUF, Place
+from engine.config import Place
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
-from engine.storage.stored import PlainStored, StoredTensor, store
+from engine.storage.forms import GGUF
+from engine.storage.stored import FileBlocksCodec, Layout, QuantizedStored, StoredTensor
 
 #: rows are dequantized in chunks of about this many values
 CHUNK_VALUES = 1 << 22
@@ -65,6 +68,7 @@ class GgufEntry(TensorEntry):
     """A quantized GGUF tensor: `dtype`/`shape` describe its bytes (uint8, [rows, bytes per
     row]); `qtype` and `logical_shape` what they stand for."""
 
+    form: ClassVar[str | None] = GGUF
     qtype: str = ""
     logical_shape: tuple[int, ...] = ()
 
@@ -173,7 +177,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, shape: tuple[int, ...] | torch.
     return out.view(tuple(shape))
 
 
-class GgufStored(StoredTensor):
+class GgufStored(QuantizedStored):
     """A GGUF tensor's blocks, as in the file, in RAM or on the computation device."""
 
     form = GGUF
@@ -184,32 +188,24 @@ class GgufStored(StoredTensor):
         self.shape = torch.Size(shape)
 
     @property
-    def nbytes(self) -> int:
-        return self.blocks.nbytes
-
-    @property
-    def gguf_nbytes(self) -> int:
-        return self.blocks.nbytes
-
-    @property
-    def device(self) -> torch.device:
-        return self.blocks.device
+    def encoded(self) -> tuple[str, int]:
+        return (GGUF, self.blocks.nbytes)
 
     @property
     def storage_dtype(self) -> str:
         return f"gguf:{self.qtype}"
 
-    def materialize(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.blocks.to(device), self.qtype, self.shape, dtype)
+    def keeps_form(self, place: Place) -> bool:
+        return place.dtype == GGUF
 
     def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return dequantize(parts["blocks"], self.qtype, self.shape, dtype)
 
-    def to_place(self, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
-        return _gguf_to_place(self, lambda: self.blocks, place, compute_dtype)
-
     def parts(self) -> list[tuple[str, torch.Tensor]]:
         return [("blocks", self.blocks)]
+
+    def with_parts(self, tensors: Sequence[torch.Tensor]) -> StoredTensor:
+        return GgufStored(tensors[0], self.qtype, self.shape)
 
     def __repr__(self) -> str:
         return f"GgufStored({self.qtype}, {list(self.shape)}, {self.blocks.device})"
@@ -226,8 +222,8 @@ class GgufDiskStored(DiskStored):
         self.shape = torch.Size(entry.logical_shape)
 
     @property
-    def gguf_nbytes(self) -> int:
-        return self.entry.length
+    def encoded(self) -> tuple[str, int]:
+        return (GGUF, self.entry.length)
 
     @property
     def qtype(self) -> str:
@@ -246,22 +242,44 @@ class GgufDiskStored(DiskStored):
     def to_place(self, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
         if place.on_disk:
             return self
-        return _gguf_to_place(self, self.read, place, compute_dtype)
+        return GgufStored(self.read(), self.qtype, self.shape).to_place(place, compute_dtype)
 
     def __repr__(self) -> str:
         e = self.entry
         return f"GgufDiskStored({str(e.file.path)!r}, {e.key!r}, {e.qtype}, {list(self.shape)}, offset={e.offset})"
 
 
-def _gguf_to_place(stored: StoredTensor, blocks, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
-    if place.dtype == GGUF:
-        data = blocks()
-        if isinstance(stored, GgufStored) and data.device == place.device:
-            return stored
-        return GgufStored(data.to(place.device), stored.qtype, stored.shape)  # type: ignore[attr-defined]
-    if place.is_quantized:  # another form: requantize from the float32 values
-        return store(dequantize(blocks(), stored.qtype, stored.shape, torch.float32), place, compute_dtype)  # type: ignore[attr-defined]
-    return PlainStored(dequantize(blocks().to(place.device), stored.qtype, stored.shape, place.dtype))  # type: ignore[attr-defined]
+class GgufCodec(FileBlocksCodec):
+    """GGUF blocks are only ever read from a .gguf file (`GgufEntry`): at a "gguf" place they stay
+    as they are; any other tensor there stays in the computation dtype."""
+
+    def entry_layout(self, entry: TensorEntry) -> Layout:
+        return [(entry.shape, torch.uint8)]
+
+    def read_blocks(self, entry: TensorEntry, out: torch.Tensor) -> StoredTensor:
+        entry.file.read_into(entry, out)
+        return GgufStored(out, entry.qtype, entry.logical_shape)  # type: ignore[attr-defined]
+
+    def decode(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(entry.file.read(entry), entry.qtype, entry.logical_shape, dtype)  # type: ignore[attr-defined]
+
+    def disk_master(self, entry: TensorEntry) -> StoredTensor:
+        return GgufDiskStored(entry)  # type: ignore[arg-type]
+
+    def join(self, parts: list[TensorEntry]) -> StoredTensor | None:
+        qtypes = {getattr(e, "qtype", None) for e in parts}
+        if len(qtypes) != 1 or not all(e.form == GGUF for e in parts):
+            return None
+        blocks = torch.cat([e.file.read(e) for e in parts])
+        shape = (sum(e.logical_shape[0] for e in parts),) + tuple(parts[0].logical_shape[1:])  # type: ignore[attr-defined]
+        return GgufStored(blocks, qtypes.pop(), shape)
+
+    def workspace_bytes(self, shape: tuple[int, ...]) -> int:
+        """`dequantize`'s float32 temporaries: one row chunk, ~16 bytes a value at most."""
+        return min(math.prod(shape), CHUNK_VALUES) * 16
+
+
+CODEC = GgufCodec()
 
 
 def find_gguf(path: str | os.PathLike) -> Path | None:

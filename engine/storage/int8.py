@@ -1,4 +1,4 @@
-"""Symmetric int8 storage: one float32 scale per output channel.
+"""Symmetric int8 storage (the "int8" form, engine.storage.forms): one float32 scale per output channel.
 
 Each output channel (row of a weight matrix, first dimension of a kernel) is divided by
 `amax / 127` and rounded to the nearest integer in [-127, 127]; the scale (float32, shape
@@ -10,10 +10,12 @@ Linear(3072, 3072): ~0.009 at every weight scale (README table; `bench/bench_eng
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from engine.config import INT8, Place
-from engine.storage.stored import RowScaledStored, StoredTensor, register_form
+from engine.storage.forms import INT8
+from engine.storage.stored import RowScaledCodec, RowScaledStored, row_scale_shape
 
 QMAX = 127
 #: rows are dequantized in chunks of about this many values (float32 temporaries stay small)
@@ -34,32 +36,11 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
     return out
 
 
-def scale_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
-    return (shape[0],) + (1,) * (len(shape) - 1)
-
-
-def quantize_rows_into(w32: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
-    """Quantize float32 rows `w32` (modified in place) into `data` (int8) and `scale` (float32).
-    Rows are independent, so a caller may pass any slice of rows (the loader does, chunk by chunk)."""
-    dims = tuple(range(1, w32.ndim))
-    if len(dims) == 1:
-        lo, hi = torch.aminmax(w32, dim=1, keepdim=True)
-    else:
-        lo, hi = w32.amin(dim=dims, keepdim=True), w32.amax(dim=dims, keepdim=True)
-    amax = torch.maximum(lo.abs_(), hi)
-    sc = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    torch.div(w32, sc, out=w32)
-    w32.round_().clamp_(-QMAX, QMAX)
-    data.copy_(w32)
-    scale.copy_(sc)
-
-
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 data, float32 per-row scale) with data * scale ~= weight."""
-    w32 = weight.detach().to(torch.float32, copy=True)
     data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(scale_shape(weight.shape), dtype=torch.float32, device=weight.device)
-    quantize_rows_into(w32, data, scale)
+    scale = torch.empty(row_scale_shape(weight.shape), dtype=torch.float32, device=weight.device)
+    CODEC.quantize_rows_into(weight.detach().to(torch.float32, copy=True), [data, scale], INT8)
     return data, scale
 
 
@@ -72,20 +53,23 @@ class Int8Stored(RowScaledStored):
     def storage_dtype(self) -> str:
         return INT8
 
-    def keeps_form(self, place: Place) -> bool:
-        return place.dtype == INT8
-
     def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return dequantize(parts["data"], parts["scale"], dtype)
 
 
-def _make(tensor: torch.Tensor, place: Place) -> StoredTensor:
-    data, scale = quantize(tensor)
-    return Int8Stored(data.to(place.device), scale.to(place.device))
+class Int8Codec(RowScaledCodec):
+    stored_class = Int8Stored
+    rounds = True
+
+    def data_dtype(self, target: torch.dtype | str) -> torch.dtype:
+        return torch.int8
+
+    def qmax(self, target: torch.dtype | str) -> float:
+        return QMAX
+
+    def workspace_bytes(self, shape: tuple[int, ...]) -> int:
+        """`dequantize`'s float32 temporaries: one row chunk, ~16 bytes a value at most."""
+        return min(math.prod(shape), CHUNK_VALUES) * 16
 
 
-def _layout(shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(tuple(shape), torch.int8), (scale_shape(shape), torch.float32)]
-
-
-register_form(INT8, _make, _layout)
+CODEC = Int8Codec()

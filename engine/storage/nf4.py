@@ -1,4 +1,5 @@
-"""4-bit NormalFloat storage (NF4), one bfloat16 absmax scale per group of 32 inputs.
+"""4-bit NormalFloat storage (the "nf4" form, engine.storage.forms), one bfloat16 absmax scale per
+group of 32 inputs.
 
 Each output row of a weight matrix (kernels: the flattened trailing dimensions) is split into
 groups of `GROUP` = 32 consecutive values; each group is divided by its absolute maximum (the
@@ -12,15 +13,21 @@ groups of 32 and not int4: measured on Linear(3072, 3072) and (3072, 12288) with
 (README table, `bench/bench_engine.py`), the relative output error is ~0.087 for this form,
 ~0.092 for bitsandbytes-style NF4 with blocks of 64 (float32 absmax), ~0.097 for symmetric int4
 with groups of 32 and ~0.108 with groups of 64. A matrix whose rows do not split into groups of
-32 is stored as int8 instead (engine.storage.stored.storage_dtype_for logs which).
+32 is stored as int8 instead (`Nf4Codec.target` logs which).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from typing import Sequence
+
 import torch
 
-from engine.config import NF4, Place
-from engine.storage.stored import PlainStored, StoredTensor, register_form, row_length, store
+from engine.storage.forms import INT8, NF4
+from engine.storage.stored import Codec, QuantizedStored, StoredTensor, row_length
+
+log = logging.getLogger(__name__)
 
 GROUP = 32
 #: rows are dequantized in chunks of about this many values, so temporaries stay small
@@ -125,7 +132,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size, dty
     return out.view(shape)
 
 
-class Nf4Stored(StoredTensor):
+class Nf4Stored(QuantizedStored):
     """NF4 codes (two per byte) with one bfloat16 scale per group of 32; dequantized where it computes."""
 
     form = NF4
@@ -136,39 +143,49 @@ class Nf4Stored(StoredTensor):
         self.shape = torch.Size(shape)
 
     @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scale.nbytes
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
     def storage_dtype(self) -> str:
         return NF4
-
-    def materialize(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return self.from_parts({"packed": self.packed.to(device), "scale": self.scale.to(device)}, dtype)
 
     def from_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return dequantize(parts["packed"], parts["scale"], self.shape, dtype)
 
-    def to_place(self, place: Place, compute_dtype: torch.dtype) -> StoredTensor:
-        if place.dtype == NF4:
-            if self.packed.device == place.device:
-                return self
-            return Nf4Stored(self.packed.to(place.device), self.scale.to(place.device), self.shape)
-        if place.is_quantized:
-            return store(self.materialize(torch.device("cpu"), torch.float32), place, compute_dtype)
-        return PlainStored(self.materialize(place.device, place.dtype))
-
     def parts(self) -> list[tuple[str, torch.Tensor]]:
         return [("packed", self.packed), ("scale", self.scale)]
 
-
-def _make(tensor: torch.Tensor, place: Place) -> StoredTensor:
-    packed, scale = quantize(tensor)
-    return Nf4Stored(packed.to(place.device), scale.to(place.device), tensor.shape)
+    def with_parts(self, tensors: Sequence[torch.Tensor]) -> StoredTensor:
+        return Nf4Stored(tensors[0], tensors[1], self.shape)
 
 
-register_form(NF4, _make, layout)
+_warned_fallbacks: set[tuple[int, ...]] = set()
+
+
+class Nf4Codec(Codec):
+    """Matrices whose rows split into groups of GROUP; others fall back to int8 (logged once per shape)."""
+
+    def target(self, shape, ndim, place_dtype, compute_dtype):
+        target = super().target(shape, ndim, place_dtype, compute_dtype)
+        if target == NF4 and shape is not None and row_length(shape) % GROUP:
+            if shape not in _warned_fallbacks:
+                _warned_fallbacks.add(shape)
+                log.warning(
+                    "nf4: a weight of shape %s has rows of %d values, which do not split into groups of %d; "
+                    "it is stored as int8 instead (the next best form)", list(shape), row_length(shape), GROUP,
+                )
+            return INT8
+        return target
+
+    def layout(self, shape: tuple[int, ...], target: torch.dtype | str) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return layout(shape)
+
+    def quantize_rows_into(self, w32: torch.Tensor, parts: list[torch.Tensor], target: torch.dtype | str) -> None:
+        quantize_rows_into(w32.view(w32.shape[0], -1), parts[0], parts[1])
+
+    def wrap(self, parts: list[torch.Tensor], shape: tuple[int, ...], target: torch.dtype | str) -> StoredTensor:
+        return Nf4Stored(parts[0], parts[1], torch.Size(shape))
+
+    def workspace_bytes(self, shape: tuple[int, ...]) -> int:
+        """`dequantize`'s temporaries: one row chunk, ~16 bytes a value at most."""
+        return min(math.prod(shape), CHUNK_VALUES) * 16
+
+
+CODEC = Nf4Codec()

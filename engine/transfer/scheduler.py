@@ -39,10 +39,10 @@ import torch
 from torch.autograd import profiler as autograd_profiler
 from torch.profiler import record_function
 
-from engine.config import GGUF, Place
+from engine.config import Place
 from engine.transfer.devices import DeviceBackend
 from engine.storage.disk import DiskStored, TensorEntry
-from engine.storage.stored import stored_layout
+from engine.storage.stored import piece_bytes, stored_layout
 from engine.transfer.pinned import PINNED_RAM_ENV, PROCESS_PINNED_BUDGET, PinnedArena, PinnedBudget, aligned, budgeted_pinned
 from engine.layers.state import ManagedLayer as LayerRecord
 from engine.planning.planner import MAX_DEPTH
@@ -164,15 +164,12 @@ def planned_piece_bytes(runtime: StreamedComponent, record: LayerRecord, place: 
     form's pieces (FP8, int8 and NF4 data and scales), GGUF blocks as they are in the file, and a
     disk master as its file entry (the file's dtype, or its blocks)."""
     pieces: list[int] = []
-    for item in runtime.shapes(record).values():  # (shape, dtype[, GGUF block bytes])
-        shape, dtype = item[0], item[1]
-        gguf_bytes = item[2] if len(item) > 2 else None
-        if gguf_bytes is not None and (place.on_disk or place.dtype == GGUF):
-            pieces.append(gguf_bytes)
-        elif place.on_disk:
-            pieces.append(math.prod(shape) * dtype.itemsize)
+    for item in runtime.shapes(record).values():  # (shape, dtype[, (form, bytes) of a file's blocks])
+        encoded = item[2] if len(item) > 2 else None
+        if place.on_disk:
+            pieces.append(encoded[1] if encoded is not None else math.prod(item[0]) * item[1].itemsize)
         else:
-            pieces += [math.prod(s) * d.itemsize for s, d in stored_layout(shape, dtype, place.dtype, runtime.comp_dtype)]
+            pieces += piece_bytes(item, place.dtype, runtime.comp_dtype)
     return pieces
 
 
@@ -225,7 +222,7 @@ def _onload_copy_bytes(runtime: StreamedComponent, record: LayerRecord) -> list[
     place = runtime.onload_place
     return [
         math.prod(shape) * dtype.itemsize
-        for logical in runtime.shapes(record).values()  # (shape, dtype[, GGUF block bytes])
+        for logical in runtime.shapes(record).values()  # (shape, dtype[, (form, bytes) of a file's blocks])
         for shape, dtype in stored_layout(logical[0], logical[1], place.dtype, runtime.comp_dtype)
     ]
 

@@ -47,7 +47,7 @@ class StreamedComponent(Protocol):
     # scheduler does not prefetch into a next forward that will not come
     forwards_left: int | None
 
-    def shapes(self, layer: ManagedLayer) -> dict[str, tuple]: ...  # (shape, dtype[, GGUF block bytes])
+    def shapes(self, layer: ManagedLayer) -> dict[str, tuple]: ...  # (shape, dtype[, (form, bytes) of a file's blocks])
 
     def stream_source(self, layer: ManagedLayer) -> dict[str, StoredTensor]: ...
 
