@@ -62,7 +62,7 @@ from engine.generation.pipelines import (
     activation_bytes,
     build_pipeline,
 )
-from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, _is_auto, detect_hardware, settings_for
+from engine.generation.settings import STORAGE_SIZE_FACTORS, EngineSettings, detect_hardware, settings_for
 from engine.generation.lora_library import LoraChoice, LoraLibrary, check_loras, factor_bytes
 from engine.generation.preview import Previewer
 from engine.generation.suggest import StepWork, suggest_settings
@@ -124,9 +124,7 @@ def describe_vram_limit(r: ResolvedRequest) -> str:
     """The limit the run used: Auto (and what it came to), unlimited, or N GB."""
     used = r.settings.vram_limit
     shown = "unlimited" if used is None else f"{_fmt_number(float(used))} GB"
-    if r.request.vram_limit is None or (isinstance(r.request.vram_limit, str) and r.request.vram_limit.strip().lower() in ("", "auto")):
-        return f"Auto ({shown})"
-    return shown
+    return f"Auto ({shown})" if r.settings.limit_is_auto else shown
 
 
 def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, str], ...] = ()) -> str:
@@ -514,7 +512,7 @@ class Studio:
         else:
             vram, smallest, streamed, ram = self._formula_figures(r, sizes, act, lora, budget)
         # Auto on a CPU with disk offload is limit 0 by design (settings_for): not the user's too-small limit
-        explicit = hw.has_gpu or not _is_auto(r.request.vram_limit)
+        explicit = hw.has_gpu or not s.limit_is_auto
         if budget is not None and budget < smallest and explicit:
             warnings.append(
                 f"A VRAM limit of {limit:g} GB is below the smallest that works for this size "

@@ -95,7 +95,7 @@ class StepWork:
 class Candidate:
     weights: str  # "bf16", "fp8", "int8", "nf4" (GenerateRequest.weights) or "gguf" (a GGUF entry)
     disk_offload: bool
-    vram_limit: float | None  # GB; None: unlimited
+    vram_limit: float | None  # GB, engine level: None = unlimited
 
     @property
     def fp8(self) -> bool:
@@ -111,7 +111,7 @@ def size_factor(weights: str) -> float:
 
 def hardware_of(machine: Machine) -> HardwareInfo:
     """The HardwareInfo a machine would detect (Auto = its VRAM minus the usual margin)."""
-    from engine.generation.settings import auto_vram_limit_gb
+    from engine.generation.vram_limit import auto_vram_limit_gb
 
     has_gpu = machine.vram_gb is not None
     return HardwareInfo(
@@ -185,9 +185,11 @@ EstimateFn = Callable[[GenerateRequest, HardwareInfo], MemoryEstimate]
 
 def request_for(request: GenerateRequest, c: Candidate) -> GenerateRequest:
     """The request a candidate runs as: its weights (a GGUF entry: "auto", its file decides), FP8
-    toggle, disk offload and limit."""
+    toggle, disk offload and limit (a candidate's None is unlimited: the request's math.inf, since
+    a request's None is Auto)."""
     weights = "auto" if c.weights == "gguf" else c.weights
-    return replace(request, weights=weights, fp8=c.fp8, disk_offload=c.disk_offload, vram_limit=c.vram_limit)
+    limit = math.inf if c.vram_limit is None else c.vram_limit
+    return replace(request, weights=weights, fp8=c.fp8, disk_offload=c.disk_offload, vram_limit=limit)
 
 
 

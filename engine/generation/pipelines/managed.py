@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import VramConfig, parse_vram_limit
+from engine.config import VramConfig
 from engine.layers.hooks import ModelHook, register_hook
 from engine.management import (
     layer_state_counts,
@@ -480,7 +480,7 @@ def build_pipeline(
 
     path = Path(path)
     config = VramConfig.from_dict(vram_config)
-    budget = MemoryPool(limit_gb=parse_vram_limit(vram_limit))
+    budget = MemoryPool(limit_gb=vram_limit)  # the pool checks the limit
     index = read_model_index(path)
     family = family_for(index["_class_name"])
     classes = component_classes(index)
