@@ -5,6 +5,7 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
     from engine import enable_vram_management, layer_state_counts, layer_state_bytes, set_vram_limit
     from engine import ManagedLinear, ManagedModule, load_model, disable_vram_management
     from engine import load_lora, set_lora_strength, remove_lora, active_loras
+    from engine import suggest_settings      # the settings that fit a machine (no Studio needed)
 
 Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
 UI needs) imports without torch. The sub-packages and their one-way import order are described
@@ -47,6 +48,7 @@ _EXPORTS = {
     "runtime_of": "engine.management",
     "set_vram_limit": "engine.management",
     "vram_budget": "engine.management",
+    "suggest_settings": "engine.generation.estimator",
 }
 
 

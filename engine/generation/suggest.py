@@ -1,9 +1,11 @@
 """Settings that fit a machine: the fastest storage form / disk offload / VRAM limit whose estimate fits.
 
-    suggest_settings(request, machine, estimate, work) -> SuggestedSettings
+    fastest_fit(request, machine, estimate, work) -> SuggestedSettings
 
-Everything about memory comes from one function, `estimate(request, hardware) -> MemoryEstimate`
-(Studio.estimate: the planner's plans of meta-built components), so whatever the estimate learns
+(`Studio.suggest_settings` and `engine.suggest_settings` call it through
+`engine.generation.estimator.Estimator.suggest`.) Everything about memory comes from one
+function, `estimate(request, hardware) -> MemoryEstimate` (the Estimator's: the planner's plans
+of meta-built components), so whatever the estimate learns
 (measured floors, RAM as a budget on the CPU, other storage forms) the suggestion follows. This
 module adds only
 
@@ -28,7 +30,7 @@ measurements of this host, and only their ratios matter for the ranking):
     seconds per step = max(compute, link, disk) + dequant
 
 The streamed bytes are the estimate's; the stored bytes (dequant, the pinned share) use the
-form's size factor (`size_factor`: Studio's FP8_SIZE_FACTOR 0.52 for FP8,
+form's size factor (`size_factor`: the estimator's FP8_SIZE_FACTOR 0.52 for FP8,
 settings.STORAGE_SIZE_FACTORS for int8 0.5 and NF4 0.29; a GGUF denoiser is its file's bytes). DEQUANT_TRAFFIC is the memory traffic of the conversion per stored byte: read the
 byte, write the bf16 values it holds. FP8 and int8 hold one value per byte: 1 + 2 = 3 (the per-row
 or per-channel scales are noise). NF4 holds two values per byte: 1 + 4 = 5, plus the codebook
@@ -37,7 +39,7 @@ lookups and the per-group absmax, rounded up to 6. GGUF blocks are mostly 4-5 bi
 
 Copies run on their own stream and disk reads ahead of use (engine.transfer / engine.loading),
 so compute, link and disk overlap: the slowest of them sets the pace. tests/test_suggest.py checks
-`suggest_settings` against a brute-force search of the same grid under the same cost function.
+`fastest_fit` against a brute-force search of the same grid under the same cost function.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ DISK_READ_BPS = 2.5e9
 #: memory bandwidth the FP8 -> bf16 conversion runs at (GPU: GDDR6X ~500 GB/s; CPU: DDR5 dual channel)
 GPU_MEM_BPS = 400e9
 CPU_MEM_BPS = 30e9
-#: FP8 storage bytes of the bf16 bytes (Studio's FP8_SIZE_FACTOR)
+#: FP8 storage bytes of the bf16 bytes (the estimator's FP8_SIZE_FACTOR)
 FP8_FACTOR = 0.52
 #: memory traffic of the form -> bf16 conversion per stored byte (module docstring)
 DEQUANT_TRAFFIC: dict[str, float] = {"bf16": 0.0, "fp8": 3.0, "int8": 3.0, "nf4": 6.0, "gguf": 6.0}
@@ -103,7 +105,7 @@ class Candidate:
 
 
 def size_factor(weights: str) -> float:
-    """Stored bytes per bf16 byte of a form (what Studio.estimate uses)."""
+    """Stored bytes per bf16 byte of a form (what the Estimator's size formula uses)."""
     from engine.generation.settings import STORAGE_SIZE_FACTORS
 
     return FP8_FACTOR if weights == "fp8" else STORAGE_SIZE_FACTORS[weights]
@@ -217,7 +219,7 @@ def _why_not(form: tuple[str, bool], est: MemoryEstimate, machine: Machine, down
     return f"{name} does not fit"
 
 
-def suggest_settings(
+def fastest_fit(
     request: GenerateRequest,
     machine: Machine,
     estimate: EstimateFn,
