@@ -151,4 +151,4 @@ def settings_for(
     hardware = hardware if hardware is not None else detect_hardware()
     limit = resolve_vram_limit(request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload))
     storage = resolve_storage(getattr(request, "weights", None), bool(request.fp8), gguf)
-    return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev, storage, is_auto(request.vram_limit))
+    return EngineSettings(bool(request.fp8), bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit))
