@@ -42,8 +42,10 @@ def _sources(folder: Path, skip: tuple[str, ...] = ()) -> list[Path]:
 
 
 def _names_used(path: Path) -> set[str]:
+    """Names and attributes a module reads (not the fields it declares)."""
     tree = ast.parse(path.read_text(), str(path))
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    loads = [n for n in ast.walk(tree) if isinstance(getattr(n, "ctx", None), ast.Load)]
+    return {n.id for n in loads if isinstance(n, ast.Name)} | {n.attr for n in loads if isinstance(n, ast.Attribute)}
 
 
 # --- the Estimator: one entry point for every machine ----------------------------------------------
