@@ -73,7 +73,7 @@ def main() -> None:
         }
         machine = studio.machine()
         for model, shape in shapes.items():
-            entry = studio._reg().get_model(model)
+            entry = studio.registry.get_model(model)
             w = h = int(entry.defaults.get("width", 1024))
             x = torch.randn(shape, dtype=torch.bfloat16)
             fam = FAMILIES[entry.family].latent_rgb

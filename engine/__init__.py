@@ -7,6 +7,7 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
     from engine import load_lora, set_lora_strength, remove_lora, active_loras
     from engine import ModelTables, register_model_tables   # a model class's layer map, LoRA loader, GGUF names
     from engine import StorageForm, register_form, get_form   (the storage forms' registry)
+    from engine import suggest_settings      # the settings that fit a machine (no Studio needed)
 
 Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
 UI needs) imports without torch. The sub-packages and their one-way import order are described
@@ -77,6 +78,7 @@ _EXPORTS = {
     "runtime_of": "engine.management",
     "set_vram_limit": "engine.management",
     "vram_budget": "engine.management",
+    "suggest_settings": "engine.generation.estimator",
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from engine.config import VramConfig, parse_vram_limit
+from engine.config import VramConfig
 from engine.layers.hooks import register_hook, remove_hook
 from engine.layers.managed import ManagedModule
 from engine.layers.state import STATES, ManagedLayer
@@ -116,7 +116,9 @@ def enable_vram_management(
     validated before anything on the model changes. `disable_vram_management(model)` undoes it.
     """
     config = VramConfig.from_dict(vram_config)
-    limit = parse_vram_limit(vram_limit)
+    if budget is not None and vram_limit is not None:
+        raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
+    pool = budget if budget is not None else MemoryPool(limit_gb=vram_limit)  # the pool checks the limit
     if is_managed(model):
         raise ValueError(f"{type(model).__name__} is already managed; use engine.set_vram_limit(model, gb) to change the budget")
     if config.uses_disk and master_factory is None:
@@ -124,11 +126,8 @@ def enable_vram_management(
             "vram_config asks for disk offload (\"disk\"), which needs the weights to stay in their .safetensors files: "
             "build the model with engine.load_model(ModelClass, path, vram_config=...) instead of enable_vram_management."
         )
-    if budget is not None and vram_limit is not None:
-        raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
     plan = _plan_wrappers(model, module_map)
 
-    pool = budget if budget is not None else MemoryPool(limit_gb=limit)
     runtime = VramRuntime(model, config, pool, name or type(model).__name__)
     runtime.host_arena = host_arena
     offload_place = config.place("offload")

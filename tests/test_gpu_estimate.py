@@ -39,7 +39,8 @@ from engine.generation.pipelines import (
     managed,
 )
 from engine.generation.settings import auto_vram_limit_gb, vram_config_for
-from engine.generation.studio import Studio, _catalogued_sizes, _denoiser_forwards
+from engine.generation.estimator import catalogued_sizes, denoiser_forwards
+from engine.generation.studio import Studio
 from engine.generation.types import GenerateRequest, HardwareInfo
 from engine.generation.vram_estimate import gpu_estimate, plan_stage
 from engine.management import runtime_of
@@ -118,8 +119,7 @@ def measure(repo, storage: str, disk: bool, limit_bytes: int | None, monkeypatch
         current[0] = stage
 
     streamed: list[int] = []
-    mp.on_stage = on_stage
-    run(mp, FAMILY, steps=STEPS, on_step=lambda i, n, stats: streamed.append(stats.streamed_bytes))
+    run(mp, FAMILY, steps=STEPS, on_step=lambda i, n, stats: streamed.append(stats.streamed_bytes), on_stage=on_stage)
     peaks[current[0]] = max(peaks.get(current[0], 0), mp.budget.peak_bytes)
     backend.check_ordering()
     return mp, peaks, streamed, ran
@@ -194,7 +194,7 @@ def test_two_passes_a_step_stream_twice(tmp_path, negative, monkeypatch):
     entry = dataclasses.replace(tiny_entry(), id="tiny-edit", family=family)
     studio = Studio(tmp_path / "models", tmp_path / "outputs")
     r = dataclasses.replace(studio.resolve(GenerateRequest("x", model="qwen-image-edit-2509"), estimate=True), negative_prompt=negative)
-    forwards = _denoiser_forwards(FAMILIES[family], r, True)
+    forwards = denoiser_forwards(FAMILIES[family], r, True)
     assert forwards == (2 if negative else 1)
     est = gpu_estimate(entry, FAMILIES[family], storage="bf16", disk=False, limit_bytes=0, activation_bytes=0,
                        forwards_per_step=forwards, local_path=path)
@@ -285,7 +285,7 @@ def test_every_catalogue_model_is_planned_on_meta(studio, model):
         request = GenerateRequest("x", model=model, weights=weights)
         r = studio.resolve(request, estimate=True)
         batched = (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(r.guidance, r.negative_prompt)
-        forwards = _denoiser_forwards(fam, r, fam.does_cfg(r.guidance, r.negative_prompt) and not batched)
+        forwards = denoiser_forwards(fam, r, fam.does_cfg(r.guidance, r.negative_prompt) and not batched)
         act = activation_bytes(r.width, r.height, 2 if batched else 1)
         storage = "gguf" if gguf else weights
 
@@ -307,12 +307,12 @@ def test_every_catalogue_model_is_planned_on_meta(studio, model):
             assert hi.streamed_bytes_per_step <= lo.streamed_bytes_per_step + forwards * group, (model, low, high)
             assert hi.smallest_feasible_bytes == lo.smallest_feasible_bytes
         assert series[-1].streamed_bytes_per_step == 0
-        sizes = _catalogued_sizes(entry, fam)
+        sizes = catalogued_sizes(entry, fam)
         for limit, est in zip(limits, series):
             rq = dataclasses.replace(request, vram_limit=None if limit is None else limit / GB)
             rr = studio.resolve(rq, estimate=True)
             rr = dataclasses.replace(rr, settings=dataclasses.replace(rr.settings, device=torch.device("cuda")))
-            old = studio._formula_figures(rr, sizes, act, 0, limit)
+            old = studio.estimator._formula_figures(rr, sizes, act, 0, limit)
             rows.append((storage, limit, old, est))
     print(f"\n{model}: limit | old formula vram / floor / streamed | planner vram / floor / streamed (GiB)")
     for storage, limit, (vram, smallest, streamed, _ram), est in rows:

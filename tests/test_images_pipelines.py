@@ -50,7 +50,6 @@ def run(mp, family, images, *, seed=1, steps=4, strength=0.5, guidance=None, **k
 def test_image_in_png_out_with_the_vae_encode_in_the_encoding_stage(repos, family):
     mp = build_pipeline(repos(family), vram_config_for(False, False, "cpu"), 0)
     stages, steps, active = [], [], []
-    mp.on_stage = stages.append
     vae = runtime_of(mp.components["vae"])
     before = vae.stats.forwards
 
@@ -58,7 +57,7 @@ def test_image_in_png_out_with_the_vae_encode_in_the_encoding_stage(repos, famil
         steps.append((i, n))
         active.append({name for name, m in mp.components.items() if runtime_of(m).active})
 
-    image = run(mp, family, [picture()], on_step=on_step)
+    image = run(mp, family, [picture()], on_step=on_step, on_stage=stages.append)
     assert image.shape == (64, 64, 3) and image.std() > 0
     # the VAE encodes the input before the denoiser: reported as encoding, through the entry hook
     assert stages == [ENCODE, ENCODE, DENOISE, DECODE]
@@ -128,9 +127,8 @@ def test_qwen_image_edit_family_streams_its_vision_tower(repos):
         visual = mp.components["text_encoder"].model.visual
         assert any(isinstance(m, ManagedModule) for m in visual.modules())
         stages = []
-        mp.on_stage = stages.append
         per_step = []
-        images[name] = run(mp, "qwen-image-edit", [picture(), picture(1)], steps=2, guidance=4.0,
+        images[name] = run(mp, "qwen-image-edit", [picture(), picture(1)], steps=2, guidance=4.0, on_stage=stages.append,
                            on_step=lambda i, n, s: per_step.append(s.streamed_bytes))
         assert images[name].shape == (64, 64, 3)
         assert stages[0] == ENCODE and stages[-1] == DECODE and DENOISE in stages

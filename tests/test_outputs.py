@@ -51,12 +51,12 @@ def test_a_kill_while_the_png_is_written_leaves_nothing_under_its_name(tmp_path)
 
 
 def test_size_hints_stay_in_range():
-    from engine.generation.studio import _size_hint
+    from engine.generation.request import size_hint
 
-    assert _size_hint(520, 16, 64, 512) == "Use 512 (sizes go from 64 to 512)."
-    assert _size_hint(40, 16, 64, 512) == "Use 64 (sizes go from 64 to 512)."
-    assert _size_hint(100, 16, 64, 512) == "Use 96 or 112."
-    assert _size_hint(1030, 16, 256, 2048) == "Use 1024 or 1040."
+    assert size_hint(520, 16, 64, 512) == "Use 512 (sizes go from 64 to 512)."
+    assert size_hint(40, 16, 64, 512) == "Use 64 (sizes go from 64 to 512)."
+    assert size_hint(100, 16, 64, 512) == "Use 96 or 112."
+    assert size_hint(1030, 16, 256, 2048) == "Use 1024 or 1040."
 
 
 def test_infotext_limit_says_what_was_used(tmp_path):

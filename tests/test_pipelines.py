@@ -104,12 +104,11 @@ def test_family_end_to_end_with_stage_switching(repos, family):
     assert all(runtime_of(m).budget is mp.budget for m in mp.components.values())
     assert all(not runtime_of(m).active for m in mp.components.values())  # built offloaded
     stages, active_at_step = [], []
-    mp.on_stage = stages.append
 
     def on_step(i, n, stats):
         active_at_step.append({name for name, m in mp.components.items() if runtime_of(m).active})
 
-    image = run(mp, family, on_step=on_step)
+    image = run(mp, family, on_step=on_step, on_stage=stages.append)
     assert image.shape == (64, 64, 3)
     assert stages == [ENCODE, DENOISE, DECODE]
     assert all(active == {mp.family.denoiser} for active in active_at_step)  # only the denoiser while denoising
@@ -264,10 +263,10 @@ def test_cancel_between_steps_skips_decode(repos):
 
     mp = build_pipeline(repos["z-image"], cpu_config(), None)
     stages = []
-    mp.on_stage = stages.append
     steps_seen = []
     with pytest.raises(GenerationCancelled):
-        run(mp, "z-image", steps=4, on_step=lambda i, n, s: steps_seen.append(i), should_stop=lambda: len(steps_seen) >= 1)
+        run(mp, "z-image", steps=4, on_step=lambda i, n, s: steps_seen.append(i), should_stop=lambda: len(steps_seen) >= 1,
+            on_stage=stages.append)
     assert steps_seen == [1] and DECODE not in stages
     assert run(mp, "z-image").shape == (64, 64, 3)  # still usable
 

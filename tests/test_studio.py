@@ -152,14 +152,14 @@ def test_vram_limit_change_replans_other_settings_rebuild(studio, registry, monk
         raise AssertionError("changing the VRAM limit must not read weights or rebuild")
 
     import engine.storage.disk
-    import engine.generation.studio as studio_mod
+    import engine.generation.session as session_mod
     from engine.generation.pipelines import components as loading
 
     with monkeypatch.context() as m:
         m.setattr(engine.storage.disk.SafetensorsFile, "read", no_reads)
         m.setattr(engine.storage.disk.SafetensorsFile, "read_into", no_reads)
         m.setattr(loading, "load_component", no_reads)
-        m.setattr(studio_mod, "build_pipeline", no_reads)
+        m.setattr(session_mod, "build_pipeline", no_reads)
         for limit in (0, 0.0005, 2, None):
             events, r = collect(studio, GenerateRequest("a bowl of fruit", seed=3, vram_limit=limit))
             assert "loading" not in [e.phase for e in events]
@@ -295,12 +295,12 @@ def test_one_generation_at_a_time(studio):
     ],
 )
 def test_bad_input_is_rejected_before_any_work(studio, monkeypatch, request_, message):
-    import engine.generation.studio as studio_mod
+    import engine.generation.session as session_mod
 
     def no_work(*a, **k):
         raise AssertionError("heavy work started for a bad request")
 
-    monkeypatch.setattr(studio_mod, "build_pipeline", no_work)
+    monkeypatch.setattr(session_mod, "build_pipeline", no_work)
     with pytest.raises(UserFacingError, match=message):
         studio.generate(request_)  # raises when called, before iterating
     with pytest.raises(UserFacingError, match=message):

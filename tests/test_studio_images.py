@@ -127,13 +127,13 @@ def test_qwen_image_edit_needs_one_to_three_references(studio):
 def test_reference_images_count_in_the_estimate(studio, monkeypatch):
     """On a GPU host the estimate's activations grow with the references (their latents join the
     denoiser's sequence) and with a large input image's VAE encode."""
-    from engine.generation import studio as studio_module
+    from engine.generation import estimator as estimator_module
     from engine.generation.types import HardwareInfo
 
     monkeypatch.setattr(studio, "_hardware", HardwareInfo(True, "fake", 24.0, 22.0, 64.0))
     seen = []
-    real = studio_module.activation_bytes
-    monkeypatch.setattr(studio_module, "activation_bytes", lambda *a, **k: seen.append(a) or real(*a, **k))
+    real = estimator_module.activation_bytes
+    monkeypatch.setattr(estimator_module, "activation_bytes", lambda *a, **k: seen.append(a) or real(*a, **k))
     studio.estimate(GenerateRequest("x", model="qwen-image-edit-2509", width=1024, height=1024))
     studio.estimate(GenerateRequest("x", model="qwen-image-edit-2509", width=1024, height=1024, images=(png(noise(1024, 1024)),) * 2))
     assert seen[0][3:] in ((), (0, 0)) and seen[1][3] == 2 * 1024 * 1024 and seen[1][4] == 1024 * 1024

@@ -67,7 +67,7 @@ def test_generate_with_loras_hot_swaps_and_records_them(setup, monkeypatch):
     _, plain = collect(studio, request)
     builds, pipe = studio.builds, studio.pipeline
 
-    import engine.generation.studio as studio_mod
+    import engine.generation.session as session_mod
     import engine.storage.disk
     from engine.generation.pipelines import components as loading
 
@@ -78,7 +78,7 @@ def test_generate_with_loras_hot_swaps_and_records_them(setup, monkeypatch):
         m.setattr(engine.storage.disk.SafetensorsFile, "read", no_reads)
         m.setattr(engine.storage.disk.SafetensorsFile, "read_into", no_reads)
         m.setattr(loading, "load_component", no_reads)
-        m.setattr(studio_mod, "build_pipeline", no_reads)
+        m.setattr(session_mod, "build_pipeline", no_reads)
         _, one = collect(studio, GenerateRequest("a bowl of fruit", model="tiny-flux1", seed=3, loras=(("ink", 0.8),)))
         assert not np.array_equal(pixels(one), pixels(plain))
         info = parse_infotext(one.parameters)

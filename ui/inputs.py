@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.generation.lora_library import parse_lora_spec
 from engine.generation.types import UserFacingError
+from engine.generation.vram_limit import requested_vram_limit
 from engine.storage.forms import FP8, weights_choices
 
 TRUE_STRINGS = ("true", "1")
@@ -78,15 +79,15 @@ def whole(name: str, value: Any, accepted: str) -> int | None:
     return int(number)
 
 
-def real(name: str, value: Any, accepted: str, *, allow_inf: bool = False) -> float | None:
-    """None/"" -> None; a finite number (or +Infinity when `allow_inf`) -> float; else an error."""
+def real(name: str, value: Any, accepted: str) -> float | None:
+    """None/"" -> None; a finite number -> float; else an error."""
     if value is None or value == "":
         return None
     number = _number(value)
     if number is None:
         raise bad(name, value, accepted)
     number = float(number)
-    if math.isnan(number) or (math.isinf(number) and not (allow_inf and number > 0)):
+    if not math.isfinite(number):
         raise bad(name, value, accepted)
     return number
 
@@ -102,14 +103,9 @@ def seed(value: Any) -> int | None:
 
 
 def vram_limit(value: Any) -> float | None:
-    """None/"auto" -> Auto; a number of GB >= 0 (Infinity = unlimited)."""
-    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
-        return None
-    accepted = "a number of GB, 0 or more (Infinity = unlimited), or null for Auto"
-    limit = real("vram_limit", value, accepted, allow_inf=True)
-    if limit is not None and limit < 0:
-        raise bad("vram_limit", value, accepted)
-    return limit
+    """The request-level vram_limit: None = Auto, GB >= 0, Infinity = unlimited
+    (engine.generation.vram_limit, the check the engine makes for Python callers too)."""
+    return requested_vram_limit(value, "vram_limit")
 
 
 def flag(name: str, value: Any) -> bool:

@@ -15,32 +15,29 @@ what the host has:
   runs in bfloat16 on the computation device. On a CPU the resident copies are bfloat16:
   dequantized once, as far as the RAM room allows, not at every forward.
 * Disk offload on: the master copies stay in their .safetensors files ("disk").
-* Slider: GB for the engine's ledger; "Auto"/None = detected VRAM minus a margin. On a host
-  without a GPU everything runs on the CPU (computation_device "cpu", bfloat16) and Auto means
-  "what this machine can hold": the RAM really available bounds residency (engine.runtime.ram),
-  and with disk offload nothing is kept resident (the weights stay out of anonymous RAM; the
-  kernel's page cache, which it can reclaim, caches the files). A number still bounds the
-  engine's ledger (what it would keep resident), within the RAM room too.
+* Slider: the request's `vram_limit` (None = Auto), turned into the engine's (None = unlimited)
+  by `engine.generation.vram_limit.resolve_vram_limit`, the one place Auto is resolved: the
+  detected VRAM minus a margin on a GPU. On a host without a GPU everything runs on the CPU
+  (computation_device "cpu", bfloat16) and Auto means "what this machine can hold": the RAM
+  really available bounds residency (engine.runtime.ram), and with disk offload nothing is kept
+  resident (the weights stay out of anonymous RAM; the kernel's page cache, which it can
+  reclaim, caches the files). A number still bounds the engine's ledger (what it would keep
+  resident), within the RAM room too.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
-from engine.config import DISK, VramConfig, form_value, parse_vram_limit
+from engine.generation.vram_limit import auto_vram_limit_gb, is_auto, resolve_vram_limit
+from engine.config import DISK, VramConfig, form_value
 from engine.storage.forms import FP8, default_form, file_form, get_form, weights_choices
 
 GB = 1024**3
-
-#: Auto leaves this much VRAM (GB) to the CUDA context, activations and other programs ...
-AUTO_MARGIN_GB = 1.5
-#: ... or this fraction of the card, whichever is larger.
-AUTO_MARGIN_FRACTION = 0.08
 
 COMPUTATION_DTYPE = torch.bfloat16
 
@@ -70,14 +67,6 @@ def resolve_storage(weights: str | None, fp8: bool = False, gguf: bool = False) 
 def computation_device() -> torch.device:
     """CUDA when present, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def auto_vram_limit_gb(vram_total_gb: float | None) -> float | None:
-    """Detected VRAM minus a margin; None (unlimited) on a host without a GPU."""
-    if vram_total_gb is None:
-        return None
-    margin = max(AUTO_MARGIN_GB, AUTO_MARGIN_FRACTION * vram_total_gb)
-    return round(max(0.0, vram_total_gb - margin), 2)
 
 
 def detect_hardware() -> HardwareInfo:
@@ -118,22 +107,6 @@ def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | 
     }
 
 
-def resolve_vram_limit(value: Any, hardware: HardwareInfo | None = None) -> float | None:
-    """Slider value -> vram_limit in GB. "Auto"/None -> detected VRAM minus the margin (None =
-    unlimited without a GPU). Raises UserFacingError for a value that is not a GB number >= 0."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        hardware = hardware or detect_hardware()
-        return hardware.auto_vram_limit_gb
-    try:
-        return parse_vram_limit(value)
-    except ValueError as exc:
-        raise UserFacingError(f"VRAM limit: {exc}") from None
-
-
-def _is_auto(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto"))
-
-
 @dataclass(frozen=True)
 class EngineSettings:
     """What one generation runs under: one storage decision (`storage`, a registered form's
@@ -141,9 +114,10 @@ class EngineSettings:
     can be reused (only the vram_limit changed: re-plan) or must be rebuilt."""
 
     disk_offload: bool
-    vram_limit: float | None
+    vram_limit: float | None  # engine level: None = unlimited (engine.generation.vram_limit)
     device: torch.device
     storage: str  # resolve_storage's answer
+    limit_is_auto: bool = False  # vram_limit is what the request's Auto came to
 
     @property
     def storage_name(self) -> str:
@@ -172,21 +146,23 @@ class EngineSettings:
         return (self.disk_offload, str(self.device), self.storage)
 
     def describe_limit(self) -> str:
+        """"2 GB", "unlimited" ("RAM available" where the computation runs on the CPU: the RAM
+        room bounds it), inside "Auto (...)" when Auto chose it."""
         if self.vram_limit is None:
-            return "Auto (RAM available)" if self.device.type == "cpu" else "Auto (unlimited)"
-        return f"{self.vram_limit:g} GB"
+            shown = "RAM available" if self.device.type == "cpu" else "unlimited"
+        else:
+            shown = f"{self.vram_limit:g} GB"
+        return f"Auto ({shown})" if self.limit_is_auto else shown
 
 
 def settings_for(
     request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None, gguf: bool = False
 ) -> EngineSettings:
-    """The engine settings of a request (validated; UserFacingError on a bad limit or weights
-    choice). `gguf`: the model is a GGUF catalogue entry (its blocks are its storage)."""
-    limit = resolve_vram_limit(request.vram_limit, hardware)
-    if limit is not None and (math.isnan(limit) or limit < 0):
-        raise UserFacingError("VRAM limit must be 0 GB or more.")
+    """The engine settings of a request, its vram_limit and weights choice checked here
+    (UserFacingError). `hardware`: what Auto is resolved for (default: this host). `gguf`: the
+    model is a GGUF catalogue entry (its blocks are its storage)."""
     dev = torch.device(device) if device is not None else computation_device()
+    hardware = hardware if hardware is not None else detect_hardware()
+    limit = resolve_vram_limit(request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload))
     storage = resolve_storage(request.weights, gguf=gguf)
-    if limit is None and dev.type == "cpu" and request.disk_offload and _is_auto(request.vram_limit):
-        limit = 0.0  # Auto on a CPU with disk offload: weights stay in their files (see the module doc)
-    return EngineSettings(bool(request.disk_offload), limit, dev, storage)
+    return EngineSettings(bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit))

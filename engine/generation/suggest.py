@@ -1,9 +1,11 @@
 """Settings that fit a machine: the fastest storage form / disk offload / VRAM limit whose estimate fits.
 
-    suggest_settings(request, machine, estimate, work) -> SuggestedSettings
+    fastest_fit(request, machine, estimate, work) -> SuggestedSettings
 
-Everything about memory comes from one function, `estimate(request, hardware) -> MemoryEstimate`
-(Studio.estimate: the planner's plans of meta-built components), so whatever the estimate learns
+(`Studio.suggest_settings` and `engine.suggest_settings` call it through
+`engine.generation.estimator.Estimator.suggest`.) Everything about memory comes from one
+function, `estimate(request, hardware) -> MemoryEstimate` (the Estimator's: the planner's plans
+of meta-built components), so whatever the estimate learns
 (measured floors, RAM as a budget on the CPU, other storage forms) the suggestion follows. This
 module adds only
 
@@ -29,7 +31,7 @@ measurements of this host, and only their ratios matter for the ranking):
     seconds per step = max(compute, link, disk) + dequant
 
 The streamed bytes are the estimate's; the stored bytes (dequant, the pinned share) use the
-form's size factor (`StorageForm.size_factor`, the figure the estimate uses too: FP8 0.52, int8
+form's size factor (`StorageForm.size_factor`, the figure the Estimator uses too: FP8 0.52, int8
 0.5, NF4 0.29; a GGUF denoiser is its file's bytes). `StorageForm.dequant_traffic` is the memory
 traffic of the conversion per stored byte: read the byte, write the bf16 values it holds. FP8 and int8 hold one value per byte: 1 + 2 = 3 (the per-row
 or per-channel scales are noise). NF4 holds two values per byte: 1 + 4 = 5, plus the codebook
@@ -38,7 +40,7 @@ lookups and the per-group absmax, rounded up to 6. GGUF blocks are mostly 4-5 bi
 
 Copies run on their own stream and disk reads ahead of use (engine.transfer / engine.loading),
 so compute, link and disk overlap: the slowest of them sets the pace. tests/test_suggest.py checks
-`suggest_settings` against a brute-force search of the same grid under the same cost function.
+`fastest_fit` against a brute-force search of the same grid under the same cost function.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class StepWork:
 class Candidate:
     weights: str  # a storage form: one the UI offers (GenerateRequest.weights) or "gguf" (a GGUF entry)
     disk_offload: bool
-    vram_limit: float | None  # GB; None: unlimited
+    vram_limit: float | None  # GB, engine level: None = unlimited
 
     @property
     def fp8(self) -> bool:
@@ -110,7 +112,7 @@ def __getattr__(name: str) -> object:
 
 def hardware_of(machine: Machine) -> HardwareInfo:
     """The HardwareInfo a machine would detect (Auto = its VRAM minus the usual margin)."""
-    from engine.generation.settings import auto_vram_limit_gb
+    from engine.generation.vram_limit import auto_vram_limit_gb
 
     has_gpu = machine.vram_gb is not None
     return HardwareInfo(
@@ -184,9 +186,11 @@ EstimateFn = Callable[[GenerateRequest, HardwareInfo], MemoryEstimate]
 
 def request_for(request: GenerateRequest, c: Candidate) -> GenerateRequest:
     """The request a candidate runs as: its weights (a GGUF entry: "auto", its file decides),
-    disk offload and limit."""
+    disk offload and limit (a candidate's None is unlimited: the request's math.inf, since a
+    request's None is Auto)."""
     weights = "auto" if get_form(c.weights).from_file else c.weights
-    return replace(request, weights=weights, disk_offload=c.disk_offload, vram_limit=c.vram_limit)
+    limit = math.inf if c.vram_limit is None else c.vram_limit
+    return replace(request, weights=weights, disk_offload=c.disk_offload, vram_limit=limit)
 
 
 
@@ -214,7 +218,7 @@ def _why_not(form: tuple[str, bool], est: MemoryEstimate, machine: Machine, down
     return f"{name} does not fit"
 
 
-def suggest_settings(
+def fastest_fit(
     request: GenerateRequest,
     machine: Machine,
     estimate: EstimateFn,

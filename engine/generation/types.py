@@ -31,7 +31,9 @@ LAYER_STATES: tuple[str, ...] = ("offload", "onload", "preparing", "computation"
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What the user asked for. `vram_limit=None` means Auto (detected VRAM minus a margin)."""
+    """What the user asked for. `vram_limit` is request level (engine.generation.vram_limit):
+    None = Auto (what this machine can hold: the detected VRAM minus a margin on a GPU), a
+    number of GB >= 0, `math.inf` = unlimited."""
 
     prompt: str
     negative_prompt: str = ""
@@ -154,7 +156,7 @@ class SuggestedSettings:
     fits: bool
     fp8: bool
     disk_offload: bool
-    vram_limit: float | None  # GB; None = unlimited (a host without a GPU)
+    vram_limit: float | None  # GB, engine level: None = unlimited (a host without a GPU)
     auto: bool  # the limit is what Auto comes to on this machine
     seconds_per_step: float | None  # the cost model's figure (None when nothing fits)
     reason: str

@@ -15,7 +15,7 @@ activation reserve of the resolution. From that one `Plan`, per stage:
     floor     = planner.smallest_feasible_limit (what the pipeline records per stage, and the pool)
     streamed  = the stored bytes of the layers the plan does not keep resident, as their groups
                 cross to the GPU (per denoiser forward; x2 a step where CFG runs as two forwards,
-                `studio._denoiser_forwards`)
+                `estimator.denoiser_forwards`)
 
 and RAM on a GPU host: the process baseline, the masters in RAM (pinned in place: no second
 copy), and two staging buffers of the largest group for each component the pinned budget cannot

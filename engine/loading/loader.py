@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import Place, VramConfig, parse_vram_limit
+from engine.config import Place, VramConfig
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
 from engine.storage.gguf import GgufFile, find_gguf
 from engine.storage.gguf_names import check_architecture, map_gguf_keys, original_layout
@@ -465,9 +465,10 @@ def load_model(
     if disk_fallback not in ("ram", "error"):
         raise ValueError(f"disk_fallback={disk_fallback!r}: use \"error\" (default) or \"ram\"")
     config = VramConfig.from_dict(vram_config)
-    parse_vram_limit(vram_limit)
     if budget is not None and vram_limit is not None:
         raise ValueError("pass either vram_limit or a shared budget (whose limit applies), not both")
+    if budget is None:
+        budget = MemoryPool(limit_gb=vram_limit)  # the pool checks the limit, before anything is read
     library = _library_of(model_class)
     weights_dir, shards, index = resolve_checkpoint(path)
     is_gguf = any(isinstance(s, GgufFile) for s in shards)
@@ -631,7 +632,6 @@ def load_model(
             model,
             module_map,
             config,
-            vram_limit,
             budget=budget,
             name=name,
             onload=onload,

@@ -54,6 +54,8 @@ class MemoryPool:
         return limit_to_bytes(self.limit_gb)
 
     def set_limit(self, limit_gb: float | None) -> None:
+        """GB, None = unlimited. The engine's one check of a limit (the constructor's too): the
+        public functions hand theirs to the pool unparsed."""
         self.limit_gb = parse_vram_limit(limit_gb)
         self.residency_cap_bytes = None  # a new limit is a fresh start
 

@@ -1,6 +1,6 @@
 """Diffusers pipelines built on the memory engine (see engine.pipelines.managed)."""
 
-from engine.generation.pipelines.cfg import CfgPairBatcher
+from engine.generation.pipelines.cfg import CfgPairBatcher, cfg_batch
 from engine.generation.pipelines.families import (
     DECODE,
     DENOISE,
@@ -33,6 +33,7 @@ __all__ = [
     "StepStats",
     "activation_bytes",
     "build_pipeline",
+    "cfg_batch",
     "execution_device_subclass",
     "family_for",
     "vae_memory_plan",

@@ -28,6 +28,14 @@ from engine.layers.hooks import ModelHook, get_hook, register_hook
 CFG_HOOK = "lowvram.cfg_pair_batcher"
 
 
+def cfg_batch(family: Any, guidance: float, negative_prompt: str) -> int:
+    """The denoiser's batch per forward: 2 where classifier-free guidance runs cond and uncond as
+    one batch (the family's pipeline does, or `CfgPairBatcher` makes it), else 1. The pipeline's
+    activation reserve and the estimates size by it."""
+    batched = family.pair_batched_cfg or family.native_batched_cfg
+    return 2 if batched and family.does_cfg(guidance, negative_prompt) else 1
+
+
 def _bool_mask(mask: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import VramConfig, parse_vram_limit
+from engine.config import VramConfig
 from engine.layers.hooks import ModelHook, register_hook
 from engine.management import (
     layer_state_counts,
@@ -36,7 +36,7 @@ from engine.management import (
 from engine.runtime import ram
 from engine.runtime.component import VramRuntime
 from engine.runtime.pool import MemoryPool
-from engine.generation.pipelines.cfg import CfgPairBatcher
+from engine.generation.pipelines.cfg import CfgPairBatcher, cfg_batch
 from engine.generation.pipelines import images as image_inputs
 from engine.generation.pipelines.families import DECODE, DENOISE, ENCODE, Family, family_for
 from engine.generation.pipelines.components import (
@@ -138,7 +138,7 @@ class ManagedPipeline:
         self.path = Path(path)
         self.device = config.computation_device
         self.stage: str | None = None
-        self.on_stage: Callable[[str], None] | None = None
+        self._on_stage: Callable[[str], None] | None = None  # the running generation's (generate's on_stage)
         self._runtime_names = {id(runtime_of(m)): name for name, m in components.items()}
         self._lock = threading.RLock()
         self.batcher: CfgPairBatcher | None = None
@@ -184,9 +184,9 @@ class ManagedPipeline:
             if stage == DENOISE:
                 self._step_mark = self.stream_totals()
                 self._encoding_inputs = False
-        if self.on_stage is not None:
+        if self._on_stage is not None:
             # the VAE before the denoiser encodes input images: still the encoding phase
-            self.on_stage(ENCODE if stage == DECODE and self._encoding_inputs else stage)
+            self._on_stage(ENCODE if stage == DECODE and self._encoding_inputs else stage)
 
     def _on_demand(self, runtime: VramRuntime) -> None:
         name = self._runtime_names.get(id(runtime))
@@ -287,11 +287,6 @@ class ManagedPipeline:
     def does_cfg(self, guidance: float, negative_prompt: str) -> bool:
         return self.family.does_cfg(guidance, negative_prompt)
 
-    def cfg_batch(self, guidance: float, negative_prompt: str) -> bool:
-        """Does a step run cond + uncond as one batch of 2?"""
-        fam = self.family
-        return (fam.pair_batched_cfg or fam.native_batched_cfg) and fam.does_cfg(guidance, negative_prompt)
-
     def generate(
         self,
         prompt: str,
@@ -307,18 +302,21 @@ class ManagedPipeline:
         on_latents: Callable[[int, int, Any], None] | None = None,
         images: Any = (),
         strength: float | None = None,
+        on_stage: Callable[[str], None] | None = None,
     ) -> Any:
         """Run text (+ input images) -> PIL image. `on_step(i, n, stats)` after each step (n: the
         steps that run, fewer than `steps` in image-to-image); `should_stop()` True between steps
         raises GenerationCancelled (nothing is decoded). `on_latents(i, n, latents)` just before
         `on_step`, with the latents after step i (the live preview). `images`: PIL RGB images,
         already of a valid size: the input of image-to-image (with `strength`) or an edit model's
-        references."""
+        references. `on_stage(stage)` at each stage switch of this generation ("encode",
+        "denoise", "decode"; a VAE encoding input images reports "encode"); every generation
+        starts with its own switch to "encode", whatever stage the last one ended in."""
         fam = self.family
         images = list(images or ())
         pipe = self.img2img_pipe() if images and fam.image_mode == "img2img" else self.pipe
         self.reserve_activations(
-            width, height, 2 if self.cfg_batch(guidance, negative_prompt) else 1,
+            width, height, cfg_batch(fam, guidance, negative_prompt),
             image_inputs.reference_pixels(fam, images), image_inputs.vae_input_pixels(fam, images),
         )
         # tiling follows the images as given (small ones never tile: the tiny edit pipelines give
@@ -356,9 +354,12 @@ class ManagedPipeline:
         self._encoding_inputs = bool(images)
         if should_stop is not None and should_stop():
             raise GenerationCancelled()
-        self.switch(ENCODE)
         cfg = fam.does_cfg(guidance, negative_prompt)
+        self._on_stage = on_stage
         try:
+            with self._lock:
+                self.stage = None  # every generation switches to encode (and reports it), wherever the last one stopped
+            self.switch(ENCODE)
             if fam.encode_prompts is not None:
                 embeds = fam.encode_prompts(pipe, prompt, negative_prompt, cfg, self.device)
                 kwargs.update(embeds)
@@ -369,6 +370,7 @@ class ManagedPipeline:
                     kwargs["negative_prompt"] = negative_prompt
             out = pipe(**kwargs)
         finally:
+            self._on_stage = None
             self._encoding_inputs = False
             self._expect_last_step(None)
             if self.batcher is not None:
@@ -476,7 +478,7 @@ def build_pipeline(
 
     path = Path(path)
     config = VramConfig.from_dict(vram_config)
-    budget = MemoryPool(limit_gb=parse_vram_limit(vram_limit))
+    budget = MemoryPool(limit_gb=vram_limit)  # the pool checks the limit
     index = read_model_index(path)
     family = family_for(index["_class_name"])
     classes = component_classes(index)
