@@ -25,6 +25,7 @@ import torch
 
 from engine.generation.lora_library import check_loras
 from engine.generation.pipelines import FAMILIES
+from engine.config import normalize_device
 from engine.generation.settings import EngineSettings, detect_hardware, settings_for
 from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
 
@@ -104,7 +105,7 @@ class Resolver:
         when present); `hardware`: this host's HardwareInfo (what Auto is resolved for)."""
         self.registry = registry
         self.models_dir = models_dir
-        self.device = torch.device(device) if device is not None else None
+        self.device = normalize_device(device) if device is not None else None
         self.hardware = hardware or detect_hardware
 
     def __call__(self, request: GenerateRequest, *, estimate: bool = False, hardware: HardwareInfo | None = None) -> ResolvedRequest:

@@ -27,6 +27,7 @@ what the host has:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,10 @@ import torch
 
 from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
 from engine.generation.vram_limit import auto_vram_limit_gb, is_auto, resolve_vram_limit
-from engine.config import DISK, VramConfig, form_value
+from engine.config import DISK, VramConfig, form_value, normalize_device
 from engine.storage.forms import FP8, default_form, file_form, get_form, weights_choices
+
+log = logging.getLogger(__name__)
 
 GB = 1024**3
 
@@ -65,27 +68,53 @@ def resolve_storage(weights: str | None, fp8: bool = False, gguf: bool = False) 
 
 
 def computation_device() -> torch.device:
-    """CUDA when present, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when present (the current device, with its index: engine.config.normalize_device),
+    else the CPU."""
+    return normalize_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def detect_hardware() -> HardwareInfo:
-    """What this host has (cheap; no allocation on the GPU)."""
+def detect_hardware(device: torch.device | str | None = None) -> HardwareInfo:
+    """What this host has, asked of the computation device (`device`, default
+    `computation_device()`) only: its name, capability, total and free VRAM. Auto is the VRAM
+    free now minus a margin (engine.generation.vram_limit). `warnings` says when this torch has no
+    kernels for the card, and what to install. Cheap; allocates nothing on the GPU."""
     import psutil
 
+    from engine.runtime import cuda_facts
+
     ram_total = psutil.virtual_memory().total / GB
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        total = props.total_memory / GB
-        return HardwareInfo(True, props.name, round(total, 2), auto_vram_limit_gb(total), round(ram_total, 2))
+    dev = normalize_device(device) if device is not None else computation_device()
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, total = cuda_facts.free_and_total(dev)
+        cap = cuda_facts.capability(dev)
+        name = cuda_facts.device_name(dev)
+        problem = cuda_facts.check_kernels(dev)
+        if problem:
+            log.warning("%s", problem)
+        return HardwareInfo(
+            True, name, round(total / GB, 2), auto_vram_limit_gb(total / GB, free / GB), round(ram_total, 2),
+            vram_free_gb=round(free / GB, 2), compute_capability=cap, warnings=(problem,) if problem else (),
+        )
     return HardwareInfo(False, None, None, None, round(ram_total, 2))
+
+
+def measured_auto_limit_gb(device: torch.device | str) -> float | None:
+    """What Auto comes to on `device` now: its free VRAM minus the margin (auto_vram_limit_gb);
+    None on a device that is not a GPU. The session measures it when it builds a pipeline."""
+    from engine.runtime import cuda_facts
+
+    dev = normalize_device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, total = cuda_facts.free_and_total(dev)
+    return auto_vram_limit_gb(total / GB, free / GB)
 
 
 def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None) -> dict[str, Any]:
     """The eight-key vram_config for a storage form (`storage_name`, a registered form; None: the
     UI's FP8 toggle decides between "fp8" and the default form) and the disk checkbox. With disk
     offload the masters stay in their files and the resident copies take the storage form."""
-    device = torch.device(device) if device is not None else computation_device()
+    device = normalize_device(device) if device is not None else computation_device()
     form = get_form(storage_name or resolve_storage("auto", fp8))
     storage = form_value(form)
     if disk_offload:
@@ -161,7 +190,7 @@ def settings_for(
     """The engine settings of a request, its vram_limit and weights choice checked here
     (UserFacingError). `hardware`: what Auto is resolved for (default: this host). `gguf`: the
     model is a GGUF catalogue entry (its blocks are its storage)."""
-    dev = torch.device(device) if device is not None else computation_device()
+    dev = normalize_device(device) if device is not None else computation_device()
     hardware = hardware if hardware is not None else detect_hardware()
     limit = resolve_vram_limit(request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload))
     storage = resolve_storage(request.weights, gguf=gguf)

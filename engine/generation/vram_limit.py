@@ -68,13 +68,17 @@ def requested_vram_limit(value: Any, name: str = "vram_limit") -> float | None:
     return number
 
 
-def auto_vram_limit_gb(vram_total_gb: float | None) -> float | None:
-    """What Auto comes to on a GPU of `vram_total_gb`: its VRAM minus a margin; None (unlimited)
-    without a GPU."""
+def auto_vram_limit_gb(vram_total_gb: float | None, vram_free_gb: float | None = None) -> float | None:
+    """What Auto comes to on a GPU of `vram_total_gb` with `vram_free_gb` free (None: a machine
+    planned for, nothing held yet, so the whole card): the free VRAM minus a margin (the CUDA
+    context, cuBLAS workspaces, fragmentation), the margin sized by the card. What other programs
+    hold (a desktop and a browser often hold 1-2 GB) is not free, so Auto leaves it to them.
+    None (unlimited) without a GPU."""
     if vram_total_gb is None:
         return None
+    free = vram_total_gb if vram_free_gb is None else min(vram_free_gb, vram_total_gb)
     margin = max(AUTO_MARGIN_GB, AUTO_MARGIN_FRACTION * vram_total_gb)
-    return round(max(0.0, vram_total_gb - margin), 2)
+    return round(max(0.0, free - margin), 2)
 
 
 def resolve_vram_limit(

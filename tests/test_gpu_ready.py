@@ -1,0 +1,335 @@
+"""Ready for real GPUs (issue 25, points 1-5), proven on the CPU.
+
+The GPU's answers come from patched `torch.cuda` queries (`FakeCuda`, which records the device
+index every query names) or from a fake device that runs out of memory (`BoundedBackend`):
+* one device, one name: "cuda" and "cuda:0" are one device, and computing on cuda:1 asks
+  nothing of GPU 0 (point 5);
+* the out-of-memory class resolved on every torch, and a torch without kernels for the card
+  says what to install (point 4);
+* an injected OOM at vram_limit=0: the retry runs a plan with a lower measured peak, or stops
+  at once naming the settings that would fit; the failed step is freed outside its except block
+  (point 2);
+* Auto is the VRAM free now minus a margin, re-checked after the first step; the allocator
+  config is set before CUDA starts; on a CPU host Auto leaves headroom (point 1);
+* the computation dtype per GPU generation (point 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import sys
+import types
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import enable_vram_management, runtime_of
+from engine.config import VramConfig, normalize_device
+from engine.runtime import cuda_facts
+from engine.runtime.oom import VramExhaustedError
+from tests.test_scheduler import CPU, RecordingBackend, make_stack, name_blocks
+
+GiB = 1024**3
+
+
+# --- a GPU that answers from a table, recording which device each query names ----------------------
+class FakeCuda:
+    def __init__(self, count=2, current=0, total=8 * GiB, free=6 * GiB, reserved=0, cap=(8, 9), arch=("sm_80", "sm_86", "sm_90")):
+        self.count, self.current, self.total, self.free, self.reserved = count, current, total, free, reserved
+        self.cap, self.arch = cap, list(arch)
+        self.queried: list[tuple[str, object]] = []
+
+    def _index(self, name, device):
+        index = device.index if isinstance(device, torch.device) else device
+        self.queried.append((name, index))
+        return index
+
+    def install(self, monkeypatch) -> "FakeCuda":
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "is_initialized", lambda: False)
+        monkeypatch.setattr(cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(cuda, "current_device", lambda: (self.queried.append(("current_device", None)), self.current)[1])
+        monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (self._index("mem_get_info", device), (self.free, self.total))[1])
+        monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: (self._index("memory_reserved", device), self.reserved)[1])
+        monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: (self._index("get_device_capability", device), self.cap)[1])
+        monkeypatch.setattr(cuda, "get_device_name", lambda device=None: (self._index("get_device_name", device), "Fake GPU")[1])
+        monkeypatch.setattr(cuda, "get_arch_list", lambda: list(self.arch))
+        monkeypatch.setattr(cuda, "empty_cache", lambda: self.queried.append(("empty_cache", "current")))
+
+        @contextlib.contextmanager
+        def device(index):
+            self._index("device", index)
+            yield
+
+        monkeypatch.setattr(cuda, "device", device)
+        return self
+
+    def indices(self) -> set:
+        """The device indices named by the queries (None: a query that named no device)."""
+        return {index for name, index in self.queried if name not in ("empty_cache",)}
+
+
+# --- point 5: one device, one name -------------------------------------------------------------------
+def test_cuda_and_cuda0_are_one_device_when_parsing(monkeypatch):
+    FakeCuda().install(monkeypatch)
+    cfg = VramConfig.from_dict({"onload_device": "cuda:0", "onload_dtype": "bfloat16", "computation_device": "cuda"})
+    assert cfg.computation_device == cfg.onload_device == cfg.preparing_device == torch.device("cuda", 0)
+    # planned for another machine (no CUDA here): "cuda" is its cuda:0 too
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert normalize_device("cuda") == torch.device("cuda:0")
+    cfg = VramConfig.from_dict({"onload_device": "cuda:0", "onload_dtype": "bfloat16", "computation_device": "cuda"}, check_present=False)
+    assert cfg.onload_device == cfg.computation_device
+
+
+def test_computing_on_cuda1_asks_nothing_of_gpu0(monkeypatch, tmp_path):
+    from engine.generation.session import Session
+    from engine.generation.settings import detect_hardware, settings_for
+    from engine.generation.types import GenerateRequest
+
+    gpu = FakeCuda(current=0).install(monkeypatch)
+    hw = detect_hardware("cuda:1")
+    settings = settings_for(GenerateRequest("x"), hw, "cuda:1")
+    assert settings.device == settings.vram_config.computation_device == torch.device("cuda", 1)
+    session = Session(None, tmp_path, None, device="cuda:1")
+    snap = session.telemetry()
+    session.unload()  # empties the allocator's cache of cuda:1, under cuda:1
+    assert snap.vram_total_gb == 8.0
+    assert {name for name, _ in gpu.queried} >= {"mem_get_info", "memory_reserved", "get_device_capability", "get_device_name"}
+    assert gpu.indices() == {1}, gpu.queried  # no query of GPU 0, none of "the current device"
+
+
+# --- point 4: versions and architectures -----------------------------------------------------------
+def test_the_out_of_memory_class_resolves_on_a_torch_without_torch_OutOfMemoryError():
+    class CudaOOM(RuntimeError):
+        pass
+
+    torch_24 = types.SimpleNamespace(cuda=types.SimpleNamespace(OutOfMemoryError=CudaOOM))  # torch 2.4: no torch.OutOfMemoryError
+    assert cuda_facts.oom_error_classes(torch_24) == (CudaOOM,)
+    assert cuda_facts.oom_error_classes(types.SimpleNamespace()) == ()
+    from engine.runtime.oom import is_oom
+
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert "torch.OutOfMemoryError" not in Path("engine/generation/runner.py").read_text()
+
+
+@pytest.mark.parametrize(
+    "cap, arch, ok",
+    [
+        ((8, 9), ["sm_80", "sm_86", "sm_90"], True),  # sm_86 cubins run on 8.9
+        ((12, 0), ["sm_50", "sm_80", "sm_86", "sm_90"], False),  # RTX 50xx on a torch without sm_120
+        ((12, 0), ["sm_80", "sm_90", "sm_100", "sm_120"], True),
+        ((9, 0), ["sm_80", "compute_80"], True),  # PTX is compiled by the driver for newer cards
+        ((9, 0), ["sm_90a"], True),
+        ((9, 1), ["sm_90a"], False),  # an arch-specific cubin runs on its exact capability only
+        ((6, 1), ["sm_70", "sm_75", "sm_80"], False),  # a Pascal card on a torch that dropped it
+    ],
+)
+def test_kernels_for_the_card(cap, arch, ok):
+    assert cuda_facts.has_kernels_for(cap, arch) is ok
+
+
+def test_a_torch_without_kernels_for_the_card_says_what_to_install(monkeypatch):
+    FakeCuda(cap=(12, 0), arch=("sm_50", "sm_80", "sm_86", "sm_90")).install(monkeypatch)
+    from engine.generation.settings import detect_hardware
+
+    hw = detect_hardware("cuda:0")
+    assert len(hw.warnings) == 1
+    assert "sm_120" in hw.warnings[0] and "CUDA 12.8" in hw.warnings[0] and "whl/cu128" in hw.warnings[0]
+    old = cuda_facts.missing_kernels_message((6, 1), ["sm_70", "sm_80"], "GTX 1080")
+    assert "older PyTorch" in old and "sm_61" in old
+    assert cuda_facts.missing_kernels_message((8, 6), ["sm_80"]) is None
+
+
+# --- point 2: an OOM retry that can succeed ----------------------------------------------------------
+class BoundedBackend(RecordingBackend):
+    """A device of `capacity` bytes: the streaming slots it allocated, plus the activations a
+    block's forward needs (`ACT_PER_ROW` bytes per row of its input), must fit, or the forward
+    raises torch's OOM. Records the peak it granted."""
+
+    ACT_PER_ROW = 4096
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.peak = 0
+        self.attempts = 0
+        self.live: list[weakref.ref] = []
+
+    def allocate(self, nbytes):
+        slot = super().allocate(nbytes)
+        self.slots.pop()  # held weakly: a slot the scheduler dropped is gone from the device
+        self.live.append(weakref.ref(slot))
+        return slot
+
+    def slot_of(self, tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        alive = [ref() for ref in self.live]
+        return next((i for i, slot in enumerate(alive) if slot is not None and slot.untyped_storage().data_ptr() == ptr), None)
+
+    def live_slot_bytes(self) -> int:
+        return sum(slot.nbytes for ref in self.live if (slot := ref()) is not None)
+
+    def need(self, x: torch.Tensor) -> None:
+        self.attempts += 1
+        need = self.live_slot_bytes() + x.shape[0] * self.ACT_PER_ROW
+        if need > self.capacity:
+            scratch = torch.empty(need // 4)  # the failed step's "activations", held by this frame
+            self.scratch_ref = weakref.ref(scratch)
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {need} bytes (simulated)")
+        self.peak = max(self.peak, need)
+
+
+def bounded(capacity_rows: float, monkeypatch):
+    plain = make_stack()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=CPU, vram_limit=0)
+    name_blocks(model)
+    backend = BoundedBackend(10**12)
+    runtime_of(model).use_scheduler(backend)
+    model.blocks[0].register_forward_pre_hook(lambda _m, inputs: backend.need(inputs[0]))
+    one_row = torch.randn(1, 32).to(torch.bfloat16)
+    model(one_row)  # the trace
+    model(one_row)  # streamed through the scheduler's slots
+    slots = backend.peak - BoundedBackend.ACT_PER_ROW
+    assert slots > 0 and backend.live_slot_bytes() == slots
+    backend.capacity = slots + int(capacity_rows * BoundedBackend.ACT_PER_ROW)
+    backend.attempts, backend.peak = 0, 0
+    return plain, model, backend
+
+
+def test_an_oom_at_vram_limit_0_retries_at_a_lower_measured_peak(monkeypatch):
+    plain, model, backend = bounded(capacity_rows=2.5, monkeypatch=monkeypatch)
+    x = torch.randn(4, 32).to(torch.bfloat16)  # a batched CFG's 4 rows need 4: the device has room for 2
+    out = model(x)
+    assert runtime_of(model).stats.oom_retries == 1
+    assert runtime_of(model).batch_chunks == 2
+    assert backend.attempts == 3  # the failed full batch, then its two halves
+    assert backend.peak <= backend.capacity < backend.live_slot_bytes() + 4 * BoundedBackend.ACT_PER_ROW
+    assert torch.equal(out, torch.cat([plain(x[:2]), plain(x[2:])]))
+    assert vram_transient(model) == 0
+
+
+def vram_transient(model) -> int:
+    return runtime_of(model).ledger.transient_bytes
+
+
+def test_an_oom_nothing_can_lower_stops_at_once_naming_settings_that_fit(monkeypatch):
+    plain, model, backend = bounded(capacity_rows=0.5, monkeypatch=monkeypatch)
+    with pytest.raises(VramExhaustedError) as raised:
+        model(torch.randn(1, 32).to(torch.bfloat16))
+    message = str(raised.value)
+    assert backend.attempts == 1  # the same plan is never run again
+    assert "nothing can lower its peak" in message
+    assert "Settings that would fit: a smaller image" in message and "FP8 or NF4 weights" in message
+    assert "lower VRAM limit" not in message  # nothing was resident: at 0 a lower limit is no answer
+    # the model is left consistent: with room again, it runs
+    backend.capacity = 10**9
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    assert torch.equal(model(x), plain(x))
+
+
+def test_the_failed_step_is_freed_outside_its_except_block(monkeypatch):
+    import engine.runtime.entry as entry
+
+    plain, model, backend = bounded(capacity_rows=2.5, monkeypatch=monkeypatch)
+    seen = {}
+    original = entry.free_failed_step
+
+    def checked(runtime):
+        original(runtime)
+        seen["exc_info"] = sys.exc_info()[0]
+        seen["activations_freed"] = backend.scratch_ref() is None
+
+    monkeypatch.setattr(entry, "free_failed_step", checked)
+    model(torch.randn(4, 32).to(torch.bfloat16))
+    assert seen == {"exc_info": None, "activations_freed": True}
+
+
+def test_the_split_batch_joins_outputs_of_every_shape():
+    from engine.runtime.entry import join_batch, split_batch
+
+    x, t = torch.arange(8.0).reshape(4, 2), torch.tensor(3.0)
+    parts = split_batch((x,), {"timestep": t, "ids": torch.zeros(7, 3)}, 4, 2)
+    assert [p[0][0].shape[0] for p in parts] == [2, 2] and parts[0][1]["timestep"] is t and parts[1][1]["ids"].shape == (7, 3)
+    assert torch.equal(join_batch([(x[:2],), (x[2:],)])[0], x)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    joined = join_batch([Transformer2DModelOutput(sample=x[:1]), Transformer2DModelOutput(sample=x[1:])])
+    assert torch.equal(joined.sample, x)
+
+
+def test_the_planner_caps_prefetch_depth_after_an_oom():
+    from engine.planning.planner import LayerCost, Limits, MemberCost, plan
+
+    member = MemberCost("m", tuple(LayerCost(i, 10, 0, 20) for i in range(8)), group_bytes=10)
+    assert plan([member], Limits(60)).depth["m"] > 1
+    assert plan([member], Limits(60, max_depth=1)).depth["m"] == 1
+
+
+# --- point 1: Auto is the VRAM free now ----------------------------------------------------------------
+def test_auto_is_the_free_vram_minus_a_margin(monkeypatch):
+    from engine.generation.settings import detect_hardware
+    from engine.generation.vram_limit import auto_vram_limit_gb
+
+    FakeCuda(total=8 * GiB, free=6 * GiB).install(monkeypatch)  # a desktop and a browser hold 2 GB
+    hw = detect_hardware("cuda:0")
+    assert hw.vram_free_gb == 6.0 and hw.auto_vram_limit_gb == 4.5  # 6 free - 1.5 margin
+    assert auto_vram_limit_gb(8.0) == 6.5  # a machine planned for: the whole card is free
+
+
+def test_auto_is_measured_when_the_pipeline_is_built_and_lowered_after_the_first_step(monkeypatch, tmp_path):
+    from engine.generation.session import AUTO_MIN_FREE_GB, Session
+
+    gpu = FakeCuda(total=8 * GiB, free=5 * GiB).install(monkeypatch)
+
+    class Pipe:
+        device = torch.device("cuda", 0)
+        vram_limit = None
+
+        def set_vram_limit(self, limit):
+            self.vram_limit = limit
+
+        def close(self):
+            pass
+
+        def layer_states(self):
+            return {}
+
+        def slots_in_flight(self):
+            return 0
+
+    session = Session(None, tmp_path, None, device="cuda:0")
+    settings = types.SimpleNamespace(limit_is_auto=True, device=torch.device("cuda", 0), vram_limit=6.5)
+    r = types.SimpleNamespace(settings=settings)
+    assert session._measured_auto(r) == 3.5  # what is free when it is built, not at start
+    pipe = Pipe()
+    session._pipeline, session.auto_limit_gb = pipe, 3.5
+    gpu.free = int(0.2 * GiB)  # the first step's activations took more than planned
+    message = session.recheck_auto()
+    assert message and "lowering the limit" in message
+    assert pipe.vram_limit == session.auto_limit_gb <= 3.5 - (AUTO_MIN_FREE_GB - 0.2) + 1e-9
+    assert session.recheck_auto() is None  # once per pipeline
+    gpu.reserved, gpu.free = 1 * GiB, 5 * GiB
+    assert abs(session.telemetry().vram_other_gb - 2.0) < 1e-6  # 8 total - 5 free - 1 reserved by us
+    assert gpu.indices() == {0}
+
+
+def test_the_allocator_config_is_set_before_cuda_starts_unless_the_user_set_one():
+    from engine.runtime.alloc_conf import configure_allocator
+
+    env: dict[str, str] = {}
+    assert configure_allocator(env, "linux") and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert not configure_allocator(mine, "linux") and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert not configure_allocator({"PYTORCH_ALLOC_CONF": "x"}, "linux")
+    assert not configure_allocator({}, "win32")
+    import subprocess
+
+    code = "import os, engine; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin"}, cwd=Path.cwd())
+    assert out.stdout.strip() == ("expandable_segments:True" if sys.platform == "linux" else "None"), out.stderr
