@@ -333,3 +333,63 @@ def test_the_allocator_config_is_set_before_cuda_starts_unless_the_user_set_one(
     code = "import os, engine; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin"}, cwd=Path.cwd())
     assert out.stdout.strip() == ("expandable_segments:True" if sys.platform == "linux" else "None"), out.stderr
+
+
+# --- point 1, on a CPU host: Auto leaves the machine headroom, copies only where they pay back ----------
+def test_auto_on_a_cpu_leaves_headroom_to_the_rest_of_the_machine(monkeypatch):
+    from engine.runtime import ram
+
+    monkeypatch.delenv(ram.OVERRIDE, raising=False)
+    assert ram.machine_headroom_bytes(24 * GiB) == 3 * GiB  # a few GiB on a small machine ...
+    assert ram.machine_headroom_bytes(64 * GiB) == int(6.4 * GiB)  # ... a share of a large one
+    # 21 GiB available: the planner may use 21 - 1 (this process) - the machine's headroom
+    assert ram.ram_room(0, 0, 0, available=21 * GiB) == 20 * GiB - ram.machine_headroom_bytes() > 0
+    monkeypatch.setenv(ram.OVERRIDE, "10")  # the user said what the engine may use: no machine headroom
+    assert ram.machine_headroom_bytes(24 * GiB) == 0
+
+
+def test_the_ram_available_is_what_the_cgroup_still_allows(monkeypatch, tmp_path):
+    from engine.runtime import ram
+
+    root = tmp_path / "cg"
+    leaf = root / "user.slice" / "app.scope"
+    leaf.mkdir(parents=True)
+    (root / "user.slice" / "memory.max").write_text(str(18 * GiB))  # a process held to 18 GiB
+    (root / "user.slice" / "memory.current").write_text(str(10 * GiB))
+    (leaf / "memory.max").write_text("max")
+    (leaf / "memory.current").write_text(str(9 * GiB))
+    assert ram.cgroup_room_bytes(leaf, root) == 8 * GiB
+    monkeypatch.delenv(ram.OVERRIDE, raising=False)
+    monkeypatch.setattr(ram, "cgroup_room_bytes", lambda *a: 8 * GiB)
+    assert ram.available_ram_bytes() <= 8 * GiB
+
+
+def test_auto_on_a_cpu_copies_quantized_masters_only_where_they_pay_back():
+    from engine.generation.types import GenerateRequest, HardwareInfo
+    from engine.generation.settings import settings_for
+    from engine.generation.vram_limit import AUTO_COPY_MIN_STEPS
+
+    cpu = HardwareInfo(False, None, None, None, 24.0)
+    fp8 = lambda steps: settings_for(GenerateRequest("x", weights="fp8"), cpu, "cpu", steps=steps)
+    assert fp8(1).vram_limit == 0.0 and fp8(1).describe_limit() == "Auto (0 GB)"  # a 1-step image: no copies
+    assert fp8(AUTO_COPY_MIN_STEPS).vram_limit is None  # enough steps: copies within the RAM room
+    assert settings_for(GenerateRequest("x", weights="bf16"), cpu, "cpu", steps=1).vram_limit is None  # nothing to copy
+    assert settings_for(GenerateRequest("x", weights="fp8", vram_limit=2), cpu, "cpu", steps=1).vram_limit == 2  # asked
+
+
+def test_the_estimate_fits_only_with_the_machines_headroom(monkeypatch):
+    from engine.generation.estimate import cpu_ram_verdict
+    from engine.generation.pipelines import FAMILIES
+    from engine.runtime import ram
+    from model_registry import get_model
+
+    monkeypatch.delenv(ram.OVERRIDE, raising=False)
+    entry = get_model("z-image-turbo")
+    fam = FAMILIES[entry.family]
+    common = dict(storage="fp8", disk=False, limit_bytes=None, width=512, height=512, batch=1)
+    need = cpu_ram_verdict(entry, fam, **common, available_bytes=10**15).estimate.minimum_bytes
+    headroom = ram.machine_headroom_bytes()
+    assert not cpu_ram_verdict(entry, fam, **common, available_bytes=need + headroom // 2).fits
+    verdict = cpu_ram_verdict(entry, fam, **common, available_bytes=need + headroom // 2)
+    assert f"leaves {headroom / GiB:.1f} GiB to the rest of the machine" in verdict.message
+    assert cpu_ram_verdict(entry, fam, **common, available_bytes=need + headroom + GiB // 4).fits

@@ -162,9 +162,9 @@ class Resolver:
         check_loras(request.loras)
         gguf = getattr(entry, "gguf", None) is not None
         if hardware is None:
-            settings = settings_for(request, self.hardware(), self.device, gguf=gguf)
+            settings = settings_for(request, self.hardware(), self.device, gguf=gguf, steps=steps)
         else:  # another machine: its device kind and its Auto
-            settings = settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf)
+            settings = settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf, steps=steps)
         if settings.disk_offload:
             from engine.generation.pipelines.components import engine_loader
 

@@ -185,13 +185,18 @@ class EngineSettings:
 
 
 def settings_for(
-    request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None, gguf: bool = False
+    request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None, gguf: bool = False,
+    steps: int | None = None,
 ) -> EngineSettings:
     """The engine settings of a request, its vram_limit and weights choice checked here
     (UserFacingError). `hardware`: what Auto is resolved for (default: this host). `gguf`: the
-    model is a GGUF catalogue entry (its blocks are its storage)."""
+    model is a GGUF catalogue entry (its blocks are its storage). `steps`: the run's steps (Auto
+    on a CPU makes copies of quantized masters only where they pay back; None: the request's)."""
     dev = normalize_device(device) if device is not None else computation_device()
-    hardware = hardware if hardware is not None else detect_hardware()
-    limit = resolve_vram_limit(request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload))
+    hardware = hardware if hardware is not None else detect_hardware(dev)
     storage = resolve_storage(request.weights, gguf=gguf)
+    limit = resolve_vram_limit(
+        request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload),
+        steps=steps if steps is not None else request.steps, quantized=get_form(storage).quantized,
+    )
     return EngineSettings(bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit))
