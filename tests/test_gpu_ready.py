@@ -393,3 +393,62 @@ def test_the_estimate_fits_only_with_the_machines_headroom(monkeypatch):
     verdict = cpu_ram_verdict(entry, fam, **common, available_bytes=need + headroom // 2)
     assert f"leaves {headroom / GiB:.1f} GiB to the rest of the machine" in verdict.message
     assert cpu_ram_verdict(entry, fam, **common, available_bytes=need + headroom + GiB // 4).fits
+
+
+# --- point 3: the computation dtype fits the GPU generation ------------------------------------------
+def _hardware(cap):
+    from engine.generation.types import HardwareInfo
+
+    return HardwareInfo(True, "a GPU", 16.0, 14.0, 64.0, vram_free_gb=15.5, compute_capability=cap)
+
+
+def _resolved(monkeypatch, tmp_path, cap, model="qwen-image", size=1024):
+    import model_registry
+    from engine.generation.request import Resolver
+    from engine.generation.types import GenerateRequest
+
+    FakeCuda(cap=cap).install(monkeypatch)
+    resolver = Resolver(model_registry, tmp_path, "cuda:0", hardware=lambda: _hardware(cap))
+    return resolver(GenerateRequest("a cat", model=model, width=size, height=size))
+
+
+@pytest.mark.parametrize("cap, dtype", [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((12, 0), torch.bfloat16)])
+def test_below_capability_8_the_computation_runs_in_fp16(monkeypatch, tmp_path, cap, dtype):
+    from engine.generation.request import infotext
+
+    r = _resolved(monkeypatch, tmp_path, cap)
+    assert r.settings.compute_dtype == dtype and r.settings.vram_config.computation_dtype == dtype
+    name = "fp16" if dtype == torch.float16 else "bf16"
+    assert f"Compute dtype: {name}" in infotext(r, "euler")  # the PNG's parameters say which dtype ran
+
+
+def test_beside_fp16_the_vae_computes_in_fp32(tmp_path):
+    from engine.generation.pipelines.managed import component_config
+
+    fp16 = VramConfig.from_dict({"computation_device": "cuda:0", "computation_dtype": "float16"}, check_present=False)
+    vae = component_config("vae", "Conv2d", tmp_path, fp16)
+    assert vae.computation_dtype == vae.preparing_dtype == torch.float32
+    assert component_config("transformer", None, tmp_path, fp16) is fp16
+    bf16 = VramConfig.from_dict({"computation_device": "cuda:0"}, check_present=False)
+    assert component_config("vae", "Conv2d", tmp_path, bf16) is bf16
+
+
+def test_the_estimate_counts_the_attention_path_the_card_takes(monkeypatch, tmp_path):
+    import dataclasses
+
+    from engine.generation.estimator import Estimator, math_attention_bytes
+
+    r = _resolved(monkeypatch, tmp_path, (7, 5))  # a T4: fp16, memory-efficient attention
+    assert math_attention_bytes(r, 1) == 0
+    bf16_on_t4 = dataclasses.replace(r, settings=dataclasses.replace(r.settings, compute_dtype=torch.bfloat16))
+    scores = math_attention_bytes(bf16_on_t4, 1)  # bf16 there: the math path's full score matrix
+    assert scores == 24 * 4096 * 4096 * 2  # Qwen-Image's 24 heads at 1024x1024: about 0.8 GB per call
+    estimator = Estimator(None)
+    from engine.generation.pipelines import cfg_batch
+
+    batch = cfg_batch(r.family, r.guidance, r.negative_prompt)
+    assert estimator.activations(bf16_on_t4) - estimator.activations(r) == batch * scores
+    ampere = _resolved(monkeypatch, tmp_path, (8, 6))
+    assert math_attention_bytes(ampere, 1) == 0
+    est = estimator.estimate(r, _hardware((7, 5)))
+    assert est.compute_dtype == "fp16"

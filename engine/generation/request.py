@@ -254,6 +254,7 @@ def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, st
         ("VRAM limit", limit),
         ("FP8", "on" if r.settings.fp8 else "off"),
         ("Weights", r.settings.storage_name),
+        ("Compute dtype", r.settings.compute_dtype_name),
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
     pairs += image_infotext_pairs(r)

@@ -227,6 +227,7 @@ def _settings_record(r: ResolvedRequest, pipe: ManagedPipeline, loras: tuple[tup
         "vram_limit": r.settings.vram_limit,
         "fp8": r.settings.fp8,
         "weights": r.settings.storage_name,
+        "compute_dtype": r.settings.compute_dtype_name,
         "disk_offload": r.settings.disk_offload,
         "vae_tiling": pipe.vae_tiling,
         "loras": [(name, strength) for name, strength, _ in loras],

@@ -35,7 +35,7 @@ import torch
 
 from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
 from engine.generation.vram_limit import auto_vram_limit_gb, is_auto, resolve_vram_limit
-from engine.config import DISK, VramConfig, form_value, normalize_device
+from engine.config import DISK, VramConfig, form_value, normalize_device, storage_name
 from engine.storage.forms import FP8, default_form, file_form, get_form, weights_choices
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,14 @@ def measured_auto_limit_gb(device: torch.device | str) -> float | None:
     return auto_vram_limit_gb(total / GB, free / GB)
 
 
-def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None) -> dict[str, Any]:
+def vram_config_for(
+    fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None,
+    compute_dtype: torch.dtype = COMPUTATION_DTYPE,
+) -> dict[str, Any]:
     """The eight-key vram_config for a storage form (`storage_name`, a registered form; None: the
     UI's FP8 toggle decides between "fp8" and the default form) and the disk checkbox. With disk
-    offload the masters stay in their files and the resident copies take the storage form."""
+    offload the masters stay in their files and the resident copies take the storage form.
+    `compute_dtype`: the GPU generation's (`compute_dtype_for`)."""
     device = normalize_device(device) if device is not None else computation_device()
     form = get_form(storage_name or resolve_storage("auto", fp8))
     storage = form_value(form)
@@ -131,7 +135,7 @@ def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | 
         # dequantized once (within the RAM room) instead of at every forward (engine.runtime.ram)
         "preparing_dtype": storage if device.type != "cpu" else COMPUTATION_DTYPE,
         "preparing_device": device,
-        "computation_dtype": COMPUTATION_DTYPE,
+        "computation_dtype": compute_dtype if device.type != "cpu" else COMPUTATION_DTYPE,
         "computation_device": device,
     }
 
@@ -147,6 +151,13 @@ class EngineSettings:
     device: torch.device
     storage: str  # resolve_storage's answer
     limit_is_auto: bool = False  # vram_limit is what the request's Auto came to
+    compute_dtype: torch.dtype = COMPUTATION_DTYPE  # the GPU generation's (compute_dtype_for)
+    compute_capability: tuple[int, int] | None = None  # the computation GPU's (None: the CPU, or unknown)
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """"bf16" or "fp16" (the estimate, the panel and the PNG's parameters say it)."""
+        return storage_name(self.compute_dtype)
 
     @property
     def storage_name(self) -> str:
@@ -168,7 +179,7 @@ class EngineSettings:
 
     @property
     def vram_config(self) -> VramConfig:
-        return VramConfig.from_dict(vram_config_for(False, self.disk_offload, self.device, self.storage))
+        return VramConfig.from_dict(vram_config_for(False, self.disk_offload, self.device, self.storage, self.compute_dtype))
 
     @property
     def build_key(self) -> tuple[bool, str, str]:
@@ -199,4 +210,17 @@ def settings_for(
         request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload),
         steps=steps if steps is not None else request.steps, quantized=get_form(storage).quantized,
     )
-    return EngineSettings(bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit))
+    cap = hardware.compute_capability if dev.type == "cuda" else None
+    return EngineSettings(
+        bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit),
+        compute_dtype=compute_dtype_for(cap), compute_capability=cap,
+    )
+
+
+def compute_dtype_for(capability: tuple[int, int] | None) -> torch.dtype:
+    """The computation dtype on a GPU of `capability`: bf16 from 8.0 (Ampere) on, fp16 below it
+    (T4, RTX 20xx, V100: no bf16 tensor cores, fused attention or cuDNN convolutions there);
+    bf16 on the CPU or an unknown GPU (engine.runtime.cuda_facts.compute_dtypes)."""
+    from engine.runtime.cuda_facts import compute_dtypes
+
+    return compute_dtypes(capability)[0]

@@ -128,6 +128,7 @@ class MemoryEstimate:
     smallest_feasible_vram_limit_gb: float | None = None
     lora_bytes: int = 0  # the LoRAs' factors, included in vram_gb
     storage: str = ""  # how the weights are stored (the form's label: engine.storage.forms.StorageForm.label)
+    compute_dtype: str = ""  # the dtype the computation runs in ("bf16"; "fp16" on a GPU below capability 8.0)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ def check_kernels(device: torch.device | str) -> str | None:
 #: from compute capability 8.0 (Ampere) bf16 has tensor cores, fused (flash / memory-efficient)
 #: attention and cuDNN convolutions; below it (T4 and RTX 20xx 7.5, V100 7.0) it has none of them
 BF16_FROM_CAPABILITY = (8, 0)
+#: the VAE's dtype where the rest computes in fp16: the SD/SDXL and FLUX-style VAEs overflow fp16
+#: in their up-blocks (SDXL's VAE needs its separate fp16-fix weights), so fp32
+VAE_DTYPE_BESIDE_FP16 = torch.float32
 
 
 def compute_dtypes(cap: tuple[int, int] | None) -> tuple[torch.dtype, torch.dtype]:
@@ -142,7 +145,7 @@ def compute_dtypes(cap: tuple[int, int] | None) -> tuple[torch.dtype, torch.dtyp
     FLUX-style VAEs overflow fp16 in their up-blocks: SDXL's VAE needs its fp16-fix weights)."""
     if cap is None or cap >= BF16_FROM_CAPABILITY:
         return torch.bfloat16, torch.bfloat16
-    return torch.float16, torch.float32
+    return torch.float16, VAE_DTYPE_BESIDE_FP16
 
 
 def fused_attention(cap: tuple[int, int] | None, dtype: torch.dtype) -> bool:

@@ -408,11 +408,18 @@ class ManagedPipeline:
 def component_config(name: str, conv_kind: str | None, path: Path, config: VramConfig) -> VramConfig:
     """The config one component runs under: the pipeline's, except that on a CPU a component its
     family names in `cpu_conv_probes` (the VAE, all convolutions of `conv_kind`) computes in
-    float32 when that measures faster than the pipeline's dtype there (engine.runtime.cpu_dtype)."""
+    float32 when that measures faster than the pipeline's dtype there (engine.runtime.cpu_dtype);
+    and on a GPU that computes in float16 (below capability 8.0: engine.runtime.cuda_facts.
+    compute_dtypes) the VAE computes in float32, as the SD/SDXL/FLUX-style VAEs overflow float16."""
+    import dataclasses
+
     device = config.computation_device
+    if isinstance(device, torch.device) and device.type == "cuda" and conv_kind and config.computation_dtype == torch.float16:
+        from engine.runtime.cuda_facts import VAE_DTYPE_BESIDE_FP16 as vae_dtype
+        prep = vae_dtype if config.preparing_dtype == config.computation_dtype else config.preparing_dtype
+        return dataclasses.replace(config, computation_dtype=vae_dtype, preparing_dtype=prep)
     if not (isinstance(device, torch.device) and device.type == "cpu" and conv_kind):
         return config
-    import dataclasses
     import json
 
     from engine.runtime.cpu_dtype import component_conv_dtype
