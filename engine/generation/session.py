@@ -188,7 +188,7 @@ class Session:
         log.warning("%s", message)
         self.auto_limit_gb = lowered
         pipe.set_vram_limit(lowered)
-        torch.cuda.empty_cache()
+        cuda_facts.empty_cache(device)
         return message
 
     # --- the pipeline -----------------------------------------------------------------------------

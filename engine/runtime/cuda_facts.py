@@ -11,13 +11,10 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def oom_error_classes(torch_module: Any = torch) -> tuple[type[BaseException], ...]:

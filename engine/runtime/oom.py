@@ -18,7 +18,6 @@ The reliefs stay in force for the next steps (the pool's caps until the limit is
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,6 @@ from engine.runtime.member import Change
 if TYPE_CHECKING:
     from engine.runtime.component import VramRuntime
 
-log = logging.getLogger(__name__)
 GB = 1024**3
 
 
