@@ -451,3 +451,30 @@ def test_the_estimate_counts_the_attention_path_the_card_takes(monkeypatch, tmp_
     assert math_attention_bytes(ampere, 1) == 0
     est = estimator.estimate(r, _hardware((7, 5)))
     assert est.compute_dtype == "fp16"
+
+
+def test_an_oom_with_prefetch_in_flight_retries_with_fewer_slots():
+    from engine import set_vram_limit, vram_budget
+
+    plain = make_stack()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config=CPU, vram_limit=0)
+    reserve = vram_budget(model).streaming_reserve()
+    name_blocks(model)
+    backend = BoundedBackend(10**12)
+    runtime = runtime_of(model)
+    runtime.use_scheduler(backend)
+    model.blocks[0].register_forward_pre_hook(lambda _m, inputs: backend.need(inputs[0]))
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    model(x)  # the trace
+    group = runtime.scheduler.max_group_bytes(runtime.planning_order())
+    set_vram_limit(model, (reserve + 3 * group) / GiB)  # room for prefetch two groups ahead, not for residency
+    model(x)
+    assert runtime.stream_depth >= 2
+    deep = backend.live_slot_bytes()
+    backend.capacity = deep - 1  # the device now has less room than these slots take
+    backend.attempts = backend.peak = 0
+    assert torch.equal(model(x), plain(x))
+    assert runtime.stream_depth == 1 and runtime.stats.oom_retries == 1
+    assert backend.attempts == 2 and backend.live_slot_bytes() < deep  # the retry's measured peak is lower
+
