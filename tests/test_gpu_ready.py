@@ -478,3 +478,46 @@ def test_an_oom_with_prefetch_in_flight_retries_with_fewer_slots():
     assert runtime.stream_depth == 1 and runtime.stats.oom_retries == 1
     assert backend.attempts == 2 and backend.live_slot_bytes() < deep  # the retry's measured peak is lower
 
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+def test_an_oom_in_attention_retries_with_chunked_attention_at_a_lower_measured_peak(monkeypatch):
+    torch.manual_seed(0)
+    plain = TinyAttention().eval()
+    model = copy.deepcopy(plain)
+    enable_vram_management(model, vram_config={"computation_device": "cpu", "computation_dtype": "float32"}, vram_limit=0)
+    real = torch.nn.functional.scaled_dot_product_attention
+    device = {"capacity": 10**12, "peak": 0, "calls": 0}
+
+    def bounded(q, k, v, *args, **kwargs):  # the math path: a score matrix of q x k rows per head
+        device["calls"] += 1
+        scores = q.shape[0] * q.shape[1] * q.shape[-2] * k.shape[-2] * q.element_size()
+        if scores > device["capacity"]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {scores} bytes (simulated)")
+        device["peak"] = max(device["peak"], scores)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", bounded)
+    x = torch.randn(1, 64, 32)
+    whole = 1 * 4 * 64 * 64 * 4
+    device["capacity"] = whole // 2  # a quarter of the queries at a time fits, all of them not
+    out = model(x)
+    assert runtime_of(model).stats.oom_retries == 1 and runtime_of(model).attention_chunks == 4
+    assert device["peak"] == whole // 4 < whole  # the retry's measured peak
+    assert torch.nn.functional.scaled_dot_product_attention is bounded  # restored after the step
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real)
+    with torch.no_grad():
+        torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-6)  # each query row's softmax is over every key

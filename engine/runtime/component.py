@@ -113,6 +113,7 @@ class VramRuntime:
         # whether the model's attention was sliced
         self.batch_chunks = 1
         self.attention_sliced = False
+        self.attention_chunks = 1
 
     @property
     def budget(self) -> Coordinator:

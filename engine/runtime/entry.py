@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 from engine.layers.hooks import ModelHook
 import torch
 
-from engine.runtime.oom import VramExhaustedError, batch_size, exhausted_message, free_failed_step, is_oom, next_relief
+from engine.runtime.oom import (
+    VramExhaustedError,
+    batch_size,
+    chunked_attention,
+    exhausted_message,
+    free_failed_step,
+    is_oom,
+    next_relief,
+)
 
 if TYPE_CHECKING:
     from engine.runtime.component import VramRuntime
@@ -56,7 +64,8 @@ def _run_step(runtime: "VramRuntime", method: Callable[..., Any], args: tuple, k
     while True:
         failed = ""
         try:
-            return _chunked(runtime, method, args, kwargs)
+            with chunked_attention(runtime.attention_chunks):
+                return _chunked(runtime, method, args, kwargs)
         except Exception as exc:
             if not is_oom(exc):
                 raise

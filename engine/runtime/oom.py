@@ -8,7 +8,9 @@ A retry must be able to succeed, so it runs a plan with a lower peak, never the 
    inside the `except` block, `empty_cache()` could not free the activations the traceback holds.
 2. The next relief not yet used is applied (`next_relief`), in this order: fewer prefetch slots,
    half the resident layers, the batch split in two (a batched CFG's two halves run one after the
-   other), sliced attention, a tiled VAE. Each lowers the peak; each is used once per step.
+   other), sliced attention (a UNet's `set_attention_slice`) or chunked attention (the queries of
+   every attention call in parts: `chunked_attention`), a tiled VAE. Each lowers the peak; each
+   is used once per step.
 3. When none is left, the step stops at once with `VramExhaustedError`, whose message names the
    settings that would fit (`exhausted_message`).
 
@@ -18,7 +20,8 @@ The reliefs stay in force for the next steps (the pool's caps until the limit is
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,11 +103,58 @@ def _reliefs(runtime: "VramRuntime", args: tuple, kwargs: dict) -> list[Relief]:
     if runtime.batch_chunks < batch:
         chunks = min(batch, runtime.batch_chunks * 2)
         out.append(Relief("the batch split in two", lambda: setattr(runtime, "batch_chunks", chunks)))
-    if callable(getattr(model, "set_attention_slice", None)) and not runtime.attention_sliced:
-        out.append(Relief("sliced attention", lambda: _slice_attention(runtime)))
+    if callable(getattr(model, "set_attention_slice", None)):
+        if not runtime.attention_sliced:
+            out.append(Relief("sliced attention", lambda: _slice_attention(runtime)))
+    elif runtime.attention_chunks == 1 and has_attention(model):
+        out.append(Relief("chunked attention", lambda: setattr(runtime, "attention_chunks", ATTENTION_CHUNKS)))
     if callable(getattr(model, "enable_tiling", None)) and not getattr(model, "use_tiling", True):
         out.append(Relief("a tiled VAE", model.enable_tiling))
     return out
+
+
+#: the "chunked attention" relief runs each attention call in this many parts of its queries
+ATTENTION_CHUNKS = 4
+
+
+@contextmanager
+def chunked_attention(chunks: int) -> Iterator[None]:
+    """While a step runs under the "chunked attention" relief: `scaled_dot_product_attention`
+    computes its queries in `chunks` parts (each row's softmax is over all keys, so the result is
+    the same), so the math path's score matrix (pre-Ampere cards in bf16, the CPU) is that much
+    smaller. Causal calls run whole (their mask depends on the query offset). Models without
+    `set_attention_slice` (the diffusers transformers, transformers' text encoders) call the
+    function through `torch.nn.functional` at run time, so they take the chunked one."""
+    if chunks <= 1:
+        yield
+        return
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        n = query.shape[-2]
+        if kwargs.get("is_causal") or (len(args) > 1 and args[1]) or n < 2 * chunks:
+            return original(query, key, value, attn_mask, *args, **kwargs)
+        size = -(-n // chunks)
+        parts = []
+        for start in range(0, n, size):
+            mask = attn_mask
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] == n:
+                mask = mask[..., start : start + size, :]
+            parts.append(original(query[..., start : start + size, :], key, value, mask, *args, **kwargs))
+        return torch.cat(parts, dim=-2)
+
+    functional.scaled_dot_product_attention = chunked
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def has_attention(model: Any) -> bool:
+    """Does the model hold attention modules (diffusers' `Attention`, transformers' `*Attention`
+    classes), whose calls `chunked_attention` can cut?"""
+    return any("Attention" in type(m).__name__ for m in model.modules())
 
 
 def _slice_attention(runtime: "VramRuntime") -> None:
