@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from engine.generation.estimate import RamVerdict
 from engine.generation.lora_library import factor_bytes
 from engine.generation.pipelines import activation_bytes, cfg_batch
@@ -239,7 +241,8 @@ class Estimator:
         (`math_attention_bytes`)."""
         fam = r.family
         batch = cfg_batch(fam, r.guidance, r.negative_prompt)
-        return activation_bytes(r.width, r.height, batch, *image_activation_args(fam, r)) + math_attention_bytes(r, batch)
+        vae_element = 4 if r.settings.device.type == "cuda" and r.settings.compute_dtype == torch.float16 else 2  # fp32 VAE then
+        return activation_bytes(r.width, r.height, batch, *image_activation_args(fam, r), vae_element) + math_attention_bytes(r, batch)
 
     def lora_bytes(self, request: GenerateRequest) -> int:
         """Bytes of the request's LoRA factors on the computation device (local files only)."""
