@@ -102,6 +102,18 @@ def test_computing_on_cuda1_asks_nothing_of_gpu0(monkeypatch, tmp_path):
     assert gpu.indices() == {1}, gpu.queried  # no query of GPU 0, none of "the current device"
 
 
+def test_pinned_memory_for_cuda1_is_allocated_under_cuda1(monkeypatch):
+    from engine.transfer.devices import CudaBackend
+
+    gpu = FakeCuda(current=0).install(monkeypatch)
+    backend = object.__new__(CudaBackend)  # no stream: only `pin` is asked
+    backend.device = torch.device("cuda", 1)
+    made = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(k.get("pin_memory")) or "pinned")
+    assert backend.pin(16) == "pinned" and made == [True]
+    assert gpu.queried == [("device", 1)]  # the pinned allocator's context is cuda:1's, not GPU 0's
+
+
 # --- point 4: versions and architectures -----------------------------------------------------------
 def test_the_out_of_memory_class_resolves_on_a_torch_without_torch_OutOfMemoryError():
     class CudaOOM(RuntimeError):
