@@ -537,3 +537,19 @@ def test_an_oom_in_attention_retries_with_chunked_attention_at_a_lower_measured_
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real)
     with torch.no_grad():
         torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-6)  # each query row's softmax is over every key
+
+
+def test_the_estimate_fits_the_free_vram_not_the_total(monkeypatch, tmp_path):
+    import dataclasses
+
+    from engine.generation.estimator import Estimator
+    from engine.generation.types import HardwareInfo
+
+    r = _resolved(monkeypatch, tmp_path, (8, 6), model="z-image-turbo", size=1024)
+    unlimited = dataclasses.replace(r, settings=dataclasses.replace(r.settings, vram_limit=None, limit_is_auto=False))
+    need = Estimator(None).estimate(unlimited, HardwareInfo(True, "a GPU", 80.0, 70.0, 64.0)).vram_gb
+    whole = HardwareInfo(True, "a GPU", need + 2, need, 64.0)
+    busy = dataclasses.replace(whole, vram_free_gb=need - 1)  # a desktop and a browser hold 3 GB
+    assert Estimator(None).estimate(unlimited, whole).fits
+    est = Estimator(None).estimate(unlimited, busy)
+    assert not est.fits and any("other programs hold the rest" in w for w in est.warnings)

@@ -181,9 +181,17 @@ class Estimator:
                 f"A VRAM limit of {s.vram_limit:g} GB is below the smallest that works for this size "
                 f"(about {math.ceil(fp.smallest_limit / GB * 10) / 10:g} GB): activations and the streaming reserve would not fit."
             )
-        if hw.has_gpu and hw.vram_total_gb is not None and fp.vram > hw.vram_total_gb * GB:
+        # what other programs hold is not ours: a GPU detected with less free than its total fits less
+        free = hw.vram_free_gb if hw.vram_free_gb is not None else hw.vram_total_gb
+        if hw.has_gpu and free is not None and fp.vram > free * GB:
             fits = False
-            warnings.append(f"Needs about {fp.vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
+            if free < (hw.vram_total_gb or free):
+                warnings.append(
+                    f"Needs about {fp.vram / GB:.1f} GB of VRAM but {free:.1f} GB of the GPU's {hw.vram_total_gb:.1f} GB is free "
+                    "(other programs hold the rest): lower the VRAM limit, or close them."
+                )
+            else:
+                warnings.append(f"Needs about {fp.vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
         verdict = fp.ram_verdict
         if verdict is not None:
             if not verdict.fits:
