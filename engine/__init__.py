@@ -23,6 +23,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from engine import model_tables as _model_tables
+from engine.runtime.alloc_conf import configure_allocator as _configure_allocator
+
+_configure_allocator()  # before CUDA starts: expandable segments, unless the user set a config
 
 
 def _shipped_tables() -> Iterable[Any]:

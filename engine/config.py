@@ -101,6 +101,7 @@ def parse_device(key: str, value: Any, allow_disk: bool, check_present: bool = T
     if device is None or device.type not in _DEVICE_TYPES:
         accepted = ", ".join(([DISK] if allow_disk else []) + ["cpu", "cuda", "cuda:N", "mps", "xpu"])
         raise ValueError(f"vram_config[{key!r}] = {value!r} is not a supported device. Accepted: {accepted}.")
+    device = normalize_device(device)
     if not check_present:
         return device
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -113,8 +114,20 @@ def parse_device(key: str, value: Any, allow_disk: bool, check_present: bool = T
     return device
 
 
+def normalize_device(device: torch.device | str) -> torch.device:
+    """One device, one name: `torch.device("cuda") != torch.device("cuda:0")`, so a config that
+    names the same GPU both ways (onload on "cuda:0", computation on "cuda") would not see its
+    onloaded layers as resident. "cuda" becomes the current CUDA device with its index ("cuda:0"
+    where CUDA is absent, as when planning for another machine). Asking for the current index
+    creates no CUDA context (cudaGetDevice does not)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
 def default_computation_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return normalize_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,8 @@ class VramConfig:
             value = config.get(key)
             return default if value is None else value
 
-        comp_device = parse_device("computation_device", get("computation_device", default_computation_device()), False, check_present)
+        given = config.get("computation_device")  # the default asks CUDA for its current device: only when needed
+        comp_device = parse_device("computation_device", default_computation_device() if given is None else given, False, check_present)
         comp_dtype = parse_dtype("computation_dtype", get("computation_dtype", torch.bfloat16), False)
         if is_storage_only(comp_dtype):
             named = [f"{f.title} ({', '.join((f.dtype,) + f.also_dtypes)})" if f.dtype else f.name for f in forms() if f.quantized]

@@ -86,7 +86,8 @@ def test_the_pool_plans_a_member_through_the_protocol_alone(monkeypatch):
     pool.member_changed(b, Change.NEEDED)
     assert needed == [b]
     pool.member_changed(a, Change.OUT_OF_MEMORY)
-    assert a.dropped == b.dropped == 1 and pool.residency_cap_bytes == 0
+    # frees what the failed step held; how the retry lowers its peak is engine.runtime.oom's choice
+    assert a.dropped == b.dropped == 1 and pool.residency_cap_bytes is None
     pool.leave(b)
     assert pool.fixed_bytes == 9 and pool.members == [a]
 

@@ -241,7 +241,7 @@ def test_untraced_layer_falls_back_synchronously(monkeypatch):
     backend.check_ordering()
 
 
-def test_oom_in_a_step_retries_once_with_lower_residency():
+def test_oom_in_a_step_retries_with_lower_residency_and_stops_when_nothing_lowers_the_peak():
     plain = make_stack()
     model = copy.deepcopy(plain)
     enable_vram_management(model, vram_config=CPU, vram_limit=None)
@@ -249,8 +249,10 @@ def test_oom_in_a_step_retries_once_with_lower_residency():
     budget = vram_budget(model)
     resident_before = budget.resident_bytes
     failures = {"left": 1}
+    calls = {"n": 0}
 
     def oom_once(_module, _inputs):
+        calls["n"] += 1
         if failures["left"]:
             failures["left"] -= 1
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -260,10 +262,14 @@ def test_oom_in_a_step_retries_once_with_lower_residency():
     assert runtime_of(model).stats.oom_retries == 1
     assert budget.resident_bytes <= resident_before // 2
     assert budget.transient_bytes == 0
-    # a step that keeps failing gives a clear error, and the model still works afterwards
-    failures["left"] = 2
-    with pytest.raises(VramExhaustedError, match="Lower the VRAM limit"):
+    # a step that keeps failing tries each relief once (residency halved again, the batch of 4
+    # split), then stops at once with a message naming the settings that would fit
+    failures["left"], calls["n"] = 100, 0
+    with pytest.raises(VramExhaustedError, match="Settings that would fit: a smaller image") as raised:
         model(X)
+    assert "retried with half the resident layers, then the batch split in two" in str(raised.value)
+    assert calls["n"] == 3  # the first try and two retries under two different plans, no more
+    failures["left"] = 0
     handle.remove()
     assert budget.transient_bytes == 0
     assert torch.equal(model(X), plain(X))

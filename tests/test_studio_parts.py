@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ DEMO_BEFORE = {
 def test_the_estimator_gives_the_figures_of_before(studio, kind, limit, disk):
     hardware = GPU_8 if kind == "gpu" else CPU_16
     request = GenerateRequest("", negative_prompt="blurry", model="demo", weights="bf16", disk_offload=disk, vram_limit=limit)
-    assert studio.estimate(request, hardware) == DEMO_BEFORE[(kind, limit, disk)]
+    # the estimate now also says the computation dtype (issue 25): bf16 on these machines
+    assert studio.estimate(request, hardware) == dataclasses.replace(DEMO_BEFORE[(kind, limit, disk)], compute_dtype="bf16")
 
 
 def test_one_entry_point_for_a_cpu_machine_is_the_planners_ram_verdict(studio, monkeypatch):

@@ -73,7 +73,9 @@ def hardware_note(hw: HardwareInfo) -> str:
             "so the VRAM limit does not apply."
         )
     auto = gb(hw.auto_vram_limit_gb, 1)
-    return f"{hw.gpu_name or 'GPU'} with {gb(hw.vram_total_gb, 1)} VRAM. Auto uses {auto} (detected VRAM minus a margin)."
+    free = f", {gb(hw.vram_free_gb, 1)} free" if getattr(hw, "vram_free_gb", None) is not None else ""
+    note = f"{hw.gpu_name or 'GPU'} with {gb(hw.vram_total_gb, 1)} VRAM{free}. Auto uses {auto} (the free VRAM minus a margin)."
+    return " ".join([note, *getattr(hw, "warnings", ())])
 
 
 def estimate_markdown(est: MemoryEstimate, hw: HardwareInfo | None = None) -> str:
@@ -101,7 +103,8 @@ def estimate_markdown(est: MemoryEstimate, hw: HardwareInfo | None = None) -> st
         lines.append("")
         lines.append(f"LoRAs: {mib(est.lora_bytes)} of factors on the computation device (included in VRAM).")
     if est.storage:
-        lines += ["", f"Weights stored as {est.storage}."]
+        computes = f" Computes in {est.compute_dtype}." if getattr(est, "compute_dtype", "") else ""
+        lines += ["", f"Weights stored as {est.storage}.{computes}"]
     for warning in est.warnings:
         lines.append("")
         lines.append(f"**Warning:** {warning}")
@@ -181,6 +184,10 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
     ]
     if snapshot and getattr(snapshot, "lora_bytes", 0):
         rows.append(("LoRA factors", cell("lora", mib(snapshot.lora_bytes))))
+    if snapshot and getattr(snapshot, "vram_other_gb", None) is not None:  # what Auto leaves to them
+        rows.append(("VRAM held by other programs", cell("vram_other", gb(snapshot.vram_other_gb))))
+    if snapshot and getattr(snapshot, "compute_dtype", ""):
+        rows.append(("Computes in", cell("compute_dtype", snapshot.compute_dtype)))
     head = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     out = [f'<table class="lvs-stats">{head}</table>']
     if msg:

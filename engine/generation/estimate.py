@@ -281,7 +281,7 @@ def estimate_ram(
 ) -> RamEstimate | None:
     """The CPU-host RAM estimate of one catalogue entry (None when a component has no config;
     `local_path`: the model's folder, whose config files stand in for missing catalogue configs)."""
-    from engine.runtime.ram import RAM_MARGIN_BYTES
+    from engine.runtime.ram import reserve_bytes
 
     costs = component_costs(entry, family, storage, disk, "cpu", local_path)
     if costs is None:
@@ -297,7 +297,8 @@ def estimate_ram(
         act = activations.get(stage, 0)
         # the pool's RAM room (engine.runtime.ram) with nothing of this stage resident yet
         held = sum(sum(l.resident_bytes for l in c.member.layers) for c in members if c.resident_is_master)
-        room = max(0, available_bytes - PROCESS_BASELINE_BYTES - masters + held - act - RAM_MARGIN_BYTES)
+        # the pool's RAM room keeps this process's margin and the machine's headroom (engine.runtime.ram)
+        room = max(0, available_bytes - PROCESS_BASELINE_BYTES - masters + held - act - reserve_bytes())
         limit = room if limit_bytes is None else min(limit_bytes, room)
         stages[stage], resident[stage] = plan_stage(members, limit, act)
         # resident copies that are their masters cost nothing: only the others can be given up
@@ -361,16 +362,17 @@ def cpu_ram_verdict(
 ) -> RamVerdict | None:
     """Does this setting fit the RAM available now (CPU host)? If not, which setting does.
     `reference_pixels` / `input_pixels`: the request's input images (`stage_activations`)."""
-    from engine.runtime.ram import available_ram_bytes
+    from engine.runtime.ram import available_ram_bytes, machine_headroom_bytes
 
     free = available_ram_bytes() if available_bytes is None else available_bytes
+    headroom = machine_headroom_bytes()  # "fits" leaves the rest of the machine what the RAM room leaves it
     act = stage_activations(width, height, batch, reference_pixels, input_pixels)
     est = estimate_ram(
         entry, family, storage=storage, disk=disk, limit_bytes=limit_bytes, activations=act, available_bytes=free, local_path=local_path
     )
     if est is None:
         return None
-    fits = est.minimum_bytes <= free  # copies beyond the masters adapt to the RAM room
+    fits = est.minimum_bytes + headroom <= free  # copies beyond the masters adapt to the RAM room
     if fits:
         return RamVerdict(est, free, True, "")
     fitting = []
@@ -383,12 +385,13 @@ def cpu_ram_verdict(
             entry, family, storage=alt_storage, disk=alt_disk, limit_bytes=alt_limit, activations=act, available_bytes=free,
             local_path=local_path,
         )
-        if alt is not None and alt.minimum_bytes <= free:
+        if alt is not None and alt.minimum_bytes + headroom <= free:
             fitting.append(setting_name(alt_storage, alt_disk))
     name = getattr(entry, "name", "this model")
     tip = f" Use {' or '.join(fitting[:2])}." if fitting else " No setting fits: free some RAM or use a smaller model."
     message = (
         f"{name} with {setting_name(storage, disk)} needs about {est.minimum_bytes / GiB:.1f} GiB of RAM "
-        f"({est.masters_bytes / GiB:.1f} GiB of weights in RAM), and {free / GiB:.1f} GiB is available.{tip}"
+        f"({est.masters_bytes / GiB:.1f} GiB of weights in RAM) and leaves {headroom / GiB:.1f} GiB to the rest of the "
+        f"machine; {free / GiB:.1f} GiB is available.{tip}"
     )
     return RamVerdict(est, free, False, message)

@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from engine.generation.estimate import RamVerdict
 from engine.generation.lora_library import factor_bytes
 from engine.generation.pipelines import activation_bytes, cfg_batch
@@ -108,6 +110,36 @@ def image_activation_args(fam: Any, r: ResolvedRequest) -> tuple[int, int]:
     return reference_pixels(fam, r.images), vae_input_pixels(fam, r.images)
 
 
+#: attention heads of a denoiser whose config the catalogue does not list (Qwen-Image's and FLUX's 24)
+DEFAULT_ATTENTION_HEADS = 24
+
+
+def math_attention_bytes(r: ResolvedRequest, batch: int) -> int:
+    """The score matrix (batch x heads x tokens x tokens, in the computation dtype) one attention
+    call builds where scaled_dot_product_attention has no fused kernel for the GPU and dtype
+    (engine.runtime.cuda_facts.fused_attention: bf16 below capability 8.0); 0 where it has one,
+    or on the CPU. Qwen-Image at 1024x1024 on such a card: 24 x 4096^2 x 2 bytes, about 0.8 GB."""
+    s = r.settings
+    if s.device.type != "cuda" or s.compute_capability is None:
+        return 0
+    from engine.runtime.cuda_facts import fused_attention
+
+    if fused_attention(s.compute_capability, s.compute_dtype):
+        return 0
+    tokens = (r.width // 16) * (r.height // 16)
+    heads = DEFAULT_ATTENTION_HEADS
+    comp = r.entry.components.get(r.family.denoiser)
+    if comp is not None and getattr(comp, "config_id", None):
+        try:
+            from engine.generation.estimate import config_of
+
+            heads = int(config_of(comp.config_id).get("num_attention_heads") or heads)
+        except Exception:  # pragma: no cover - estimate only
+            pass
+    element = 4 if s.compute_dtype.itemsize >= 4 else 2
+    return batch * heads * tokens * tokens * element
+
+
 def _limit_bytes(r: ResolvedRequest) -> int | None:
     limit = r.settings.vram_limit
     return None if limit is None else int(limit * GB)
@@ -149,9 +181,17 @@ class Estimator:
                 f"A VRAM limit of {s.vram_limit:g} GB is below the smallest that works for this size "
                 f"(about {math.ceil(fp.smallest_limit / GB * 10) / 10:g} GB): activations and the streaming reserve would not fit."
             )
-        if hw.has_gpu and hw.vram_total_gb is not None and fp.vram > hw.vram_total_gb * GB:
+        # what other programs hold is not ours: a GPU detected with less free than its total fits less
+        free = hw.vram_free_gb if hw.vram_free_gb is not None else hw.vram_total_gb
+        if hw.has_gpu and free is not None and fp.vram > free * GB:
             fits = False
-            warnings.append(f"Needs about {fp.vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
+            if free < (hw.vram_total_gb or free):
+                warnings.append(
+                    f"Needs about {fp.vram / GB:.1f} GB of VRAM but {free:.1f} GB of the GPU's {hw.vram_total_gb:.1f} GB is free "
+                    "(other programs hold the rest): lower the VRAM limit, or close them."
+                )
+            else:
+                warnings.append(f"Needs about {fp.vram / GB:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB: lower the VRAM limit.")
         verdict = fp.ram_verdict
         if verdict is not None:
             if not verdict.fits:
@@ -178,6 +218,7 @@ class Estimator:
             warnings=tuple(warnings),
             smallest_feasible_vram_limit_gb=math.ceil(fp.smallest_limit / GB * 10) / 10,
             lora_bytes=lora,
+            compute_dtype=s.compute_dtype_name,
         )
 
     def footprint(self, r: ResolvedRequest, lora_bytes: int = 0, hardware: HardwareInfo | None = None) -> Footprint:
@@ -203,9 +244,13 @@ class Estimator:
         return Footprint(vram, smallest, streamed, ram, tuple(notes), verdict)
 
     def activations(self, r: ResolvedRequest) -> int:
-        """Peak activation bytes of a step or the decode at `r`'s size (its input images included)."""
+        """Peak activation bytes of a step or the decode at `r`'s size (its input images included),
+        plus the full attention score matrix where the GPU's attention takes the math path
+        (`math_attention_bytes`)."""
         fam = r.family
-        return activation_bytes(r.width, r.height, cfg_batch(fam, r.guidance, r.negative_prompt), *image_activation_args(fam, r))
+        batch = cfg_batch(fam, r.guidance, r.negative_prompt)
+        vae_element = 4 if r.settings.device.type == "cuda" and r.settings.compute_dtype == torch.float16 else 2  # fp32 VAE then
+        return activation_bytes(r.width, r.height, batch, *image_activation_args(fam, r), vae_element) + math_attention_bytes(r, batch)
 
     def lora_bytes(self, request: GenerateRequest) -> int:
         """Bytes of the request's LoRA factors on the computation device (local files only)."""

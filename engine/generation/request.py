@@ -25,6 +25,7 @@ import torch
 
 from engine.generation.lora_library import check_loras
 from engine.generation.pipelines import FAMILIES
+from engine.config import normalize_device
 from engine.generation.settings import EngineSettings, detect_hardware, settings_for
 from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
 
@@ -104,7 +105,7 @@ class Resolver:
         when present); `hardware`: this host's HardwareInfo (what Auto is resolved for)."""
         self.registry = registry
         self.models_dir = models_dir
-        self.device = torch.device(device) if device is not None else None
+        self.device = normalize_device(device) if device is not None else None
         self.hardware = hardware or detect_hardware
 
     def __call__(self, request: GenerateRequest, *, estimate: bool = False, hardware: HardwareInfo | None = None) -> ResolvedRequest:
@@ -161,9 +162,9 @@ class Resolver:
         check_loras(request.loras)
         gguf = getattr(entry, "gguf", None) is not None
         if hardware is None:
-            settings = settings_for(request, self.hardware(), self.device, gguf=gguf)
+            settings = settings_for(request, self.hardware(), self.device, gguf=gguf, steps=steps)
         else:  # another machine: its device kind and its Auto
-            settings = settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf)
+            settings = settings_for(request, hardware, "cuda" if hardware.has_gpu else "cpu", gguf=gguf, steps=steps)
         if settings.disk_offload:
             from engine.generation.pipelines.components import engine_loader
 
@@ -253,6 +254,7 @@ def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, st
         ("VRAM limit", limit),
         ("FP8", "on" if r.settings.fp8 else "off"),
         ("Weights", r.settings.storage_name),
+        ("Compute dtype", r.settings.compute_dtype_name),
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
     pairs += image_infotext_pairs(r)

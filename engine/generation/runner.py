@@ -23,13 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.generation.pipelines import GenerationCancelled, ManagedPipeline, StepStats
 from engine.generation.preview import Previewer
 from engine.generation.request import ResolvedRequest, infotext
 from engine.generation.session import Session
 from engine.generation.types import GenerationEvent, GenerationResult, UserFacingError
+from engine.runtime.oom import VramExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,8 @@ def eta_seconds(durations: list[float], steps_left: int) -> float:
 
 
 def is_vram_exhausted(exc: BaseException) -> bool:
-    try:
-        from engine.runtime.oom import VramExhaustedError, is_oom
-    except ImportError:  # pragma: no cover
-        return isinstance(exc, torch.OutOfMemoryError)
+    from engine.runtime.oom import is_oom
+
     return isinstance(exc, VramExhaustedError) or is_oom(exc)
 
 
@@ -120,6 +117,7 @@ class Runner:
             if should_stop():
                 raise GenerationCancelled()
             pipe, loras = self.session.prepare(r, emit, should_stop)
+            r = self.session.live_settings(r)  # Auto as measured when the pipeline was built
             image = self._run(pipe, r, emit, should_stop)
             if should_stop():  # cancelled during the last step or the decode: nothing is saved
                 raise GenerationCancelled()
@@ -133,7 +131,7 @@ class Runner:
         except Exception as exc:
             log.exception("generation failed")
             if is_vram_exhausted(exc):  # the engine already retried once with less residency
-                message = str(exc) if not isinstance(exc, torch.OutOfMemoryError) else ""
+                message = str(exc) if isinstance(exc, VramExhaustedError) else ""
                 exc = UserFacingError(
                     message or "Out of memory: lower the VRAM limit (or set it to 0), tick FP8 or disk offload, or make the image smaller."
                 )
@@ -164,6 +162,8 @@ class Runner:
             seconds, clock["t"] = now - clock["t"], now
             durations.append(seconds)
             self.session.last_step = stats
+            if i == 1:
+                self.session.recheck_auto()  # Auto on a GPU: is the VRAM left free what was planned?
             image, made["image"] = made["image"], None
             emit(
                 GenerationEvent(
@@ -227,6 +227,7 @@ def _settings_record(r: ResolvedRequest, pipe: ManagedPipeline, loras: tuple[tup
         "vram_limit": r.settings.vram_limit,
         "fp8": r.settings.fp8,
         "weights": r.settings.storage_name,
+        "compute_dtype": r.settings.compute_dtype_name,
         "disk_offload": r.settings.disk_offload,
         "vae_tiling": pipe.vae_tiling,
         "loras": [(name, strength) for name, strength, _ in loras],

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,17 @@ import torch
 from engine.generation.lora_library import LoraLibrary
 from engine.generation.pipelines import GenerationCancelled, ManagedPipeline, StepStats, build_pipeline
 from engine.generation.request import ResolvedRequest
+from engine.generation.settings import computation_device, measured_auto_limit_gb
 from engine.generation.types import GenerationEvent, TelemetrySnapshot, UserFacingError
+from engine.config import normalize_device, storage_name
+from engine.runtime import cuda_facts
 
 log = logging.getLogger(__name__)
 
 GB = 1024**3
+#: Auto keeps at least this much VRAM free after the first step (cuBLAS/cuDNN workspaces that
+#: later kernels allocate, another program's growth); below it the limit is lowered (recheck_auto)
+AUTO_MIN_FREE_GB = 0.5
 Emit = Callable[[GenerationEvent], None]
 
 
@@ -59,9 +67,11 @@ class Session:
         download_dir: Path | None = None,
         source: str = "hf",
         ram_verdict: Callable[[ResolvedRequest], Any] | None = None,
+        device: torch.device | str | None = None,
     ):
         """`ram_verdict(r)`: engine.generation.estimate's verdict for `r` on this host (a load that
-        would not fit the RAM is refused); None: no check."""
+        would not fit the RAM is refused); None: no check. `device`: the computation device the
+        telemetry asks about before a pipeline is built (None: `computation_device()`)."""
         self.registry = registry
         self.models_dir = models_dir
         self.download_dir = download_dir
@@ -72,8 +82,14 @@ class Session:
         self._pipeline: ManagedPipeline | None = None
         self._key: tuple[Any, ...] | None = None
         self._storage = ""
+        self._compute_dtype = ""
         self.last_step = StepStats()  # the last denoising step's streaming counters (the runner sets it)
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
+        self.device = normalize_device(device) if device is not None else None
+        # Auto on a GPU: the limit measured when the live pipeline was built (free VRAM then minus
+        # the margin), and whether it was checked after the first step (`recheck_auto`)
+        self.auto_limit_gb: float | None = None
+        self._auto_checked = False
 
     @property
     def pipeline(self) -> ManagedPipeline | None:
@@ -89,15 +105,27 @@ class Session:
         return None if floor is None else floor - live_lora_bytes(pipe)
 
     # --- telemetry --------------------------------------------------------------------------------
+    def computation_device(self) -> torch.device:
+        """The device the live pipeline computes on (before one is built: the session's)."""
+        pipe = self._pipeline
+        if pipe is not None and getattr(pipe, "device", None) is not None:
+            return normalize_device(pipe.device)
+        return self.device if self.device is not None else computation_device()
+
     def telemetry(self) -> TelemetrySnapshot:
-        """Memory and layer states now. Safe to call from another thread during a generation."""
+        """Memory and layer states now. Safe to call from another thread during a generation.
+        VRAM is asked of the computation device only; `vram_other_gb` is what other programs (and
+        this process's CUDA context) hold beside this process's caching allocator."""
         import psutil
 
-        vram_used = vram_total = None
-        if torch.cuda.is_available():
+        vram_used = vram_total = vram_other = None
+        device = self.computation_device()
+        if device.type == "cuda" and torch.cuda.is_available():
             try:
-                free, total = torch.cuda.mem_get_info()
+                free, total = cuda_facts.free_and_total(device)
+                reserved = cuda_facts.reserved_bytes(device)
                 vram_used, vram_total = (total - free) / GB, total / GB
+                vram_other = max(0, total - free - reserved) / GB
             except RuntimeError:  # pragma: no cover
                 pass
         vm = psutil.virtual_memory()
@@ -116,7 +144,52 @@ class Session:
             timestamp=time.time(),
             lora_bytes=live_lora_bytes(pipe),
             storage=self._storage if pipe is not None else "",
+            vram_other_gb=vram_other,
+            compute_dtype=self._compute_dtype if pipe is not None else "",
         )
+
+    # --- Auto on a GPU: measured when the pipeline is built, checked after its first step ---------
+    def _measured_auto(self, r: ResolvedRequest) -> float | None:
+        """What Auto comes to now on `r`'s GPU: its free VRAM minus the margin (after the old
+        pipeline was freed); None where Auto does not apply (a number was asked, or the CPU)."""
+        if not r.settings.limit_is_auto:
+            return None
+        return measured_auto_limit_gb(r.settings.device)
+
+    def live_settings(self, r: ResolvedRequest) -> ResolvedRequest:
+        """`r` with the limit the live pipeline runs under (Auto as measured at its build, and as
+        lowered by `recheck_auto`), for the infotext and the result's record."""
+        if r.settings.limit_is_auto and self.auto_limit_gb is not None and r.settings.device.type == "cuda":
+            return replace(r, settings=replace(r.settings, vram_limit=self.auto_limit_gb))
+        return r
+
+    def recheck_auto(self) -> str | None:
+        """Once per pipeline, after its first step: is the VRAM left free what Auto planned? The
+        caching allocator keeps what the step reserved (`memory_reserved`), so the free VRAM now
+        is the step's peak seen from the driver. When less than AUTO_MIN_FREE_GB is left
+        (activations or fragmentation beyond the plan, another program grew), the Auto limit
+        drops by the shortfall and the budget is re-planned (no file is read). Returns what was
+        done, or None."""
+        pipe = self._pipeline
+        if pipe is None or self._auto_checked or self.auto_limit_gb is None:
+            return None
+        self._auto_checked = True
+        device = self.computation_device()
+        free, total = cuda_facts.free_and_total(device)
+        reserved = cuda_facts.reserved_bytes(device)
+        shortfall = AUTO_MIN_FREE_GB - free / GB
+        if shortfall <= 0:
+            return None
+        lowered = max(0.0, math.floor((self.auto_limit_gb - shortfall) * 10) / 10)
+        message = (
+            f"Auto: after the first step {free / GB:.2f} GB of VRAM is left free on {device} (PyTorch reserved "
+            f"{reserved / GB:.2f} GB against a limit of {self.auto_limit_gb:g} GB); lowering the limit to {lowered:g} GB."
+        )
+        log.warning("%s", message)
+        self.auto_limit_gb = lowered
+        pipe.set_vram_limit(lowered)
+        cuda_facts.empty_cache(device)
+        return message
 
     # --- the pipeline -----------------------------------------------------------------------------
     def prepare(self, r: ResolvedRequest, emit: Emit, should_stop: Callable[[], bool]) -> tuple[ManagedPipeline, tuple[tuple[str, float, str], ...]]:
@@ -129,6 +202,7 @@ class Session:
         """Drop the live pipeline (frees its memory)."""
         with self._lock:
             pipe, self._pipeline, self._key = self._pipeline, None, None
+        self.auto_limit_gb = None
         if pipe is not None:
             try:
                 pipe.close()
@@ -136,16 +210,18 @@ class Session:
                 log.debug("closing the pipeline failed", exc_info=True)
         del pipe
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        cuda_facts.empty_cache(self.computation_device())
 
     def _pipeline_for(self, r: ResolvedRequest, emit: Emit, should_stop: Callable[[], bool]) -> ManagedPipeline:
         pipe = self._pipeline
         if pipe is not None and self._key == r.build_key:
-            if pipe.vram_limit != r.settings.vram_limit:
-                pipe.set_vram_limit(r.settings.vram_limit)  # re-plan only: no file is read
+            limit = self.auto_limit_gb if r.settings.limit_is_auto and self.auto_limit_gb is not None else r.settings.vram_limit
+            if pipe.vram_limit != limit:
+                pipe.set_vram_limit(limit)  # re-plan only: no file is read
             return pipe
         self.unload()  # free the old pipeline before anything new is read
+        auto = self._measured_auto(r)  # Auto: the VRAM free now, with the old pipeline gone
+        limit = auto if auto is not None else r.settings.vram_limit
         path = self._model_path(r, emit, should_stop)
         if r.settings.device.type == "cpu" and self.ram_verdict is not None:  # refuse a load that would exhaust RAM
             verdict = self.ram_verdict(r)
@@ -157,7 +233,7 @@ class Session:
         except Exception:  # pragma: no cover - a registry without load_options
             variant = None
         try:
-            pipe = build_pipeline(path, r.settings.vram_config, r.settings.vram_limit, variant=variant)
+            pipe = build_pipeline(path, r.settings.vram_config, limit, variant=variant)
         except UserFacingError:
             raise
         except MemoryError as exc:
@@ -166,6 +242,8 @@ class Session:
             raise UserFacingError(f"Loading {r.entry.name} from {path} failed: {exc}") from exc
         with self._lock:
             self._pipeline, self._key, self._storage = pipe, r.build_key, r.settings.storage_name
+            self._compute_dtype = storage_name(r.settings.vram_config.computation_dtype)
+            self.auto_limit_gb, self._auto_checked = auto, False
         self.builds += 1
         return pipe
 

@@ -27,6 +27,7 @@ what the host has:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,10 @@ import torch
 
 from engine.generation.types import GenerateRequest, HardwareInfo, UserFacingError
 from engine.generation.vram_limit import auto_vram_limit_gb, is_auto, resolve_vram_limit
-from engine.config import DISK, VramConfig, form_value
+from engine.config import DISK, VramConfig, form_value, normalize_device, storage_name
 from engine.storage.forms import FP8, default_form, file_form, get_form, weights_choices
+
+log = logging.getLogger(__name__)
 
 GB = 1024**3
 
@@ -65,27 +68,57 @@ def resolve_storage(weights: str | None, fp8: bool = False, gguf: bool = False) 
 
 
 def computation_device() -> torch.device:
-    """CUDA when present, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when present (the current device, with its index: engine.config.normalize_device),
+    else the CPU."""
+    return normalize_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def detect_hardware() -> HardwareInfo:
-    """What this host has (cheap; no allocation on the GPU)."""
+def detect_hardware(device: torch.device | str | None = None) -> HardwareInfo:
+    """What this host has, asked of the computation device (`device`, default
+    `computation_device()`) only: its name, capability, total and free VRAM. Auto is the VRAM
+    free now minus a margin (engine.generation.vram_limit). `warnings` says when this torch has no
+    kernels for the card, and what to install. Cheap; allocates nothing on the GPU."""
     import psutil
 
+    from engine.runtime import cuda_facts
+
     ram_total = psutil.virtual_memory().total / GB
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        total = props.total_memory / GB
-        return HardwareInfo(True, props.name, round(total, 2), auto_vram_limit_gb(total), round(ram_total, 2))
+    dev = normalize_device(device) if device is not None else computation_device()
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, total = cuda_facts.free_and_total(dev)
+        cap = cuda_facts.capability(dev)
+        name = cuda_facts.device_name(dev)
+        problem = cuda_facts.check_kernels(dev)
+        if problem:
+            log.warning("%s", problem)
+        return HardwareInfo(
+            True, name, round(total / GB, 2), auto_vram_limit_gb(total / GB, free / GB), round(ram_total, 2),
+            vram_free_gb=round(free / GB, 2), compute_capability=cap, warnings=(problem,) if problem else (),
+        )
     return HardwareInfo(False, None, None, None, round(ram_total, 2))
 
 
-def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None) -> dict[str, Any]:
+def measured_auto_limit_gb(device: torch.device | str) -> float | None:
+    """What Auto comes to on `device` now: its free VRAM minus the margin (auto_vram_limit_gb);
+    None on a device that is not a GPU. The session measures it when it builds a pipeline."""
+    from engine.runtime import cuda_facts
+
+    dev = normalize_device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, total = cuda_facts.free_and_total(dev)
+    return auto_vram_limit_gb(total / GB, free / GB)
+
+
+def vram_config_for(
+    fp8: bool, disk_offload: bool, device: torch.device | str | None = None, storage_name: str | None = None,
+    compute_dtype: torch.dtype = COMPUTATION_DTYPE,
+) -> dict[str, Any]:
     """The eight-key vram_config for a storage form (`storage_name`, a registered form; None: the
     UI's FP8 toggle decides between "fp8" and the default form) and the disk checkbox. With disk
-    offload the masters stay in their files and the resident copies take the storage form."""
-    device = torch.device(device) if device is not None else computation_device()
+    offload the masters stay in their files and the resident copies take the storage form.
+    `compute_dtype`: the GPU generation's (`compute_dtype_for`)."""
+    device = normalize_device(device) if device is not None else computation_device()
     form = get_form(storage_name or resolve_storage("auto", fp8))
     storage = form_value(form)
     if disk_offload:
@@ -102,7 +135,7 @@ def vram_config_for(fp8: bool, disk_offload: bool, device: torch.device | str | 
         # dequantized once (within the RAM room) instead of at every forward (engine.runtime.ram)
         "preparing_dtype": storage if device.type != "cpu" else COMPUTATION_DTYPE,
         "preparing_device": device,
-        "computation_dtype": COMPUTATION_DTYPE,
+        "computation_dtype": compute_dtype if device.type != "cpu" else COMPUTATION_DTYPE,
         "computation_device": device,
     }
 
@@ -118,6 +151,13 @@ class EngineSettings:
     device: torch.device
     storage: str  # resolve_storage's answer
     limit_is_auto: bool = False  # vram_limit is what the request's Auto came to
+    compute_dtype: torch.dtype = COMPUTATION_DTYPE  # the GPU generation's (compute_dtype_for)
+    compute_capability: tuple[int, int] | None = None  # the computation GPU's (None: the CPU, or unknown)
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """"bf16" or "fp16" (the estimate, the panel and the PNG's parameters say it)."""
+        return storage_name(self.compute_dtype)
 
     @property
     def storage_name(self) -> str:
@@ -139,7 +179,7 @@ class EngineSettings:
 
     @property
     def vram_config(self) -> VramConfig:
-        return VramConfig.from_dict(vram_config_for(False, self.disk_offload, self.device, self.storage))
+        return VramConfig.from_dict(vram_config_for(False, self.disk_offload, self.device, self.storage, self.compute_dtype))
 
     @property
     def build_key(self) -> tuple[bool, str, str]:
@@ -156,13 +196,31 @@ class EngineSettings:
 
 
 def settings_for(
-    request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None, gguf: bool = False
+    request: GenerateRequest, hardware: HardwareInfo | None = None, device: torch.device | str | None = None, gguf: bool = False,
+    steps: int | None = None,
 ) -> EngineSettings:
     """The engine settings of a request, its vram_limit and weights choice checked here
     (UserFacingError). `hardware`: what Auto is resolved for (default: this host). `gguf`: the
-    model is a GGUF catalogue entry (its blocks are its storage)."""
-    dev = torch.device(device) if device is not None else computation_device()
-    hardware = hardware if hardware is not None else detect_hardware()
-    limit = resolve_vram_limit(request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload))
+    model is a GGUF catalogue entry (its blocks are its storage). `steps`: the run's steps (Auto
+    on a CPU makes copies of quantized masters only where they pay back; None: the request's)."""
+    dev = normalize_device(device) if device is not None else computation_device()
+    hardware = hardware if hardware is not None else detect_hardware(dev)
     storage = resolve_storage(request.weights, gguf=gguf)
-    return EngineSettings(bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit))
+    limit = resolve_vram_limit(
+        request.vram_limit, hardware, device_type=dev.type, disk_offload=bool(request.disk_offload),
+        steps=steps if steps is not None else request.steps, quantized=get_form(storage).quantized,
+    )
+    cap = hardware.compute_capability if dev.type == "cuda" else None
+    return EngineSettings(
+        bool(request.disk_offload), limit, dev, storage, limit_is_auto=is_auto(request.vram_limit),
+        compute_dtype=compute_dtype_for(cap), compute_capability=cap,
+    )
+
+
+def compute_dtype_for(capability: tuple[int, int] | None) -> torch.dtype:
+    """The computation dtype on a GPU of `capability`: bf16 from 8.0 (Ampere) on, fp16 below it
+    (T4, RTX 20xx, V100: no bf16 tensor cores, fused attention or cuDNN convolutions there);
+    bf16 on the CPU or an unknown GPU (engine.runtime.cuda_facts.compute_dtypes)."""
+    from engine.runtime.cuda_facts import compute_dtypes
+
+    return compute_dtypes(capability)[0]

@@ -93,6 +93,7 @@ class Studio:
         self.session = Session(
             self.registry, Path(models_dir), self.lora_library, download_dir=self.download_dir, source=source,
             ram_verdict=lambda r: self.estimator.ram_verdict(r),  # a load that would exhaust the RAM is refused
+            device=device,
         )
         self.estimator = Estimator(self.requests, self.lora_library, live_floor=self.session.measured_floor)
         self._runner = Runner(self.session, Path(outputs_dir))
@@ -129,7 +130,7 @@ class Studio:
 
     def hardware(self) -> HardwareInfo:
         if self._hardware is None:
-            self._hardware = detect_hardware()
+            self._hardware = detect_hardware(self.requests.device)
         return self._hardware
 
     # --- requests, estimates, suggestions ---------------------------------------------------------

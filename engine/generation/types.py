@@ -75,6 +75,10 @@ class TelemetrySnapshot:
     timestamp: float = 0.0
     lora_bytes: int = 0  # LoRA factors on the computation device (counted in the VRAM ledger)
     storage: str = ""  # the live pipeline's weight storage (a form's name: "bf16", "fp8", "nf4", "gguf", ...); "" = none loaded
+    # VRAM held outside this process's caching allocator: other programs (a desktop, a browser)
+    # and this process's CUDA context; None without a GPU
+    vram_other_gb: float | None = None
+    compute_dtype: str = ""  # the live pipeline's computation dtype ("bf16", "fp16"); "" = none loaded
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""
@@ -124,6 +128,7 @@ class MemoryEstimate:
     smallest_feasible_vram_limit_gb: float | None = None
     lora_bytes: int = 0  # the LoRAs' factors, included in vram_gb
     storage: str = ""  # how the weights are stored (the form's label: engine.storage.forms.StorageForm.label)
+    compute_dtype: str = ""  # the dtype the computation runs in ("bf16"; "fp16" on a GPU below capability 8.0)
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,11 @@ class HardwareInfo:
     has_gpu: bool
     gpu_name: str | None
     vram_total_gb: float | None
-    auto_vram_limit_gb: float | None  # detected VRAM minus a margin
+    auto_vram_limit_gb: float | None  # the VRAM free when detected, minus a margin
     ram_total_gb: float
+    vram_free_gb: float | None = None  # free when detected (what other programs hold is not)
+    compute_capability: tuple[int, int] | None = None  # the computation GPU's (None: no GPU)
+    warnings: tuple[str, ...] = ()  # e.g. this torch has no kernels for the GPU, and what to install
 
 
 

@@ -57,6 +57,7 @@ class Limits:
     fixed_bytes: int = 0
     activation_reserve_bytes: int = 0
     residency_cap_bytes: int | None = None  # set by OOM recovery: residency stays under it
+    max_depth: int | None = None  # set by OOM recovery: prefetch at most this deep (fewer slots)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,11 @@ def plan(members: Sequence[MemberCost], limits: Limits) -> Plan:
     room = available - _reserve(members, resident=False)
     if cap is not None:
         room = min(room, cap)
-    return _streamed_plan(members, room, floor)
+    streamed = _streamed_plan(members, room, floor)
+    if limits.max_depth is None:
+        return streamed
+    depth = {key: min(d, max(1, limits.max_depth)) for key, d in streamed.depth.items()}
+    return Plan(streamed.resident, depth, floor)
 
 
 def _streamed_plan(members: Sequence[MemberCost], room: int, floor: int) -> Plan:

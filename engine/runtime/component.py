@@ -109,6 +109,11 @@ class VramRuntime:
         # forwards the owner still expects, the running one included (None: unknown); at 1 the
         # scheduler does not prefetch into a next forward that will not come (engine.transfer.scheduler)
         self.forwards_left: int | None = None
+        # OOM reliefs in force (engine.runtime.oom): a step's batch runs in this many parts, and
+        # whether the model's attention was sliced
+        self.batch_chunks = 1
+        self.attention_sliced = False
+        self.attention_chunks = 1
 
     @property
     def budget(self) -> Coordinator:

@@ -16,7 +16,10 @@ path back, `Coordinator.member_changed(member, change)`, and the pool decides wh
     NEEDED         a layer of an offloaded member runs: asks its owner's stage switch
                    (`MemoryPool.on_demand`)
     OUT_OF_MEMORY  a step ran out of device memory: drops every member's slots and partial
-                   trace, halves residency, re-plans
+                   trace (engine.runtime.oom then asks for one of the two below, or lowers the
+                   peak itself)
+    FEWER_SLOTS    a retry needs a lower peak: prefetch one group ahead only, re-plans
+    LESS_RESIDENT  a retry needs a lower peak: residency capped at half of what it is, re-plans
 
 Neither side imports the other (tests/test_layering.py checks every module of a package for
 import circles): both import this module.
@@ -41,6 +44,8 @@ class Change(Enum):
     FIXED = "fixed"
     NEEDED = "needed"
     OUT_OF_MEMORY = "out_of_memory"
+    FEWER_SLOTS = "fewer_slots"
+    LESS_RESIDENT = "less_resident"
 
 
 class PoolMember(Protocol):

@@ -36,6 +36,8 @@ class MemoryPool:
         self._activation_reserve_bytes = 0
         # Set by OOM recovery: resident bytes stay under this even when the limit would allow more.
         self.residency_cap_bytes: int | None = None
+        # Set by OOM recovery: the schedulers prefetch at most this deep (fewer slots).
+        self.depth_cap: int | None = None
         # Called when a layer of a component that is not onloaded runs: a pipeline sets it to switch
         # stages (onload that component, offload the others). None: stream from the offload place.
         self.on_demand: Callable[[PoolMember], None] | None = None
@@ -57,7 +59,7 @@ class MemoryPool:
         """GB, None = unlimited. The engine's one check of a limit (the constructor's too): the
         public functions hand theirs to the pool unparsed."""
         self.limit_gb = parse_vram_limit(limit_gb)
-        self.residency_cap_bytes = None  # a new limit is a fresh start
+        self.residency_cap_bytes = self.depth_cap = None  # a new limit is a fresh start
 
     @property
     def activation_reserve_bytes(self) -> int:
@@ -80,6 +82,12 @@ class MemoryPool:
         self.residency_cap_bytes = cap_bytes
         self.replan()
 
+    def cap_depth(self, depth: int) -> None:
+        """OOM recovery: prefetch at most `depth` groups ahead (depth + 1 slots) until the limit
+        is set again."""
+        self.depth_cap = max(1, int(depth))
+        self.replan()
+
     def ram_room_bytes(self) -> int | None:
         """Where a member computes on the CPU: the limit the RAM really available allows
         (engine.runtime.ram), from what the members say they already hold in RAM; None on a
@@ -97,7 +105,9 @@ class MemoryPool:
         return room if limit is None else min(limit, room)
 
     def limits(self) -> planner.Limits:
-        return planner.Limits(self.effective_limit_bytes(), self.ledger.fixed_bytes, self._activation_reserve_bytes, self.residency_cap_bytes)
+        return planner.Limits(
+            self.effective_limit_bytes(), self.ledger.fixed_bytes, self._activation_reserve_bytes, self.residency_cap_bytes, self.depth_cap
+        )
 
     # --- the ledger, read-only ----------------------------------------------------------------------
     resident_bytes = property(lambda self: self.ledger.resident_bytes)
@@ -137,6 +147,12 @@ class MemoryPool:
         if change is Change.OUT_OF_MEMORY:
             self._recover_from_oom()
             return
+        if change is Change.FEWER_SLOTS:
+            self.cap_depth(1)
+            return
+        if change is Change.LESS_RESIDENT:
+            self.cap_residency(self.ledger.resident_bytes // 2)
+            return
         if change is Change.FIXED:
             self._count_fixed()
         if change in (Change.ONLOADED, Change.STREAMING) and member.active and member.needs_pinning():
@@ -144,12 +160,11 @@ class MemoryPool:
         self.replan()
 
     def _recover_from_oom(self) -> None:
-        """Free what the failed step held (every member's slots and partial trace) and halve
-        residency until the limit is set again (engine.runtime.oom)."""
+        """Free what the failed step held: every member's slots and partial trace. What the retry
+        changes to lower its peak is engine.runtime.oom's choice (`cap_depth`, `cap_residency`, ...)."""
         for member in self.members:
             member.drop_schedule()
             member.abandon_trace()
-        self.cap_residency(self.ledger.resident_bytes // 2)
 
     # --- planning ---------------------------------------------------------------------------------
     def member_costs(self) -> list[planner.MemberCost]:

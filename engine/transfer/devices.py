@@ -242,8 +242,11 @@ class CudaBackend(DeviceBackend):
             event.synchronize()
 
     def pin(self, nbytes: int) -> torch.Tensor | None:
+        # under this device: where no CUDA context exists yet, the pinned allocator makes one on
+        # the current device, and computing on cuda:1 must create none on GPU 0
         try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            with torch.cuda.device(self.device):
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         except RuntimeError:
             return None
 

@@ -105,17 +105,20 @@ def vae_memory_plan(width: int, height: int, vram_limit_gb: float | None) -> tup
     return tiling, True
 
 
-def activation_bytes(width: int, height: int, batch: int = 1, reference_pixels: int = 0, input_pixels: int = 0) -> int:
+def activation_bytes(
+    width: int, height: int, batch: int = 1, reference_pixels: int = 0, input_pixels: int = 0, vae_element_bytes: int = 2
+) -> int:
     """Rough peak activation bytes of one denoiser step (batch 2 with batched CFG) or of the
     decode at width x height (bf16). Reference-image latents join the denoiser's sequence
     (`reference_pixels`, edit models); an input image is VAE-encoded (`input_pixels`, its
-    largest), which costs about what a decode of that size does."""
+    largest), which costs about what a decode of that size does. `vae_element_bytes`: 4 where
+    the VAE computes in fp32 (beside fp16, below capability 8.0), which doubles the decode's."""
     pixels = width * height
     denoise = int(0.3 * 1024**3 + batch * (pixels + reference_pixels) * 1200)
     vae_pixels = max(pixels, input_pixels)
     tiling = vae_pixels >= TILE_ALWAYS_PIXELS
     decode = int(0.5 * 1024**3) if tiling else vae_pixels * DECODE_BYTES_PER_PIXEL
-    return max(denoise, decode)
+    return max(denoise, decode * vae_element_bytes // 2)
 
 
 class ManagedPipeline:
@@ -262,7 +265,8 @@ class ManagedPipeline:
         """On a GPU the VRAM limit covers activations too: the planner keeps room for them. On the
         CPU an explicit limit bounds the engine's ledger of weights (nothing reserved in it), and
         the activations come off the RAM room instead (engine.runtime.ram)."""
-        act = activation_bytes(width, height, batch, reference_pixels, input_pixels)
+        fp16 = self.config.computation_dtype == torch.float16 and self.device.type == "cuda"  # the VAE computes in fp32 then
+        act = activation_bytes(width, height, batch, reference_pixels, input_pixels, 4 if fp16 else 2)
         on_cpu = self.device.type == "cpu"
         self.budget.set_activations(0 if on_cpu else act, act if on_cpu else 0)
 
@@ -408,11 +412,18 @@ class ManagedPipeline:
 def component_config(name: str, conv_kind: str | None, path: Path, config: VramConfig) -> VramConfig:
     """The config one component runs under: the pipeline's, except that on a CPU a component its
     family names in `cpu_conv_probes` (the VAE, all convolutions of `conv_kind`) computes in
-    float32 when that measures faster than the pipeline's dtype there (engine.runtime.cpu_dtype)."""
+    float32 when that measures faster than the pipeline's dtype there (engine.runtime.cpu_dtype);
+    and on a GPU that computes in float16 (below capability 8.0: engine.runtime.cuda_facts.
+    compute_dtypes) the VAE computes in float32, as the SD/SDXL/FLUX-style VAEs overflow float16."""
+    import dataclasses
+
     device = config.computation_device
+    if isinstance(device, torch.device) and device.type == "cuda" and conv_kind and config.computation_dtype == torch.float16:
+        from engine.runtime.cuda_facts import VAE_DTYPE_BESIDE_FP16 as vae_dtype
+        prep = vae_dtype if config.preparing_dtype == config.computation_dtype else config.preparing_dtype
+        return dataclasses.replace(config, computation_dtype=vae_dtype, preparing_dtype=prep)
     if not (isinstance(device, torch.device) and device.type == "cpu" and conv_kind):
         return config
-    import dataclasses
     import json
 
     from engine.runtime.cpu_dtype import component_conv_dtype
