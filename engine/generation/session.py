@@ -116,6 +116,7 @@ class Session:
             timestamp=time.time(),
             lora_bytes=live_lora_bytes(pipe),
             storage=self._storage if pipe is not None else "",
+            **_pinned_now(vram_total is not None),
         )
 
     # --- the pipeline -----------------------------------------------------------------------------
@@ -235,3 +236,12 @@ class Session:
                 set_lora_strength(pipe, handle, strength)
             out.append((handle.name, strength, handle.short_hash))
         return tuple(out)
+
+
+def _pinned_now(gpu: bool) -> dict[str, Any]:
+    """The process's pinned host RAM and its budget, for the live panel (nothing without a GPU)."""
+    if not gpu:
+        return {}
+    from engine.transfer.pinned import PROCESS_PINNED_BUDGET
+
+    return {"pinned_bytes": PROCESS_PINNED_BUDGET.used, "pinned_limit_bytes": PROCESS_PINNED_BUDGET.planned_limit_bytes()}

@@ -75,6 +75,10 @@ class TelemetrySnapshot:
     timestamp: float = 0.0
     lora_bytes: int = 0  # LoRA factors on the computation device (counted in the VRAM ledger)
     storage: str = ""  # the live pipeline's weight storage (a form's name: "bf16", "fp8", "nf4", "gguf", ...); "" = none loaded
+    # host RAM page-locked for streaming (arenas and staging buffers, all components), and the
+    # pinned budget it is held to (None: nothing streams to a GPU, so nothing is pinned)
+    pinned_bytes: int = 0
+    pinned_limit_bytes: int | None = None
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""

@@ -118,15 +118,22 @@ class RegisteredRanges:
 
     def __init__(self) -> None:
         self.ranges: dict[int, int] = {}  # start address -> bytes
-        self.storages: set[int] = set()  # storages with a registered part
+        self.storages: dict[int, int] = {}  # storages with a registered part -> how many parts
 
     def add(self, buffer: torch.Tensor) -> None:
         self.ranges[buffer.data_ptr()] = buffer.nbytes
-        self.storages.add(buffer.untyped_storage().data_ptr())
+        key = buffer.untyped_storage().data_ptr()
+        self.storages[key] = self.storages.get(key, 0) + 1
 
     def remove(self, buffer: torch.Tensor) -> None:
-        self.ranges.pop(buffer.data_ptr(), None)
-        self.storages.discard(buffer.untyped_storage().data_ptr())
+        if self.ranges.pop(buffer.data_ptr(), None) is None:
+            return
+        key = buffer.untyped_storage().data_ptr()
+        left = self.storages.get(key, 0) - 1
+        if left > 0:
+            self.storages[key] = left
+        else:
+            self.storages.pop(key, None)
 
     def covers(self, tensor: torch.Tensor) -> bool | None:
         """True: wholly inside a registered range; False: in a storage registered only in part,
