@@ -71,6 +71,15 @@ def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> I
     yield from _STUDIO.generate(request, cancel)
 
 
+@_gpu
+def doctor_report(model_dir: Any) -> str:
+    """The page's "System check": tools.doctor measures (it, not the UI, moves the tensors); on
+    ZeroGPU it runs where the GPU is attached."""
+    from tools.doctor import render_text, run_doctor
+
+    return render_text(run_doctor(model_dir))
+
+
 #: how often a waiting handler looks whether its client is still there (seconds)
 WATCH_INTERVAL_S = 0.25
 #: how often the streaming endpoint looks for new events (seconds)
@@ -282,6 +291,17 @@ class Handlers:
             return self._suggest(model, width, height, steps, guidance).as_dict()
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot size these settings", print_exception=False) from None
+
+    def system_check(self) -> str:
+        """The "System check" button: GPU, VRAM, pinnable RAM, link and disk speed, a short
+        streamed run and the settings recommended, as text (waits for a running generation)."""
+        requests = getattr(self.studio, "requests", None)
+        model_dir = getattr(requests, "models_dir", None) or "models"
+        try:
+            return doctor_report(model_dir)
+        except Exception as exc:  # the page keeps serving; the message says what failed
+            log.exception("system check failed")
+            raise gr.Error(f"The system check failed: {type(exc).__name__}: {exc}", title="System check") from None
 
     # --- running --------------------------------------------------------------------------
     def _execute(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress,
