@@ -126,6 +126,11 @@ class Session:
         pipe = self._pipeline_for(r, emit, should_stop)
         return pipe, self._apply_loras(pipe, r, emit)
 
+    def preload(self, r: ResolvedRequest) -> ManagedPipeline:
+        """The pipeline for `r`, built (downloaded, loaded) or reused, without its LoRAs and
+        without generating: nothing of it moves to the computation device (Studio.preload)."""
+        return self._pipeline_for(r, lambda event: None, lambda: False)
+
     def unload(self) -> None:
         """Drop the live pipeline (frees its memory)."""
         with self._lock:
