@@ -180,3 +180,20 @@ def test_the_live_panel_says_how_much_is_pinned():
     assert 'data-k="pinned">3.00 GB of 12.00 GB allowed<' in html
     cpu = TelemetrySnapshot(None, None, 10.0, 32.0)
     assert "Pinned RAM" not in live_panel_html(cpu, None, "")
+
+
+def test_a_cgroup_v1_memory_limit_counts_on_a_hybrid_host(tmp_path, monkeypatch):
+    monkeypatch.setattr("psutil.virtual_memory", lambda: VM(64 * GB, 48 * GB))
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text("4:memory:/box\n0::/\n")
+    (tmp_path / "proc/version").write_text("Linux version 6.8.0-generic\n")
+    group = tmp_path / "sys/fs/cgroup/memory/box"
+    group.mkdir(parents=True)
+    (group / "memory.limit_in_bytes").write_text(f"{8 * GB}\n")
+    (group / "memory.usage_in_bytes").write_text(f"{3 * GB}\n")
+    (group / "memory.stat").write_text(f"total_inactive_file {1 * GB}\n")
+    (tmp_path / "sys/fs/cgroup/memory.max").parent.mkdir(parents=True, exist_ok=True)
+    mem = host_memory(tmp_path)
+    assert mem.cgroup_limit_bytes == 8 * GB and mem.available_bytes == 6 * GB
+    (tmp_path / "proc/self/cgroup").write_text("0::/\n4:memory:/box\n")  # the unified line first
+    assert host_memory(tmp_path).available_bytes == 6 * GB

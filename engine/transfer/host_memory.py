@@ -96,7 +96,7 @@ def cgroup_memory(root: Path = Path("/")) -> tuple[int | None, int | None]:
                 if limit is not None and (best is None or limit < best[0]):
                     best = (limit, fs / ancestor)
             if best is None:
-                return None, None
+                continue  # a hybrid host: the memory controller may be on a v1 line
             used = _read_int(best[1] / "memory.current")
             if used is not None:
                 used -= _inactive_file(best[1] / "memory.stat", "inactive_file")
@@ -110,7 +110,6 @@ def cgroup_memory(root: Path = Path("/")) -> tuple[int | None, int | None]:
                     if used is not None:
                         used -= _inactive_file(where / "memory.stat", "total_inactive_file")
                     return limit, used
-            return None, None
     return None, None
 
 
