@@ -3,6 +3,7 @@
     python app.py                      # http://127.0.0.1:7860, offline demo model
     python app.py --listen --port 8080 --auth me:secret
     python app.py --model-dir /data/models --source modelscope
+    python app.py --doctor [--json]    # check this machine and print the settings it recommends
 
 On Hugging Face Spaces this file is the `app_file`; Spaces sets GRADIO_SERVER_NAME/PORT, which
 are used when --host/--port are not given.
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned-ram-gb", default=None, metavar="GB",
                    help="host RAM the engine may pin for fast GPU copies (default: half the available RAM, "
                         "or $LOWVRAM_PINNED_RAM_GB)")
+    p.add_argument("--doctor", action="store_true",
+                   help="check this machine (GPU, kernels, VRAM, pinnable RAM, link and disk speed, a short streamed run) "
+                        "and print the settings it recommends, then exit")
+    p.add_argument("--json", action="store_true", help="with --doctor: print the report as JSON (to attach to a bug report)")
     return p
 
 
@@ -81,6 +86,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.auth = parse_auth(args.auth)
     except argparse.ArgumentTypeError as exc:
         parser.error(f"--auth: {exc}")
+    if args.json and not args.doctor:
+        parser.error("--json goes with --doctor")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error("--port must be between 1 and 65535")
     from engine.transfer.pinned import PINNED_RAM_ENV, parse_pinned_ram_gb
@@ -116,8 +123,25 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_doctor(args: argparse.Namespace) -> None:
+    """`--doctor`: the system check (tools.doctor), printed; no UI is built."""
+    import json
+
+    from tools.doctor import render_text, run_doctor
+
+    if args.pinned_ram_gb is not None:
+        from engine.transfer.pinned import PINNED_RAM_ENV
+
+        os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
+    report = run_doctor(args.model_dir)
+    print(json.dumps(report, indent=2) if args.json else render_text(report))
+
+
 def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] | None = None) -> None:
     args = parse_args(argv)
+    if args.doctor:
+        run_doctor(args)
+        return
     try:  # Hugging Face ZeroGPU wants `spaces` imported before torch touches CUDA
         import spaces  # noqa: F401
     except ImportError:

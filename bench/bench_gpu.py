@@ -757,9 +757,8 @@ def run_parent(args: argparse.Namespace) -> int:
         log_path.write_text("")
     results: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
-    for job in JOBS:
-        if job["name"] not in chosen:
-            continue
+    by_name = {job["name"]: job for job in JOBS}
+    for job in (by_name[name] for name in chosen):  # in the order --configs gives (the session: most important first)
         if job["kind"] == "ours" and args.isolate_limits and len(limits) > 1:
             pending.extend(dict(job, limits=[x], weight=job["weight"] / len(limits)) for x in limits)
         else:

@@ -217,7 +217,8 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
     assert timers and timers[0].value <= 0.5
     gpu_fns = [f for f in demo.fns.values() if f.concurrency_id == "gpu"]
-    assert len(gpu_fns) == 3 and all(f.concurrency_limit == 1 for f in gpu_fns)  # the page, /generate, /generate_stream
+    # the page, /generate, /generate_stream, and the System check (it measures the GPU too)
+    assert len(gpu_fns) == 4 and all(f.concurrency_limit == 1 for f in gpu_fns)
     tick = [f for f in demo.fns.values() if f.concurrency_id == "telemetry"]
     assert tick and tick[0].concurrency_limit is None
 

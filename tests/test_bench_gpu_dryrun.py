@@ -7,6 +7,7 @@ that were not selected; no GPU and no DiffSynth needed.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -54,3 +55,32 @@ def test_dry_run_ours_table(tmp_path):
     assert "not evaluated (anchor missing)" in table
     assert raw.exists()
     assert elapsed < 120, elapsed
+
+
+@pytest.mark.slow
+def test_session_script_puts_every_part_in_the_summary_most_important_first(tmp_path):
+    """bench/gpu_session.sh on the CPU (issue 25, point 11): within its time limit, one summary row
+    per part in the order they matter (core GPU tests, the doctor, the benchmark's rows as they
+    ran, the other GPU tests), each with a figure or the reason it has none."""
+    import os
+
+    limit = 200
+    env = dict(os.environ, OUT=str(tmp_path), SESSION_LIMIT_S=str(limit), PYTHON=sys.executable,
+               BENCH_ARGS="--dry-run --steps 1", BENCH_CONFIGS="ours-bf16", BENCH_LIMITS="0", MORE_TESTS="")
+    t0 = time.time()
+    proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit + 60)
+    elapsed = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < limit, elapsed
+    rows = [line[2:] for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("- ")]
+    assert rows[0].startswith("core GPU tests") and "skipped" in rows[0]  # no GPU here: skipped, and says so
+    assert rows[1].startswith("doctor (exit 0): no figure: no GPU")
+    bench = [r for r in rows if r.startswith("bench ")]
+    assert bench[0].startswith("bench H2D pinned: ") and re.search(r"\d+\.\d GiB/s", bench[0])
+    assert re.match(r"bench ours bf16 @ vram_limit=0: \d+\.\d{3} s/step$", bench[1]), bench
+    assert rows.index(bench[0]) == 2 and rows[-1] == "other GPU tests: none to run (no other gpu-marked test file)"
+    for row in rows:  # a figure, or why not
+        assert re.search(r"\d", row) or any(w in row for w in ("not run", "no figure", "none to run", "failed")), row
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    assert report["gpu"]["available"] is False
+    assert list(tmp_path.glob("gpu-cpu-dry-run-*.md")) and len(list(tmp_path.iterdir())) <= 8  # what comes back

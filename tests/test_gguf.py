@@ -386,3 +386,31 @@ def enable_plain(state, like):
     model = copy.deepcopy(like)
     model.load_state_dict(state)
     return model
+
+
+def test_streamed_gguf_step_adds_no_host_synchronising_op(gguf_checkpoint):
+    """Issue 25, point 7: diffusers' dequantizers build their shift tables with
+    `torch.tensor([...], device=blocks.device)` per call, a pageable copy that stalls the host on
+    a GPU. Cached per device, a streamed GGUF step makes no more host-synchronising ops than the
+    plain model's own forward (every layer dequantized, every step)."""
+    from diffusers.quantizers.gguf.utils import dequantize_functions
+
+    from engine.transfer.devices import CpuBackend
+    from tests.fixtures.host_syncs import HostSyncCounter
+
+    cls, directory, path, plain, inputs = gguf_checkpoint
+    # the counter sees what the uncached helpers do (else this test could not fail)
+    blocks = torch.from_numpy(random_blocks("Q4_K", 4, 256))
+    with HostSyncCounter() as raw:
+        dequantize_functions[gguf.GGMLQuantizationType.Q4_K](blocks.reshape(-1, 144), 256, 144, torch.float32)
+    assert raw.count > 0
+    with HostSyncCounter() as reference:
+        expected = run_model(plain, inputs)
+    model = load_model(cls, path, vram_config=gguf_config(), vram_limit=0)
+    runtime_of(model).use_scheduler(CpuBackend())
+    run_model(model, inputs)  # the first call per device makes the constants
+    with HostSyncCounter() as streamed:
+        out = run_model(model, inputs)
+    assert torch.equal(out, expected)
+    assert runtime_of(model).stats.streamed_layers > 0 and runtime_of(model).scheduler.groups
+    assert streamed.count <= reference.count, (streamed.seen, reference.seen)

@@ -182,6 +182,9 @@ def live_panel_html(snapshot: TelemetrySnapshot | None, event: GenerationEvent |
         ("Streamed last step", cell("streamed", streamed)),
         ("Weights", cell("storage", (snapshot.storage if snapshot else "") or "–")),
     ]
+    if snapshot and getattr(snapshot, "pinned_limit_bytes", None) is not None:
+        pinned = f"{gb(snapshot.pinned_bytes / 1024**3)} of {gb(snapshot.pinned_limit_bytes / 1024**3)} allowed"
+        rows.append(("Pinned RAM", cell("pinned", pinned)))
     if snapshot and getattr(snapshot, "lora_bytes", 0):
         rows.append(("LoRA factors", cell("lora", mib(snapshot.lora_bytes))))
     if snapshot and getattr(snapshot, "vram_other_gb", None) is not None:  # what Auto leaves to them

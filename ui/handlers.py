@@ -2,7 +2,8 @@
 
 The engine does all tensor work; this module only moves plain values around. The one function
 that touches the GPU (`engine_events`) is decorated with `spaces.GPU` when the `spaces` package
-is importable (Hugging Face ZeroGPU); elsewhere the decorator is a no-op.
+is importable (Hugging Face ZeroGPU, ui.zerogpu: its duration sized per request from the
+estimate, the masters loaded in the main process first); elsewhere it runs as it is.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import os
 import queue
 import threading
 from typing import Any, Iterator
@@ -27,7 +27,7 @@ from engine.generation.types import (
 )
 from engine.storage.forms import FP8, StorageForm, offered_forms
 
-from . import formatting, inputs
+from . import formatting, inputs, zerogpu
 from .formatting import image_mode, image_note_markdown, takes_images
 from .runs import RunTracker
 
@@ -41,16 +41,8 @@ def history_frame(samples) -> pd.DataFrame:
     frame = pd.DataFrame(formatting.history_rows(samples), columns=PLOT_COLUMNS)
     return frame.astype({"seconds": "float64", "GB": "float64", "memory": "string"})
 
-try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs.
-    import spaces  # type: ignore[import-not-found]
-
-    _gpu = spaces.GPU(duration=int(os.environ.get("LVS_ZEROGPU_DURATION", "120")))
-    ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
-except Exception:  # not installed, or not usable here: run as is
-    ZERO_GPU = False
-
-    def _gpu(fn):
-        return fn
+# Hugging Face ZeroGPU (ui.zerogpu): a GPU is attached only while a decorated function runs
+ZERO_GPU = zerogpu.zero_gpu()
 
 
 def _current_event_id() -> str | None:
@@ -65,10 +57,30 @@ def _current_event_id() -> str | None:
 _STUDIO: Any = None  # set by Handlers; a module global so a ZeroGPU worker process finds it
 
 
-@_gpu
-def engine_events(request: GenerateRequest, cancel: threading.Event | None) -> Iterator[GenerationEvent | GenerationResult]:
-    """The GPU part of a generation: the engine's event stream."""
+def _engine_events(request: GenerateRequest, cancel: threading.Event | None) -> Iterator[GenerationEvent | GenerationResult]:
+    """The GPU part of a generation: the engine's event stream. On ZeroGPU it runs in a worker
+    that has the real card: the hardware is detected again there first."""
+    if ZERO_GPU:
+        _STUDIO.redetect_hardware()
     yield from _STUDIO.generate(request, cancel)
+
+
+def _engine_seconds(request: GenerateRequest, cancel: threading.Event | None = None) -> int:
+    return zerogpu.gpu_seconds(_STUDIO, request)
+
+
+engine_events = zerogpu.on_gpu(_engine_events, _engine_seconds)
+
+
+def doctor_report(model_dir: Any) -> str:
+    """The page's "System check": tools.doctor measures (it, not the UI, moves the tensors); on
+    ZeroGPU it runs where the GPU is attached."""
+    from tools.doctor import render_text, run_doctor
+
+    return render_text(run_doctor(model_dir))
+
+
+doctor_report = zerogpu.on_gpu(doctor_report, lambda model_dir: 60)
 
 
 #: how often a waiting handler looks whether its client is still there (seconds)
@@ -283,6 +295,17 @@ class Handlers:
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot size these settings", print_exception=False) from None
 
+    def system_check(self) -> str:
+        """The "System check" button: GPU, VRAM, pinnable RAM, link and disk speed, a short
+        streamed run and the settings recommended, as text (waits for a running generation)."""
+        requests = getattr(self.studio, "requests", None)
+        model_dir = getattr(requests, "models_dir", None) or "models"
+        try:
+            return doctor_report(model_dir)
+        except Exception as exc:  # the page keeps serving; the message says what failed
+            log.exception("system check failed")
+            raise gr.Error(f"The system check failed: {type(exc).__name__}: {exc}", title="System check") from None
+
     # --- running --------------------------------------------------------------------------
     def _execute(self, request: GenerateRequest, owner: str, cancel: threading.Event, progress: gr.Progress,
                  on_event: Any = None) -> GenerationResult | None:
@@ -298,6 +321,9 @@ class Handlers:
                 last = GenerationEvent(phase="cancelled", message="Cancelled before it started.")
                 return None
             progress(None, desc="Starting")
+            if ZERO_GPU:  # the main process loads the masters on the CPU; the GPU worker inherits them
+                progress(None, desc="Loading the model")
+                zerogpu.preload(_STUDIO, request)
             for item in engine_events(request, None if ZERO_GPU else cancel):
                 if isinstance(item, GenerationResult):
                     if last is None or last.phase != "done":

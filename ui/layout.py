@@ -206,6 +206,12 @@ def build_demo(studio: Any) -> gr.Blocks:
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", interactive=False, scale=1)
+                with gr.Accordion("System check", open=False, elem_id="system-check"):
+                    check_btn = gr.Button("System check", elem_id="system-check-btn", size="sm")
+                    check_report = gr.Textbox(
+                        label="Report (python app.py --doctor --json gives it as JSON)", lines=12, max_lines=40,
+                        interactive=False, elem_id="system-check-report", buttons=["copy"],
+                    )
 
             # ---------------------------------------------------------------- results + live
             with gr.Column(scale=6, min_width=380):
@@ -356,6 +362,9 @@ def build_demo(studio: Any) -> gr.Blocks:
         run.failure(h.disarm, None, [generate_btn, cancel_btn], queue=False, **private)
         # queued (so its message reaches the page) but in its own group: never waits for a generation
         cancel_btn.click(h.cancel, None, None, concurrency_limit=None, concurrency_id="control", **private)
+
+        # measures the GPU too: waits its turn behind a generation
+        check_btn.click(h.system_check, None, check_report, concurrency_limit=1, concurrency_id=GPU_QUEUE, **private)
 
         # a fresh model list on every page load, and in every tab after any download
         demo.load(h.refresh_models, model, model, queue=False, show_progress="hidden", **private)

@@ -146,6 +146,7 @@ class Session:
             storage=self._storage if pipe is not None else "",
             vram_other_gb=vram_other,
             compute_dtype=self._compute_dtype if pipe is not None else "",
+            **_pinned_now(vram_total is not None),
         )
 
     # --- Auto on a GPU: measured when the pipeline is built, checked after its first step ---------
@@ -197,6 +198,11 @@ class Session:
         each LoRA for the infotext."""
         pipe = self._pipeline_for(r, emit, should_stop)
         return pipe, self._apply_loras(pipe, r, emit)
+
+    def preload(self, r: ResolvedRequest) -> ManagedPipeline:
+        """The pipeline for `r`, built (downloaded, loaded) or reused, without its LoRAs and
+        without generating: nothing of it moves to the computation device (Studio.preload)."""
+        return self._pipeline_for(r, lambda event: None, lambda: False)
 
     def unload(self) -> None:
         """Drop the live pipeline (frees its memory)."""
@@ -313,3 +319,12 @@ class Session:
                 set_lora_strength(pipe, handle, strength)
             out.append((handle.name, strength, handle.short_hash))
         return tuple(out)
+
+
+def _pinned_now(gpu: bool) -> dict[str, Any]:
+    """The process's pinned host RAM and its budget, for the live panel (nothing without a GPU)."""
+    if not gpu:
+        return {}
+    from engine.transfer.pinned import PROCESS_PINNED_BUDGET
+
+    return {"pinned_bytes": PROCESS_PINNED_BUDGET.used, "pinned_limit_bytes": PROCESS_PINNED_BUDGET.planned_limit_bytes()}

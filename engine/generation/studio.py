@@ -133,6 +133,12 @@ class Studio:
             self._hardware = detect_hardware(self.requests.device)
         return self._hardware
 
+    def redetect_hardware(self) -> HardwareInfo:
+        """Detect the hardware again (a ZeroGPU worker sees the real card where the main process
+        saw a virtual one); requests resolve for it from now on."""
+        self._hardware = None
+        return self.hardware()
+
     # --- requests, estimates, suggestions ---------------------------------------------------------
     def resolve(self, request: GenerateRequest, *, estimate: bool = False, hardware: HardwareInfo | None = None) -> ResolvedRequest:
         """Validate `request` and fill in defaults (engine.generation.request.Resolver).
@@ -163,6 +169,13 @@ class Studio:
     def generate(self, request: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[GenerationEvent | GenerationResult]:
         """Validate now (UserFacingError for bad input), then stream the events of one generation."""
         return self._runner.stream(self.resolve(request), cancel)
+
+    def preload(self, request: GenerateRequest) -> None:
+        """Download and load `request`'s pipeline now, masters on the CPU, without generating:
+        on ZeroGPU the main process does this, so the worker forked for the GPU call inherits the
+        loaded masters instead of reading the files (ui.zerogpu). Nothing happens when that
+        pipeline is already live."""
+        self.session.preload(self.resolve(request))
 
     @property
     def last_previewer(self) -> Previewer | None:

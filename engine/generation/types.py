@@ -79,6 +79,10 @@ class TelemetrySnapshot:
     # and this process's CUDA context; None without a GPU
     vram_other_gb: float | None = None
     compute_dtype: str = ""  # the live pipeline's computation dtype ("bf16", "fp16"); "" = none loaded
+    # host RAM page-locked for streaming (arenas and staging buffers, all components), and the
+    # pinned budget it is held to (None: nothing streams to a GPU, so nothing is pinned)
+    pinned_bytes: int = 0
+    pinned_limit_bytes: int | None = None
 
     def totals(self) -> dict[str, int]:
         """Layer counts per state summed over components."""

@@ -35,6 +35,7 @@ from engine.storage.stored import PlainStored, StoredTensor, piece_bytes, worksp
 from engine.transfer.devices import DeviceBackend
 from engine.transfer.host_arena import HostArena
 from engine.transfer.pinned import PinnedArena, PinnedBudget
+from engine.transfer.resident import copy_to_device
 from engine.transfer.scheduler import TransferScheduler, max_group_bytes, pin_and_stage
 from engine.transfer.streamed import StreamStats
 
@@ -260,8 +261,13 @@ class VramRuntime:
         return self.active and id(layer) in self.resident_plan
 
     def _fill_resident(self, layer: ManagedLayer) -> None:
-        """The plan keeps this layer resident: its copy is made from the one it streams anyway."""
-        copies = {name: stored.to_place(self.preparing_place, self.comp_dtype) for name, stored in self.stream_source(layer).items()}
+        """The plan keeps this layer resident: its copy is made from the one it streams anyway,
+        copied without blocking the host where the device streams (engine.transfer.resident)."""
+        source = self.stream_source(layer)
+        device = self.preparing_place.device
+        if self.backend is not None and not _is_host(device):
+            source = copy_to_device(self.backend, source, device) or source
+        copies = {name: stored.to_place(self.preparing_place, self.comp_dtype) for name, stored in source.items()}
         nbytes = self.resident_cost(layer)
         layer.make_resident(copies, nbytes, self.resident_is_computation_form())
         self.ledger.add_resident(nbytes)
@@ -463,3 +469,8 @@ def _logical_dtype(stored: StoredTensor) -> torch.dtype:
     if isinstance(stored, PlainStored):
         return stored.tensor.dtype
     return getattr(stored, "logical_dtype", torch.bfloat16)
+
+
+def _is_host(device: torch.device) -> bool:
+    """Is `device` host memory (no copy stream to fill a resident copy through)?"""
+    return device.type == "cpu"

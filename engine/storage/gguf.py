@@ -24,11 +24,14 @@ architecture check) is engine.storage.gguf_names.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -51,11 +54,58 @@ def _gguf():
     return gguf
 
 
+class _CachedConstants(types.ModuleType):
+    """`torch` as diffusers' dequantizers see it, except that `torch.tensor(data, device=...)`
+    returns a constant made once per (values, dtype, device).
+
+    Each of those helpers builds its shift tables and codebooks with `torch.tensor([...],
+    device=blocks.device)` on every call: on a GPU that is a pageable host-to-device copy, which
+    blocks the host until the compute stream has caught up, several times per weight per step,
+    so prefetch could never run ahead. The constants are tiny and read-only (shift operands,
+    lookup tables); made once per device, they are plain device tensors from then on."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    def tensor(self, data: object, *, dtype: torch.dtype | None = None, device: object = None, **kwargs: object) -> torch.Tensor:
+        if kwargs:  # requires_grad, pin_memory, ...: not a constant table
+            return torch.tensor(data, dtype=dtype, device=device, **kwargs)
+        key = (repr(data), dtype, str(torch.device(device)) if device is not None else None)
+        found = self._cache.get(key)
+        if found is None:
+            with self._lock:
+                found = self._cache.get(key)
+                if found is None:
+                    found = self._cache[key] = torch.tensor(data, dtype=dtype, device=device)
+        return found
+
+
+_CONSTANTS = _CachedConstants()
+
+
+def _with_cached_constants(fn: Callable) -> Callable:
+    """`fn` run against `_CONSTANTS` instead of `torch` (its own globals otherwise), so the
+    diffusers module itself is left as it is for anyone else who imports it."""
+    scope = dict(fn.__globals__)
+    scope["torch"] = _CONSTANTS
+    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+@functools.cache
 def _dequantizers() -> dict:
     from diffusers.quantizers.gguf.utils import dequantize_functions
 
     gguf = _gguf()
-    return {gguf.GGMLQuantizationType(k).name: fn for k, fn in dequantize_functions.items() if gguf.GGMLQuantizationType(k).name != "BF16"}
+    return {
+        gguf.GGMLQuantizationType(k).name: _with_cached_constants(fn)
+        for k, fn in dequantize_functions.items()
+        if gguf.GGMLQuantizationType(k).name != "BF16"
+    }
 
 
 def supported_types() -> list[str]:

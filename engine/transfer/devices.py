@@ -8,6 +8,7 @@ recording fake that checks ordering and slot reuse without a GPU.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -118,15 +119,22 @@ class RegisteredRanges:
 
     def __init__(self) -> None:
         self.ranges: dict[int, int] = {}  # start address -> bytes
-        self.storages: set[int] = set()  # storages with a registered part
+        self.storages: dict[int, int] = {}  # storages with a registered part -> how many parts
 
     def add(self, buffer: torch.Tensor) -> None:
         self.ranges[buffer.data_ptr()] = buffer.nbytes
-        self.storages.add(buffer.untyped_storage().data_ptr())
+        key = buffer.untyped_storage().data_ptr()
+        self.storages[key] = self.storages.get(key, 0) + 1
 
     def remove(self, buffer: torch.Tensor) -> None:
-        self.ranges.pop(buffer.data_ptr(), None)
-        self.storages.discard(buffer.untyped_storage().data_ptr())
+        if self.ranges.pop(buffer.data_ptr(), None) is None:
+            return
+        key = buffer.untyped_storage().data_ptr()
+        left = self.storages.get(key, 0) - 1
+        if left > 0:
+            self.storages[key] = left
+        else:
+            self.storages.pop(key, None)
 
     def covers(self, tensor: torch.Tensor) -> bool | None:
         """True: wholly inside a registered range; False: in a storage registered only in part,
@@ -206,13 +214,20 @@ class CudaBackend(DeviceBackend):
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._copy_stream = torch.cuda.Stream(device=self.device)
+        # made on first use, not here: a pipeline is built (and its backend with it) where no
+        # CUDA context may be made yet (ZeroGPU's main process, ui.zerogpu)
+        self._copy_stream: Any = None
+        self._stream_lock = threading.Lock()
         self._registered = RegisteredRanges()
 
     def compute_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
 
     def copy_stream(self) -> Any:
+        if self._copy_stream is None:
+            with self._stream_lock:  # the stager's thread asks too
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream(device=self.device)
         return self._copy_stream
 
     def record(self, stream: Any) -> Any:
@@ -230,7 +245,7 @@ class CudaBackend(DeviceBackend):
         slot = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         # written on the copy stream: when the slot is freed, the allocator must not hand its
         # memory out again before the copies pending then are done
-        slot.record_stream(self._copy_stream)
+        slot.record_stream(self.copy_stream())
         return slot
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:

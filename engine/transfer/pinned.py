@@ -19,17 +19,16 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-import psutil
 import torch
 
 from engine.transfer.devices import DeviceBackend
+from engine.transfer.host_memory import DEFAULT_PINNED_SHARE, host_memory  # noqa: F401  (DEFAULT_PINNED_SHARE: shared here)
 from engine.transfer.host_arena import ALIGN, HostArena, aligned, layout_bytes, place_end, release_free_heap  # noqa: F401  (ALIGN: shared here)
 from engine.storage.stored import StoredTensor
 
 if TYPE_CHECKING:
     from engine.transfer.streamed import StreamedComponent
 
-DEFAULT_PINNED_SHARE = 0.5  # of the RAM available when the first arena is built
 TRIM_EVERY_BYTES = 8 * 1024**2  # while moving masters: give freed heap back to the OS this often (~0.1 ms)
 
 
@@ -48,9 +47,15 @@ def parse_pinned_ram_gb(text: str, where: str = PINNED_RAM_ENV) -> float:
     return gb
 
 
+def default_pinned_bytes() -> int:
+    """Half the RAM available to this process (the cgroup's memory.max counted), a quarter under
+    WSL2 (engine.transfer.host_memory)."""
+    return host_memory().default_pinned_bytes
+
+
 class PinnedBudget:
     """How much host RAM all arenas together may pin: `limit_bytes`, else $LOWVRAM_PINNED_RAM_GB,
-    else a share of the RAM available when first asked."""
+    else `default_pinned_bytes()` when first asked."""
 
     def __init__(self, limit_bytes: int | None = None):
         self._limit = limit_bytes
@@ -64,7 +69,7 @@ class PinnedBudget:
             if env:
                 self._limit = int(parse_pinned_ram_gb(env) * 1024**3)
             else:
-                self._limit = int(psutil.virtual_memory().available * DEFAULT_PINNED_SHARE)
+                self._limit = default_pinned_bytes()
         return self._limit
 
     def planned_limit_bytes(self) -> int:
@@ -75,7 +80,7 @@ class PinnedBudget:
         env = os.environ.get(PINNED_RAM_ENV)
         if env:
             return int(parse_pinned_ram_gb(env) * 1024**3)
-        return int(psutil.virtual_memory().available * DEFAULT_PINNED_SHARE)
+        return default_pinned_bytes()
 
     def take(self, wanted: int) -> int:
         with self._lock:
@@ -138,8 +143,47 @@ class ArenaReport:
     in_place_bytes: int = 0  # of pinned_bytes: registered where they were (no pinned copy made)
 
 
+PIN_PIECE_BYTES = 1024**3  # registered at a time (cut at tensor boundaries): see PinnedArena._register_pieces
+
+
 def _page_floor(n: int) -> int:
     return n // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _page_ceil(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _spans(buffer: torch.Tensor, tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    base = buffer.data_ptr()
+    return [(t.data_ptr() - base, t.data_ptr() - base + t.nbytes) for t in tensors]
+
+
+def piece_ends(length: int, spans: list[tuple[int, int]], piece: int | None = None) -> list[int]:
+    """Where to cut `[0, length)` into pieces of about `piece` bytes (PIN_PIECE_BYTES): at page
+    boundaries that fall between tensors (`spans`: (start, end) offsets), so no tensor is half
+    pinned. A tensor larger than a piece gets a piece of its own, as large as it needs. `length`
+    itself must cut no tensor."""
+    piece = PIN_PIECE_BYTES if piece is None else piece
+    ends: list[int] = []
+    start = 0
+    while start < length:
+        end = length if start + piece >= length else _page_floor(start + piece)
+        while True:  # move the cut down, below a tensor across it
+            cut = [s for s, e in spans if s < end < e]
+            if not cut:
+                break
+            end = _page_floor(min(cut))
+        if end <= start:  # one tensor larger than a piece: up, to past its end
+            end = start + piece
+            while True:
+                cut = [e for s, e in spans if s < end < e]
+                if not cut:
+                    break
+                end = min(length, _page_ceil(max(cut)))
+        ends.append(end)
+        start = end
+    return ends
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
@@ -170,6 +214,7 @@ class PinnedArena:
         self.packed: HostArena | None = None  # the arena masters built in RAM were moved into
         self.registered: list[torch.Tensor] = []
         self.report = ArenaReport(0, 0, 0)
+        self.pieces_refused = False  # the device refused a piece: the OS's page-lock limit was met
         self._finalizer: weakref.finalize | None = None
 
     def _host_parts(self) -> list[Part]:
@@ -215,22 +260,38 @@ class PinnedArena:
 
     def _register(self, host: HostArena, inside: list[torch.Tensor]) -> int:
         """Register the longest page-aligned prefix of `host` that the budget grants and that cuts
-        no tensor; returns its length (0 when the device cannot register)."""
+        no tensor, in pieces (`_register_pieces`); returns the length registered (0 when the
+        device cannot register)."""
         granted = self.budget.take(host.nbytes)
         length = host.nbytes if granted >= host.nbytes else _page_floor(granted)
-        base = host.buffer.data_ptr()
-        spans = [(t.data_ptr() - base, t.data_ptr() - base + t.nbytes) for t in inside]
+        spans = _spans(host.buffer, inside)
         while True:  # a tensor across the boundary would read half pinned: move the boundary below it
             cut = [start for start, end in spans if start < length < end]
             if not cut:
                 break
             length = _page_floor(min(cut))
-        if length and self.backend.register(host.buffer[:length]):
-            self.registered.append(host.buffer[:length])
-        else:
-            length = 0
+        length = self._register_pieces(host.buffer, length, spans) if length else 0
         self.budget.give_back(granted - length)
         return length
+
+    def _register_pieces(self, buffer: torch.Tensor, length: int, spans: list[tuple[int, int]]) -> int:
+        """Register `buffer[:length]` piece by piece (`piece_ends`), stopping at the first piece
+        the device refuses; returns the bytes registered, a prefix that cuts no tensor.
+
+        One cudaHostRegister of tens of GB fails as a whole on WSL2 or in a container near its
+        limit, and then nothing is pinned; in ~1 GiB pieces the process keeps what the OS grants.
+        After a refusal the rest is not tried: the OS's page-lock limit is reached, and each
+        refused call costs a driver round trip and a logged warning."""
+        done = 0
+        for end in piece_ends(length, spans):
+            piece = buffer[done:end]
+            if not self.backend.register(piece):
+                break
+            self.registered.append(piece)
+            done = end
+        if done < length:
+            self.pieces_refused = True
+        return done
 
     def _fitting(self, todo: list[Part], budget_bytes: int, advance: "Callable[[int, torch.Tensor], int]") -> tuple[list[Part], int]:
         """The tensors of `todo`, in order, that fit in `budget_bytes` laid out by `advance(end,
@@ -256,11 +317,11 @@ class PinnedArena:
         arena = HostArena(size)
         self._relocate(chosen, lambda t: arena.take(t.shape, t.dtype))
         self.packed = arena
-        if not self.backend.register(arena.buffer):
-            self.budget.give_back(size)  # moved but not pinned: staged like any pageable tensor
-            return 0, 0
-        self.registered.append(arena.buffer)
-        return size, len(chosen)
+        views = [getattr(s, p) for s, p in chosen]
+        spans = _spans(arena.buffer, views)
+        registered = self._register_pieces(arena.buffer, size, spans)
+        self.budget.give_back(size - registered)  # moved but not pinned: staged like any pageable tensor
+        return registered, sum(1 for _, end in spans if end <= registered)
 
     def _copy_into_buffer(self, todo: list[Part]) -> tuple[int, int]:
         """Pack host tensors into one exact-size pinned buffer (a device that cannot register)."""
