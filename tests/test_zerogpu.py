@@ -129,7 +129,7 @@ def test_hardware_is_detected_again(tmp_path, registry, monkeypatch):
     from engine.generation.studio import Studio
 
     seen = iter([HardwareInfo(has_gpu=False, gpu_name=None, vram_total_gb=None, auto_vram_limit_gb=None, ram_total_gb=16.0), HardwareInfo(has_gpu=False, gpu_name=None, vram_total_gb=None, auto_vram_limit_gb=None, ram_total_gb=32.0)])
-    monkeypatch.setattr(studio_module, "detect_hardware", lambda: next(seen))
+    monkeypatch.setattr(studio_module, "detect_hardware", lambda device=None: next(seen))
     studio = Studio(tmp_path / "models", tmp_path / "outputs", registry=registry)
     assert studio.hardware().ram_total_gb == 16.0 and studio.hardware().ram_total_gb == 16.0  # cached
     assert studio.redetect_hardware().ram_total_gb == 32.0 and studio.hardware().ram_total_gb == 32.0
