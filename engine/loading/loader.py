@@ -44,8 +44,21 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import Place, VramConfig
+from engine.config import Place, VramConfig, form_value, storage_name
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from engine.storage.form_cache import (
+    BackgroundWrite,
+    CacheFile,
+    CacheItem,
+    CacheUnavailable,
+    cache_dir_for,
+    cache_key,
+    cache_path,
+    component_name,
+    open_cache,
+    write_cache,
+)
+from engine.storage.forms import find_form, get_form
 from engine.storage.gguf import GgufFile, find_gguf
 from engine.storage.gguf_names import check_architecture, map_gguf_keys, original_layout
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
@@ -443,6 +456,8 @@ def load_model(
     disk_fallback: str = "error",
     prefetch: bool | None = None,
     config_dir: str | Path | None = None,
+    cache_dir: str | Path | bool | None = None,
+    disk_form: str | None = None,
 ) -> nn.Module:
     """Build `model_class` from `path` (directory with config.json and .safetensors shards, or a
     list of shards, or a .gguf file / a folder holding one) and manage it like
@@ -461,6 +476,13 @@ def load_model(
     the default). Tensors that cannot
     stay in a file (a checkpoint key that transformers must merge/split/reshape at load) raise a
     ValueError naming them, or with `disk_fallback="ram"` are stored in RAM in the computation dtype.
+
+    The stored-form cache (engine.storage.form_cache): a RAM load in FP8/int8/NF4, or in bf16 from
+    an F32 checkpoint, reads the stored form from the cache file when there is a valid one, else
+    quantizes and writes it in the background. Disk offload streams the cached form: `disk_form`
+    (a form's name; default: the preparing dtype when it is a form, else the computation dtype)
+    is what the masters are stored as in the file, built once before the first step. `cache_dir`:
+    the cache root (None: $LOWVRAM_CACHE_DIR, else next to the model's folder); False: no cache.
     """
     if disk_fallback not in ("ram", "error"):
         raise ValueError(f"disk_fallback={disk_fallback!r}: use \"error\" (default) or \"ram\"")
@@ -567,6 +589,8 @@ def load_model(
 
         # --- 4. stream, shard by shard in file order
         to_read: list[tuple[int, TensorEntry]] = []  # managed parameters whose masters live in RAM
+        names: dict[int, str] = {}  # their names (the stored-form cache's tensors)
+        on_disk: list[tuple[int, str, TensorEntry]] = []  # managed parameters left in a .safetensors file
         for n, entry in _by_file_order(plan.direct.items()):
             if n in buffers:
                 old = buffers[n]
@@ -584,15 +608,37 @@ def load_model(
             if offload_place.on_disk:
                 blocks = _blocks_codec(entry)
                 masters[id(p)] = blocks.disk_master(entry) if blocks is not None else DiskStored(entry)
+                if blocks is None:
+                    on_disk.append((id(p), n, entry))
             else:
                 masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
                 to_read.append((id(p), entry))
+                names[id(p)] = n
+        cache = None if cache_dir is False or is_gguf else _CachePlan.make(
+            shards, weights_dir, cache_dir, comp_dtype,
+            *((_disk_form(config, disk_form), [(n, e) for _, n, e in on_disk]) if offload_place.on_disk
+              else (offload_place.dtype, [(names[k], e) for k, e in to_read] if _on_cpu(offload_place) else [])),
+        )
+        if cache is not None and offload_place.on_disk:
+            cached = cache.disk_masters()
+            for key, n, _entry in on_disk:
+                if n in cached:
+                    masters[key] = cached[n]
         arena = None
         if to_read and _on_cpu(offload_place):
             arena = HostArena(layout_bytes([part for _, e in to_read for part in storage_layout(e, offload_place, comp_dtype)]))
         workspace = _QuantWorkspace()
+        cached_file = cache.open() if cache is not None and not offload_place.on_disk else None
+        if cache is not None and cached_file is None and not offload_place.on_disk:
+            log.warning("%s: %s", cache.component, cache.first_time_note())
         for key, entry in to_read:
-            masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
+            if cached_file is not None and names[key] in cached_file.items:
+                new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+                masters[key] = cached_file.read_stored(names[key], new)  # as stored: no quantization
+            else:
+                masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
+        if cached_file is not None:
+            cached_file.close()
         for target, parts in joined.items():  # row ranges in another order than the file's
             # on "disk" these few tensors are kept in RAM, as GGUF blocks where they are blocks
             kept = Place(torch.device("cpu"), parts[0].form or comp_dtype)
@@ -621,6 +667,9 @@ def load_model(
 
         del workspace
         release_free_heap()
+        written_parts = {}
+        if cache is not None and not offload_place.on_disk and cached_file is None:
+            written_parts = {k: masters[k].parts() for k, _ in to_read if names[k] in cache.names}
 
         def master_factory(full_name: str, param: torch.Tensor) -> StoredTensor:
             stored = masters.get(id(param))
@@ -646,6 +695,13 @@ def load_model(
             if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
                 runtime.prefetcher = DiskPrefetcher(runtime)
         model._vram_checkpoint = [s.path for s in shards]  # type: ignore[attr-defined]
+        model._vram_form_cache = None  # type: ignore[attr-defined]
+        if cache is not None and not offload_place.on_disk and cached_file is None:
+            # written from the masters themselves (no copy), while the model runs
+            parts = {names[k]: [t for _, t in stored_parts] for k, stored_parts in written_parts.items()}
+            model._vram_form_cache = cache.write_in_background(parts)  # type: ignore[attr-defined]
+        elif cache is not None:
+            model._vram_form_cache = cache  # type: ignore[attr-defined]
         return model
     except BaseException as exc:
         # Nothing half-loaded survives: drop every master read so far, the model itself and the
@@ -658,6 +714,100 @@ def load_model(
         gc.collect()
         release_free_heap()
         raise
+
+
+def _disk_form(config: VramConfig, disk_form: str | None) -> torch.dtype | str:
+    """The place dtype disk-offloaded masters are stored in: `disk_form` (a form's name), else the
+    preparing dtype when it is a form (a GPU run stores its resident copies in it), else the
+    computation dtype (an F32 checkpoint then streams bf16)."""
+    if disk_form is not None:
+        form = get_form(disk_form)
+        if form.from_file:
+            return config.computation_dtype
+        return form_value(form) if form.quantized else config.computation_dtype
+    if config.place("preparing").is_quantized:
+        return config.preparing_dtype
+    return config.computation_dtype
+
+
+class _CachePlan:
+    """The stored-form cache of one load: which tensors, the file's key and path."""
+
+    def __init__(self, shards, folder: Path, component: str, form: str, place_dtype, comp_dtype, items: list[CacheItem]):
+        self.shards = shards
+        self.component = component
+        self.form = form
+        self.place_dtype = place_dtype
+        self.comp_dtype = comp_dtype
+        self.items = items
+        self.names = {i.name for i in items}
+        self.key = cache_key(shards, form, place_dtype, comp_dtype, items)
+        self.path = cache_path(folder, component, form, self.key)
+        self.writer: BackgroundWrite | None = None
+        self.note: str | None = None  # why there is no cache (read-only folder, full disk)
+
+    @classmethod
+    def make(cls, shards, weights_dir: Path, cache_dir, comp_dtype: torch.dtype, place_dtype, named: list[tuple[str, TensorEntry]]) -> "_CachePlan | None":
+        """The plan when some tensors take another form than the file's (quantized, or cast from
+        a wider dtype), else None."""
+        items = []
+        place = Place(torch.device("cpu"), place_dtype)
+        for name, entry in named:
+            if not entry.dtype.is_floating_point or entry.form is not None:
+                continue
+            target = storage_dtype_for(entry.dtype, entry.shape, place_dtype, comp_dtype)
+            if target == entry.dtype:
+                continue
+            layout = tuple((tuple(shape), dtype) for shape, dtype in storage_layout(entry, place, comp_dtype))
+            items.append(CacheItem(name, entry, target, layout))
+        if not items:
+            return None
+        form = find_form(place_dtype)
+        form_name = form.name if form is not None else storage_name(place_dtype)
+        try:
+            folder = cache_dir_for(weights_dir, cache_dir if isinstance(cache_dir, (str, Path)) else None)
+            return cls(shards, folder, component_name(weights_dir), form_name, place_dtype, comp_dtype, items)
+        except OSError as e:
+            log.warning("no stored-form cache for %s (%s); the run goes on", weights_dir, e)
+            return None
+
+    def first_time_note(self) -> str:
+        verb = "quantizing" if find_form(self.place_dtype) is not None and find_form(self.place_dtype).quantized else "converting"
+        return f"{verb} to {self.form} (once), then cached in {self.path.parent}"
+
+    def open(self) -> CacheFile | None:
+        return open_cache(self.path, self.key, self.items)
+
+    def write_in_background(self, parts: dict[str, list[torch.Tensor]]) -> BackgroundWrite:
+        self.writer = BackgroundWrite(self.path, self.items, self.key, self.form, parts)
+        return self.writer
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for a background write (True when none is running)."""
+        return self.writer.join(timeout) if self.writer is not None else True
+
+    def disk_masters(self) -> dict[str, DiskStored]:
+        """Disk offload: the cached masters, the file built first when it is not there (one
+        tensor quantized at a time, written, dropped); {} when it cannot be (noted)."""
+        cached = self.open()
+        if cached is None:
+            log.warning("%s: %s", self.component, self.first_time_note())
+            place = Place(torch.device("cpu"), self.place_dtype)
+            workspace = _QuantWorkspace()
+            try:
+                write_cache(self.path, self.items, self.key, self.form,
+                            lambda item: [t for _, t in read_stored(item.entry, place, self.comp_dtype, workspace).parts()])
+            except CacheUnavailable as e:
+                self.note = str(e)
+                log.warning("the stored form is not cached, disk offload streams the checkpoint's own files: %s", e)
+                return {}
+            finally:
+                del workspace
+                release_free_heap()
+            cached = self.open()
+            if cached is None:
+                return {}
+        return {name: cached.disk_master(name) for name in cached.items}
 
 
 def _clear_failed_frames(exc: BaseException) -> None:

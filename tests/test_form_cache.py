@@ -1,0 +1,293 @@
+"""The stored-form cache (engine.storage.form_cache): what it is keyed by, what it refuses, and
+that a load from it, or disk offload streaming it, computes bitwise what quantizing at load does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import load_model, runtime_of
+from engine.storage import form_cache
+from engine.storage.disk import DiskStored, SafetensorsFile
+from engine.storage.form_cache import CachedDiskStored, list_cached, remove_cached
+from engine.storage.stored import Codec
+from tests.fixtures.tiny_models import _cast_floats, run_model, save_sharded, tiny_model
+
+CPU = {"computation_dtype": torch.bfloat16, "computation_device": "cpu"}
+DISK = {"offload_dtype": "disk", "offload_device": "disk", **CPU}
+FORMS = {"fp8": "float8_e4m3fn", "int8": "int8", "nf4": "nf4"}
+
+
+def ram(form: str) -> dict:
+    return {"offload_dtype": FORMS.get(form, torch.bfloat16), "offload_device": "cpu", **CPU}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny Z-Image transformer saved in float32 (as Z-Image-Turbo is published), sharded."""
+    model, inputs = tiny_model("ZImageTransformer2DModel", torch.float32)
+    directory = save_sharded(model, tmp_path / "model" / "transformer")
+    return type(model), directory, _cast_floats(inputs, torch.bfloat16), tmp_path / "cache"
+
+
+def _load(cls, directory, config, cache, **kw):
+    model = load_model(cls, directory, vram_config=config, vram_limit=0, cache_dir=cache, **kw)
+    writer = getattr(model, "_vram_form_cache", None)
+    if writer is not None:
+        assert writer.join(60)
+    return model
+
+
+def _masters(model):
+    return {(r.name, p): s for r in runtime_of(model).layers for p, s in r.masters.items()}
+
+
+def _same_parts(a, b) -> bool:
+    pa, pb = a.parts(), b.parts()
+    return len(pa) == len(pb) and all(
+        x[0] == y[0] and x[1].dtype == y[1].dtype and torch.equal(x[1].view(torch.uint8), y[1].view(torch.uint8)) for x, y in zip(pa, pb)
+    )
+
+
+class NoQuantizing:
+    """Fails the test if any codec quantizes (a load from the cache takes the stored form as is)."""
+
+    def __init__(self, monkeypatch):
+        from engine.storage import fp8, int8, nf4
+
+        for codec in (fp8.CODEC, int8.CODEC, nf4.CODEC):
+            monkeypatch.setattr(type(codec), "quantize_rows_into", self._fail)
+
+    @staticmethod
+    def _fail(*a, **k):
+        raise AssertionError("quantized although the stored form is cached")
+
+
+def _files(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("form", ["fp8", "int8", "nf4", "bf16"])
+def test_cached_load_is_bitwise_quantize_at_load(checkpoint, form, monkeypatch):
+    cls, directory, inputs, cache = checkpoint
+    reference = _load(cls, directory, ram(form), False)
+    assert not cache.exists()
+    first = _load(cls, directory, ram(form), cache)  # quantizes, writes in the background
+    files = _files(cache)
+    assert len(files) == 1 and f".{form}." in files[0].name
+    with monkeypatch.context() as m:
+        NoQuantizing(m)
+        second = _load(cls, directory, ram(form), cache)
+    ref_masters, second_masters = _masters(reference), _masters(second)
+    assert ref_masters.keys() == second_masters.keys()
+    assert all(_same_parts(ref_masters[k], second_masters[k]) for k in ref_masters)
+    out = run_model(reference, inputs)
+    assert torch.equal(run_model(first, inputs), out)
+    assert torch.equal(run_model(second, inputs), out)
+    assert _files(cache) == files  # read, not rewritten
+
+
+@pytest.mark.parametrize("form", ["fp8", "int8", "nf4", "bf16"])
+def test_disk_offload_streams_the_cached_form_bitwise(checkpoint, form):
+    cls, directory, inputs, cache = checkpoint
+    reference = run_model(_load(cls, directory, ram(form), False), inputs)
+    model = _load(cls, directory, DISK, cache, disk_form=form)
+    masters = list(_masters(model).values())
+    assert masters and all(isinstance(s, DiskStored) for s in masters)
+    cache_files = {p.resolve() for p in _files(cache)}
+    assert {s.path.resolve() for s in masters} == cache_files  # nothing from the F32 shards
+    if form != "bf16":
+        assert any(isinstance(s, CachedDiskStored) for s in masters)
+    else:
+        assert all(s.storage_dtype == torch.bfloat16 for s in masters)
+    assert torch.equal(run_model(model, inputs), reference)
+    # a second disk load finds the file and builds nothing
+    again = _load(cls, directory, DISK, cache, disk_form=form)
+    assert _files(cache) == sorted(cache_files)
+    assert torch.equal(run_model(again, inputs), reference)
+
+
+def _read_counter(monkeypatch) -> dict:
+    counted = {"bytes": 0}
+    original = SafetensorsFile.read_into
+
+    def counting(self, entry, out, start=0):
+        counted["bytes"] += out.nbytes
+        return original(self, entry, out, start)
+
+    monkeypatch.setattr(SafetensorsFile, "read_into", counting)
+    return counted
+
+
+def test_bytes_read_per_step_are_the_stored_forms(checkpoint, monkeypatch):
+    """One forward under disk offload reads the bytes of the form it streams: the F32 file's
+    bytes without the cache; bf16 (0.5x), FP8/int8 (~0.25x + scales) and NF4 (~0.14x) of them
+    from it; and exactly what the masters say they stream (what the planner counts)."""
+    cls, directory, inputs, cache = checkpoint
+    counted = _read_counter(monkeypatch)
+    read = {}
+    for form in ("source", "bf16", "fp8", "int8", "nf4"):
+        model = _load(cls, directory, DISK, False if form == "source" else cache, **({} if form == "source" else {"disk_form": form}))
+        run_model(model, inputs)  # first forward: traces the order
+        counted["bytes"] = 0
+        run_model(model, inputs)
+        read[form] = counted["bytes"]
+        assert read[form] == sum(s.nbytes for s in _masters(model).values())
+    f32 = read["source"]
+    assert read["bf16"] == f32 // 2
+    assert 0.24 < read["fp8"] / f32 < 0.33 and read["int8"] == read["fp8"]
+    assert 0.12 < read["nf4"] / f32 < read["fp8"] / f32
+
+
+def test_cache_key_changes_when_the_source_changes(checkpoint):
+    cls, directory, inputs, cache = checkpoint
+    _load(cls, directory, ram("fp8"), cache)
+    (first,) = _files(cache)
+    _load(cls, directory, ram("int8"), cache)  # another form: another file
+    assert len(_files(cache)) == 2
+    # the same bytes, a newer mtime: another key (the old file is never read for it)
+    shard = sorted(directory.glob("*.safetensors"))[0]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _load(cls, directory, ram("fp8"), cache)
+    assert len(_files(cache)) == 3
+    # other weights of the same size and shapes: another key, and the new weights are what runs
+    tensors = load_file(shard)
+    name = next(k for k, v in tensors.items() if v.ndim == 2)
+    tensors[name] = tensors[name] * 2 + 1
+    save_file(tensors, shard, metadata={"format": "pt"})
+    changed = _load(cls, directory, ram("fp8"), cache)
+    assert len(_files(cache)) == 4
+    assert torch.equal(run_model(changed, inputs), run_model(_load(cls, directory, ram("fp8"), False), inputs))
+    assert first in _files(cache)
+
+
+def _corrupt_first_tensor(path: Path) -> None:
+    shard = SafetensorsFile(path)
+    entry = min(shard.entries.values(), key=lambda e: e.offset)
+    shard.close()
+    with open(path, "r+b") as f:
+        f.seek(entry.offset)
+        data = f.read(16)
+        f.seek(entry.offset)
+        f.write(bytes(b ^ 0x5A for b in data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "garbage", "partial"])
+def test_damaged_cache_is_rebuilt_never_used(checkpoint, damage, monkeypatch, caplog):
+    cls, directory, inputs, cache = checkpoint
+    reference = run_model(_load(cls, directory, ram("nf4"), False), inputs)
+    _load(cls, directory, ram("nf4"), cache)
+    (path,) = _files(cache)
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) - 100])
+    elif damage == "corrupt":
+        _corrupt_first_tensor(path)
+    elif damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    else:  # a write cut short leaves a temporary file, never the cache file
+        path.rename(path.with_name(path.name + ".tmp-1-1"))
+        path.with_name(path.name + ".tmp-1-1").write_bytes(good[: len(good) // 2])
+    counted = _read_counter(monkeypatch)
+    with caplog.at_level("WARNING"):
+        model = _load(cls, directory, ram("nf4"), cache)
+    if damage != "partial":
+        assert "not usable" in caplog.text
+    assert torch.equal(run_model(model, inputs), reference)
+    assert path.read_bytes() == good  # rebuilt, identical
+    # and the rebuilt file is used
+    with monkeypatch.context() as m:
+        NoQuantizing(m)
+        again = _load(cls, directory, ram("nf4"), cache)
+    assert torch.equal(run_model(again, inputs), reference)
+    assert counted["bytes"] > 0
+
+
+def test_damaged_cache_is_never_streamed_by_disk_offload(checkpoint):
+    cls, directory, inputs, cache = checkpoint
+    reference = run_model(_load(cls, directory, ram("fp8"), False), inputs)
+    _load(cls, directory, DISK, cache, disk_form="fp8")
+    (path,) = _files(cache)
+    _corrupt_first_tensor(path)
+    model = _load(cls, directory, DISK, cache, disk_form="fp8")
+    assert torch.equal(run_model(model, inputs), reference)
+
+
+def test_unwritable_cache_folder_means_no_cache_and_the_run_goes_on(checkpoint, caplog):
+    cls, directory, inputs, cache = checkpoint
+    reference = run_model(_load(cls, directory, ram("fp8"), False), inputs)
+    blocker = cache.parent / "a_file"
+    blocker.write_text("not a folder")
+    unwritable = blocker / "cache"  # mkdir fails (as it does in a read-only folder, even as root)
+    with caplog.at_level("WARNING"):
+        model = _load(cls, directory, ram("fp8"), unwritable)
+        disk = _load(cls, directory, DISK, unwritable, disk_form="fp8")
+    assert "not cached" in caplog.text
+    assert torch.equal(run_model(model, inputs), reference)
+    # disk offload without a cache streams the checkpoint's own files, as it does with no cache
+    assert not any(isinstance(s, CachedDiskStored) for s in _masters(disk).values())
+    assert torch.equal(run_model(disk, inputs), run_model(_load(cls, directory, DISK, False), inputs))
+
+
+def test_full_disk_means_no_cache_and_the_run_goes_on(checkpoint, monkeypatch, caplog):
+    cls, directory, inputs, cache = checkpoint
+    reference = run_model(_load(cls, directory, ram("nf4"), False), inputs)
+    monkeypatch.setattr(form_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with caplog.at_level("WARNING"):
+        model = _load(cls, directory, ram("nf4"), cache)
+        disk = _load(cls, directory, DISK, cache, disk_form="nf4")
+    assert "GiB free" in caplog.text
+    assert _files(cache) == [] and not list(cache.rglob("*.tmp-*"))
+    assert torch.equal(run_model(model, inputs), reference)
+    assert torch.equal(run_model(disk, inputs), run_model(_load(cls, directory, DISK, False), inputs))
+
+
+def test_write_error_midway_leaves_no_file(checkpoint, monkeypatch, caplog):
+    cls, directory, inputs, cache = checkpoint
+    calls = {"n": 0}
+    original = form_cache._bytes_of
+
+    def failing(t):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(t)
+
+    monkeypatch.setattr(form_cache, "_bytes_of", failing)
+    with caplog.at_level("WARNING"):
+        model = _load(cls, directory, ram("int8"), cache)
+    assert "No space left" in caplog.text
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+    run_model(model, inputs)
+
+
+def test_listing_and_freeing_a_models_caches(checkpoint):
+    cls, directory, inputs, cache = checkpoint
+    _load(cls, directory, ram("fp8"), cache)
+    _load(cls, directory, ram("nf4"), cache)
+    listed = list_cached(directory, cache)
+    assert sorted(c.form for c in listed) == ["fp8", "nf4"]
+    assert all(c.component == "model" and c.nbytes == c.path.stat().st_size for c in listed)
+    freed = remove_cached(directory, cache)
+    assert freed == sum(c.nbytes for c in listed)
+    assert list_cached(directory, cache) == []
+    assert list(directory.glob("*.safetensors"))  # the checkpoint is untouched
+
+
+def test_default_folder_is_next_to_the_model_or_the_environment(tmp_path, monkeypatch):
+    repo = tmp_path / "models" / "Z-Image-Turbo"
+    (repo / "transformer").mkdir(parents=True)
+    (repo / "model_index.json").write_text("{}")
+    monkeypatch.delenv(form_cache.CACHE_DIR_ENV, raising=False)
+    assert form_cache.cache_dir_for(repo / "transformer") == (tmp_path / "models" / ".lowvram-cache" / "Z-Image-Turbo").resolve()
+    assert form_cache.component_name(repo / "transformer") == "transformer"
+    monkeypatch.setenv(form_cache.CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert form_cache.cache_dir_for(repo / "transformer") == tmp_path / "elsewhere" / "Z-Image-Turbo"
