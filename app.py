@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned-ram-gb", default=None, metavar="GB",
                    help="host RAM the engine may pin for fast GPU copies (default: half the available RAM, "
                         "or $LOWVRAM_PINNED_RAM_GB)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the stored form of quantized models (FP8/int8/NF4, bf16 of F32 checkpoints) is cached, "
+                        "one folder per model (default: .lowvram-cache next to each model's folder, or $LOWVRAM_CACHE_DIR)")
     return p
 
 
@@ -131,6 +134,10 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
         from engine.transfer.pinned import PINNED_RAM_ENV
 
         os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
+    if args.cache_dir is not None:  # read by engine.storage.form_cache at every load
+        from engine.storage.form_cache import CACHE_DIR_ENV
+
+        os.environ[CACHE_DIR_ENV] = str(args.cache_dir.expanduser().resolve())
     args.model_dir.mkdir(parents=True, exist_ok=True)
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"source": args.source}

@@ -291,3 +291,23 @@ def test_default_folder_is_next_to_the_model_or_the_environment(tmp_path, monkey
     assert form_cache.component_name(repo / "transformer") == "transformer"
     monkeypatch.setenv(form_cache.CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
     assert form_cache.cache_dir_for(repo / "transformer") == tmp_path / "elsewhere" / "Z-Image-Turbo"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_estimate_counts_the_bytes_disk_offload_reads(checkpoint, device):
+    """The estimate's streamed bytes under disk offload are the stored form's (what the cache
+    streams, scales included), not the bf16 files': ~0.5x for FP8, less for NF4."""
+    from engine.generation.estimate import model_cost
+
+    cls, directory, inputs, cache = checkpoint
+    streamed = {}
+    for form in ("bf16", "fp8", "int8", "nf4"):
+        model, _ = tiny_model("ZImageTransformer2DModel", torch.float32)
+        streamed[form] = sum(model_cost(model, form, True, device).stream_bytes.values())
+    assert 0.45 < streamed["fp8"] / streamed["bf16"] < 0.7
+    assert streamed["int8"] == streamed["fp8"]
+    assert streamed["nf4"] < streamed["fp8"]
+    # and what the real load streams: the estimate of FP8 is the cached masters' bytes (+ alignment)
+    loaded = _load(cls, directory, DISK, cache, disk_form="fp8")
+    real = sum(s.nbytes for s in _masters(loaded).values())
+    assert real <= streamed["fp8"] < real * 1.3

@@ -157,7 +157,8 @@ class Session:
         except Exception:  # pragma: no cover - a registry without load_options
             variant = None
         try:
-            pipe = build_pipeline(path, r.settings.vram_config, r.settings.vram_limit, variant=variant)
+            stored = {"stored_form": r.settings.storage} if r.settings.disk_offload else {}
+            pipe = build_pipeline(path, r.settings.vram_config, r.settings.vram_limit, variant=variant, **stored)
         except UserFacingError:
             raise
         except MemoryError as exc:

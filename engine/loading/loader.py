@@ -52,6 +52,7 @@ from engine.storage.form_cache import (
     CacheItem,
     CacheUnavailable,
     cache_dir_for,
+    cache_enabled,
     cache_key,
     cache_path,
     component_name,
@@ -614,7 +615,7 @@ def load_model(
                 masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
                 to_read.append((id(p), entry))
                 names[id(p)] = n
-        cache = None if cache_dir is False or is_gguf else _CachePlan.make(
+        cache = None if not cache_enabled(cache_dir) or is_gguf else _CachePlan.make(
             shards, weights_dir, cache_dir, comp_dtype,
             *((_disk_form(config, disk_form), [(n, e) for _, n, e in on_disk]) if offload_place.on_disk
               else (offload_place.dtype, [(names[k], e) for k, e in to_read] if _on_cpu(offload_place) else [])),

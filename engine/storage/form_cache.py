@@ -88,6 +88,13 @@ def model_name(root: Path) -> str:
     return root.name
 
 
+def cache_enabled(cache_root: str | os.PathLike | bool | None = None) -> bool:
+    """Is the cache on: `cache_root` False, or $LOWVRAM_CACHE_DIR set to "off", turns it off."""
+    if cache_root is False:
+        return False
+    return cache_root is not None or os.environ.get(CACHE_DIR_ENV, "").strip().lower() != "off"
+
+
 def cache_dir_for(weights_dir: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
     """The folder a model's stored-form caches go in: `cache_root` (or $LOWVRAM_CACHE_DIR) /
     <model>, else `.lowvram-cache/<model>` next to the model's folder."""
