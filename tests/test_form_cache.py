@@ -137,9 +137,12 @@ def test_bytes_read_per_step_are_the_stored_forms(checkpoint, monkeypatch):
         model = _load(cls, directory, DISK, False if form == "source" else cache, **({} if form == "source" else {"disk_form": form}))
         run_model(model, inputs)  # first forward: traces the order
         counted["bytes"] = 0
+        stats = runtime_of(model).stats
+        before = stats.streamed_bytes
         run_model(model, inputs)
         read[form] = counted["bytes"]
         assert read[form] == sum(s.nbytes for s in _masters(model).values())
+        assert stats.streamed_bytes - before == read[form]  # what the live panel shows
     f32 = read["source"]
     assert read["bf16"] == f32 // 2
     assert 0.24 < read["fp8"] / f32 < 0.33 and read["int8"] == read["fp8"]
@@ -311,3 +314,32 @@ def test_the_estimate_counts_the_bytes_disk_offload_reads(checkpoint, device):
     loaded = _load(cls, directory, DISK, cache, disk_form="fp8")
     real = sum(s.nbytes for s in _masters(loaded).values())
     assert real <= streamed["fp8"] < real * 1.3
+
+
+def test_the_page_lists_cached_forms_and_frees_them(checkpoint, tmp_path, monkeypatch):
+    """The model picker's label names the cached forms and their size; "Free disk space"
+    removes them (the checkpoint stays); the first quantized load says it quantizes once."""
+    from engine.generation.session import first_load_note
+    from engine.generation.studio import Studio
+    from ui import formatting
+    from ui.handlers import Handlers
+
+    cls, directory, inputs, _ = checkpoint
+    repo = directory.parent
+    (repo / "model_index.json").write_text("{}")
+    monkeypatch.delenv(form_cache.CACHE_DIR_ENV, raising=False)
+    studio = Studio(tmp_path / "models", tmp_path / "outputs")
+    monkeypatch.setattr(studio.registry, "local_path", lambda model_id, models_dir=None: repo if model_id == "zimage" else None)
+    assert first_load_note(repo, "nf4") == "quantizing to NF4 (once), then cached"
+    assert first_load_note(repo, "bf16") == ""
+    _load(cls, directory, ram("nf4"), None)  # the default folder: next to the model
+    cached = studio.cached_forms("zimage")
+    assert [(c.component, c.form) for c in cached] == [("transformer", "nf4")]
+    assert cached[0].path.parent == (repo.parent / ".lowvram-cache" / repo.name).resolve()
+    assert first_load_note(repo, "nf4") == ""  # the second load reads the cache
+    label = formatting.model_label(studio.list_models()[0], cached)
+    assert label.endswith(f" · cached: NF4 {cached[0].nbytes / 1e9:.1f} GB")
+    update = Handlers(studio).free_disk_space("zimage")
+    assert update["value"] == "zimage"
+    assert studio.cached_forms("zimage") == [] and list(directory.glob("*.safetensors"))
+    assert first_load_note(repo, "nf4") == "quantizing to NF4 (once), then cached"

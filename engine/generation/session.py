@@ -28,6 +28,8 @@ from engine.generation.lora_library import LoraLibrary
 from engine.generation.pipelines import GenerationCancelled, ManagedPipeline, StepStats, build_pipeline
 from engine.generation.request import ResolvedRequest
 from engine.generation.types import GenerationEvent, TelemetrySnapshot, UserFacingError
+from engine.storage.form_cache import cache_enabled, list_cached
+from engine.storage.forms import get_form
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class Session:
         self._pipeline: ManagedPipeline | None = None
         self._key: tuple[Any, ...] | None = None
         self._storage = ""
+        self.model_path: Path | None = None  # the folder the live pipeline was loaded from
         self.last_step = StepStats()  # the last denoising step's streaming counters (the runner sets it)
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
 
@@ -129,6 +132,7 @@ class Session:
         """Drop the live pipeline (frees its memory)."""
         with self._lock:
             pipe, self._pipeline, self._key = self._pipeline, None, None
+            self.model_path = None
         if pipe is not None:
             try:
                 pipe.close()
@@ -158,6 +162,9 @@ class Session:
             variant = None
         try:
             stored = {"stored_form": r.settings.storage} if r.settings.disk_offload else {}
+            note = first_load_note(path, r.settings.storage)
+            if note:
+                emit(GenerationEvent("loading", message=f"Loading {r.entry.name}: {note}", telemetry=self.telemetry()))
             pipe = build_pipeline(path, r.settings.vram_config, r.settings.vram_limit, variant=variant, **stored)
         except UserFacingError:
             raise
@@ -167,6 +174,7 @@ class Session:
             raise UserFacingError(f"Loading {r.entry.name} from {path} failed: {exc}") from exc
         with self._lock:
             self._pipeline, self._key, self._storage = pipe, r.build_key, r.settings.storage_name
+            self.model_path = Path(path)
         self.builds += 1
         return pipe
 
@@ -236,3 +244,14 @@ class Session:
                 set_lora_strength(pipe, handle, strength)
             out.append((handle.name, strength, handle.short_hash))
         return tuple(out)
+
+
+def first_load_note(path: Path, storage: str) -> str:
+    """What the page says while a model loads in a quantized form that is not cached yet
+    (engine.storage.form_cache): "quantizing to FP8 (once), then cached"; "" otherwise."""
+    form = get_form(storage)
+    if not form.quantized or form.from_file or not cache_enabled():
+        return ""
+    if any(c.form == form.name for c in list_cached(path)):
+        return ""
+    return f"quantizing to {form.title} (once), then cached"
