@@ -343,3 +343,50 @@ def test_the_page_lists_cached_forms_and_frees_them(checkpoint, tmp_path, monkey
     assert update["value"] == "zimage"
     assert studio.cached_forms("zimage") == [] and list(directory.glob("*.safetensors"))
     assert first_load_note(repo, "nf4") == "quantizing to NF4 (once), then cached"
+
+
+@pytest.mark.parametrize("form", ["nf4", "fp8"])
+def test_an_exported_model_loads_without_the_original_shards(checkpoint, tmp_path, form):
+    """tools.quantize writes a folder that loads on its own, bitwise what loading the original in
+    that form gives, in RAM and streamed from its file with disk offload."""
+    import json
+
+    from tools.quantize import export
+
+    cls, directory, inputs, cache = checkpoint
+    repo = directory.parent
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline", "transformer": ["diffusers", cls.__name__]}))
+    reference = run_model(_load(cls, directory, ram(form), False), inputs)
+    out = tmp_path / "exported"
+    manifest = export(repo, form, out, log=lambda *_: None)
+    assert manifest["format"] == form_cache.FORMAT_VERSION and manifest["weights"] == form
+    assert (out / "model_index.json").is_file() and (out / "transformer" / "config.json").is_file()
+    assert [p.name for p in (out / "transformer").glob("*.safetensors")] == [f"lowvram.{form}.safetensors"]
+    shutil.rmtree(repo)  # the original shards are gone
+    loaded = _load(cls, out / "transformer", ram(form), cache)
+    assert torch.equal(run_model(loaded, inputs), reference)
+    disk = _load(cls, out / "transformer", DISK, cache)
+    masters = list(_masters(disk).values())
+    assert all(isinstance(s, DiskStored) for s in masters) and any(isinstance(s, CachedDiskStored) for s in masters)
+    assert torch.equal(run_model(disk, inputs), reference)
+    assert not cache.exists()  # an exported form needs no cache
+    # another form than the exported one is converted from it (and runs)
+    other = _load(cls, out / "transformer", ram("bf16"), cache)
+    assert run_model(other, inputs).shape == reference.shape
+
+
+def test_a_damaged_export_is_refused_with_what_to_do(checkpoint, tmp_path):
+    import json
+
+    from engine.storage.disk import CheckpointError
+    from tools.quantize import export
+
+    cls, directory, inputs, _ = checkpoint
+    repo = directory.parent
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline", "transformer": ["diffusers", cls.__name__]}))
+    out = tmp_path / "exported"
+    export(repo, "int8", out, log=lambda *_: None)
+    (path,) = (out / "transformer").glob("*.safetensors")
+    _corrupt_first_tensor(path)
+    with pytest.raises(CheckpointError, match="export it again"):
+        load_model(cls, out / "transformer", vram_config=ram("int8"))

@@ -55,8 +55,11 @@ from engine.storage.form_cache import (
     cache_enabled,
     cache_key,
     cache_path,
+    EXPORT_KEY,
     component_name,
+    is_exported,
     open_cache,
+    open_exported,
     write_cache,
 )
 from engine.storage.forms import find_form, get_form
@@ -494,6 +497,10 @@ def load_model(
         budget = MemoryPool(limit_gb=vram_limit)  # the pool checks the limit, before anything is read
     library = _library_of(model_class)
     weights_dir, shards, index = resolve_checkpoint(path)
+    if len(shards) == 1 and is_exported(shards[0]):  # a model exported by tools/quantize.py
+        return _load_exported(
+            model_class, library, shards[0], Path(config_dir or weights_dir), config, module_map, budget, name, onload, prefetch
+        )
     is_gguf = any(isinstance(s, GgufFile) for s in shards)
     if config_dir is None:
         if is_gguf and not (weights_dir / "config.json").is_file():
@@ -809,6 +816,130 @@ class _CachePlan:
             if cached is None:
                 return {}
         return {name: cached.disk_master(name) for name in cached.items}
+
+
+def export_component(
+    model_class: type, path: str | Path, out_file: str | Path, weights: str, computation_dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """Write one component in the storage form `weights` ("fp8", "int8", "nf4", "bf16") as a
+    stored-form file that loads on its own (`load_model` on it needs no original shards): every
+    tensor of the component, named as the model's parameters and buffers, the managed weight
+    matrices in the form (bitwise what a load in that form stores), the rest as a load keeps
+    them. One tensor is quantized, written and dropped at a time."""
+    library = _library_of(model_class)
+    weights_dir, shards, index = resolve_checkpoint(path)
+    if any(isinstance(s, GgufFile) for s in shards):
+        raise CheckpointError(f"{shards[0].path}: a GGUF checkpoint is quantized already; export its base model's .safetensors instead")
+    if len(shards) == 1 and is_exported(shards[0]):
+        raise CheckpointError(f"{shards[0].path}: already an exported stored form; export the original checkpoint")
+    entries = collect_entries(shards, index)
+    model = build_empty(model_class, weights_dir, computation_dtype)
+    plan = map_keys(model, library, entries)
+    if plan.converted:
+        raise CheckpointError(f"{model_class.__name__}: tensors that need a conversion at load cannot be exported ({_listing(sorted(plan.converted), 4)})")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {n for n in model.state_dict(keep_vars=True) if n not in params}
+    managed_ids = {id(p) for _, module, _ in _plan_wrappers(model, None) for p in module._parameters.values() if p is not None}
+    form = get_form(weights)
+    if form.from_file:
+        raise CheckpointError(f"--weights {weights}: a file's own blocks cannot be made; choose one of fp8, int8, nf4, bf16")
+    place = Place(torch.device("cpu"), form_value(form) if form.quantized else computation_dtype)
+    items, seen, managed = [], set(), set()
+    for n, entry in _by_file_order(plan.direct.items()):
+        if n not in buffers:
+            if id(params[n]) in seen:
+                continue
+            seen.add(id(params[n]))
+        if n not in buffers and id(params[n]) in managed_ids:
+            target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, computation_dtype)
+            layout = tuple((tuple(sh), dt) for sh, dt in storage_layout(entry, place, computation_dtype))
+            managed.add(n)
+        else:
+            target, layout = entry.dtype, ((tuple(entry.shape), entry.dtype),)
+        items.append(CacheItem(n, entry, target, layout))
+    workspace = _QuantWorkspace()
+
+    def parts_of(item: CacheItem) -> list[torch.Tensor]:
+        if item.name in managed:
+            return [t for _, t in read_stored(item.entry, place, computation_dtype, workspace).parts()]
+        return [item.entry.file.read(item.entry)]
+
+    key = cache_key(shards, form.name, place.dtype, computation_dtype, items)
+    out = write_cache(Path(out_file), items, key, form.name, parts_of, extra={EXPORT_KEY: "1", "lowvram.class": model_class.__name__})
+    for shard in shards:
+        shard.close()
+    return out
+
+
+def _load_exported(
+    model_class: type, library: str, shard: SafetensorsFile, config_dir: Path, config: VramConfig,
+    module_map: Mapping[Any, Any] | None, budget: MemoryPool, name: str | None, onload: bool, prefetch: bool | None,
+) -> nn.Module:
+    """`load_model` of a file `export_component` wrote: the stored form is taken as it is where
+    the offload place keeps it (streamed from the file on "disk"), converted otherwise."""
+    stored_file = open_exported(shard)
+    comp_dtype = config.computation_dtype
+    offload_place = config.place("offload")
+    model = build_empty(model_class, config_dir, comp_dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {n: b for n, b in model.state_dict(keep_vars=True).items() if n not in params}
+    if library == "transformers" and hasattr(model, "tie_weights"):
+        try:
+            model.tie_weights(missing_keys={n for n in params if n not in stored_file.items}, recompute_mapping=False)
+        except TypeError:  # older signature
+            model.tie_weights()
+        params = dict(model.named_parameters(remove_duplicate=False))
+    groups: dict[int, list[str]] = defaultdict(list)
+    for n, p in params.items():
+        groups[id(p)].append(n)
+    missing = [ns[0] for ns in groups.values() if not any(n in stored_file.items for n in ns)]
+    unexpected = [n for n in stored_file.items if n not in params and n not in buffers]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{shard.path} was not exported from a {model_class.__name__} of this config.json: "
+            f"missing {_listing(sorted(missing), 6) or 'nothing'}; unexpected {_listing(sorted(unexpected), 6) or 'nothing'}"
+        )
+    managed_ids = {id(p) for _, module, _ in _plan_wrappers(model, module_map) for p in module._parameters.values() if p is not None}
+    masters: dict[int, StoredTensor | None] = {}
+    new = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+    for n, item in stored_file.items.items():
+        if n in buffers:
+            old = buffers[n]
+            value = stored_file.read_stored(n, new).tensor  # type: ignore[attr-defined]
+            _set_tensor(model, n, value.to(old.dtype) if old.is_floating_point() and value.is_floating_point() else value)
+            continue
+        p = params[n]
+        if id(p) in masters:
+            continue
+        if id(p) not in managed_ids:
+            value = stored_file.read_stored(n, new).tensor  # type: ignore[attr-defined]
+            _set_tensor(model, n, nn.Parameter(value, requires_grad=False) if value.is_floating_point() else value)
+            masters[id(p)] = None
+        elif offload_place.on_disk:
+            masters[id(p)] = stored_file.disk_master(n)
+        else:
+            stored = stored_file.read_stored(n, new)
+            wanted = storage_dtype_for(torch.bfloat16, item.entry.shape, offload_place.dtype, comp_dtype)
+            keep = (wanted == item.target) and _on_cpu(offload_place)
+            masters[id(p)] = stored if keep else stored.to_place(offload_place, comp_dtype)
+
+    def master_factory(full_name: str, param: torch.Tensor) -> StoredTensor:
+        stored = masters.get(id(param))
+        if stored is None:
+            raise CheckpointError(f"{full_name}: no tensor was loaded for this parameter")
+        return stored
+
+    enable_vram_management(model, module_map, config, budget=budget, name=name, onload=onload, master_factory=master_factory)
+    masters.clear()
+    if prefetch is None:
+        prefetch = auto_prefetch(config)
+    if prefetch and config.uses_disk:
+        runtime = runtime_of(model)
+        if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
+            runtime.prefetcher = DiskPrefetcher(runtime)
+    model._vram_checkpoint = [shard.path]  # type: ignore[attr-defined]
+    model._vram_form_cache = None  # type: ignore[attr-defined]
+    return model
 
 
 def _clear_failed_frames(exc: BaseException) -> None:

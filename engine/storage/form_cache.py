@@ -229,7 +229,7 @@ def cache_path(folder: Path, component: str, form: str, key: str) -> Path:
 
 
 # --- the header ---------------------------------------------------------------------------------
-def _header(items: Sequence[CacheItem], key: str, form: str, crcs: dict[str, int] | None) -> tuple[bytes, int]:
+def _header(items: Sequence[CacheItem], key: str, form: str, crcs: dict[str, int] | None, extra: dict[str, str] | None = None) -> tuple[bytes, int]:
     """The serialized header (padded to 8 bytes, as the safetensors writer does) and the data size."""
     tensors, layout, at = {}, {}, 0
     for item in items:
@@ -240,13 +240,13 @@ def _header(items: Sequence[CacheItem], key: str, form: str, crcs: dict[str, int
         else:
             tensors[item.name] = {"dtype": "U8", "shape": [n], "data_offsets": [at, at + n]}
         layout[item.name] = {
-            "target": _dtype_name(item.target),
+            "target": f"form:{item.target}" if isinstance(item.target, str) else _dtype_name(item.target),
             "shape": list(item.entry.shape),
             "parts": [[list(s), _dtype_name(d), o] for (s, d), o in zip(item.layout, item.part_offsets())],
             "crc": (crcs or {}).get(item.name, 0),
         }
         at += n
-    meta = {"lowvram.format": str(FORMAT_VERSION), "lowvram.key": key, "lowvram.form": form, "lowvram.layout": json.dumps(layout)}
+    meta = {"lowvram.format": str(FORMAT_VERSION), "lowvram.key": key, "lowvram.form": form, "lowvram.layout": json.dumps(layout), **(extra or {})}
     raw = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return raw, at
@@ -268,16 +268,19 @@ class CacheUnavailable(OSError):
     """The cache folder cannot take the file (read-only, full, ...): the run goes on without."""
 
 
-def write_cache(path: Path, items: Sequence[CacheItem], key: str, form: str, parts_of: Callable[[CacheItem], Sequence[torch.Tensor]]) -> Path:
+def write_cache(
+    path: Path, items: Sequence[CacheItem], key: str, form: str, parts_of: Callable[[CacheItem], Sequence[torch.Tensor]],
+    extra: dict[str, str] | None = None,
+) -> Path:
     """Write the cache file at `path`, tensor by tensor: `parts_of(item)` gives the stored parts
     (CPU tensors laid out as `item.layout`; the loader's own stored tensors, or a tensor just
     quantized and dropped after it is written). Checks the free space first; writes a temporary
     file, fsyncs and renames it. Raises CacheUnavailable (with the reason) when it cannot."""
     path = Path(path)
-    header, data = _header(items, key, form, None)
+    header, data = _header(items, key, form, None, extra)
     # the CRCs are known only once the data is written: the header is rewritten in place at the
     # end with the same length (CRCs are zero-padded to 10 digits below)
-    total = 8 + len(_header(items, key, form, {i.name: 4294967295 for i in items})[0]) + data
+    total = 8 + len(_header(items, key, form, {i.name: 4294967295 for i in items}, extra)[0]) + data
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(path.parent).free
@@ -311,7 +314,7 @@ def write_cache(path: Path, items: Sequence[CacheItem], key: str, form: str, par
                     at = offset + len(mv)
                 crcs[item.name] = _sample_crc(lambda s, n, v=views: _segment_bytes(v, s, n), item.nbytes)
                 del parts, views
-            header = _header(items, key, form, {k: v for k, v in crcs.items()})[0]
+            header = _header(items, key, form, crcs, extra)[0]
             header += b" " * (total - data - 8 - len(header))
             f.seek(0)
             f.write(len(header).to_bytes(8, "little") + header)
@@ -525,3 +528,38 @@ def _form_name(target: torch.dtype | str) -> str:
 
     form = find_form(target)
     return form.name if form is not None else _dtype_name(target)
+
+
+# --- an exported model (tools/quantize.py) --------------------------------------------------------
+EXPORT_KEY = "lowvram.export"
+
+
+def is_exported(shard: SafetensorsFile) -> bool:
+    """Is this .safetensors file a stored-form file that is a model of its own (every tensor of
+    the component, named as the model's parameters and buffers)?"""
+    return shard.metadata.get(EXPORT_KEY) == "1"
+
+
+def open_exported(shard: SafetensorsFile) -> CacheFile:
+    """The tensors of an exported stored-form file, checked like a cache file (format version,
+    layout, exact size, sampled CRCs). CheckpointError says what is wrong."""
+    meta = shard.metadata
+    if meta.get("lowvram.format") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{shard.path}: a stored-form file of format {meta.get('lowvram.format')!r}; this version reads format "
+            f"{FORMAT_VERSION} (export the model again with python -m tools.quantize)"
+        )
+    try:
+        layout = json.loads(meta["lowvram.layout"])
+        items = []
+        for name, info in layout.items():
+            target = info["target"][5:] if info["target"].startswith("form:") else _TORCH_DTYPES[info["target"]]
+            parts = tuple((tuple(s), _TORCH_DTYPES[d]) for s, d, _ in info["parts"])
+            logical = TensorEntry(shard, name, torch.bfloat16, tuple(info["shape"]), 0, 0)
+            items.append(CacheItem(name, logical, target, parts))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{shard.path}: unreadable stored-form layout ({e!r})") from None
+    problem = _check(shard, meta.get("lowvram.key", ""), items)
+    if problem is not None:
+        raise CheckpointError(f"{shard.path}: damaged stored-form file ({problem}); download or export it again")
+    return CacheFile(shard, {i.name: i for i in items})
