@@ -390,3 +390,33 @@ def test_a_damaged_export_is_refused_with_what_to_do(checkpoint, tmp_path):
     _corrupt_first_tensor(path)
     with pytest.raises(CheckpointError, match="export it again"):
         load_model(cls, out / "transformer", vram_config=ram("int8"))
+
+
+@pytest.mark.parametrize("form", ["fp8", "nf4"])
+def test_staged_disk_offload_streams_the_cached_form_bitwise(tmp_path, form):
+    """The transfer scheduler's path (GPU logic on the recording backend): the stager reads each
+    cached stored tensor into the staging buffers as it is, and the layer rebuilds it from the
+    slot view, bitwise the RAM form."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from engine.transfer.pinned import PinnedBudget
+    from tests.test_disk_staging import forward
+    from tests.test_scheduler import PinningBackend
+
+    model, inputs = tiny_model("QwenImageTransformer2DModel", torch.bfloat16)
+    directory = save_sharded(model, tmp_path / "qwen")
+    cache = tmp_path / "cache"
+    reference = run_model(_load(QwenImageTransformer2DModel, directory, ram(form), False), inputs)
+    loaded = _load(QwenImageTransformer2DModel, directory, DISK, cache, disk_form=form)
+    runtime = runtime_of(loaded)
+    runtime.use_scheduler(PinningBackend(), PinnedBudget(limit_bytes=1024**3))
+    assert torch.equal(run_model(loaded, inputs), reference)  # traces the order
+    stager = runtime.scheduler.stager
+    staged = []
+    for _ in range(3):
+        assert torch.equal(forward(loaded, inputs), reference)
+        staged.append(stager.read_bytes)
+    per_forward = sum(g.disk_bytes for g in runtime.scheduler.groups)
+    assert [b - a for a, b in zip(staged, staged[1:])] == [per_forward] * 2
+    cached = sum(s.nbytes for s in _masters(loaded).values() if isinstance(s, CachedDiskStored))
+    assert cached and per_forward == sum(s.nbytes for s in _masters(loaded).values())
