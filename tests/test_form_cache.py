@@ -197,11 +197,13 @@ def test_damaged_cache_is_rebuilt_never_used(checkpoint, damage, monkeypatch, ca
     elif damage == "garbage":
         path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     else:  # a write cut short leaves a temporary file, never the cache file
-        path.rename(path.with_name(path.name + ".tmp-1-1"))
-        path.with_name(path.name + ".tmp-1-1").write_bytes(good[: len(good) // 2])
+        path.rename(path.with_name(path.name + ".tmp-99999999-1"))
+        path.with_name(path.name + ".tmp-99999999-1").write_bytes(good[: len(good) // 2])
     counted = _read_counter(monkeypatch)
     with caplog.at_level("WARNING"):
         model = _load(cls, directory, ram("nf4"), cache)
+    # the temporary file of a write whose process is gone is removed
+    assert not list(path.parent.glob("*.tmp-*"))
     if damage != "partial":
         assert "not usable" in caplog.text
     assert torch.equal(run_model(model, inputs), reference)

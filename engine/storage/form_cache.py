@@ -291,6 +291,7 @@ def write_cache(
             f"{path.parent} has {free / 2**30:.2f} GiB free; the cache file needs {total / 2**30:.2f} GiB "
             f"(+{FREE_MARGIN_BYTES / 2**20:.0f} MiB margin)"
         )
+    _remove_orphans(path.parent)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     crcs: dict[str, int] = {}
     try:
@@ -340,6 +341,18 @@ def _segment_bytes(segments: Sequence[bytes | memoryview], start: int, n: int) -
             out.append(bytes(memoryview(seg)[lo - at : hi - at]))
         at += length
     return b"".join(out)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Temporary files of writes whose process is gone (a run stopped mid-write)."""
+    for f in folder.glob("*.tmp-*"):
+        try:
+            pid = int(f.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            _remove(f)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
 
 
 def _remove(path: Path) -> None:
