@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check this machine (GPU, kernels, VRAM, pinnable RAM, link and disk speed, a short streamed run) "
                         "and print the settings it recommends, then exit")
     p.add_argument("--json", action="store_true", help="with --doctor: print the report as JSON (to attach to a bug report)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the stored form of quantized models (FP8/int8/NF4, bf16 of F32 checkpoints) is cached, "
+                        "one folder per model (default: .lowvram-cache next to each model's folder, or $LOWVRAM_CACHE_DIR)")
     return p
 
 
@@ -155,6 +158,10 @@ def main(argv: Sequence[str] | None = None, studio_factory: Callable[..., Any] |
         from engine.transfer.pinned import PINNED_RAM_ENV
 
         os.environ[PINNED_RAM_ENV] = str(args.pinned_ram_gb)
+    if args.cache_dir is not None:  # read by engine.storage.form_cache at every load
+        from engine.storage.form_cache import CACHE_DIR_ENV
+
+        os.environ[CACHE_DIR_ENV] = str(args.cache_dir.expanduser().resolve())
     args.model_dir.mkdir(parents=True, exist_ok=True)
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"source": args.source}

@@ -204,7 +204,7 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
         "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights", "image", "strength",
     ]
     # the page's internal events stay private
-    assert sorted(info["named_endpoints"]) == ["/generate", "/generate_stream", "/suggest"]
+    assert sorted(info["named_endpoints"]) == ["/free_disk_space", "/generate", "/generate_stream", "/suggest"]
     stream = info["named_endpoints"]["/generate_stream"]
     assert [p["parameter_name"] for p in stream["parameters"]] == [p["parameter_name"] for p in endpoint["parameters"]]
     suggest = info["named_endpoints"]["/suggest"]

@@ -389,7 +389,8 @@ def check_replica(model_id: str, root: Path) -> dict[str, Any]:
             report[name] = check_gguf_denoiser(model_id, root, classes[name], config)
             report[name]["load_s"] = round(time.perf_counter() - t0, 1)
             continue
-        model = load_model(classes[name], checkpoint_files(root / name, variant), vram_config=config, onload=False)
+        # cache_dir=False: disk offload of an F32 checkpoint would build its bf16 stored form first
+        model = load_model(classes[name], checkpoint_files(root / name, variant), vram_config=config, onload=False, cache_dir=False)
         n = sum(p.numel() for p in model.parameters())  # placeholders: shapes only
         files = [f for f in (root / name).glob("*.safetensors") if (variant is None or f".{variant}." in f.name)]
         floats = 0
@@ -437,7 +438,7 @@ def check_gguf_denoiser(model_id: str, root: Path, model_class: type, vram_confi
     others = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".gguf", ".bin") and f != path)
     if others:
         raise AssertionError(f"{model_id}/{name}: weights beside {entry.gguf.file}: {others}")
-    model = load_model(model_class, folder, vram_config=vram_config, onload=False)  # raises on missing/unexpected/mis-shaped
+    model = load_model(model_class, folder, vram_config=vram_config, onload=False, cache_dir=False)  # raises on missing/unexpected/mis-shaped
     masters = [s for layer in runtime_of(model).layers for s in layer.masters.values()]
     in_file = [s for s in masters if isinstance(s, DiskStored)]
     if not any(isinstance(s, GgufDiskStored) for s in in_file) or any(s.entry.file.path != path for s in in_file):

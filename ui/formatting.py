@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from engine.generation.types import (
     LAYER_STATES,
@@ -42,8 +42,9 @@ def lora_choices(choices) -> list[tuple[str, str]]:
     return [(f"{c.id} · {c.family or 'family unknown'} · {mib(c.size_bytes)}", c.id) for c in choices]
 
 
-def model_label(choice: ModelChoice) -> str:
-    """Dropdown label: name, size and whether the weights are on disk."""
+def model_label(choice: ModelChoice, cached: Sequence[Any] = ()) -> str:
+    """Dropdown label: name, size, whether the weights are on disk, and the stored forms kept
+    in the cache (engine.storage.form_cache.CachedForm: form and bytes) with their size."""
     if choice.is_demo:
         where = "built in"
     elif choice.downloaded:
@@ -51,12 +52,22 @@ def model_label(choice: ModelChoice) -> str:
     else:
         where = "not downloaded: downloads on first use"
     size = f"{choice.size_gb:.1f} GB" if choice.size_gb >= 0.1 else f"{choice.size_gb * 1000:.1f} MB"
-    return f"{choice.name} · {size} · {where}"
+    return f"{choice.name} · {size} · {where}" + cached_label(cached)
 
 
-def model_choices(models: Sequence[ModelChoice]) -> list[tuple[str, str]]:
-    """(label, id) pairs for gr.Dropdown."""
-    return [(model_label(m), m.id) for m in models]
+def cached_label(cached: Sequence[Any]) -> str:
+    """" · cached: FP8 6.2 GB, NF4 3.4 GB" (decimal GB, every component of a form together)."""
+    sizes: dict[str, int] = {}
+    for c in cached:
+        sizes[c.form] = sizes.get(c.form, 0) + c.nbytes
+    if not sizes:
+        return ""
+    return " · cached: " + ", ".join(f"{form.upper() if form != 'bf16' else form} {n / 1e9:.1f} GB" for form, n in sizes.items())
+
+
+def model_choices(models: Sequence[ModelChoice], cached: Mapping[str, Sequence[Any]] | None = None) -> list[tuple[str, str]]:
+    """(label, id) pairs for gr.Dropdown (`cached`: each model's cached stored forms)."""
+    return [(model_label(m, (cached or {}).get(m.id, ())), m.id) for m in models]
 
 
 def quantize_info(forms: Iterable[Any]) -> str:

@@ -136,9 +136,33 @@ class Handlers:
                 return choice
         return None
 
+    def model_choices(self) -> list[tuple[str, str]]:
+        """The dropdown's (label, id) pairs, with each downloaded model's cached stored forms."""
+        models = self.models()
+        cached = {}
+        for m in models:
+            if m.downloaded and not m.is_demo:
+                try:
+                    cached[m.id] = self.studio.cached_forms(m.id)
+                except Exception:  # the picker must never break the page
+                    cached[m.id] = []
+        return formatting.model_choices(models, cached)
+
     def refresh_models(self, current: str | None):
         """Dropdown choices again (a download changes 'not downloaded' to 'downloaded')."""
-        return gr.update(choices=formatting.model_choices(self.models()), value=current)
+        return gr.update(choices=self.model_choices(), value=current)
+
+    def free_disk_space(self, model_id: str | None):
+        """Remove the chosen model's cached stored forms (FP8/int8/NF4, bf16 of F32 weights); the
+        next load in such a form quantizes once again. The checkpoint itself stays."""
+        if not model_id:
+            raise gr.Error("Choose a model first.")
+        try:
+            freed = self.studio.free_cache(model_id)
+        except UserFacingError as exc:
+            raise gr.Error(str(exc)) from None
+        gr.Info(f"Freed {freed / 1e9:.2f} GB of cached stored forms of {model_id}." if freed else f"{model_id} has no cached stored forms.")
+        return gr.update(choices=self.model_choices(), value=model_id)
 
     def on_model_change(self, model_id: str | None, previous: str | None):
         """Put the model's defaults and limits into width, height, steps and guidance.

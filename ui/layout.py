@@ -97,11 +97,13 @@ def build_demo(studio: Any) -> gr.Blocks:
             # ---------------------------------------------------------------- controls
             with gr.Column(scale=5, min_width=340):
                 model = gr.Dropdown(
-                    choices=formatting.model_choices(models),
+                    choices=h.model_choices(),
                     value=current.id if current else None,
                     label="Model",
-                    info="Name · size (bf16) · on disk or not",
+                    info="Name · size (bf16) · on disk or not · stored forms cached (a second load in that form is fast)",
                 )
+                # removes the chosen model's cached FP8/int8/NF4 forms (the next such load quantizes again)
+                free_cache_btn = gr.Button("Free disk space", size="sm", elem_id="free-cache")
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dawn, oil painting")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
                 with gr.Accordion("Input images", open=True, elem_id="input-accordion"):
@@ -366,6 +368,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         # measures the GPU too: waits its turn behind a generation
         check_btn.click(h.system_check, None, check_report, concurrency_limit=1, concurrency_id=GPU_QUEUE, **private)
 
+        free_cache_btn.click(h.free_disk_space, model, model, queue=False, api_name="free_disk_space")
         # a fresh model list on every page load, and in every tab after any download
         demo.load(h.refresh_models, model, model, queue=False, show_progress="hidden", **private)
         demo.unload(h.tab_closed)

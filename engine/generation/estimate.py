@@ -113,6 +113,20 @@ def _gguf_bytes_per_tensor(model: torch.nn.Module, file_bytes: int) -> dict[str,
     return {n: int(numel * per_value) for n, numel in matrices.items()}
 
 
+def _cached_form_bytes(model: torch.nn.Module, form: str, comp_dtype: torch.dtype) -> dict[str, int]:
+    """Disk offload in a quantized form streams the stored-form cache (engine.storage.form_cache):
+    each weight matrix is read as its bytes in the form, scales included (the vectors as bf16)."""
+    from engine.config import form_value
+    from engine.storage.stored import layout_nbytes, stored_layout
+
+    value = form_value(get_form(form))
+    return {
+        n: layout_nbytes(stored_layout(tuple(p.shape), comp_dtype, value, comp_dtype))
+        for n, p in model.named_parameters()
+        if p.ndim >= 2 and p.is_floating_point() and all(p.shape)
+    }
+
+
 def model_cost(
     model: torch.nn.Module, storage: str, disk: bool, device: str = "cpu", gguf_bytes: int | None = None
 ) -> ComponentCost:
@@ -138,9 +152,12 @@ def model_cost(
     place = config.place("offload")
     from_file = gguf_bytes is not None and get_form(name).from_file
     blocks = _gguf_bytes_per_tensor(model, gguf_bytes) if from_file else {}
+    if disk and get_form(name).quantized and not get_form(name).from_file:
+        blocks = _cached_form_bytes(model, name, config.computation_dtype)
+    encoded_form = name
     model = enable_vram_management(
         model, vram_config=config, budget=MemoryPool(), onload=False, scheduler=False,
-        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, (name, blocks[n]) if n in blocks else None),
+        master_factory=lambda n, p: _meta_master(p, config.computation_dtype, (encoded_form, blocks[n]) if n in blocks else None),
     )
     runtime = runtime_of(model)
     order = runtime.planning_order()

@@ -33,6 +33,8 @@ from engine.generation.settings import computation_device, measured_auto_limit_g
 from engine.generation.types import GenerationEvent, TelemetrySnapshot, UserFacingError
 from engine.config import normalize_device, storage_name
 from engine.runtime import cuda_facts
+from engine.storage.form_cache import cache_enabled, list_cached
+from engine.storage.forms import get_form
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Session:
         self._key: tuple[Any, ...] | None = None
         self._storage = ""
         self._compute_dtype = ""
+        self.model_path: Path | None = None  # the folder the live pipeline was loaded from
         self.last_step = StepStats()  # the last denoising step's streaming counters (the runner sets it)
         self.builds = 0  # pipelines built so far (tests: rebuild vs re-plan)
         self.device = normalize_device(device) if device is not None else None
@@ -208,6 +211,7 @@ class Session:
         """Drop the live pipeline (frees its memory)."""
         with self._lock:
             pipe, self._pipeline, self._key = self._pipeline, None, None
+            self.model_path = None
         self.auto_limit_gb = None
         if pipe is not None:
             try:
@@ -239,7 +243,11 @@ class Session:
         except Exception:  # pragma: no cover - a registry without load_options
             variant = None
         try:
-            pipe = build_pipeline(path, r.settings.vram_config, limit, variant=variant)
+            stored = {"stored_form": r.settings.storage} if r.settings.disk_offload else {}
+            note = first_load_note(path, r.settings.storage)
+            if note:
+                emit(GenerationEvent("loading", message=f"Loading {r.entry.name}: {note}", telemetry=self.telemetry()))
+            pipe = build_pipeline(path, r.settings.vram_config, limit, variant=variant, **stored)
         except UserFacingError:
             raise
         except MemoryError as exc:
@@ -250,6 +258,7 @@ class Session:
             self._pipeline, self._key, self._storage = pipe, r.build_key, r.settings.storage_name
             self._compute_dtype = storage_name(r.settings.vram_config.computation_dtype)
             self.auto_limit_gb, self._auto_checked = auto, False
+            self.model_path = Path(path)
         self.builds += 1
         return pipe
 
@@ -328,3 +337,12 @@ def _pinned_now(gpu: bool) -> dict[str, Any]:
     from engine.transfer.pinned import PROCESS_PINNED_BUDGET
 
     return {"pinned_bytes": PROCESS_PINNED_BUDGET.used, "pinned_limit_bytes": PROCESS_PINNED_BUDGET.planned_limit_bytes()}
+def first_load_note(path: Path, storage: str) -> str:
+    """What the page says while a model loads in a quantized form that is not cached yet
+    (engine.storage.form_cache): "quantizing to FP8 (once), then cached"; "" otherwise."""
+    form = get_form(storage)
+    if not form.quantized or form.from_file or not cache_enabled():
+        return ""
+    if any(c.form == form.name for c in list_cached(path)):
+        return ""
+    return f"quantizing to {form.title} (once), then cached"

@@ -43,6 +43,7 @@ from engine.generation.runner import Runner, remove_partial_outputs
 from engine.generation.session import Session
 from engine.generation.settings import detect_hardware
 from engine.generation.suggest import StepWork
+from engine.storage.form_cache import CachedForm, list_cached, remove_cached
 from engine.generation.types import (
     GenerateRequest,
     GenerationEvent,
@@ -53,6 +54,7 @@ from engine.generation.types import (
     ModelChoice,
     SuggestedSettings,
     TelemetrySnapshot,
+    UserFacingError,
 )
 
 # moved to the parts; importable from here as before
@@ -199,3 +201,29 @@ class Studio:
     def unload(self) -> None:
         """Drop the live pipeline (frees its memory)."""
         self.session.unload()
+
+    # --- the stored-form cache (engine.storage.form_cache) -----------------------------------------
+    def cached_forms(self, model_id: str) -> list[CachedForm]:
+        """The stored forms of a downloaded model kept in the cache (form, component, bytes)."""
+        path = self._local_path(model_id)
+        return list_cached(path) if path is not None else []
+
+    def free_cache(self, model_id: str) -> int:
+        """Remove every cached stored form of a model (its checkpoint stays); returns the bytes
+        freed. A pipeline loaded from that model is unloaded first (it may stream from them)."""
+        path = self._local_path(model_id)
+        if path is None:
+            return 0
+        if self.session.model_path is not None and Path(self.session.model_path).resolve() == Path(path).resolve():
+            self.unload()
+        try:
+            return remove_cached(path)
+        except OSError as exc:
+            raise UserFacingError(f"Could not remove the cached forms of {model_id}: {exc}") from exc
+
+    def _local_path(self, model_id: str) -> Path | None:
+        try:
+            path = self.registry.local_path(model_id, self.models_dir)
+        except Exception:  # an unknown id: nothing cached
+            return None
+        return Path(path) if path is not None else None

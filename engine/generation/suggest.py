@@ -22,10 +22,10 @@ measurements of this host, and only their ratios matter for the ranking):
     compute   = 2 * denoiser parameters * tokens * batch / FLOPS     (GPU or CPU figure)
     link      = streamed bytes per step / host-to-device bandwidth    (pinned part at PCIe speed,
                 the part beyond the pinned-RAM budget through the staging buffers, slower)
-    disk      = bytes read from the files per step / disk read rate   (disk offload only; the
-                .safetensors masters are bf16, so with FP8 / int8 / NF4 the bytes read are the
-                streamed bytes / the form's size factor; a GGUF file is read as its blocks, so
-                the bytes read are the streamed bytes)
+    disk      = bytes read from the files per step / disk read rate   (disk offload only; it
+                streams the stored form, from the stored-form cache for FP8 / int8 / NF4 and for
+                bf16 of an F32 checkpoint (engine.storage.form_cache), from a GGUF file its
+                blocks: the bytes read are the streamed bytes)
     dequant   = stored bytes of the denoiser * the form's dequant_traffic / memory bandwidth
                 (the form -> bf16 each forward; bf16: none)
     seconds per step = max(compute, link, disk) + dequant
@@ -176,7 +176,7 @@ def step_seconds(est: MemoryEstimate, machine: Machine, candidate: Candidate, wo
         link = streamed * (pinned / H2D_PINNED_BPS + (1 - pinned) / H2D_STAGED_BPS)
     disk = 0.0
     if candidate.disk_offload and streamed:
-        disk = streamed / factor / DISK_READ_BPS  # bf16 files (a GGUF file: its blocks, factor 1)
+        disk = streamed / DISK_READ_BPS  # the stored form is what is read (cache or GGUF blocks)
     dequant = stored * form.dequant_traffic / (GPU_MEM_BPS if gpu else CPU_MEM_BPS)
     return max(compute, link, disk) + dequant
 

@@ -44,8 +44,25 @@ import torch
 from torch import nn
 
 from engine.runtime.pool import MemoryPool
-from engine.config import Place, VramConfig
+from engine.config import Place, VramConfig, form_value, storage_name
 from engine.storage.disk import CheckpointError, DiskStored, SafetensorsFile, TensorEntry
+from engine.storage.form_cache import (
+    BackgroundWrite,
+    CacheFile,
+    CacheItem,
+    CacheUnavailable,
+    cache_dir_for,
+    cache_enabled,
+    cache_key,
+    cache_path,
+    EXPORT_KEY,
+    component_name,
+    is_exported,
+    open_cache,
+    open_exported,
+    write_cache,
+)
+from engine.storage.forms import find_form, get_form
 from engine.storage.gguf import GgufFile, find_gguf
 from engine.storage.gguf_names import check_architecture, map_gguf_keys, original_layout
 from engine.transfer.host_arena import HostArena, layout_bytes, release_free_heap
@@ -443,6 +460,8 @@ def load_model(
     disk_fallback: str = "error",
     prefetch: bool | None = None,
     config_dir: str | Path | None = None,
+    cache_dir: str | Path | bool | None = None,
+    disk_form: str | None = None,
 ) -> nn.Module:
     """Build `model_class` from `path` (directory with config.json and .safetensors shards, or a
     list of shards, or a .gguf file / a folder holding one) and manage it like
@@ -461,6 +480,13 @@ def load_model(
     the default). Tensors that cannot
     stay in a file (a checkpoint key that transformers must merge/split/reshape at load) raise a
     ValueError naming them, or with `disk_fallback="ram"` are stored in RAM in the computation dtype.
+
+    The stored-form cache (engine.storage.form_cache): a RAM load in FP8/int8/NF4, or in bf16 from
+    an F32 checkpoint, reads the stored form from the cache file when there is a valid one, else
+    quantizes and writes it in the background. Disk offload streams the cached form: `disk_form`
+    (a form's name; default: the preparing dtype when it is a form, else the computation dtype)
+    is what the masters are stored as in the file, built once before the first step. `cache_dir`:
+    the cache root (None: $LOWVRAM_CACHE_DIR, else next to the model's folder); False: no cache.
     """
     if disk_fallback not in ("ram", "error"):
         raise ValueError(f"disk_fallback={disk_fallback!r}: use \"error\" (default) or \"ram\"")
@@ -471,6 +497,10 @@ def load_model(
         budget = MemoryPool(limit_gb=vram_limit)  # the pool checks the limit, before anything is read
     library = _library_of(model_class)
     weights_dir, shards, index = resolve_checkpoint(path)
+    if len(shards) == 1 and is_exported(shards[0]):  # a model exported by tools/quantize.py
+        return _load_exported(
+            model_class, library, shards[0], Path(config_dir or weights_dir), config, module_map, budget, name, onload, prefetch
+        )
     is_gguf = any(isinstance(s, GgufFile) for s in shards)
     if config_dir is None:
         if is_gguf and not (weights_dir / "config.json").is_file():
@@ -567,6 +597,8 @@ def load_model(
 
         # --- 4. stream, shard by shard in file order
         to_read: list[tuple[int, TensorEntry]] = []  # managed parameters whose masters live in RAM
+        names: dict[int, str] = {}  # their names (the stored-form cache's tensors)
+        on_disk: list[tuple[int, str, TensorEntry]] = []  # managed parameters left in a .safetensors file
         for n, entry in _by_file_order(plan.direct.items()):
             if n in buffers:
                 old = buffers[n]
@@ -584,15 +616,37 @@ def load_model(
             if offload_place.on_disk:
                 blocks = _blocks_codec(entry)
                 masters[id(p)] = blocks.disk_master(entry) if blocks is not None else DiskStored(entry)
+                if blocks is None:
+                    on_disk.append((id(p), n, entry))
             else:
                 masters[id(p)] = None  # type: ignore[assignment]  # read below, into the arena
                 to_read.append((id(p), entry))
+                names[id(p)] = n
+        cache = None if not cache_enabled(cache_dir) or is_gguf else _CachePlan.make(
+            shards, weights_dir, cache_dir, comp_dtype,
+            *((_disk_form(config, disk_form), [(n, e) for _, n, e in on_disk]) if offload_place.on_disk
+              else (offload_place.dtype, [(names[k], e) for k, e in to_read] if _on_cpu(offload_place) else [])),
+        )
+        if cache is not None and offload_place.on_disk:
+            cached = cache.disk_masters()
+            for key, n, _entry in on_disk:
+                if n in cached:
+                    masters[key] = cached[n]
         arena = None
         if to_read and _on_cpu(offload_place):
             arena = HostArena(layout_bytes([part for _, e in to_read for part in storage_layout(e, offload_place, comp_dtype)]))
         workspace = _QuantWorkspace()
+        cached_file = cache.open() if cache is not None and not offload_place.on_disk else None
+        if cache is not None and cached_file is None and not offload_place.on_disk:
+            log.warning("%s: %s", cache.component, cache.first_time_note())
         for key, entry in to_read:
-            masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
+            if cached_file is not None and names[key] in cached_file.items:
+                new = arena.take if arena is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+                masters[key] = cached_file.read_stored(names[key], new)  # as stored: no quantization
+            else:
+                masters[key] = read_stored(entry, offload_place, comp_dtype, workspace, arena)
+        if cached_file is not None:
+            cached_file.close()
         for target, parts in joined.items():  # row ranges in another order than the file's
             # on "disk" these few tensors are kept in RAM, as GGUF blocks where they are blocks
             kept = Place(torch.device("cpu"), parts[0].form or comp_dtype)
@@ -621,6 +675,9 @@ def load_model(
 
         del workspace
         release_free_heap()
+        written_parts = {}
+        if cache is not None and not offload_place.on_disk and cached_file is None:
+            written_parts = {k: masters[k].parts() for k, _ in to_read if names[k] in cache.names}
 
         def master_factory(full_name: str, param: torch.Tensor) -> StoredTensor:
             stored = masters.get(id(param))
@@ -646,6 +703,13 @@ def load_model(
             if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
                 runtime.prefetcher = DiskPrefetcher(runtime)
         model._vram_checkpoint = [s.path for s in shards]  # type: ignore[attr-defined]
+        model._vram_form_cache = None  # type: ignore[attr-defined]
+        if cache is not None and not offload_place.on_disk and cached_file is None:
+            # written from the masters themselves (no copy), while the model runs
+            parts = {names[k]: [t for _, t in stored_parts] for k, stored_parts in written_parts.items()}
+            model._vram_form_cache = cache.write_in_background(parts)  # type: ignore[attr-defined]
+        elif cache is not None:
+            model._vram_form_cache = cache  # type: ignore[attr-defined]
         return model
     except BaseException as exc:
         # Nothing half-loaded survives: drop every master read so far, the model itself and the
@@ -658,6 +722,224 @@ def load_model(
         gc.collect()
         release_free_heap()
         raise
+
+
+def _disk_form(config: VramConfig, disk_form: str | None) -> torch.dtype | str:
+    """The place dtype disk-offloaded masters are stored in: `disk_form` (a form's name), else the
+    preparing dtype when it is a form (a GPU run stores its resident copies in it), else the
+    computation dtype (an F32 checkpoint then streams bf16)."""
+    if disk_form is not None:
+        form = get_form(disk_form)
+        if form.from_file:
+            return config.computation_dtype
+        return form_value(form) if form.quantized else config.computation_dtype
+    if config.place("preparing").is_quantized:
+        return config.preparing_dtype
+    return config.computation_dtype
+
+
+class _CachePlan:
+    """The stored-form cache of one load: which tensors, the file's key and path."""
+
+    def __init__(self, shards, folder: Path, component: str, form: str, place_dtype, comp_dtype, items: list[CacheItem]):
+        self.shards = shards
+        self.component = component
+        self.form = form
+        self.place_dtype = place_dtype
+        self.comp_dtype = comp_dtype
+        self.items = items
+        self.names = {i.name for i in items}
+        self.key = cache_key(shards, form, place_dtype, comp_dtype, items)
+        self.path = cache_path(folder, component, form, self.key)
+        self.writer: BackgroundWrite | None = None
+        self.note: str | None = None  # why there is no cache (read-only folder, full disk)
+
+    @classmethod
+    def make(cls, shards, weights_dir: Path, cache_dir, comp_dtype: torch.dtype, place_dtype, named: list[tuple[str, TensorEntry]]) -> "_CachePlan | None":
+        """The plan when some tensors take another form than the file's (quantized, or cast from
+        a wider dtype), else None."""
+        items = []
+        place = Place(torch.device("cpu"), place_dtype)
+        for name, entry in named:
+            if not entry.dtype.is_floating_point or entry.form is not None:
+                continue
+            target = storage_dtype_for(entry.dtype, entry.shape, place_dtype, comp_dtype)
+            if target == entry.dtype:
+                continue
+            layout = tuple((tuple(shape), dtype) for shape, dtype in storage_layout(entry, place, comp_dtype))
+            items.append(CacheItem(name, entry, target, layout))
+        if not items:
+            return None
+        form = find_form(place_dtype)
+        form_name = form.name if form is not None else storage_name(place_dtype)
+        try:
+            folder = cache_dir_for(weights_dir, cache_dir if isinstance(cache_dir, (str, Path)) else None)
+            return cls(shards, folder, component_name(weights_dir), form_name, place_dtype, comp_dtype, items)
+        except OSError as e:
+            log.warning("no stored-form cache for %s (%s); the run goes on", weights_dir, e)
+            return None
+
+    def first_time_note(self) -> str:
+        verb = "quantizing" if find_form(self.place_dtype) is not None and find_form(self.place_dtype).quantized else "converting"
+        return f"{verb} to {self.form} (once), then cached in {self.path.parent}"
+
+    def open(self) -> CacheFile | None:
+        return open_cache(self.path, self.key, self.items)
+
+    def write_in_background(self, parts: dict[str, list[torch.Tensor]]) -> BackgroundWrite:
+        self.writer = BackgroundWrite(self.path, self.items, self.key, self.form, parts)
+        return self.writer
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for a background write (True when none is running)."""
+        return self.writer.join(timeout) if self.writer is not None else True
+
+    def disk_masters(self) -> dict[str, DiskStored]:
+        """Disk offload: the cached masters, the file built first when it is not there (one
+        tensor quantized at a time, written, dropped); {} when it cannot be (noted)."""
+        cached = self.open()
+        if cached is None:
+            log.warning("%s: %s", self.component, self.first_time_note())
+            place = Place(torch.device("cpu"), self.place_dtype)
+            workspace = _QuantWorkspace()
+            try:
+                write_cache(self.path, self.items, self.key, self.form,
+                            lambda item: [t for _, t in read_stored(item.entry, place, self.comp_dtype, workspace).parts()])
+            except CacheUnavailable as e:
+                self.note = str(e)
+                log.warning("the stored form is not cached, disk offload streams the checkpoint's own files: %s", e)
+                return {}
+            finally:
+                del workspace
+                release_free_heap()
+            cached = self.open()
+            if cached is None:
+                return {}
+        return {name: cached.disk_master(name) for name in cached.items}
+
+
+def export_component(
+    model_class: type, path: str | Path, out_file: str | Path, weights: str, computation_dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """Write one component in the storage form `weights` ("fp8", "int8", "nf4", "bf16") as a
+    stored-form file that loads on its own (`load_model` on it needs no original shards): every
+    tensor of the component, named as the model's parameters and buffers, the managed weight
+    matrices in the form (bitwise what a load in that form stores), the rest as a load keeps
+    them. One tensor is quantized, written and dropped at a time."""
+    library = _library_of(model_class)
+    weights_dir, shards, index = resolve_checkpoint(path)
+    if any(isinstance(s, GgufFile) for s in shards):
+        raise CheckpointError(f"{shards[0].path}: a GGUF checkpoint is quantized already; export its base model's .safetensors instead")
+    if len(shards) == 1 and is_exported(shards[0]):
+        raise CheckpointError(f"{shards[0].path}: already an exported stored form; export the original checkpoint")
+    entries = collect_entries(shards, index)
+    model = build_empty(model_class, weights_dir, computation_dtype)
+    plan = map_keys(model, library, entries)
+    if plan.converted:
+        raise CheckpointError(f"{model_class.__name__}: tensors that need a conversion at load cannot be exported ({_listing(sorted(plan.converted), 4)})")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {n for n in model.state_dict(keep_vars=True) if n not in params}
+    managed_ids = {id(p) for _, module, _ in _plan_wrappers(model, None) for p in module._parameters.values() if p is not None}
+    form = get_form(weights)
+    if form.from_file:
+        raise CheckpointError(f"--weights {weights}: a file's own blocks cannot be made; choose one of fp8, int8, nf4, bf16")
+    place = Place(torch.device("cpu"), form_value(form) if form.quantized else computation_dtype)
+    items, seen, managed = [], set(), set()
+    for n, entry in _by_file_order(plan.direct.items()):
+        if n not in buffers:
+            if id(params[n]) in seen:
+                continue
+            seen.add(id(params[n]))
+        if n not in buffers and id(params[n]) in managed_ids:
+            target = storage_dtype_for(entry.dtype, entry.shape, place.dtype, computation_dtype)
+            layout = tuple((tuple(sh), dt) for sh, dt in storage_layout(entry, place, computation_dtype))
+            managed.add(n)
+        else:
+            target, layout = entry.dtype, ((tuple(entry.shape), entry.dtype),)
+        items.append(CacheItem(n, entry, target, layout))
+    workspace = _QuantWorkspace()
+
+    def parts_of(item: CacheItem) -> list[torch.Tensor]:
+        if item.name in managed:
+            return [t for _, t in read_stored(item.entry, place, computation_dtype, workspace).parts()]
+        return [item.entry.file.read(item.entry)]
+
+    key = cache_key(shards, form.name, place.dtype, computation_dtype, items)
+    out = write_cache(Path(out_file), items, key, form.name, parts_of, extra={EXPORT_KEY: "1", "lowvram.class": model_class.__name__})
+    for shard in shards:
+        shard.close()
+    return out
+
+
+def _load_exported(
+    model_class: type, library: str, shard: SafetensorsFile, config_dir: Path, config: VramConfig,
+    module_map: Mapping[Any, Any] | None, budget: MemoryPool, name: str | None, onload: bool, prefetch: bool | None,
+) -> nn.Module:
+    """`load_model` of a file `export_component` wrote: the stored form is taken as it is where
+    the offload place keeps it (streamed from the file on "disk"), converted otherwise."""
+    stored_file = open_exported(shard)
+    comp_dtype = config.computation_dtype
+    offload_place = config.place("offload")
+    model = build_empty(model_class, config_dir, comp_dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {n: b for n, b in model.state_dict(keep_vars=True).items() if n not in params}
+    if library == "transformers" and hasattr(model, "tie_weights"):
+        try:
+            model.tie_weights(missing_keys={n for n in params if n not in stored_file.items}, recompute_mapping=False)
+        except TypeError:  # older signature
+            model.tie_weights()
+        params = dict(model.named_parameters(remove_duplicate=False))
+    groups: dict[int, list[str]] = defaultdict(list)
+    for n, p in params.items():
+        groups[id(p)].append(n)
+    missing = [ns[0] for ns in groups.values() if not any(n in stored_file.items for n in ns)]
+    unexpected = [n for n in stored_file.items if n not in params and n not in buffers]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{shard.path} was not exported from a {model_class.__name__} of this config.json: "
+            f"missing {_listing(sorted(missing), 6) or 'nothing'}; unexpected {_listing(sorted(unexpected), 6) or 'nothing'}"
+        )
+    managed_ids = {id(p) for _, module, _ in _plan_wrappers(model, module_map) for p in module._parameters.values() if p is not None}
+    masters: dict[int, StoredTensor | None] = {}
+    new = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+    for n, item in stored_file.items.items():
+        if n in buffers:
+            old = buffers[n]
+            value = stored_file.read_stored(n, new).tensor  # type: ignore[attr-defined]
+            _set_tensor(model, n, value.to(old.dtype) if old.is_floating_point() and value.is_floating_point() else value)
+            continue
+        p = params[n]
+        if id(p) in masters:
+            continue
+        if id(p) not in managed_ids:
+            value = stored_file.read_stored(n, new).tensor  # type: ignore[attr-defined]
+            _set_tensor(model, n, nn.Parameter(value, requires_grad=False) if value.is_floating_point() else value)
+            masters[id(p)] = None
+        elif offload_place.on_disk:
+            masters[id(p)] = stored_file.disk_master(n)
+        else:
+            stored = stored_file.read_stored(n, new)
+            wanted = storage_dtype_for(torch.bfloat16, item.entry.shape, offload_place.dtype, comp_dtype)
+            keep = (wanted == item.target) and _on_cpu(offload_place)
+            masters[id(p)] = stored if keep else stored.to_place(offload_place, comp_dtype)
+
+    def master_factory(full_name: str, param: torch.Tensor) -> StoredTensor:
+        stored = masters.get(id(param))
+        if stored is None:
+            raise CheckpointError(f"{full_name}: no tensor was loaded for this parameter")
+        return stored
+
+    enable_vram_management(model, module_map, config, budget=budget, name=name, onload=onload, master_factory=master_factory)
+    masters.clear()
+    if prefetch is None:
+        prefetch = auto_prefetch(config)
+    if prefetch and config.uses_disk:
+        runtime = runtime_of(model)
+        if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
+            runtime.prefetcher = DiskPrefetcher(runtime)
+    model._vram_checkpoint = [shard.path]  # type: ignore[attr-defined]
+    model._vram_form_cache = None  # type: ignore[attr-defined]
+    return model
 
 
 def _clear_failed_frames(exc: BaseException) -> None:

@@ -57,6 +57,8 @@ class Fp8Codec(RowScaledCodec):
     """Matrices of any shape take the FP8 dtype (an empty one is cast, it has no rows to scale)."""
 
     stored_class = ScaledFp8Stored
+    #: what the stored bytes depend on besides the weights (the stored-form cache's key)
+    cache_params = {"scale": "per output channel, float32, amax / finfo.max"}
 
     def target(self, shape, ndim, place_dtype, compute_dtype):
         return place_dtype if ndim >= 2 else compute_dtype

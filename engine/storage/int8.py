@@ -60,6 +60,8 @@ class Int8Stored(RowScaledStored):
 class Int8Codec(RowScaledCodec):
     stored_class = Int8Stored
     rounds = True
+    #: what the stored bytes depend on besides the weights (the stored-form cache's key)
+    cache_params = {"qmax": QMAX, "scale": "per output channel, float32"}
 
     def data_dtype(self, target: torch.dtype | str) -> torch.dtype:
         return torch.int8

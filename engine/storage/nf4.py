@@ -162,6 +162,9 @@ _warned_fallbacks: set[tuple[int, ...]] = set()
 class Nf4Codec(Codec):
     """Matrices whose rows split into groups of GROUP; others fall back to int8 (logged once per shape)."""
 
+    #: what the stored bytes depend on besides the weights (the stored-form cache's key)
+    cache_params = {"group": GROUP, "levels": LEVELS, "pairs": "low nibble first"}
+
     def target(self, shape, ndim, place_dtype, compute_dtype):
         target = super().target(shape, ndim, place_dtype, compute_dtype)
         if target == NF4 and shape is not None and row_length(shape) % GROUP:

@@ -126,13 +126,17 @@ def pin_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def load_component(
-    name: str, cls: type, root: Path, config: VramConfig, budget: MemoryPool, variant: str | None = None
+    name: str, cls: type, root: Path, config: VramConfig, budget: MemoryPool, variant: str | None = None,
+    stored_form: str | None = None,
 ) -> nn.Module:
-    """One weighted component, managed under `config` in `budget`, left offloaded."""
+    """One weighted component, managed under `config` in `budget`, left offloaded. With disk
+    offload, `stored_form` (a storage form's name) is the form its masters stream in (from the
+    stored-form cache, engine.storage.form_cache)."""
     folder = Path(root) / name
     loader = engine_loader()
     if loader is not None:
-        model = loader(cls, checkpoint_files(folder, variant), vram_config=config, budget=budget, name=name, onload=False)
+        extra = {"disk_form": stored_form} if stored_form is not None and config.uses_disk else {}
+        model = loader(cls, checkpoint_files(folder, variant), vram_config=config, budget=budget, name=name, onload=False, **extra)
     elif config.uses_disk:
         raise RuntimeError("disk offload needs the engine's streaming loader (engine.load_model), which is not available")
     else:

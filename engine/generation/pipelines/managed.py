@@ -482,9 +482,11 @@ def build_pipeline(
     vram_limit: float | None = None,
     *,
     variant: str | None = None,
+    stored_form: str | None = None,
 ) -> ManagedPipeline:
     """Build the pipeline in the diffusers repo at `path` with every weighted component managed
-    under `vram_config`, all sharing one budget of `vram_limit` GB; everything starts offloaded."""
+    under `vram_config`, all sharing one budget of `vram_limit` GB; everything starts offloaded.
+    `stored_form`: with disk offload, the storage form the weights stream in (load_component)."""
     import diffusers
 
     path = Path(path)
@@ -501,7 +503,7 @@ def build_pipeline(
     for name, cls in classes.items():
         if is_weighted(cls):
             own = component_config(name, family.cpu_conv_probes.get(name), path, config)
-            components[name] = load_component(name, cls, path, own, budget, variant)
+            components[name] = load_component(name, cls, path, own, budget, variant, stored_form)
             if own.computation_dtype != config.computation_dtype:
                 register_hook(components[name], VaeDtypeHook(own.computation_dtype, config.computation_dtype))
             parts[name] = components[name]
