@@ -109,6 +109,7 @@ class VramRuntime:
         # forwards the owner still expects, the running one included (None: unknown); at 1 the
         # scheduler does not prefetch into a next forward that will not come (engine.transfer.scheduler)
         self.forwards_left: int | None = None
+        self.compiled: Any = None  # what engine.compilation.compile_model did (None: eager)
 
     @property
     def budget(self) -> Coordinator:
