@@ -88,8 +88,10 @@ def _own_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     """A block's tensor inputs that are views are given as tensors of their own. Dynamo guards a
     view input through its base once shapes are dynamic, so the first block (fed a view by an
     eager layer) and the others (fed a compiled block's output) would need two graphs per size
-    (measured: 3 graphs for 3 sizes instead of 2). Only views are copied, one activation."""
-    own = lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t  # noqa: E731
+    (measured: 3 graphs for 3 sizes instead of 2), and a slice's strides (Flux's single blocks
+    return slices of their joint sequence) would be guarded too. Only views are copied, with
+    contiguous strides: one activation per block."""
+    own = lambda t: t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) and t._base is not None else t  # noqa: E731
     return tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}
 
 

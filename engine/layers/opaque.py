@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 # weak references to the layers' modules (a ManagedLayer has __slots__ and no weakref slot)
 _LAYERS: dict[int, "weakref.ref[torch.nn.Module]"] = {}
-_KINDS: dict[str, "weakref.ref[torch.nn.Module]"] = {}
+_KINDS: dict[str, "weakref.WeakSet[torch.nn.Module]"] = {}
 _NEXT = itertools.count(1)
 
 
@@ -46,9 +46,7 @@ def register(layer: "ManagedLayer") -> None:
     _LAYERS[index] = weakref.ref(module)
     shapes = ",".join(f"{name}:{tuple(stored.shape)}" for name, stored in sorted(layer.masters.items()))
     kind = f"{type(module).__qualname__}[{shapes}]|{layer.component.comp_dtype}"
-    known = _KINDS.get(kind)
-    if known is None or known() is None:
-        _KINDS[kind] = weakref.ref(module)
+    _KINDS.setdefault(kind, weakref.WeakSet()).add(module)
     # a container's forward runs its children: it is no single step (takes_the_op leaves it out)
     module.__dict__["_vram_index"] = torch.tensor(index, dtype=torch.int64) if layer.is_leaf else None
     module.__dict__["_vram_kind"] = kind
@@ -57,7 +55,9 @@ def register(layer: "ManagedLayer") -> None:
 def unregister(layer: "ManagedLayer") -> None:
     module = layer.module
     handle = module.__dict__.pop("_vram_index", None)
-    module.__dict__.pop("_vram_kind", None)
+    kind = module.__dict__.pop("_vram_kind", None)
+    if kind in _KINDS:
+        _KINDS[kind].discard(module)
     if handle is not None:
         _LAYERS.pop(int(handle), None)
 
@@ -86,9 +86,7 @@ def layer_step(index: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 @layer_step.register_fake
 def _layer_step_fake(index: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    ref = _KINDS.get(kind)
-    module = ref() if ref is not None else None
-    layer = module.__dict__.get("_vram") if module is not None else None
+    layer = next((m.__dict__["_vram"] for m in list(_KINDS.get(kind, ())) if "_vram" in m.__dict__), None)
     if layer is None:
         raise RuntimeError(f"no managed layer of kind {kind!r} is alive to describe the compiled call")
     # the layer's own computation on fake weights of the computation dtype: shape and dtype only
