@@ -34,7 +34,7 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 class Compiled:
     """What `compile_model` did to a model (kept on its runtime as `compiled`)."""
 
-    backend: str
+    backend: Any  # a backend's name, or a callable backend
     mode: str
     dynamic: bool | None
     regions: list[str] = field(default_factory=list)  # dotted paths of the compiled modules
@@ -53,7 +53,7 @@ def _resolve(model: nn.Module, path: str) -> Any:
     return obj
 
 
-def compile_model(model: nn.Module, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> Compiled:
+def compile_model(model: nn.Module, mode: str = "default", dynamic: bool | None = None, backend: Any = "inductor") -> Compiled:
     """Compile each repeated block of a managed `model` in place (its whole forward when the
     engine knows no block list for its class). Returns what was compiled; a second call with the
     same settings does nothing, other settings recompile."""
@@ -145,7 +145,11 @@ def is_compile_failure(exc: BaseException) -> bool:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """One line saying why compile could not run (the compiler's messages are pages long)."""
+    """One line saying why compile could not run (the compiler's messages are pages long); a
+    backend's failure names the backend's own error."""
+    inner = getattr(exc, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        return failure_reason(inner)
     text = str(exc).strip().splitlines()
     first = next((line.strip() for line in text if line.strip()), type(exc).__name__)
     if len(first) > 200:
