@@ -85,14 +85,25 @@ def compile_model(model: nn.Module, mode: str = "default", dynamic: bool | None 
 
 
 def _own_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A block's tensor inputs that are views are given as tensors of their own. Dynamo guards a
-    view input through its base once shapes are dynamic, so the first block (fed a view by an
-    eager layer) and the others (fed a compiled block's output) would need two graphs per size
-    (measured: 3 graphs for 3 sizes instead of 2), and a slice's strides (Flux's single blocks
-    return slices of their joint sequence) would be guarded too. Only views are copied, with
-    contiguous strides: one activation per block."""
-    own = lambda t: t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) and t._base is not None else t  # noqa: E731
-    return tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}
+    """A block's tensor inputs that are views or have other than row-major strides are given as
+    row-major tensors of their own. Dynamo guards a view input through its base once shapes are
+    dynamic, and guards strides, so the first block (fed a view by an eager layer) and the others
+    (fed a compiled block's output; Flux's single blocks return slices of their joint sequence)
+    would need two graphs per size (measured: 3 graphs for 3 sizes instead of 2, and a recompile
+    under inductor at the first single block). Only such inputs are copied: one activation."""
+    return tuple(_row_major(a) for a in args), {k: _row_major(v) for k, v in kwargs.items()}
+
+
+def _row_major(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    expected, stride = [], 1
+    for size in reversed(value.shape):
+        expected.append(stride)
+        stride *= size
+    if value._base is None and tuple(reversed(expected)) == value.stride():
+        return value
+    return value.clone(memory_format=torch.contiguous_format)
 
 
 def _compile_forward(module: nn.Module, options: dict[str, Any]) -> None:
