@@ -101,6 +101,12 @@ class ManagedModule(nn.Module):
         with self._vram.parameters_swapped(params):
             return super().forward(*args, **kwargs)
 
+    def _vram_fake(self, params: dict[str, torch.Tensor], args: tuple) -> Any:
+        """The layer's own forward on fake weights: the output's shape and dtype for compiled code
+        (engine.layers.opaque). Kept apart from `_vram_compute`, which runs on real weights."""
+        with self._vram.parameters_swapped(params):
+            return super().forward(*args)
+
 
 @torch.compiler.disable
 def _eager_outside_graph(module: ManagedModule, args: tuple, kwargs: dict) -> Any:
@@ -113,6 +119,9 @@ class ManagedLinear(ManagedModule):
     def _vram_compute(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         (x,) = args if args else (kwargs["input"],)
         return F.linear(x, params["weight"], params.get("bias"))
+
+    def _vram_fake(self, params: dict[str, torch.Tensor], args: tuple) -> Any:
+        return F.linear(args[0], params["weight"], params.get("bias"))
 
 
 def is_plain_linear(module: nn.Module) -> bool:

@@ -95,7 +95,7 @@ def _layer_step_fake(index: torch.Tensor, x: torch.Tensor, kind: str) -> torch.T
         name: torch.empty(stored.shape, dtype=dtype if _is_float(stored) else stored.dtype, device=x.device)
         for name, stored in layer.masters.items()
     }
-    return layer.module._vram_compute(params, (x,), {})
+    return layer.module._vram_fake(params, (x,))
 
 
 def _is_float(stored: Any) -> bool:
