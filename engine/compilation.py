@@ -78,7 +78,7 @@ def compile_model(model: nn.Module, mode: str = "default", dynamic: bool | None 
             info.regions.append(f"{path}.{index}")
     if not info.regions:
         log.info("%s: no block list known, compiling the whole forward", type(model).__name__)
-        _compile_forward(model, options)
+        model.compile(**options)  # its __call__: the engine's hooks on its forward are traced through
         info.regions.append("")
     runtime.compiled = info
     return info
@@ -109,6 +109,8 @@ def _row_major(value: Any) -> Any:
 def _compile_forward(module: nn.Module, options: dict[str, Any]) -> None:
     """Compile the module's forward (not its __call__: the hooks, the engine's step entry among
     them, run eagerly). One code object for every block, so the blocks share the graphs."""
+    previous = module.__dict__.get("forward")  # a hook's wrapper (engine.layers.hooks), kept for uncompile
+    module._vram_compile_saved = previous
     module.forward = torch.compile(module.forward, **options)
     module._vram_compile_hook = module.register_forward_pre_hook(_own_inputs, with_kwargs=True)
 
@@ -121,11 +123,18 @@ def uncompile_model(model: nn.Module) -> None:
         return
     for path in info.regions:
         module = model if path == "" else _resolve(model, path)
-        if module is not None:
-            module.__dict__.pop("forward", None)
-            handle = module.__dict__.pop("_vram_compile_hook", None)
-            if handle is not None:
-                handle.remove()
+        if module is None:
+            continue
+        if path == "":
+            module._compiled_call_impl = None
+            continue
+        module.__dict__.pop("forward", None)
+        saved = module.__dict__.pop("_vram_compile_saved", None)
+        if saved is not None:
+            module.__dict__["forward"] = saved
+        handle = module.__dict__.pop("_vram_compile_hook", None)
+        if handle is not None:
+            handle.remove()
     runtime.compiled = None
 
 

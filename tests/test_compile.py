@@ -240,3 +240,34 @@ def test_inductor_matches_eager_within_bf16_and_is_bitwise_across_limits():
     assert error < BF16_TOLERANCE
     assert all(torch.equal(out, outs[0]) for out in outs)
     assert recompiles() == 0
+
+
+class Plain(torch.nn.Module):
+    """A model with no registered block list: compile_model compiles its whole forward."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.proj_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj_out(torch.nn.functional.gelu(self.norm(self.proj_in(x))))
+
+
+def test_a_model_without_block_lists_is_compiled_whole_and_keeps_its_step_hook():
+    torch.manual_seed(0)
+    plain = Plain().to(torch.bfloat16).eval()
+    model = enable_vram_management(copy.deepcopy(plain), vram_config=CPU, vram_limit=0)
+    eager = enable_vram_management(copy.deepcopy(plain), vram_config=CPU, vram_limit=0)
+    info = compile_model(model, backend="aot_eager")
+    assert info.regions == [""] and not info.regional
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), eager(x))
+        runtime = runtime_of(model)
+        assert [layer.name for layer in runtime.execution_order] == ["proj_in", "norm", "proj_out"]  # traced by the ops
+        assert runtime.stats.forwards == 2 and runtime.stats.streamed_layers == 6
+        uncompile_model(model)
+        assert torch.equal(model(x), eager(x)) and runtime.stats.forwards == 3  # the step hook is still there
