@@ -90,3 +90,17 @@ def test_a_compiler_error_at_the_first_step_reruns_eagerly(studio):
     # the next compiled run compiles again (nothing of the failed compile is kept)
     _, ok = collect(studio, request(compile=True))
     assert ok.settings["compile"] == "on"
+
+
+def test_compiled_code_is_kept_in_the_app_named_folder(monkeypatch, tmp_path):
+    from engine.generation.compiling import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("LOWVRAM_STUDIO_CACHE", raising=False)
+    assert cache_dir().parts[-2:] == ("lowvram-studio", "inductor")
+    monkeypatch.setenv("LOWVRAM_STUDIO_CACHE", str(tmp_path / "app"))
+    assert cache_dir() == tmp_path / "app" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice wins
+    assert cache_dir() == tmp_path / "mine"
+    engine.compilation.use_cache_dir(cache_dir())
+    assert (tmp_path / "mine").is_dir()
