@@ -18,6 +18,7 @@ from engine import compile_model, enable_vram_management, load_model, runtime_of
 from engine.layers.adapters import Adapter
 from engine.layers.state import LayerState
 from tests.fixtures.tiny_models import run_model, save_sharded, tiny_model
+from tests.test_gguf import gguf_checkpoint, gguf_config  # noqa: F401 (a fixture)
 
 CPU = {"computation_device": "cpu", "computation_dtype": torch.bfloat16}
 #: the storage forms a config names, and disk offload (the masters stay in their files)
@@ -271,3 +272,19 @@ def test_a_model_without_block_lists_is_compiled_whole_and_keeps_its_step_hook()
         assert runtime.stats.forwards == 2 and runtime.stats.streamed_layers == 6
         uncompile_model(model)
         assert torch.equal(model(x), eager(x)) and runtime.stats.forwards == 3  # the step hook is still there
+
+
+def test_gguf_blocks_and_their_file_on_disk_are_bitwise_across_limits_under_compile(gguf_checkpoint):
+    cls, directory, path, plain, inputs = gguf_checkpoint
+    expected = run_model(plain, inputs)  # the gguf package's dequantization, eager
+    for config in (gguf_config(), gguf_config(offload_device="disk", offload_dtype="disk", preparing_dtype="bfloat16")):
+        model = load_model(cls, path, vram_config=config, vram_limit=0)
+        compile_model(model, backend="aot_eager")
+        outs = []
+        for limit in (0, 0.0002, None, 0):
+            set_vram_limit(model, limit)
+            outs.append(run_model(model, inputs))
+        assert all(torch.equal(out, outs[0]) for out in outs)
+        assert relative_error(outs[0], expected) < BF16_TOLERANCE
+    # one block class: one graph, shared by the second model (the storage is outside the graph)
+    assert counters["stats"]["unique_graphs"] == 1
