@@ -627,6 +627,8 @@ class Handlers:
                         break
                     if event.phase == "denoising" and event.total_steps:
                         status = f"step {event.step}/{event.total_steps} · {formatting.eta_text(event.eta_seconds)}"
+                    elif event.phase == "compiling" and event.message:  # compiling, its seconds, or why not
+                        status = event.message
                     image = event.preview if event.preview is not None else image
                 if status is not None or image is not None:
                     last_image = image if image is not None else last_image
