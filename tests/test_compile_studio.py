@@ -104,3 +104,11 @@ def test_compiled_code_is_kept_in_the_app_named_folder(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "mine"
     engine.compilation.use_cache_dir(cache_dir())
     assert (tmp_path / "mine").is_dir()
+
+
+def test_the_live_panel_names_the_compiling_phase_and_its_seconds():
+    from engine.generation.types import GenerationEvent
+    from ui.formatting import live_panel_html
+
+    html = live_panel_html(None, GenerationEvent("compiling", step=1, total_steps=4, message="Compiled in 12.3 s (first step included)"), "")
+    assert "Compiling" in html and "Compiled in 12.3 s" in html
