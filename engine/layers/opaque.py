@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,8 +44,11 @@ def register(layer: "ManagedLayer") -> None:
     index = next(_NEXT)
     module = layer.module
     _LAYERS[index] = weakref.ref(module)
-    shapes = ",".join(f"{name}:{tuple(stored.shape)}" for name, stored in sorted(layer.masters.items()))
-    kind = f"{type(module).__qualname__}[{shapes}]|{layer.component.comp_dtype}"
+    # what decides the output's shape and dtype: the class, its settings (a convolution's stride and
+    # padding, a norm's eps: extra_repr), its parameters as computed with, the computation dtype
+    original = getattr(type(module), "_vram_original_class", type(module))
+    shapes = ",".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in sorted(layer.placeholders.items()))
+    kind = f"{original.__module__}.{original.__qualname__}({module.extra_repr()})[{shapes}]|{layer.component.comp_dtype}"
     _KINDS.setdefault(kind, weakref.WeakSet()).add(module)
     # a container's forward runs its children: it is no single step (takes_the_op leaves it out)
     module.__dict__["_vram_index"] = torch.tensor(index, dtype=torch.int64) if layer.is_leaf else None
@@ -89,18 +92,10 @@ def _layer_step_fake(index: torch.Tensor, x: torch.Tensor, kind: str) -> torch.T
     layer = next((m.__dict__["_vram"] for m in list(_KINDS.get(kind, ())) if "_vram" in m.__dict__), None)
     if layer is None:
         raise RuntimeError(f"no managed layer of kind {kind!r} is alive to describe the compiled call")
-    # the layer's own computation on fake weights of the computation dtype: shape and dtype only
-    dtype = layer.component.comp_dtype
-    params = {
-        name: torch.empty(stored.shape, dtype=dtype if _is_float(stored) else stored.dtype, device=x.device)
-        for name, stored in layer.masters.items()
-    }
+    # the layer's own computation on fake weights as its placeholders describe them (computation
+    # dtype and shape, whatever form the masters are stored in): shape and dtype only
+    params = {name: torch.empty(t.shape, dtype=t.dtype, device=x.device) for name, t in layer.placeholders.items()}
     return layer.module._vram_fake(params, (x,))
-
-
-def _is_float(stored: Any) -> bool:
-    tensor = getattr(stored, "tensor", None)
-    return tensor is None or tensor.is_floating_point()
 
 
 def takes_the_op(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
