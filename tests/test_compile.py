@@ -288,3 +288,31 @@ def test_gguf_blocks_and_their_file_on_disk_are_bitwise_across_limits_under_comp
         assert relative_error(outs[0], expected) < BF16_TOLERANCE
     # one block class: one graph, shared by the second model (the storage is outside the graph)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+class Convs(torch.nn.Module):
+    """Two convolutions with the same weight shape and other strides: their outputs differ in size."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.down = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.up = torch.nn.Embedding(10, 4)
+
+    def forward(self, x, ids):
+        y = self.down(torch.nn.functional.silu(self.same(x)))
+        return y + self.up(ids)[:, :, None, None]
+
+
+def test_layers_alike_in_weights_but_not_in_settings_are_described_apart():
+    torch.manual_seed(0)
+    plain = Convs().to(torch.bfloat16).eval()
+    model = enable_vram_management(copy.deepcopy(plain), vram_config={**CPU, "offload_dtype": "int8"}, vram_limit=0)
+    eager = enable_vram_management(copy.deepcopy(plain), vram_config={**CPU, "offload_dtype": "int8"}, vram_limit=0)
+    compile_model(model, backend="aot_eager")
+    x, ids = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 7])
+    with torch.no_grad():
+        out = model(x, ids)
+        assert out.shape == (2, 4, 4, 4) and torch.equal(out, eager(x, ids))
+    # a whole-model compile breaks only around the step's bookkeeping, never at a layer
+    assert all("VramRuntime" in reason for reason in counters["graph_break"]), dict(counters["graph_break"])
