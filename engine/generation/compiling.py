@@ -45,12 +45,28 @@ class CompileRun:
     reason: str | None = None  # why it runs eagerly although compile was asked for
     compiles_now: bool = False  # this size was not compiled yet: the first step compiles
     seconds: float | None = None  # the first step's seconds when it compiled (compile included)
+    graphs_before: int = 0  # Dynamo's graph count when the run began
+
+    def first_step_note(self, seconds: float) -> str:
+        """The compiling phase's last word: how long the first step took, and whether it compiled
+        (another pipeline of the same model class reuses the graphs already made)."""
+        self.seconds = seconds
+        if compiled_graphs() > self.graphs_before:
+            return f"Compiled in {seconds:.1f} s (first step included)"
+        return f"Reused the compiled code (first step {seconds:.1f} s)"
 
     def describe(self) -> str:
         """The infotext's / API's value: "on", or "off (why)"."""
         if self.active:
             return "on"
         return f"off ({self.reason})" if self.reason else "off"
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class CompileSwitch:
@@ -76,6 +92,7 @@ class CompileSwitch:
         except Exception as exc:  # torch.compile unsupported here (Windows without Triton, Python version, ...)
             return self.fail(pipe, run, exc)
         run.active = True
+        run.graphs_before = compiled_graphs()
         key = (id(denoiser), size)
         run.compiles_now = key not in self._warm
         self._warm.add(key)

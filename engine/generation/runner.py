@@ -188,8 +188,7 @@ class Runner:
             durations.append(seconds)
             self.session.last_step = stats
             if i == 1 and compile_run is not None and compile_run.active and compile_run.compiles_now:
-                compile_run.seconds = seconds
-                emit(GenerationEvent("compiling", step=i, total_steps=n, message=f"Compiled in {seconds:.1f} s (first step included)", telemetry=telemetry()))
+                emit(GenerationEvent("compiling", step=i, total_steps=n, message=compile_run.first_step_note(seconds), telemetry=telemetry()))
             image, made["image"] = made["image"], None
             emit(
                 GenerationEvent(
