@@ -7,6 +7,7 @@ Never imports Gradio. Public API (names kept stable for users' scripts):
     from engine import load_lora, set_lora_strength, remove_lora, active_loras
     from engine import ModelTables, register_model_tables   # a model class's layer map, LoRA loader, GGUF names
     from engine import StorageForm, register_form, get_form   (the storage forms' registry)
+    from engine import compile_model, uncompile_model   # regional torch.compile of a managed model
     from engine import suggest_settings      # the settings that fit a machine (no Studio needed)
 
 Names resolve on first use (PEP 562), so a light sub-module (engine.generation.types, which the
@@ -70,6 +71,8 @@ _EXPORTS = {
     "load_lora": "engine.lora.loras",
     "remove_lora": "engine.lora.loras",
     "set_lora_strength": "engine.lora.loras",
+    "compile_model": "engine.compilation",
+    "uncompile_model": "engine.compilation",
     "VramBudget": "engine.management",
     "disable_vram_management": "engine.management",
     "enable_vram_management": "engine.management",

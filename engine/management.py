@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.config import VramConfig
+from engine.layers import opaque
 from engine.layers.hooks import register_hook, remove_hook
 from engine.layers.managed import ManagedModule
 from engine.layers.state import STATES, ManagedLayer
@@ -158,10 +159,12 @@ def enable_vram_management(
             undo.append((layer, layer.install()))
             wrapper.wrap(module)
             module._vram = layer
+            opaque.register(layer)
         runtime.unmanaged_bytes = _place_unmanaged(model, config)
     except BaseException:
         for layer, originals in reversed(undo):
             layer.uninstall(originals)
+            opaque.unregister(layer)
             ManagedModule.unwrap(layer.module)
         raise
     del undo  # the original parameters must not outlive enable (their memory may move)
@@ -192,6 +195,7 @@ def disable_vram_management(model: nn.Module) -> nn.Module:
     device = runtime.offload_place.device if not runtime.offload_place.on_disk else torch.device("cpu")
     for layer in runtime.layers:
         layer.uninstall({name: _plain(stored, device, runtime.comp_dtype) for name, stored in layer.masters.items()})
+        opaque.unregister(layer)
         ManagedModule.unwrap(layer.module)
     runtime.pool.leave(runtime)
     del model._vram_runtime

@@ -12,7 +12,7 @@ import app
 
 API_PARAMETERS = [
     "prompt", "negative_prompt", "model", "width", "height", "steps",
-    "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights", "image", "strength",
+    "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights", "image", "strength", "compile",
 ]
 
 
@@ -130,7 +130,9 @@ def server(tmp_path_factory):
     from tests.browser.server import running_server
 
     tmp = tmp_path_factory.mktemp("api")
-    with running_server(tmp) as url:
+    # compile requests use Dynamo + AOTAutograd here (seconds; inductor is tested in test_compile.py)
+    env = {"LOWVRAM_COMPILE_BACKEND": "aot_eager", "LOWVRAM_STUDIO_CACHE": str(tmp / "cache")}
+    with running_server(tmp, env=env) as url:
         yield url, tmp
 
 
@@ -184,6 +186,16 @@ def test_generate_by_name_returns_png_and_parameters(client, server):
 def test_generate_with_weights_nf4_names_it_in_the_parameters(client):
     _, parameters = client.predict(prompt="a fox", steps=1, seed=5, weights="nf4", api_name="/generate")
     assert "Weights: nf4" in parameters
+
+
+@pytest.mark.slow
+def test_generate_with_compile_says_compile_on_and_a_bad_value_is_named(client):
+    from gradio_client.exceptions import AppError
+
+    _, parameters = client.predict(prompt="a fox", steps=1, seed=5, compile=True, api_name="/generate")
+    assert "Compile: on" in parameters
+    with pytest.raises(AppError, match="compile"):
+        client.predict(prompt="a fox", steps=1, compile="maybe", api_name="/generate")
 
 
 @pytest.mark.slow

@@ -201,7 +201,7 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     endpoint = info["named_endpoints"]["/generate"]
     assert [p["parameter_name"] for p in endpoint["parameters"]] == [
         "prompt", "negative_prompt", "model", "width", "height", "steps",
-        "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights", "image", "strength",
+        "guidance", "seed", "vram_limit", "fp8", "disk_offload", "loras", "weights", "image", "strength", "compile",
     ]
     # the page's internal events stay private
     assert sorted(info["named_endpoints"]) == ["/free_disk_space", "/generate", "/generate_stream", "/suggest"]
@@ -212,7 +212,7 @@ def test_layout_has_the_named_api_endpoint_and_labelled_controls(tmp_path):
     labels = {getattr(b, "label", None) for b in demo.blocks.values()}
     for label in ("Model", "Prompt", "Negative prompt", "Width", "Height", "Steps", "Guidance", "Seed",
                   "VRAM limit (GB)", "Auto", "FP8", "Quantize", "Disk offload", "Results", "Parameters", "Preview", "Live preview",
-                  "Input image(s)", "Strength"):
+                  "Input image(s)", "Strength", "Compile"):
         assert label in labels, label
     timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
     assert timers and timers[0].value <= 0.5

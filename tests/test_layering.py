@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "engine"
 
-ORDER = ["storage.forms", "config", "model_tables", "storage", "layers", "planning", "transfer", "runtime", "management", "loading", "lora", "generation"]
+ORDER = ["storage.forms", "config", "model_tables", "storage", "layers", "planning", "transfer", "runtime", "management", "compilation", "loading", "lora", "generation"]
 RANK = {name: i for i, name in enumerate(ORDER)}
 PURE = {"planning": {"config"}, "storage.forms": set(), "model_tables": set()}
 #: modules that are a layer of their own, apart from their package

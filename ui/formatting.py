@@ -19,6 +19,7 @@ PHASE_LABELS = {
     "downloading": "Downloading the model",
     "loading": "Loading the model",
     "encoding": "Encoding the prompt",
+    "compiling": "Compiling (first run of a size)",
     "denoising": "Denoising",
     "decoding": "Decoding the image",
     "done": "Done",

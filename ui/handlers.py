@@ -249,11 +249,12 @@ class Handlers:
         preview: bool = True,
         image: Any = None,
         strength: Any = None,
+        compile: Any = False,
     ) -> GenerateRequest:
         """Every value checked by its API name (ui.inputs); UserFacingError names a bad one."""
         return GenerateRequest(**inputs.request_fields(
             prompt, negative_prompt, model, width, height, steps, guidance, seed, vram_limit, fp8, disk_offload, loras, weights,
-            image, strength,
+            image, strength, compile,
         ), preview=bool(preview))
 
     def estimate(self, model, width, height, steps, guidance, auto, slider, fp8, disk_offload, loras="", quantize="off",
@@ -543,7 +544,7 @@ class Handlers:
         quantize: str = "off",
         live_preview: bool = True,
         resident_limit: float | None = None,
-        images=None, strength=None,
+        images=None, strength=None, compile_on: bool = False,
     ):
         """The Generate button: run, then add the image to this tab's gallery. The inputs after
         `results` come last (the LoRA picker's string, engine.generation.lora_library.parse_lora_spec;
@@ -555,7 +556,7 @@ class Handlers:
             req = self.build_request(
                 prompt, negative_prompt, model, width, height, steps, guidance, seed,
                 self.vram_limit_value(auto, slider, resident_limit, disk_offload), fp8, disk_offload, loras, quantize_to_weights(quantize),
-                live_preview, files or None, strength,
+                live_preview, files or None, strength, compile_on,
             )
         except UserFacingError as exc:
             raise gr.Error(str(exc), title="Cannot generate", print_exception=False) from None
@@ -607,6 +608,7 @@ class Handlers:
         weights: str = "auto",
         image: Any = None,
         strength: float | None = None,
+        compile: bool = False,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str]:
@@ -621,10 +623,13 @@ class Handlers:
         ("bf16", "fp8", "int8", "nf4", ...: engine.storage.forms; a GGUF model keeps its file's blocks).
         image: one uploaded image or a list (image-to-image, or an edit model's references; with an
         input image and no size, the output takes the image's, fitted); strength: 0..1,
-        image-to-image only (empty = 0.6).
+        image-to-image only (empty = 0.6). compile: torch.compile the denoiser's blocks (the first
+        run of a size compiles; if compile cannot run, the run goes on eagerly and the parameters'
+        "Compile: off (why)" says why).
         """
         req, owner = self._api_request(request, prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                                       vram_limit, fp8, disk_offload, loras, weights, image=image, strength=strength)
+                                       vram_limit, fp8, disk_offload, loras, weights, image=image, strength=strength,
+                                       compile=compile)
         result = await self._run_watched(req, owner, threading.Event(), progress)
         if result is None:
             raise gr.Error("Generation cancelled.", print_exception=False)
@@ -647,6 +652,7 @@ class Handlers:
         weights: str = "auto",
         image: Any = None,
         strength: float | None = None,
+        compile: bool = False,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ):
@@ -655,7 +661,7 @@ class Handlers:
         PNG's path, its parameters text). The parameters are those of /generate."""
         req, owner = self._api_request(request, prompt, negative_prompt, model, width, height, steps, guidance, seed,
                                        vram_limit, fp8, disk_offload, loras, weights, preview=True, image=image,
-                                       strength=strength)
+                                       strength=strength, compile=compile)
         cancel = threading.Event()
         events: queue.SimpleQueue = queue.SimpleQueue()
         task = asyncio.ensure_future(self._run_watched(req, owner, cancel, progress, on_event=events.put))
@@ -671,6 +677,8 @@ class Handlers:
                         break
                     if event.phase == "denoising" and event.total_steps:
                         status = f"step {event.step}/{event.total_steps} · {formatting.eta_text(event.eta_seconds)}"
+                    elif event.phase == "compiling" and event.message:  # compiling, its seconds, or why not
+                        status = event.message
                     image = event.preview if event.preview is not None else image
                 if status is not None or image is not None:
                     last_image = image if image is not None else last_image

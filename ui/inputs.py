@@ -125,7 +125,7 @@ SIZE_ACCEPTED = "a whole number of pixels (a multiple of 16), or null for the mo
 def request_fields(
     prompt: Any, negative_prompt: Any, model: Any, width: Any, height: Any, steps: Any,
     guidance: Any, seed_value: Any, vram: Any, fp8: Any, disk_offload: Any, loras: Any = "", weights: Any = "auto",
-    image: Any = None, strength_value: Any = None,
+    image: Any = None, strength_value: Any = None, compile_value: Any = False,
 ) -> dict[str, Any]:
     """The GenerateRequest fields, each checked; UserFacingError names the first bad one. The
     `fp8` switch (the page's checkbox, the API's `fp8`) is folded into `weights` here: below the
@@ -145,6 +145,7 @@ def request_fields(
         weights=with_fp8(weights_choice(weights), flag("fp8", fp8)),
         images=images(image),
         strength=strength(strength_value),
+        compile=flag("compile", compile_value),
     )
 
 

@@ -201,6 +201,10 @@ def build_demo(studio: Any) -> gr.Blocks:
                         disk_offload = gr.Checkbox(
                             label="Disk offload", value=False, info="Keep offloaded weights on disk instead of RAM"
                         )
+                        compile_on = gr.Checkbox(
+                            label="Compile", value=False, elem_id="compile",
+                            info="torch.compile the denoiser: the first run of a size compiles (cached on disk)",
+                        )
                     with gr.Row(equal_height=True):
                         fit_btn = gr.Button("Fit to this machine", elem_id="fit-btn", scale=0, min_width=180)
                         fit_reason = gr.Markdown(elem_id="fit-reason", value="")
@@ -281,6 +285,7 @@ def build_demo(studio: Any) -> gr.Blocks:
                 gr.Dropdown(label="weights", choices=list(weights_choices()), value="auto"),
                 _any_files(gr.File(label="image", file_count="multiple", file_types=["image"], value=None)),
                 gr.Number(label="strength", value=None),
+                gr.Checkbox(label="compile", value=False),
             )]
             api_outputs = [gr.Image(label="image", type="filepath", format="png"), gr.Textbox(label="parameters")]
             api_trigger = gr.Button("generate (API)")
@@ -329,7 +334,7 @@ def build_demo(studio: Any) -> gr.Blocks:
         gr.on(triggers=[model.change, width.change, height.change], fn=lambda: ("", None), inputs=None,
               outputs=[fit_reason, resident_limit], queue=False, show_progress="hidden", **private)
         run_inputs = [prompt, negative_prompt, model, width, height, steps, guidance, seed,
-                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize, preview_toggle, resident_limit, input_images, strength]
+                      auto, vram_slider, fp8, disk_offload, results, lora_spec, quantize, preview_toggle, resident_limit, input_images, strength, compile_on]
         # the picker slots make the `loras` string; the model's family filters what they offer
         gr.on(
             triggers=[c.change for c in lora_slots], fn=h.lora_spec, inputs=lora_slots, outputs=lora_spec,

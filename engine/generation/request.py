@@ -238,11 +238,11 @@ def describe_vram_limit(r: ResolvedRequest) -> str:
     return f"Auto ({shown})" if r.settings.limit_is_auto else shown
 
 
-def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, str], ...] = ()) -> str:
+def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, str], ...] = (), compile_note: str | None = None) -> str:
     """A1111 "parameters" text: prompt, negative prompt line, then "Key: value" pairs (the
     settings the run actually used). LoRAs (name, strength, short hash) follow A1111:
     `<lora:name:strength>` appended to the prompt and a quoted `Lora hashes: "name: hash, ..."`
-    field."""
+    field. `compile_note` ("on", "off (why)") is given when the request asked for compile."""
     limit = describe_vram_limit(r)
     pairs = [
         ("Steps", str(r.steps)),
@@ -257,6 +257,8 @@ def infotext(r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, st
         ("Compute dtype", r.settings.compute_dtype_name),
         ("Disk offload", "on" if r.settings.disk_offload else "off"),
     ]
+    if compile_note is not None:
+        pairs.append(("Compile", compile_note.replace(",", ";")))
     pairs += image_infotext_pairs(r)
     clean = lambda s: s.replace("\r", " ").replace("\n", " ")
     prompt = clean(r.prompt)

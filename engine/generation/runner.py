@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from engine.compilation import is_compile_failure
+from engine.generation.compiling import CompileRun, CompileSwitch
 from engine.generation.pipelines import GenerationCancelled, ManagedPipeline, StepStats
 from engine.generation.preview import Previewer
 from engine.generation.request import ResolvedRequest, infotext
@@ -38,6 +40,7 @@ BUSY_WAIT_S = 60.0
 PARTIAL_SUFFIX = ".partial"
 #: the ETA averages the seconds of this many most recent steps (the first step warms up)
 ETA_WINDOW = 5
+COMPILING_NOTE = "Compiling the denoiser's blocks: the first run of a size compiles, later runs reuse it"
 _PHASES = {"encode": "encoding", "denoise": "denoising", "decode": "decoding"}
 
 
@@ -82,6 +85,8 @@ class Runner:
         self.outputs_dir = Path(outputs_dir)
         self._busy = threading.Lock()  # held for a whole generation
         self.last_previewer: Previewer | None = None  # the last run's (its preview count and cost)
+        self.compile_switch = CompileSwitch()
+        self.last_compile: CompileRun | None = None
 
     def stream(self, r: ResolvedRequest, cancel: threading.Event | None) -> Iterator[GenerationEvent | GenerationResult]:
         # the previous run may still be on its way to the next step boundary (cancelled): wait for it
@@ -118,12 +123,25 @@ class Runner:
                 raise GenerationCancelled()
             pipe, loras = self.session.prepare(r, emit, should_stop)
             r = self.session.live_settings(r)  # Auto as measured when the pipeline was built
-            image = self._run(pipe, r, emit, should_stop)
+            run = self.last_compile = self.compile_switch.apply(pipe, r.request.compile, (r.width, r.height))
+            if run.reason:
+                emit(GenerationEvent("compiling", message=run.reason, telemetry=telemetry()))
+            try:
+                image = self._run(pipe, r, emit, should_stop, run)
+            except Exception as exc:
+                if not (run.active and is_compile_failure(exc)):
+                    raise
+                # never a crash: the same run again, eagerly, and the panel says why
+                self.compile_switch.fail(pipe, run, exc)
+                emit(GenerationEvent("compiling", message=run.reason or "", telemetry=telemetry()))
+                image = self._run(pipe, r, emit, should_stop, run)
             if should_stop():  # cancelled during the last step or the decode: nothing is saved
                 raise GenerationCancelled()
-            path, text = self.save(image, r, pipe.family.sampler, loras)
-            emit(GenerationEvent("done", step=r.steps, total_steps=r.steps, message=f"Saved {path.name}", telemetry=telemetry()))
-            emit(GenerationResult(image=image, path=path, parameters=text, settings=_settings_record(r, pipe, loras)))
+            note = run.describe() if run.requested else None
+            path, text = self.save(image, r, pipe.family.sampler, loras, compile_note=note)
+            saved = f"Saved {path.name}" + (f" · {run.reason}" if run.reason else "")
+            emit(GenerationEvent("done", step=r.steps, total_steps=r.steps, message=saved, telemetry=telemetry()))
+            emit(GenerationResult(image=image, path=path, parameters=text, settings=_settings_record(r, pipe, loras, run)))
         except GenerationCancelled:
             emit(GenerationEvent("cancelled", message="Cancelled: nothing was decoded.", telemetry=telemetry()))
         except UserFacingError as exc:
@@ -139,7 +157,10 @@ class Runner:
         finally:
             put(("end", None))
 
-    def _run(self, pipe: ManagedPipeline, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool]) -> Any:
+    def _run(
+        self, pipe: ManagedPipeline, r: ResolvedRequest, emit: Callable[[GenerationEvent], None], should_stop: Callable[[], bool],
+        compile_run: CompileRun | None = None,
+    ) -> Any:
         telemetry = self.session.telemetry
         clock = {"t": time.perf_counter()}
         durations: list[float] = []
@@ -152,6 +173,8 @@ class Runner:
             if stage == "denoise" and previewer is not None:
                 previewer.start()
             emit(GenerationEvent(_PHASES[stage], step=0, total_steps=r.steps, telemetry=telemetry()))
+            if stage == "denoise" and compile_run is not None and compile_run.active and compile_run.compiles_now:
+                emit(GenerationEvent("compiling", total_steps=r.steps, message=COMPILING_NOTE, telemetry=telemetry()))
 
         def on_latents(i: int, n: int, latents: Any) -> None:
             if previewer is not None:
@@ -164,6 +187,8 @@ class Runner:
             self.session.last_step = stats
             if i == 1:
                 self.session.recheck_auto()  # Auto on a GPU: is the VRAM left free what was planned?
+            if i == 1 and compile_run is not None and compile_run.active and compile_run.compiles_now:
+                emit(GenerationEvent("compiling", step=i, total_steps=n, message=compile_run.first_step_note(seconds), telemetry=telemetry()))
             image, made["image"] = made["image"], None
             emit(
                 GenerationEvent(
@@ -179,11 +204,13 @@ class Runner:
             images=r.images, strength=r.strength, on_stage=on_stage,
         )
 
-    def save(self, image: Any, r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, str], ...] = ()) -> tuple[Path, str]:
+    def save(
+        self, image: Any, r: ResolvedRequest, sampler: str, loras: tuple[tuple[str, float, str], ...] = (), compile_note: str | None = None
+    ) -> tuple[Path, str]:
         """Write `image` as PNG with its infotext into the outputs folder; (its path, the text)."""
         from PIL.PngImagePlugin import PngInfo
 
-        text = infotext(r, sampler, loras)
+        text = infotext(r, sampler, loras, compile_note)
         info = PngInfo()
         info.add_text("parameters", text)
         partial: Path | None = None
@@ -213,9 +240,11 @@ class Runner:
         return path, text
 
 
-def _settings_record(r: ResolvedRequest, pipe: ManagedPipeline, loras: tuple[tuple[str, float, str], ...]) -> dict[str, Any]:
+def _settings_record(r: ResolvedRequest, pipe: ManagedPipeline, loras: tuple[tuple[str, float, str], ...], run: CompileRun | None = None) -> dict[str, Any]:
     """GenerationResult.settings: what the run used."""
     return {
+        "compile": run.describe() if run is not None else "off",
+        "compile_seconds": run.seconds if run is not None else None,
         "model": r.model_id,
         "prompt": r.prompt,
         "negative_prompt": r.negative_prompt,

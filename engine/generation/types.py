@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
         return weights_choices()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-Phase = Literal["queued", "downloading", "loading", "encoding", "denoising", "decoding", "done", "cancelled", "error"]
+Phase = Literal["queued", "downloading", "loading", "encoding", "compiling", "denoising", "decoding", "done", "cancelled", "error"]
 
 LAYER_STATES: tuple[str, ...] = ("offload", "onload", "preparing", "computation")
 
@@ -55,6 +55,9 @@ class GenerateRequest:
     # input images (PIL images, bytes or file paths): image-to-image, or an edit model's references
     images: tuple[Any, ...] = ()
     strength: float | None = None  # image-to-image only: 0 keeps the input, 1 ignores it; None = 0.6
+    # torch.compile the denoiser's repeated blocks (engine.generation.compiling); the first run of a
+    # size compiles, later ones reuse it; a compile failure runs eagerly and says why
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.opaque import takes_the_op
+
 if TYPE_CHECKING:
     from engine.layers.state import ManagedLayer
 
@@ -60,6 +62,16 @@ class ManagedModule(nn.Module):
         return getattr(type(module), "_vram_original_class", type(module))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # compiled code: the layer's step is one opaque op (engine.layers.opaque), so no state
+            # the step reads becomes a guard; other calls run eagerly outside the graph
+            if takes_the_op(self, args, kwargs):
+                return torch.ops.lowvram.layer_step(self._vram_index, args[0], self._vram_kind)
+            return _eager_outside_graph(self, args, kwargs)
+        return self._vram_eager_forward(args, kwargs)
+
+    def _vram_eager_forward(self, args: tuple, kwargs: dict) -> Any:
+        """The managed forward: the route the layer's state gives, then its LoRA."""
         layer = self._vram
         if layer._in_slots:
             # Resident in computation form: the parameters in place are the ones to compute with.
@@ -89,6 +101,17 @@ class ManagedModule(nn.Module):
         with self._vram.parameters_swapped(params):
             return super().forward(*args, **kwargs)
 
+    def _vram_fake(self, params: dict[str, torch.Tensor], args: tuple) -> Any:
+        """The layer's own forward on fake weights: the output's shape and dtype for compiled code
+        (engine.layers.opaque). Kept apart from `_vram_compute`, which runs on real weights."""
+        with self._vram.parameters_swapped(params):
+            return super().forward(*args)
+
+
+@torch.compiler.disable
+def _eager_outside_graph(module: ManagedModule, args: tuple, kwargs: dict) -> Any:
+    return module._vram_eager_forward(args, kwargs)
+
 
 class ManagedLinear(ManagedModule):
     """nn.Linear specialised: streamed weights go straight into F.linear, no parameter swap."""
@@ -96,6 +119,9 @@ class ManagedLinear(ManagedModule):
     def _vram_compute(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         (x,) = args if args else (kwargs["input"],)
         return F.linear(x, params["weight"], params.get("bias"))
+
+    def _vram_fake(self, params: dict[str, torch.Tensor], args: tuple) -> Any:
+        return F.linear(args[0], params["weight"], params.get("bias"))
 
 
 def is_plain_linear(module: nn.Module) -> bool:

@@ -115,6 +115,7 @@ class VramRuntime:
         self.batch_chunks = 1
         self.attention_sliced = False
         self.attention_chunks = 1
+        self.compiled: Any = None  # what engine.compilation.compile_model did (None: eager)
 
     @property
     def budget(self) -> Coordinator:
@@ -409,12 +410,16 @@ class VramRuntime:
             self.prefetcher.close()
 
     # --- execution order tracing ----------------------------------------------------------------
+    # the step's bookkeeping runs eagerly even when the whole model is compiled: the trace is filled
+    # by the layers' opaque steps (engine.layers.opaque), which a traced end_step would not see
+    @torch.compiler.disable
     def begin_step(self) -> None:
         """Called by the component's entry hook (engine.runtime.entry) before a forward/encode/decode."""
         self.stats.forwards += 1
         if self.execution_order is None and self.trace is None:
             self.trace = []
 
+    @torch.compiler.disable
     def end_step(self) -> None:
         if self.trace is not None:
             seen: set[int] = set()
@@ -430,6 +435,7 @@ class VramRuntime:
         if self.forwards_left:
             self.forwards_left -= 1
 
+    @torch.compiler.disable
     def abandon_trace(self) -> None:
         """A step failed: what it traced is no execution order."""
         self.trace = None

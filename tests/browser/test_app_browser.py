@@ -131,8 +131,10 @@ def start(page, prompt: str, steps: int, size: int | None = None) -> None:
 
 # ---------------------------------------------------------------- tests
 def test_controls_exist_by_label(page):
-    for label in ("Model", "Prompt", "Negative prompt", "Width", "Height", "Seed", "Auto", "FP8", "Disk offload"):
+    for label in ("Model", "Prompt", "Negative prompt", "Width", "Height", "Seed", "Auto", "FP8", "Disk offload", "Compile"):
         assert page.get_by_label(label, exact=True).count() == 1, label
+    compile_box = page.get_by_label("Compile", exact=True)
+    assert not compile_box.is_checked() and "first run" in page.locator("#compile").inner_text()
     for label in ("Steps", "Guidance", "VRAM limit (GB)"):
         assert page.get_by_role("slider", name=f"range slider for {label}").count() == 1, label
     assert page.get_by_role("button", name="Generate").count() == 1
