@@ -2,7 +2,8 @@
 
 It reads a picture the way the demo model was taught to draw (tools/demo_shapes.py):
 - the background is the dominant colour of the picture's border, named by the nearest palette colour;
-- the shape is every pixel far from the background; its colour is the median of those pixels;
+- the shape is every pixel far from the background and nearer to the shape's colour (the median
+  of the far pixels) than to the background's;
 - its class and position are those of the drawn template (every shape, position and size)
   that overlaps it best (intersection over union);
 - `filled` is how much of the template's inner half the shape covers (an outlined shape: little).
@@ -44,6 +45,12 @@ class Verdict:
         """Colour, background, shape and position all as the caption says."""
         e = self.expected
         return (self.colour, self.background, self.shape, self.position) == (e.colour, e.background, e.shape, e.position)
+
+    @property
+    def colours_and_place_ok(self) -> bool:
+        """Colour, background and position as the caption says (the shape's class aside)."""
+        e = self.expected
+        return (self.colour, self.background, self.position) == (e.colour, e.background, e.position)
 
     @property
     def outlined(self) -> bool:
@@ -95,10 +102,15 @@ def judge(image: Any, expected: Scene) -> Verdict:
     frame[BORDER:-BORDER, BORDER:-BORDER] = False
     bg_rgb = np.median(rgb[frame], axis=0)
     background = nearest_colour(bg_rgb)
-    mask = np.sqrt(((rgb - bg_rgb) ** 2).sum(axis=2)) > FAR
-    if mask.sum() < 6:
+    to_bg = np.sqrt(((rgb - bg_rgb) ** 2).sum(axis=2))
+    far = to_bg > FAR
+    if far.sum() < 6:
         return Verdict(None, background, None, None, 0.0, 0.0, expected)
-    colour = nearest_colour(np.median(rgb[mask], axis=0))
+    fg_rgb = np.median(rgb[far], axis=0)
+    colour = nearest_colour(fg_rgb)
+    # the shape: pixels nearer its colour than the background's (an antialiased edge pixel counts
+    # when more than half covered, as the templates are drawn)
+    mask = far & (np.sqrt(((rgb - fg_rgb) ** 2).sum(axis=2)) < to_bg)
     centroid = np.argwhere(mask).mean(axis=0)
 
     def overlap(t: tuple[str, str, np.ndarray, np.ndarray]) -> float:  # the template moved onto the shape
@@ -128,5 +140,6 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def rate(verdicts: list[Verdict]) -> float:
-    return sum(v.ok for v in verdicts) / max(len(verdicts), 1)
+def rate(verdicts: list[Verdict], part: str = "ok") -> float:
+    """The fraction of verdicts right (`part`: "ok", all of it; "colours_and_place_ok")."""
+    return sum(getattr(v, part) for v in verdicts) / max(len(verdicts), 1)

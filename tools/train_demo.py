@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=2 python -m tools.train_demo            # writes model_registry/demo/weights/
 
 Three phases, all seeded (`--seed`), so a run on the same torch build gives the same weights:
-1. the VAE learns to autoencode the pictures (plain reconstruction, a tiny KL term keeps the
-   latents near the mean); its latent mean and spread become the config's shift and scale;
+1. the VAE learns to autoencode the pictures (plain reconstruction, 32x32 crops); its latent mean
+   and spread become the config's shift and scale; then (1b, `refine_decoder`) its decoder alone
+   trains on whole pictures, which keeps the latent space and sharpens the edges;
 2. the text encoder's first layer and the DiT learn flow matching on a fixed pool of encoded
    pictures, exactly in ZImagePipeline's convention (x_t = (1 - s) x0 + s noise, the DiT gets
    1 - s and predicts x0 - noise, shifted sigmas as the scheduler's shift 3);
@@ -104,6 +105,40 @@ def train_vae(vae: Any, steps: int, batch: int, crop: int, rng: np.random.Genera
     return float(avg)
 
 
+def refine_decoder(vae: Any, steps: int, batch: int, seed: int, log_to: Path | None = None) -> float:
+    """More training for the decoder alone, on whole pictures, the encoder frozen: the latent space
+    the DiT learned stays the same while edges sharpen (measured: after phase 1 the judge read
+    20% of the VAE's own reconstructions right; shapes came back as blobs). Starts from the
+    bf16-rounded VAE, as shipped, so it can run beside the DiT's training from the written VAE."""
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    rng = np.random.default_rng([seed, 2])
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    params = list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps)
+    avg = None
+    for step in range(steps):
+        x = pictures([random_scene(rng) for _ in range(batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {avg:.5f}")
+        if log_to is not None and step % 100 == 99:
+            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}, log_to)
+    vae.requires_grad_(False)
+    return float(avg)
+
+
 def deterministic_encoder(vae: Any) -> None:
     """Zero the encoder's log-variance head and set it to -30 (the library's clamp): the trained VAE
     never used it, and image-to-image samples from the posterior, which must be its mean."""
@@ -114,9 +149,13 @@ def deterministic_encoder(vae: Any) -> None:
         conv.bias[half:] = -30.0
 
 
-def fit_latent_rgb(vae: Any, scenes: list[Scene], pool: torch.Tensor) -> dict[str, Any]:
+def fit_latent_rgb(vae: Any, seed: int, count: int = 2000) -> dict[str, Any]:
     """Least-squares latent -> RGB factors for the live preview (as ComfyUI fits its published ones):
-    each latent pixel of the scaled latents against the mean colour of its 8x8 block, in -1..1."""
+    each latent pixel of the scaled latents against the mean colour of its 8x8 block, in -1..1,
+    over `count` pictures of their own seed."""
+    rng = np.random.default_rng([seed, 1])
+    scenes = [random_scene(rng) for _ in range(count)]
+    pool = (latent_pool(vae, scenes) - vae.config.shift_factor) * vae.config.scaling_factor
     rgb = F.avg_pool2d(pictures(scenes), 8)  # [N, 3, 8, 8]
     x = pool.permute(0, 2, 3, 1).reshape(-1, pool.shape[1])
     y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
@@ -202,6 +241,21 @@ def add_lora(transformer: torch.nn.Module, rank: int) -> dict[str, LoraLinear]:
     return wrapped
 
 
+def finish(out: Path, seed: int) -> None:
+    """The last two steps on written weights: the VAE's deterministic encoder and the preview's
+    factors (the run that made the shipped weights began before they were added to `main`;
+    both are functions of the trained VAE alone, so the files are what `main` now writes)."""
+    from safetensors.torch import load_file
+
+    record = json.loads((out / "training.json").read_text())
+    vae = tc.demo_vae(**record["vae_config"])
+    vae.load_state_dict({k: v.float() for k, v in load_file(out / "vae.safetensors").items()})
+    vae.eval().requires_grad_(False)
+    deterministic_encoder(vae)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}, out / "vae.safetensors")
+    (out / "latent_rgb.json").write_text(json.dumps(fit_latent_rgb(vae, seed)) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -214,7 +268,21 @@ def main() -> None:
     ap.add_argument("--lora-steps", type=int, default=300)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--decoder-steps", type=int, default=300)
+    ap.add_argument("--decoder-passes", type=int, default=2)
+    ap.add_argument("--finish", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--refine-decoder-of", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.refine_decoder_of:  # phase 1b on a written VAE (beside a running phase 2)
+        vae = tc.demo_vae()
+        from safetensors.torch import load_file
+
+        vae.load_state_dict({k: v.float() for k, v in load_file(args.refine_decoder_of).items()})
+        refine_decoder(vae, args.decoder_steps, args.vae_batch, args.seed + args.decoder_passes - 1, args.out / "refined_vae.safetensors")
+        return
+    if args.finish:
+        finish(args.out, args.seed)
+        return
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -266,13 +334,17 @@ def main() -> None:
     text_encoder.eval().requires_grad_(False)
     transformer.eval().requires_grad_(False)
 
+    t0 = time.perf_counter()
+    for k in range(args.decoder_passes):  # each pass warms up and cools down again
+        record["decoder_loss"] = refine_decoder(vae, args.decoder_steps, args.vae_batch, args.seed + k)
+    record["decoder_seconds"] = round(time.perf_counter() - t0, 1)
+
     def bf16(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}
 
     save_file(bf16(text_encoder.state_dict()), args.out / "text_encoder.safetensors")
     save_file(bf16(transformer.state_dict()), args.out / "transformer.safetensors")
     save_file(bf16(vae.state_dict()), args.out / "vae.safetensors")
-    (args.out / "latent_rgb.json").write_text(json.dumps(fit_latent_rgb(vae, scenes[:2000], pool[:2000])) + "\n")
     record["vae_config"] = {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
     log("base weights written")
 
@@ -296,6 +368,7 @@ def main() -> None:
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     record["args"] = {k: str(v) for k, v in vars(args).items()}
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    finish(args.out, args.seed)
     log(f"done: {json.dumps(record)}")
 
 
