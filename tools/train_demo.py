@@ -269,7 +269,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--decoder-steps", type=int, default=300)
-    ap.add_argument("--decoder-passes", type=int, default=2)
+    ap.add_argument("--decoder-passes", type=int, default=3)
     ap.add_argument("--finish", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--refine-decoder-of", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
