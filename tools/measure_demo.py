@@ -130,7 +130,7 @@ def generate(studio: Any, request: Any) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20, help="held-out captions per bf16 row")
-    ap.add_argument("--others", type=int, default=10, help="of those, how many the other rows generate (time: the host is shared)")
+    ap.add_argument("--others", type=int, default=20, help="of those, how many the other rows generate (time: the host is shared)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the demo's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rows", default="bf16,fp8,int8,nf4,gguf-q8_0,gguf-q4_k,disk", help="which forms")
