@@ -158,13 +158,17 @@ def test_generate_endpoint_parameter_names(client):
 def test_generate_by_name_returns_png_and_parameters(client, server):
     from PIL import Image
 
+    from tests.judge import judge
+    from tools.demo_shapes import held_out_scenes
+
+    scene = held_out_scenes(1)[0]  # a caption the demo never saw in training
     image_path, parameters = client.predict(
-        prompt="a lighthouse at dawn",
+        prompt=scene.caption(),
         negative_prompt="blurry",
         model=None,
         width=None,
         height=None,
-        steps=2,
+        steps=None,
         guidance=None,
         seed=1234,
         vram_limit=None,
@@ -178,6 +182,8 @@ def test_generate_by_name_returns_png_and_parameters(client, server):
     with Image.open(path) as im:
         assert im.format == "PNG"
         assert im.info.get("parameters") == parameters
+        verdict = judge(im, scene)  # the picture shows the caption: the request reached the denoiser
+    assert verdict.colours_and_place_ok, verdict
     saved = list((server[1] / "outputs").rglob("*.png"))
     assert saved, "the PNG should be saved in --outputs-dir"
 

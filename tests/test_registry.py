@@ -19,7 +19,7 @@ from model_registry.completeness import repo_problems
 from tests.fixtures import tiny_components as tc
 from model_registry.families import FAMILIES, FAMILY_MODULES, STAGES, Family, family_for_pipeline
 from model_registry.sizes import load_component_configs, measure
-from tests.fixtures.tiny_repos import TINY_DEFAULTS, write_tiny_repo
+from tests.fixtures.tiny_repos import write_tiny_repo
 
 REQUIRED = {
     "qwen-image": ("Qwen/Qwen-Image", "Qwen/Qwen-Image", "apache-2.0", False),
@@ -178,9 +178,10 @@ def test_a_role_outside_the_layout_is_refused() -> None:
 
 def test_demo_entry() -> None:
     demo = model_registry.get_model("demo")
-    assert demo.is_demo and "noise" in demo.name and "offline" in demo.name
-    tiny = TINY_DEFAULTS[demo.family]
-    assert demo.defaults == {"steps": tiny.steps, "guidance": tiny.guidance, "width": tiny.width, "height": tiny.height}
+    assert demo.is_demo and "shapes and colours, trained in this repository" in demo.name and "offline" in demo.name
+    assert "noise" not in demo.name + demo.description
+    # it was trained at 64x64 without guidance (tools/train_demo.py)
+    assert (demo.defaults["width"], demo.defaults["height"], demo.defaults["guidance"]) == (64, 64, 0.0)
 
 
 # --------------------------------------------------------------------------- true sizes

@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an app already running (default: start app.py)")
     ap.add_argument("--out", type=Path, default=REPO / "assets" / "screenshot.png")
-    ap.add_argument("--prompt", default="A lighthouse on a cliff at dawn, oil painting")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--prompt", default="a large yellow star on a blue background, in the centre")  # the demo draws it
+    ap.add_argument("--steps", type=int, default=8)  # the demo's default
+    ap.add_argument("--size", type=int, default=64)  # the demo was trained at 64x64
     args = ap.parse_args(argv)
     if args.url:
         print(take(args.url, args.out, args.prompt, args.steps, args.size))

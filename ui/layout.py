@@ -91,7 +91,7 @@ def build_demo(studio: Any) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
             f"# {TITLE}\nRun large image models on small GPUs: layers are streamed to the GPU within the "
-            "VRAM limit you set. The *demo* model works offline and draws noise."
+            "VRAM limit you set. The *demo* model works offline: it draws shapes and colours (\"a red circle on a blue background, on the left\"), trained in this repository."
         )
         with gr.Row(equal_height=False):
             # ---------------------------------------------------------------- controls

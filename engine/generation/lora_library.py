@@ -79,15 +79,26 @@ def factor_bytes(path: Path, dtype_bytes: int = 2) -> int:
     return total
 
 
-class LoraLibrary:
-    """LoRAs in `root` (and Hugging Face repos downloaded into root/hf)."""
+def shipped_loras() -> dict[str, Path]:
+    """LoRAs that ship with the app (the demo model's, trained in this repository), by id."""
+    from model_registry.demo.repo import shipped_loras as demo_loras
 
-    def __init__(self, root: Path | str):
+    return {lora_id: path for lora_id, path in demo_loras().items() if path.is_file()}
+
+
+class LoraLibrary:
+    """LoRAs in `root` (and Hugging Face repos downloaded into root/hf), plus the shipped ones."""
+
+    def __init__(self, root: Path | str, shipped: dict[str, Path] | None = None):
         self.root = Path(root)
+        self.shipped = shipped_loras() if shipped is None else dict(shipped)
 
     def choices(self, family: str | None = None) -> list[LoraChoice]:
-        """Local LoRAs, sorted by id; with `family`, those of that family (and unknown ones)."""
+        """Shipped, then local LoRAs sorted by id; with `family`, those of that family (and unknown ones)."""
         out = []
+        for lora_id, path in self.shipped.items():
+            fam = family_of_keys([k for k in _header(path) if k != "__metadata__"])
+            out.append(LoraChoice(lora_id, path.stem, fam, path, path.stat().st_size))
         if self.root.is_dir():
             for path in sorted(self.root.rglob("*.safetensors")):
                 rel = path.relative_to(self.root).with_suffix("")
@@ -105,6 +116,8 @@ class LoraLibrary:
     def resolve(self, lora_id: str, progress: Callable[[float, str], None] | None = None) -> Path:
         """The file of `lora_id`, downloading a Hugging Face one first. UserFacingError if absent."""
         lora_id = lora_id.strip()
+        if lora_id in self.shipped:
+            return self.shipped[lora_id]
         if lora_id.startswith(HF_PREFIX):
             return self._download(lora_id[len(HF_PREFIX):], progress)
         candidate = (self.root / lora_id)

@@ -31,6 +31,7 @@ from engine.generation.request import ResolvedRequest, infotext
 from engine.generation.session import Session
 from engine.generation.types import GenerationEvent, GenerationResult, UserFacingError
 from engine.runtime.oom import VramExhaustedError
+from model_registry.families.latent_rgb import for_model as latent_rgb_for
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Runner:
         telemetry = self.session.telemetry
         clock = {"t": time.perf_counter()}
         durations: list[float] = []
-        previewer = Previewer(pipe.family.latent_rgb, r.width, r.height) if r.request.preview else None
+        previewer = Previewer(latent_rgb_for(pipe.path, pipe.family.latent_rgb), r.width, r.height) if r.request.preview else None
         made: dict[str, Any] = {"image": None}
         self.last_previewer = previewer
 

@@ -1,10 +1,12 @@
 """The built-in demo model: a tiny Z-Image pipeline written on first use, no network.
 
 It lets the app (and its tests) run end to end on a machine that has never downloaded
-anything. Its weights are random, so its images are noise, and its name says so. Everything
-it needs ships with the app: its tiny configs (`components`), its locally trained tokenizer
-(`tokenizer`) and the repo writing (`repo`); the tests' tiny repos of the other families
-reuse them.
+anything. It draws shapes and colours from captions ("a red circle on a blue background, on
+the left"): its weights were trained in this repository (tools/train_demo.py) and ship in
+`weights/` (a few MB of safetensors); on first use they are written out in the real Z-Image
+repo layout, and the app loads that folder as it loads any model. Everything it needs ships
+with the app: its configs (`components`), its locally trained tokenizer (`tokenizer`) and the
+repo writing (`repo`); the tests' tiny repos of the other families reuse them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..paths import primary_model_dir
 
 DEMO_ID = "demo"
 DEMO_SEED = 0
+MARKER = "demo_weights.txt"  # which shipped weights the folder was written from
 
 
 def demo_path(models_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -33,8 +36,12 @@ def ensure_demo(entry: ModelEntry, models_dir: str | os.PathLike[str] | None = N
     It is written beside its final place and renamed into it, so an interrupted write
     never leaves a half demo that looks whole.
     """
+    from .repo import weights_fingerprint
+
     target = demo_path(models_dir)
-    if is_complete(target, entry.adapter):
+    marker = target / MARKER
+    fingerprint = weights_fingerprint()
+    if is_complete(target, entry.adapter) and marker.is_file() and marker.read_text().strip() == fingerprint:
         return target
     if entry.family != "z-image":
         raise ValueError(f"the demo model is a tiny Z-Image; the catalogue's demo entry says {entry.family!r}")
@@ -43,6 +50,7 @@ def ensure_demo(entry: ModelEntry, models_dir: str | os.PathLike[str] | None = N
     staging = target.with_name(f".{DEMO_ID}-{os.getpid()}.partial")
     try:
         write_demo_repo(staging, seed=DEMO_SEED)
+        (staging / MARKER).write_text(fingerprint + "\n")  # a folder of older weights gets rewritten
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

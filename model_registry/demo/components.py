@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TEXT_HIDDEN", "autoencoder_kl", "flux_vae", "padded", "qwen3_text_encoder", "z_image_transformer"]
+__all__ = ["TEXT_HIDDEN", "autoencoder_kl", "demo_transformer", "demo_vae", "flux_vae", "padded", "qwen3_text_encoder", "z_image_transformer"]
 
 TEXT_HIDDEN = 32  # hidden size of every tiny text encoder
 
@@ -94,4 +94,52 @@ def flux_vae() -> torch.nn.Module:
     """FLUX.1's 16-channel VAE, which Z-Image ships too (no quant convs, shifted and scaled latents)."""
     return autoencoder_kl(
         latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
+
+
+# The shipped demo (model_registry/demo/weights, trained by tools/train_demo.py) is wider than the
+# tests' tiny models above: a 64x64 picture is an 8x8x16 latent, 16 image tokens, and the DiT needs
+# room to compose colour, shape and position from a caption. Still ~2 M parameters in all.
+
+
+def demo_transformer() -> torch.nn.Module:
+    """The demo's DiT: Z-Image's layout at dim 128, 3 layers plus 1 refiner layer per stream."""
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=128,
+        n_layers=3,
+        n_refiner_layers=1,
+        n_heads=4,
+        n_kv_heads=4,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=TEXT_HIDDEN,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 12, 12],  # sums to dim / n_heads
+        axes_lens=[1024, 512, 512],
+    )
+
+
+def demo_vae(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> torch.nn.Module:
+    """The demo's 16-channel 8x VAE (FLUX.1's layout, no quant convs), wider than `flux_vae`;
+    its latent scale and shift are measured after training and stored in its config."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 48, 48),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=1024,
+        latent_channels=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import shutil
 import zlib
@@ -33,6 +34,8 @@ __all__ = [
     "write_demo_repo",
     "write_index_and_scheduler",
     "write_repo",
+    "write_trained_z_image",
+    "shipped_loras",
     "write_z_image",
 ]
 
@@ -58,8 +61,8 @@ def write_repo(writer: Writer, target_dir: str | Path, seed: int = 0) -> Path:
 
 
 def write_demo_repo(target_dir: str | Path, seed: int = 0) -> Path:
-    """The demo model: a tiny Z-Image repo (see write_repo)."""
-    return write_repo(write_z_image, target_dir, seed)
+    """The demo model: a tiny Z-Image repo with the shipped trained weights (see write_repo)."""
+    return write_repo(write_trained_z_image, target_dir, seed)
 
 
 @contextlib.contextmanager
@@ -170,3 +173,43 @@ def write_z_image(root: Path, seed: int) -> None:
     save(text_encoder, root / "text_encoder", sharded=True)
     save(build(seed, "transformer", tc.z_image_transformer), root / "transformer", sharded=True)
     save(build(seed, "vae", tc.flux_vae), root / "vae")
+
+
+#: The demo's trained weights (tools/train_demo.py writes them; the app only reads them).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHT_FILES = ("text_encoder.safetensors", "transformer.safetensors", "vae.safetensors")
+
+
+def weights_fingerprint() -> str:
+    """crc32 of the shipped weight files: a demo folder written from other weights is rewritten."""
+    crc = 0
+    for name in (*WEIGHT_FILES, "training.json", "latent_rgb.json"):
+        crc = zlib.crc32((WEIGHTS_DIR / name).read_bytes(), crc)
+    return f"{crc:08x}"
+
+
+def _trained(model: torch.nn.Module, file: str) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(WEIGHTS_DIR / file), strict=True)  # copies: tied weights stay tied
+    return torch.nn.Module.to(model, torch.bfloat16).eval()
+
+
+def write_trained_z_image(root: Path, seed: int) -> None:
+    """The demo: the same Z-Image repo layout, its components of the demo's sizes
+    (components.demo_*) carrying the weights trained on drawn shapes. `seed` is unused: the
+    weights are what training wrote, so every demo folder holds the same bytes."""
+    del seed
+    record = json.loads((WEIGHTS_DIR / "training.json").read_text())
+    write_index_and_scheduler(root, "z-image", Z_IMAGE_COMPONENTS, Z_IMAGE_SCHEDULER)
+    qv = qwen_vocab(qwen3=True)
+    write_qwen3_tokenizer(root / "tokenizer", qv)
+    save(_trained(tc.qwen3_text_encoder(len(qv), qv.added, layers=2), "text_encoder.safetensors"), root / "text_encoder", sharded=True)
+    save(_trained(tc.demo_transformer(), "transformer.safetensors"), root / "transformer", sharded=True)
+    save(_trained(tc.demo_vae(**record["vae_config"]), "vae.safetensors"), root / "vae")
+    shutil.copyfile(WEIGHTS_DIR / "latent_rgb.json", root / "latent_rgb.json")  # the live preview's factors
+
+
+def shipped_loras() -> dict[str, Path]:
+    """The demo's LoRA (trained with it: outlined instead of filled shapes), by LoRA id."""
+    return {"demo/outlined-shapes": WEIGHTS_DIR / "outlined_shapes_lora.safetensors"}

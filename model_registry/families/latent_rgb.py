@@ -18,7 +18,13 @@ ComfyUI contributors by least squares from latents to downscaled decoded images)
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+
+MODEL_FILE = "latent_rgb.json"  # a model folder's own factors (the demo's: fitted to its trained VAE)
 
 
 @dataclass(frozen=True)
@@ -127,3 +133,18 @@ FLUX2_32CH = LatentRGB(
     (-0.0329, -0.0718, -0.0851),
     "ComfyUI comfy/latent_formats.py Flux2",
 )
+
+
+def for_model(path: "str | os.PathLike[str]", default: "LatentRGB | None") -> "LatentRGB | None":
+    """The model folder's own factors (`latent_rgb.json`: {"factors": [[r, g, b], ...], "bias": [r, g, b]})
+    when it has them, else the family's `default`; a file that does not parse is ignored (a preview
+    must never break a generation)."""
+    file = Path(path) / MODEL_FILE
+    if not file.is_file():
+        return default
+    try:
+        data = json.loads(file.read_text())
+        return LatentRGB(tuple(tuple(float(v) for v in row) for row in data["factors"]),
+                         tuple(float(v) for v in data.get("bias", (0, 0, 0))), str(data.get("source", file)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return default

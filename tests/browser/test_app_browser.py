@@ -7,12 +7,14 @@ Set LVS_SCREENSHOT=1 to also write assets/screenshot.png after the first generat
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from .server import CHROMIUM, CHROMIUM_ARGS, REPO, running_server
 
@@ -27,6 +29,7 @@ CANCEL_STEPS = int(os.environ.get("LVS_BROWSER_CANCEL_STEPS", "20"))
 LONG_SIZE = int(os.environ.get("LVS_BROWSER_LONG_SIZE", "256"))  # pixels: bigger = slower steps
 CANCEL_SIZE = int(os.environ.get("LVS_BROWSER_CANCEL_SIZE", "512"))
 SHORT_STEPS = int(os.environ.get("LVS_BROWSER_SHORT_STEPS", "2"))
+DEMO_STEPS = 8  # the demo's default: enough for its picture to be judged
 RUN_TIMEOUT_MS = 120_000
 
 
@@ -224,8 +227,17 @@ def test_cancel_then_bad_width_then_generation_works(page):
     wait_ready(page)
     assert gallery_count(page) == 0
 
-    start(page, "after a cancel and an error", SHORT_STEPS, 64)
+    # after a cancel and an error: the demo draws what the prompt says (a caption it never saw)
+    from tests.judge import judge
+    from tools.demo_shapes import held_out_scenes
+
+    scene = held_out_scenes(1, seed=7)[0]
+    start(page, scene.caption(), DEMO_STEPS, 64)
     page.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)
+    src = page.locator("#gallery img").first.get_attribute("src") or ""
+    with Image.open(io.BytesIO(page.request.get(src).body())) as shown:
+        verdict = judge(shown, scene)
+    assert verdict.colours_and_place_ok, verdict
 
 
 def test_two_tabs_queue(browser, server):
