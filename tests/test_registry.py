@@ -136,6 +136,7 @@ _TINY_DENOISERS = {
     "sdxl": tc.sdxl_unet,
     "qwen-image-edit": tc.qwen_image_transformer,
     "flux1-kontext": tc.flux_transformer,
+    "flux2": tc.flux2_dev_transformer,
 }
 
 

@@ -129,6 +129,27 @@ REAL_LAYOUT: dict[str, dict] = {
             "tokenizer_2": {"special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer_config.json"},
         },
     },
+    "flux2": {
+        "pipeline": "Flux2Pipeline",
+        "components": {
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+            "tokenizer": ["transformers", "PixtralProcessor"],
+            "transformer": ["diffusers", "Flux2Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLFlux2"],
+        },
+        "sharded": {"text_encoder", "transformer"},
+        "single": {"vae"},
+        "tokenizers": {
+            "tokenizer": {
+                "chat_template.jinja",
+                "preprocessor_config.json",
+                "processor_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+            }
+        },
+    },
     "sdxl": {
         "pipeline": "StableDiffusionXLPipeline",
         "components": {
@@ -174,9 +195,12 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def needs_torchvision(family: str) -> None:
-    """Qwen2VLProcessor (Qwen-Image-Edit) loads a video processor that needs torchvision."""
-    if "processor" in REAL_LAYOUT[family]["components"]:
-        pytest.importorskip("torchvision", reason="Qwen2VLProcessor's video processor needs torchvision")
+    """Qwen2VLProcessor (Qwen-Image-Edit) loads a video processor that needs torchvision, and
+    PixtralProcessor (FLUX.2 [dev]'s tokenizer folder) needs it whole: diffusers' own loading
+    needs it (the engine's does not: engine.generation.pipelines.processors)."""
+    classes = {c for _, c in REAL_LAYOUT[family]["components"].values()}
+    if "processor" in REAL_LAYOUT[family]["components"] or "PixtralProcessor" in classes:
+        pytest.importorskip("torchvision", reason="Qwen2VLProcessor's video processor and PixtralProcessor need torchvision")
 
 
 def safetensors_header(path: Path) -> dict:

@@ -86,6 +86,25 @@ SHARDS: dict[tuple[str, str], int] = {
     ("flux1-kontext-dev", "text_encoder_2"): 2,
     ("flux1-kontext-dev", "transformer"): 3,
     ("flux1-kontext-dev", "vae"): 1,
+    # issue #23's models, none confirmed against the hub (no network here): the updates of a model
+    # (Qwen-Image-2512, Qwen-Image-Edit-2511, Z-Image base) keep their predecessor's files and
+    # sizes, so its shard counts; FLUX.2 [klein] 9B is saved like the 4B (~5 GB shards)
+    ("qwen-image-2512", "text_encoder"): 4,
+    ("qwen-image-2512", "transformer"): 9,
+    ("qwen-image-2512", "vae"): 1,
+    ("qwen-image-edit-2511", "text_encoder"): 4,
+    ("qwen-image-edit-2511", "transformer"): 9,
+    ("qwen-image-edit-2511", "vae"): 1,
+    ("z-image", "text_encoder"): 3,
+    ("z-image", "transformer"): 3,
+    ("z-image", "vae"): 1,
+    ("flux2-klein-9b", "text_encoder"): 4,
+    ("flux2-klein-9b", "transformer"): 4,
+    ("flux2-klein-9b", "vae"): 1,
+    # FLUX.2 [dev]: the 24B Mistral text encoder in 10 files, the 32B transformer in 7 (from memory)
+    ("flux2-dev", "text_encoder"): 10,
+    ("flux2-dev", "transformer"): 7,
+    ("flux2-dev", "vae"): 1,
 }
 #: Stored dtype of the floating tensors where it is not bf16.
 DTYPES: dict[tuple[str, str], str] = {
@@ -273,6 +292,8 @@ def _write_pipeline_files(root: Path, family: str) -> None:
             tr.write_qwen_image_edit_text_files(root, qwen_vocab_at_real_ids())
         elif family in ("z-image", "flux2-klein"):
             write_qwen3_tokenizer(root / "tokenizer", qwen_vocab(qwen3=True))
+        elif family == "flux2":
+            tr.write_mistral_processor_files(root / "tokenizer")
         elif family in ("flux1", "flux1-kontext"):
             tr._write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
             tr._write_t5_tokenizer(root / "tokenizer_2")
