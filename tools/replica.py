@@ -105,6 +105,22 @@ SHARDS: dict[tuple[str, str], int] = {
     ("flux2-dev", "text_encoder"): 10,
     ("flux2-dev", "transformer"): 7,
     ("flux2-dev", "vae"): 1,
+    # Krea 2: no hub repo to read (diffusers 0.42.1: "no hub repo yet"); Qwen3-VL-4B's own 2 files and
+    # diffusers' 10 GB default shards for the 25.6 GB transformer
+    ("krea2", "text_encoder"): 2,
+    ("krea2", "transformer"): 3,
+    ("krea2", "vae"): 1,
+    # HunyuanImage-2.1's diffusers conversion: Qwen2.5-VL-7B as Qwen-Image ships it, the 35 GB
+    # transformer in diffusers' 10 GB default shards (from memory, not confirmed)
+    ("hunyuanimage-2.1", "text_encoder"): 4,
+    ("hunyuanimage-2.1", "text_encoder_2"): 1,
+    ("hunyuanimage-2.1", "transformer"): 4,
+    ("hunyuanimage-2.1", "vae"): 1,
+    # Qwen-Image-2.1: Qwen3-VL-8B's own 4 files, the 14 GB transformer in diffusers' 10 GB default
+    # shards (guesses: no files to read here)
+    ("qwen-image-2.1", "text_encoder"): 4,
+    ("qwen-image-2.1", "transformer"): 2,
+    ("qwen-image-2.1", "vae"): 1,
 }
 #: Stored dtype of the floating tensors where it is not bf16.
 DTYPES: dict[tuple[str, str], str] = {
@@ -290,8 +306,12 @@ def _write_pipeline_files(root: Path, family: str) -> None:
             tr._write_qwen25vl_tokenizer(root / "tokenizer", qwen_vocab(qwen3=False))
         elif family == "qwen-image-edit":
             tr.write_qwen_image_edit_text_files(root, qwen_vocab_at_real_ids())
-        elif family in ("z-image", "flux2-klein"):
+        elif family in ("z-image", "flux2-klein", "krea2"):
             write_qwen3_tokenizer(root / "tokenizer", qwen_vocab(qwen3=True))
+        elif family == "hunyuan-image":
+            tr.write_hunyuan_image_text_files(root, qwen_vocab_at_real_ids())
+        elif family == "qwen-image-21":
+            tr.write_qwen_image_21_text_files(root, qwen_vocab_at_real_ids())
         elif family == "flux2":
             tr.write_mistral_processor_files(root / "tokenizer")
         elif family in ("flux1", "flux1-kontext"):

@@ -51,7 +51,8 @@ def model_label(choice: ModelChoice) -> str:
     else:
         where = "not downloaded: downloads on first use"
     size = f"{choice.size_gb:.1f} GB" if choice.size_gb >= 0.1 else f"{choice.size_gb * 1000:.1f} MB"
-    return f"{choice.name} · {size} · {where}"
+    group = f"{choice.family} › " if choice.family and not choice.is_demo else ""  # the picker's family groups
+    return f"{group}{choice.name} · {size} · {where}"
 
 
 def model_choices(models: Sequence[ModelChoice]) -> list[tuple[str, str]]:
