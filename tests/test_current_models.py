@@ -18,10 +18,14 @@ NEW_FAMILIES = ("flux2", "krea2", "hunyuan-image", "qwen-image-21")
 #: every model the issue adds, and its family
 NEW_MODELS = {
     "qwen-image-2512": "qwen-image",
+    "qwen-image-2512-gguf-q4_k_m": "qwen-image",
+    "qwen-image-2512-gguf-q8_0": "qwen-image",
     "qwen-image-edit-2511": "qwen-image-edit",
     "z-image": "z-image",
     "flux2-klein-9b": "flux2-klein",
     "flux2-dev": "flux2",
+    "flux2-dev-gguf-q4_k_m": "flux2",
+    "flux2-dev-gguf-q8_0": "flux2",
     "krea2": "krea2",
     "hunyuanimage-2.1": "hunyuan-image",
     "qwen-image-2.1": "qwen-image-21",
@@ -260,3 +264,38 @@ def test_lora_layouts_load_through_load_lora_as_diffusers_loads_them(repos, tmp_
         assert handle.layers > 0
         got = run(model)
         assert torch.equal(got, expected), (family, layout, limit, (got - expected).abs().max())
+
+
+@pytest.mark.parametrize("build", ["flux2_transformer", "flux2_dev_transformer"])
+def test_the_flux2_gguf_layout_is_diffusers_converter_inverted(build):
+    """A FLUX.2 state dict written in BFL's names from the family's GGUF table, converted back by
+    diffusers' own convert_flux2_transformer_checkpoint_to_diffusers, is the model's state dict
+    bit for bit (so a ComfyUI-named FLUX.2 GGUF maps as diffusers would map it)."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from model_registry.families.flux2_klein import flux2_sources
+    from tests.fixtures import tiny_components as tc
+
+    torch.manual_seed(0)
+    model = getattr(tc, build)()
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    original: dict[str, torch.Tensor] = {}
+    for target, parts in flux2_sources(model).items():
+        offset = 0
+        for source, r0, r1 in parts:
+            rows = state[target].shape[0] if r1 == -1 else r1 - r0
+            piece = state[target][offset : offset + rows]
+            offset += rows
+            if r1 == -1:
+                original[source] = piece.clone()
+            else:
+                whole = original.setdefault(source, torch.zeros((max(r1, original[source].shape[0] if source in original else 0),) + piece.shape[1:]))
+                if whole.shape[0] < r1:
+                    whole = torch.cat([whole, torch.zeros((r1 - whole.shape[0],) + piece.shape[1:])])
+                whole[r0:r1] = piece
+                original[source] = whole
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(original))
+    assert set(converted) == set(state)
+    for k, v in state.items():
+        assert torch.equal(converted[k], v), k
