@@ -122,7 +122,13 @@ def load_options(model_id: str, path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def model_choices(models_dir: str | os.PathLike[str] | None = None) -> list[ModelChoice]:
-    """The UI's model dropdown: every entry with its size and whether it is here."""
+    """The UI's model dropdown: every entry with its size and whether it is here, grouped by
+    family (the demo first, then the families in the catalogue's order, models in theirs)."""
+    entries = list_models()
+    first_seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        first_seen.setdefault(entry.family, i)
+    entries.sort(key=lambda e: (not e.is_demo, first_seen[e.family]))  # stable: catalogue order within a family
     return [
         ModelChoice(
             id=entry.id,
@@ -133,8 +139,9 @@ def model_choices(models_dir: str | os.PathLike[str] | None = None) -> list[Mode
             defaults=dict(entry.defaults),
             limits=dict(entry.limits),
             **_image_caps(entry.family),
+            family=entry.family,
         )
-        for entry in list_models()
+        for entry in entries
     ]
 
 

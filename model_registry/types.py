@@ -25,3 +25,4 @@ class ModelChoice:
     # images in: "none", "img2img" (one image + strength) or "reference" (edit models), and how many
     image_mode: str = "none"
     max_images: int = 0
+    family: str = ""  # the picker groups models by it (the catalogue's family name)

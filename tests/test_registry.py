@@ -82,7 +82,8 @@ def test_entry_fields_are_sane(entry: model_registry.ModelEntry) -> None:
     assert set(entry.components) == set(family.components)
     assert set(entry.defaults) == set(DEFAULT_KEYS) and set(entry.limits) == set(LIMIT_KEYS)
     d, lim = entry.defaults, entry.limits
-    assert lim["size_multiple"] == 16
+    # 16: an 8x VAE with 2x2 patches (or a 16x VAE); HunyuanImage-2.1's VAE compresses 32x
+    assert lim["size_multiple"] == (32 if entry.family == "hunyuan-image" else 16)
     for side in ("width", "height"):
         assert lim[f"min_{side}"] % 16 == 0 and lim[f"max_{side}"] % 16 == 0 and d[side] % 16 == 0
         assert lim[f"min_{side}"] <= d[side] <= lim[f"max_{side}"]
@@ -136,6 +137,10 @@ _TINY_DENOISERS = {
     "sdxl": tc.sdxl_unet,
     "qwen-image-edit": tc.qwen_image_transformer,
     "flux1-kontext": tc.flux_transformer,
+    "flux2": tc.flux2_dev_transformer,
+    "krea2": tc.krea2_transformer,
+    "hunyuan-image": lambda: tc.hunyuan_image_transformer(24),
+    "qwen-image-21": tc.qwen_image_21_transformer,
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model_registry.catalog import MODELS_FILE, read_catalogue_file
-from model_registry.families import FAMILIES
+from model_registry.families import FAMILIES, catalogue_files
 from model_registry.sizes import ComponentSize, load_component_configs, measure
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -93,24 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
     args = parser.parse_args(argv)
-    data = read_catalogue_file()
-    sizes = measure_catalogue(data)
     changed = []
-    for model in data["models"]:
-        for name, comp in model["components"].items():
-            size = sizes.get((model["id"], name))
-            if size is None:
-                continue
-            if (comp.get("parameters"), comp.get("bytes_bf16")) != (size.parameters, size.bytes_bf16):
-                changed.append(f"{model['id']}/{name}: {comp.get('parameters')} -> {size.parameters}")
-            comp["parameters"], comp["bytes_bf16"] = size.parameters, size.bytes_bf16
+    # models.json, then the catalogue JSON next to each family file (model_registry.families)
+    for path in [MODELS_FILE, *catalogue_files()]:
+        data = read_catalogue_file(path)
+        sizes = measure_catalogue(data)
+        changed_here = []
+        for model in data["models"]:
+            for name, comp in model["components"].items():
+                size = sizes.get((model["id"], name))
+                if size is None:
+                    continue
+                if (comp.get("parameters"), comp.get("bytes_bf16")) != (size.parameters, size.bytes_bf16):
+                    changed_here.append(f"{model['id']}/{name}: {comp.get('parameters')} -> {size.parameters}")
+                comp["parameters"], comp["bytes_bf16"] = size.parameters, size.bytes_bf16
+        changed += changed_here
+        if not args.check:
+            path.write_text(_dump(data) + "\n", encoding="utf-8")
+            print(f"wrote {path} ({len(changed_here)} changed)")
     for line in changed:
         print(line)
-    if args.check:
-        return 1 if changed else 0
-    MODELS_FILE.write_text(_dump(data) + "\n", encoding="utf-8")
-    print(f"wrote {MODELS_FILE} ({len(changed)} changed)")
-    return 0
+    return 1 if args.check and changed else 0
 
 
 if __name__ == "__main__":

@@ -86,6 +86,41 @@ SHARDS: dict[tuple[str, str], int] = {
     ("flux1-kontext-dev", "text_encoder_2"): 2,
     ("flux1-kontext-dev", "transformer"): 3,
     ("flux1-kontext-dev", "vae"): 1,
+    # issue #23's models, none confirmed against the hub (no network here): the updates of a model
+    # (Qwen-Image-2512, Qwen-Image-Edit-2511, Z-Image base) keep their predecessor's files and
+    # sizes, so its shard counts; FLUX.2 [klein] 9B is saved like the 4B (~5 GB shards)
+    ("qwen-image-2512", "text_encoder"): 4,
+    ("qwen-image-2512", "transformer"): 9,
+    ("qwen-image-2512", "vae"): 1,
+    ("qwen-image-edit-2511", "text_encoder"): 4,
+    ("qwen-image-edit-2511", "transformer"): 9,
+    ("qwen-image-edit-2511", "vae"): 1,
+    ("z-image", "text_encoder"): 3,
+    ("z-image", "transformer"): 3,
+    ("z-image", "vae"): 1,
+    ("flux2-klein-9b", "text_encoder"): 4,
+    ("flux2-klein-9b", "transformer"): 4,
+    ("flux2-klein-9b", "vae"): 1,
+    # FLUX.2 [dev]: the 24B Mistral text encoder in 10 files, the 32B transformer in 7 (from memory)
+    ("flux2-dev", "text_encoder"): 10,
+    ("flux2-dev", "transformer"): 7,
+    ("flux2-dev", "vae"): 1,
+    # Krea 2: no hub repo to read (diffusers 0.42.1: "no hub repo yet"); Qwen3-VL-4B's own 2 files and
+    # diffusers' 10 GB default shards for the 25.6 GB transformer
+    ("krea2", "text_encoder"): 2,
+    ("krea2", "transformer"): 3,
+    ("krea2", "vae"): 1,
+    # HunyuanImage-2.1's diffusers conversion: Qwen2.5-VL-7B as Qwen-Image ships it, the 35 GB
+    # transformer in diffusers' 10 GB default shards (from memory, not confirmed)
+    ("hunyuanimage-2.1", "text_encoder"): 4,
+    ("hunyuanimage-2.1", "text_encoder_2"): 1,
+    ("hunyuanimage-2.1", "transformer"): 4,
+    ("hunyuanimage-2.1", "vae"): 1,
+    # Qwen-Image-2.1: Qwen3-VL-8B's own 4 files, the 14 GB transformer in diffusers' 10 GB default
+    # shards (guesses: no files to read here)
+    ("qwen-image-2.1", "text_encoder"): 4,
+    ("qwen-image-2.1", "transformer"): 2,
+    ("qwen-image-2.1", "vae"): 1,
 }
 #: Stored dtype of the floating tensors where it is not bf16.
 DTYPES: dict[tuple[str, str], str] = {
@@ -271,8 +306,14 @@ def _write_pipeline_files(root: Path, family: str) -> None:
             tr._write_qwen25vl_tokenizer(root / "tokenizer", qwen_vocab(qwen3=False))
         elif family == "qwen-image-edit":
             tr.write_qwen_image_edit_text_files(root, qwen_vocab_at_real_ids())
-        elif family in ("z-image", "flux2-klein"):
+        elif family in ("z-image", "flux2-klein", "krea2"):
             write_qwen3_tokenizer(root / "tokenizer", qwen_vocab(qwen3=True))
+        elif family == "hunyuan-image":
+            tr.write_hunyuan_image_text_files(root, qwen_vocab_at_real_ids())
+        elif family == "qwen-image-21":
+            tr.write_qwen_image_21_text_files(root, qwen_vocab_at_real_ids())
+        elif family == "flux2":
+            tr.write_mistral_processor_files(root / "tokenizer")
         elif family in ("flux1", "flux1-kontext"):
             tr._write_clip_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
             tr._write_t5_tokenizer(root / "tokenizer_2")

@@ -53,7 +53,8 @@ def model_label(choice: ModelChoice, cached: Sequence[Any] = ()) -> str:
     else:
         where = "not downloaded: downloads on first use"
     size = f"{choice.size_gb:.1f} GB" if choice.size_gb >= 0.1 else f"{choice.size_gb * 1000:.1f} MB"
-    return f"{choice.name} · {size} · {where}" + cached_label(cached)
+    group = f"{choice.family} › " if choice.family and not choice.is_demo else ""  # the picker's family groups
+    return f"{group}{choice.name} · {size} · {where}" + cached_label(cached)
 
 
 def cached_label(cached: Sequence[Any]) -> str:

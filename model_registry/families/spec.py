@@ -112,7 +112,8 @@ class Family:
     weights, single file or shards + index) and the stage it runs in (ENCODE, DENOISE, DECODE):
     the pipeline onloads a stage's components and offloads the rest, and a weighted component
     the family does not declare is refused when a pipeline is built. `tokenizers` are folders of
-    tokenizer files, `schedulers` hold a scheduler_config.json. `variant` is diffusers'
+    tokenizer files, `schedulers` hold a scheduler_config.json, `configs` are components that
+    are one config file (guiders). `variant` is diffusers'
     weight-file variant to fetch when the repo offers several precisions (SDXL: fp16 instead of
     fp32, half the download).
 
@@ -129,6 +130,8 @@ class Family:
     stages: Mapping[str, str] = field(hash=False)
     tokenizers: tuple[str, ...]
     schedulers: tuple[str, ...] = ("scheduler",)
+    # Components that are a config file and nothing else (HunyuanImage's guiders: guider_config.json).
+    configs: tuple[str, ...] = ()
     variant: str | None = None
     denoiser: str
     denoiser_class: str  # dotted path of the denoiser's class (the engine's tables are keyed by it)
@@ -140,6 +143,9 @@ class Family:
     pair_batched_cfg: bool = False
     # Does the family use the negative prompt at all (with the guidance given)?
     uses_negative_prompt: bool = True
+    # The negative prompt the pipeline is given for "none" when it does CFG, for pipelines that
+    # skip CFG without one (Qwen-Image-2.1: " ", as Qwen's pipelines document); None: nothing.
+    empty_negative_prompt: str | None = None
     # Guidance at or below this does no classifier-free guidance (one pass per step).
     cfg_threshold: float = 1.0
     sampler: str = "Euler (flow matching)"  # the name written into the image's infotext
@@ -216,7 +222,7 @@ class Family:
     @property
     def components(self) -> tuple[str, ...]:
         """Every component folder the pipeline loads, sorted."""
-        return tuple(sorted(self.weighted + self.tokenizers + self.schedulers))
+        return tuple(sorted(self.weighted + self.tokenizers + self.schedulers + self.configs))
 
     def stage_of(self, component: str) -> str:
         """The stage during which `component` must be onloaded, as the family declares it; a
@@ -249,6 +255,7 @@ class Family:
         patterns = ["model_index.json"]
         patterns += [f"{name}/scheduler_config.json" for name in self.schedulers]
         patterns += [f"{name}/*" for name in self.tokenizers]
+        patterns += [f"{name}/*.json" for name in self.configs]
         for name in self.weighted:
             variant_files = f"{name}/*.{self.variant}.safetensors"
             if self.variant and (files is None or any(fnmatch(f, variant_files) for f in files)):

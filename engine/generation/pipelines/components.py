@@ -153,6 +153,8 @@ def load_aux_component(name: str, cls: type, root: Path) -> Any:
     except ImportError:
         if "Processor" not in cls.__name__:
             raise
-        from engine.generation.pipelines.processors import processor_without_video
+        from engine.generation.pipelines.processors import processor_without_video, tokenizer_as_processor
 
+        if cls.__name__ == "PixtralProcessor":  # the whole class needs torchvision
+            return tokenizer_as_processor(Path(root) / name)
         return processor_without_video(cls, Path(root) / name)  # no torchvision: no video processor

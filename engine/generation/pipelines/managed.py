@@ -372,6 +372,8 @@ class ManagedPipeline:
                 kwargs["prompt"] = prompt
                 if fam.uses_negative_prompt and negative_prompt.strip():
                     kwargs["negative_prompt"] = negative_prompt
+                elif cfg and fam.empty_negative_prompt is not None:  # the pipeline skips CFG without one
+                    kwargs["negative_prompt"] = fam.empty_negative_prompt
             out = pipe(**kwargs)
         finally:
             self._on_stage = None

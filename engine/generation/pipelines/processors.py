@@ -27,3 +27,18 @@ def processor_without_video(cls: type, folder: Path) -> Any:
 
     sub = type(cls.__name__, (cls,), {"__module__": cls.__module__, "check_argument_for_proper_class": check})
     return sub(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)
+
+
+def tokenizer_as_processor(folder: Path) -> Any:
+    """A text-only stand-in for a processor whose class cannot be built here (FLUX.2 [dev]'s
+    PixtralProcessor needs torchvision): the folder's tokenizer, with the processor's chat
+    template. Flux2Pipeline only tokenizes chat-formatted text with it (`apply_chat_template`);
+    reference images go to the VAE, not through the processor (only the optional caption
+    upsampling would show the text encoder images, and it then fails with transformers' message)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = folder / "chat_template.jinja"
+    if tokenizer.chat_template is None and template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return tokenizer
