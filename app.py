@@ -127,10 +127,10 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_doctor(args: argparse.Namespace) -> None:
-    """`--doctor`: the system check (tools.doctor), printed; no UI is built."""
+    """`--doctor`: the system check (engine.generation.doctor), printed; no UI is built."""
     import json
 
-    from tools.doctor import render_text, run_doctor
+    from engine.generation.doctor import render_text, run_doctor
 
     if args.pinned_ram_gb is not None:
         from engine.transfer.pinned import PINNED_RAM_ENV

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import tools.doctor as doctor
+import engine.generation.doctor as doctor
 from engine.transfer.devices import CpuBackend
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -75,7 +75,7 @@ def test_resident_fill_from_pinned_memory_makes_no_host_sync():
 def test_the_arena_is_pinned_in_pieces_on_cuda(monkeypatch):
     import engine.transfer.pinned as pinned
     from engine import enable_vram_management, runtime_of
-    from tools.doctor import SyntheticStack, _name_blocks
+    from engine.generation.doctor import SyntheticStack, _name_blocks
 
     monkeypatch.setattr(pinned, "PIN_PIECE_BYTES", 8 * 1024**2)
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_the_arena_is_pinned_in_pieces_on_cuda(monkeypatch):
 
 
 def test_doctor_measures_this_gpu(tmp_path):
-    from tools.doctor import render_text, run_doctor
+    from engine.generation.doctor import render_text, run_doctor
 
     report = run_doctor(tmp_path)
     g, t, run = report["gpu"], report["transfer"], report["streamed_run"]

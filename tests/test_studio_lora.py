@@ -194,7 +194,7 @@ def test_each_familys_signatures_tag_its_lora_files():
 
     assert [(family, names[0]) for _, family, names in signatures()] == [
         ("sdxl", "down_blocks"), ("flux2-klein", "double_stream_modulation"), ("flux1", "double_blocks"),
-        ("qwen-image", "img_mlp"), ("z-image", "noise_refiner"), ("flux1", "ff_context"),
+        ("krea2", "text_fusion"), ("qwen-image", "img_mlp"), ("z-image", "noise_refiner"), ("flux1", "ff_context"),
     ]
     assert family_of_keys(["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"]) == "flux2-klein"
     assert family_of_keys(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]) == "flux1"

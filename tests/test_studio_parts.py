@@ -67,12 +67,23 @@ DEMO_BEFORE = {
 }
 
 
+#: the trained demo's weights (5.0 MB) against the random demo's (~1 MB) the figures above were taken with
+DEMO_WEIGHTS_GROWTH_GB = 0.005
+
+
 @pytest.mark.parametrize("kind, limit, disk", list(DEMO_BEFORE), ids=lambda v: str(v))
 def test_the_estimator_gives_the_figures_of_before(studio, kind, limit, disk):
     hardware = GPU_8 if kind == "gpu" else CPU_16
     request = GenerateRequest("", negative_prompt="blurry", model="demo", weights="bf16", disk_offload=disk, vram_limit=limit)
     # the estimate now also says the computation dtype (issue 25): bf16 on these machines
-    assert studio.estimate(request, hardware) == dataclasses.replace(DEMO_BEFORE[(kind, limit, disk)], compute_dtype="bf16")
+    before = dataclasses.replace(DEMO_BEFORE[(kind, limit, disk)], compute_dtype="bf16")
+    now = studio.estimate(request, hardware)
+    # the demo was trained since (issue 24) and its weights grew from ~1 MB to 5 MB: the byte
+    # figures may grow by that much, no more; verdicts, warnings and limits stay as they were
+    grown = ("vram_gb", "ram_gb", "disk_gb", "streamed_gb_per_step")
+    for name in grown:
+        assert getattr(before, name) <= getattr(now, name) <= getattr(before, name) + DEMO_WEIGHTS_GROWTH_GB, name
+    assert dataclasses.replace(now, **{n: 0 for n in grown}) == dataclasses.replace(before, **{n: 0 for n in grown})
 
 
 def test_one_entry_point_for_a_cpu_machine_is_the_planners_ram_verdict(studio, monkeypatch):

@@ -73,9 +73,9 @@ engine_events = zerogpu.on_gpu(_engine_events, _engine_seconds)
 
 
 def doctor_report(model_dir: Any) -> str:
-    """The page's "System check": tools.doctor measures (it, not the UI, moves the tensors); on
+    """The page's "System check": engine.generation.doctor measures (it, not the UI, moves the tensors); on
     ZeroGPU it runs where the GPU is attached."""
-    from tools.doctor import render_text, run_doctor
+    from engine.generation.doctor import render_text, run_doctor
 
     return render_text(run_doctor(model_dir))
 

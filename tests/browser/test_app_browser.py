@@ -165,7 +165,7 @@ def test_controls_exist_by_label(page):
     page.wait_for_function("() => document.querySelector('#estimate').innerText.includes('Cannot run')")
     # another model brings its defaults, and the estimate warns about the download
     model.click()
-    page.get_by_role("option", name=re.compile(r"^Z-Image-Turbo(?! GGUF)")).click()
+    page.get_by_role("option", name=re.compile(r"^([\w.-]+ › )?Z-Image-Turbo(?! GGUF)")).click()
     page.wait_for_function("() => document.querySelector('#estimate').innerText.includes('not downloaded')")
     assert page.get_by_label("Width", exact=True).input_value() == "1024"
 
@@ -287,7 +287,7 @@ def test_model_list_is_fresh_on_load_and_after_a_download_in_another_tab(browser
             try:
                 assert re.search(r"Z-Image-Turbo · [\d.]+ GB · not downloaded", model_options(watcher))
                 worker.get_by_label("Model", exact=True).click()
-                worker.get_by_role("option", name=re.compile(r"^Z-Image-Turbo(?! GGUF)")).click()
+                worker.get_by_role("option", name=re.compile(r"^([\w.-]+ › )?Z-Image-Turbo(?! GGUF)")).click()
                 worker.wait_for_function("() => document.querySelector('#estimate').innerText.includes('not downloaded')")
                 start(worker, "downloads first", 1, 256)
                 worker.wait_for_selector("#gallery img", timeout=RUN_TIMEOUT_MS)

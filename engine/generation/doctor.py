@@ -2,7 +2,7 @@
 
     python app.py --doctor            # the report as text
     python app.py --doctor --json     # the same as JSON, to attach to a bug report
-    python -m tools.doctor [--model-dir DIR] [--json]
+    python -m engine.generation.doctor [--model-dir DIR] [--json]
 
 It reports the GPU (name, compute capability, whether this torch has kernels for it), free and
 total VRAM and what other programs hold, the RAM that can be pinned, host-to-device bandwidth
@@ -271,7 +271,7 @@ def disk_section(model_dir: Path, nbytes: int = DISK_BYTES) -> dict[str, Any]:
 
 
 def _name_blocks(model: nn.Module) -> None:
-    from engine import runtime_of
+    from engine.management import runtime_of
 
     for record in runtime_of(model).layers:
         if record.name.startswith("blocks."):
@@ -282,7 +282,7 @@ def streamed_section(device: torch.device, h2d_gib_s: float | None, backend: Any
                      dim: int = RUN_DIM, depth: int = RUN_DEPTH, tokens: int = RUN_TOKENS, steps: int = RUN_STEPS) -> dict[str, Any]:
     """A few steps of `SyntheticStack` at vram_limit=0 (every block streamed every step) on
     `device`; `backend` replaces the device's own (tests run it on the CPU)."""
-    from engine import enable_vram_management, runtime_of
+    from engine.management import enable_vram_management, runtime_of
     from engine.transfer.pinned import PinnedBudget
 
     torch.manual_seed(0)
@@ -492,7 +492,7 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools.doctor", description="lowvram-studio system check")
+    p = argparse.ArgumentParser(prog="engine.generation.doctor", description="lowvram-studio system check")
     p.add_argument("--model-dir", type=Path, default=Path("models"))
     p.add_argument("--json", action="store_true", help="print JSON (to attach to a bug report)")
     p.add_argument("--no-run", action="store_true", help="skip the streamed run of the synthetic model")
