@@ -696,12 +696,7 @@ def load_model(
             host_arena=arena,
         )
         masters.clear()
-        if prefetch is None:
-            prefetch = auto_prefetch(config)
-        if prefetch and config.uses_disk:
-            runtime = runtime_of(model)
-            if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
-                runtime.prefetcher = DiskPrefetcher(runtime)
+        _attach_disk_prefetcher(model, config, prefetch)
         model._vram_checkpoint = [s.path for s in shards]  # type: ignore[attr-defined]
         model._vram_form_cache = None  # type: ignore[attr-defined]
         if cache is not None and not offload_place.on_disk and cached_file is None:
@@ -931,15 +926,21 @@ def _load_exported(
 
     enable_vram_management(model, module_map, config, budget=budget, name=name, onload=onload, master_factory=master_factory)
     masters.clear()
+    _attach_disk_prefetcher(model, config, prefetch)
+    model._vram_checkpoint = [shard.path]  # type: ignore[attr-defined]
+    model._vram_form_cache = None  # type: ignore[attr-defined]
+    return model
+
+
+def _attach_disk_prefetcher(model: nn.Module, config: Any, prefetch: bool | None) -> None:
+    """Read ahead from disk (loading.prefetch) for a model whose masters stay in their files;
+    `prefetch` None: what `auto_prefetch` says for the config."""
     if prefetch is None:
         prefetch = auto_prefetch(config)
     if prefetch and config.uses_disk:
         runtime = runtime_of(model)
         if any(isinstance(s, DiskStored) for r in runtime.layers for s in r.masters.values()):
             runtime.prefetcher = DiskPrefetcher(runtime)
-    model._vram_checkpoint = [shard.path]  # type: ignore[attr-defined]
-    model._vram_form_cache = None  # type: ignore[attr-defined]
-    return model
 
 
 def _clear_failed_frames(exc: BaseException) -> None:
