@@ -543,16 +543,7 @@ def load_model(
             sources.update(converter_targets(target, converter, params))
 
         # ties: the library's own tie_weights (symmetric when one side is missing), then group by identity
-        if library == "transformers" and hasattr(model, "tie_weights"):
-            missing_now = {n for n in params if n not in sources}
-            try:
-                model.tie_weights(missing_keys=missing_now, recompute_mapping=False)
-            except TypeError:  # older signature
-                model.tie_weights()
-            params = dict(model.named_parameters(remove_duplicate=False))
-        groups: dict[int, list[str]] = defaultdict(list)
-        for n, p in params.items():
-            groups[id(p)].append(n)
+        params, groups = _tied_parameter_groups(model, library, params, set(sources))
 
         ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
         ignore_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
@@ -878,15 +869,7 @@ def _load_exported(
     model = build_empty(model_class, config_dir, comp_dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = {n: b for n, b in model.state_dict(keep_vars=True).items() if n not in params}
-    if library == "transformers" and hasattr(model, "tie_weights"):
-        try:
-            model.tie_weights(missing_keys={n for n in params if n not in stored_file.items}, recompute_mapping=False)
-        except TypeError:  # older signature
-            model.tie_weights()
-        params = dict(model.named_parameters(remove_duplicate=False))
-    groups: dict[int, list[str]] = defaultdict(list)
-    for n, p in params.items():
-        groups[id(p)].append(n)
+    params, groups = _tied_parameter_groups(model, library, params, set(stored_file.items))
     missing = [ns[0] for ns in groups.values() if not any(n in stored_file.items for n in ns)]
     unexpected = [n for n in stored_file.items if n not in params and n not in buffers]
     if missing or unexpected:
@@ -930,6 +913,23 @@ def _load_exported(
     model._vram_checkpoint = [shard.path]  # type: ignore[attr-defined]
     model._vram_form_cache = None  # type: ignore[attr-defined]
     return model
+
+
+def _tied_parameter_groups(
+    model: nn.Module, library: str, params: dict[str, nn.Parameter], in_file: set[str]
+) -> tuple[dict[str, nn.Parameter], dict[int, list[str]]]:
+    """Tie a transformers model's weights the file leaves out (an lm head that is the embedding),
+    then group parameter names by the tensor they share: (parameters, id -> names)."""
+    if library == "transformers" and hasattr(model, "tie_weights"):
+        try:
+            model.tie_weights(missing_keys={n for n in params if n not in in_file}, recompute_mapping=False)
+        except TypeError:  # older signature
+            model.tie_weights()
+        params = dict(model.named_parameters(remove_duplicate=False))
+    groups: dict[int, list[str]] = defaultdict(list)
+    for n, p in params.items():
+        groups[id(p)].append(n)
+    return params, groups
 
 
 def _attach_disk_prefetcher(model: nn.Module, config: Any, prefetch: bool | None) -> None:
