@@ -430,6 +430,18 @@ def _gb(n: int | float | None) -> str:
     return "n/a" if n is None else f"{n / GiB:.1f} GB"
 
 
+def _said_why_not(lines: list[str], label: str, part: dict[str, Any]) -> bool:
+    """Append "<label>: skipped (why)" or "<label>: failed (error)" for a part of the report that
+    has no figures; False when it has them (the caller writes its line)."""
+    if "skipped" in part:
+        lines.append(f"{label}: skipped ({part['skipped']})")
+    elif "error" in part:
+        lines.append(f"{label}: failed ({part['error']})")
+    else:
+        return False
+    return True
+
+
 def render_text(report: dict[str, Any]) -> str:
     """The report in plain words, one fact a line."""
     s, g, r, t, d, run = (report.get(k, {}) for k in ("system", "gpu", "ram", "transfer", "disk", "streamed_run"))
@@ -455,25 +467,13 @@ def render_text(report: dict[str, Any]) -> str:
     if g.get("available"):
         lines.append(f"Pinnable RAM: {_gb(r.get('pinned_budget_bytes'))} ({r.get('pinned_budget_from')}); "
                      f"a {t.get('bytes', 0) // MiB} MiB test pin {'worked' if t.get('pin_ok') else 'FAILED'}")
-    if "skipped" in t:
-        lines.append(f"Host to GPU: skipped ({t['skipped']})")
-    elif "error" in t:
-        lines.append(f"Host to GPU: failed ({t['error']})")
-    else:
+    if not _said_why_not(lines, "Host to GPU", t):
         pinned = f"{t['pinned_gib_s']:.1f} GiB/s pinned" if t.get("pinned_gib_s") else "pinned not measured"
         lines.append(f"Host to GPU: {pinned}, {t['pageable_gib_s']:.1f} GiB/s pageable")
-    if "skipped" in d:
-        lines.append(f"Model folder disk: skipped ({d['skipped']})")
-    elif "error" in d:
-        lines.append(f"Model folder disk: failed ({d['error']})")
-    else:
+    if not _said_why_not(lines, "Model folder disk", d):
         cached = "" if d.get("cache_dropped") else " (page cache could not be dropped: may be the cache's speed)"
         lines.append(f"Model folder disk: {d['mb_s']:.0f} MB/s reading {d['bytes'] // MiB} MiB of {d['file']}{cached}")
-    if "skipped" in run:
-        lines.append(f"Streamed run: skipped ({run['skipped']})")
-    elif "error" in run:
-        lines.append(f"Streamed run: failed ({run['error']})")
-    else:
+    if not _said_why_not(lines, "Streamed run", run):
         bound = f"{run['transfer_bound_s'] * 1000:.1f} ms" if run.get("transfer_bound_s") else "n/a"
         overlap = f"{run['overlap']:.0%}" if run.get("overlap") is not None else "n/a"
         lines.append(f"Streamed run at vram_limit=0 ({run['model']}): {run['s_per_step'] * 1000:.1f} ms/step; "
